@@ -1,0 +1,170 @@
+"""Adapter-only state dicts and safetensors files (LoRA weights plus the config needed to rebuild them).
+
+Files are safetensors, which hold tensors and string metadata only: loading one cannot run code.
+Metadata keys: ``lora_version``, and JSON under ``targets`` (layer names), ``r``, ``alpha`` and
+``splits`` (each a ``{layer name: value}`` object).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from .atomic import atomic_write
+from .surgery import inject_lora, lora_layers
+
+__all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config"]
+
+_VERSION = "1"
+_PARAMS = ("lora_A", "lora_B")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` for every LoRALinear, detached (no base weights)."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[f"{name}.lora_A"] = layer.lora_A.detach()
+        state[f"{name}.lora_B"] = layer.lora_B.detach()
+    return state
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True) -> list[str]:
+    """Copies adapter weights into the model's LoRALinear layers; returns the layers loaded.
+
+    ``strict`` makes a layer the state dict lacks, or one the model lacks, an error. A shape that does
+    not fit is always an error naming the layer and both shapes.
+    """
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA layers to load into; call inject_lora(model, ...) "
+            f"first, or use load_adapter(model, path), which injects from the file's config"
+        )
+    seen: dict[str, set[str]] = {}
+    for key in state_dict:
+        name, _, param = key.rpartition(".")
+        if param not in _PARAMS:
+            raise ValueError(f"'{key}' is not a LoRA weight: adapter keys end in .lora_A or .lora_B")
+        if name not in layers:
+            if strict:
+                raise ValueError(
+                    f"adapter weight '{key}' is for layer '{name}', which has no LoRA adapter in the model "
+                    f"(model LoRA layers: {_preview(layers)}); pass strict=False to ignore it"
+                )
+            continue
+        seen.setdefault(name, set()).add(param)
+    if strict:
+        for name in layers:
+            missing = [p for p in _PARAMS if p not in seen.get(name, ())]
+            if missing:
+                raise ValueError(
+                    f"adapter has no '{name}.{missing[0]}' for the model's LoRA layer '{name}'; "
+                    f"the adapter was saved from a different model or target list (pass strict=False to allow)"
+                )
+    for name in seen:
+        layer = layers[name]
+        if layer.merged:
+            raise RuntimeError(f"layer '{name}' is merged; call unmerge_lora(model) before loading adapter weights")
+        for param in (p for p in _PARAMS if p in seen[name]):
+            value = state_dict[f"{name}.{param}"]
+            target = getattr(layer, param)
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"layer '{name}': {param} has shape {tuple(value.shape)} in the adapter but "
+                    f"{tuple(target.shape)} in the model (r={layer.r}, splits={layer.splits}); "
+                    f"build the model with the adapter's r and target layers"
+                )
+            target.copy_(value)
+    return sorted(seen)
+
+
+def _preview(names, limit: int = 4) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Writes only the adapters (and their r, alpha, splits, target layers) to a safetensors file, atomically."""
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to save; call inject_lora(model, ...) first")
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    meta = dict(metadata or {})
+    meta.update(
+        lora_version=_VERSION,
+        targets=json.dumps(list(layers)),
+        r=json.dumps({n: m.r for n, m in layers.items()}),
+        alpha=json.dumps({n: m.alpha for n, m in layers.items()}),
+        splits=json.dumps({n: m.splits for n, m in layers.items()}),
+    )
+    data = safetensors_bytes(tensors, metadata=meta)
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """Returns ``({layer: {"r", "alpha", "splits"}}, raw metadata)`` from an adapter file, without its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file '{path}' does not exist; save one with lora.save_adapter(model, path)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"'{path}' is not a readable safetensors adapter file: {e}") from None
+    if meta.get("lora_version") != _VERSION:
+        raise ValueError(f"'{path}' is a safetensors file but not a LoRA adapter written by lora.save_adapter")
+    try:
+        targets = json.loads(meta["targets"])
+        r, alpha, splits = (json.loads(meta[k]) for k in ("r", "alpha", "splits"))
+        config = {n: {"r": int(r[n]), "alpha": float(alpha[n]), "splits": int(splits[n])} for n in targets}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"adapter file '{path}' has damaged metadata ({e!r}); save it again") from None
+    return config, meta
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Loads an adapter file into ``model``, injecting LoRA from the file's config if the model has none.
+
+    Returns the layers loaded. A file whose layers, r, alpha or splits do not fit the model is an error
+    that names the first layer that does not fit.
+    """
+    config, _ = read_adapter_config(path)
+    layers = dict(lora_layers(model))
+    if not layers:
+        for name, cfg in config.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
+            if not isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"adapter '{path}' targets layer '{name}', which is not an nn.Linear in "
+                    f"{type(model).__name__}; the adapter was trained on a different architecture"
+                )
+            inject_lora(model, [name], r=cfg["r"], alpha=cfg["alpha"], splits=cfg["splits"])
+        layers = dict(lora_layers(model))
+    for name, cfg in config.items():
+        layer = layers.get(name)
+        if layer is None:
+            if strict:
+                raise ValueError(f"adapter '{path}' has layer '{name}', which has no LoRA adapter in the model")
+            continue
+        for key in ("r", "alpha", "splits"):
+            if getattr(layer, key) != cfg[key]:
+                raise ValueError(
+                    f"layer '{name}': adapter '{path}' has {key}={cfg[key]} but the model has "
+                    f"{key}={getattr(layer, key)}; build the model with the adapter's LoRA settings"
+                )
+    tensors = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    return load_lora_state_dict(model, tensors, strict=strict)

@@ -1,0 +1,143 @@
+"""Module surgery: put LoRALinear layers into a model (and take them out) by replacing child modules.
+
+Layers are swapped with ``setattr`` on their parent module; no ``forward`` is ever rebound, so the
+adapters are part of the module tree, show up in ``named_modules()``, and cannot be skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .layer import LoRALinear
+
+__all__ = [
+    "inject_lora",
+    "remove_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "merged",
+    "lora_layers",
+]
+
+Target = str | re.Pattern
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Yields ``(qualified_name, layer)`` for every LoRALinear in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _matches(name: str, targets: Sequence[Target]) -> bool:
+    for target in targets:
+        if isinstance(target, re.Pattern):
+            if target.fullmatch(name):
+                return True
+        elif name == target or name.endswith("." + target):
+            return True
+    return False
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: Iterable[Target] = ("qkv",),
+    *,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    splits: int | None = None,
+) -> list[str]:
+    """Replaces every ``nn.Linear`` whose qualified name ends with a target (a string, matched on a
+    ``.`` boundary, or a compiled regex matched against the whole name) by a LoRALinear sharing its
+    weights; returns the replaced names. ``splits=None`` gives a fused qkv (out = 3 x in) three adapters.
+    """
+    targets = [targets] if isinstance(targets, (str, re.Pattern)) else list(targets)
+    if not targets:
+        raise ValueError("inject_lora needs at least one target, e.g. targets=('qkv',)")
+    names = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, targets):
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(
+                f"layer '{name}' already has a LoRA adapter; call remove_lora(model) first or "
+                f"load the adapter into the existing layers with load_lora_state_dict"
+            )
+        if isinstance(module, nn.Linear):
+            names.append(name)
+    if not names:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"no nn.Linear in {type(model).__name__} matches targets {targets}; "
+            f"its linear layers include {linears[:6]}"
+        )
+    for name in names:
+        linear = model.get_submodule(name)
+        layer_splits = splits
+        if layer_splits is None:
+            layer_splits = 3 if linear.out_features == 3 * linear.in_features else 1
+        _replace(model, name, LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, splits=layer_splits))
+    return names
+
+
+@torch.no_grad()
+def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
+    """Puts plain ``nn.Linear`` layers back (adapter folded in when ``merge``, else dropped); the result
+    needs no code of this library. Returns the names of the restored layers."""
+    names = []
+    for name, layer in list(lora_layers(model)):
+        if merge:
+            layer.merge(keep_unmerged=False)  # final weights: no copy of the old ones is kept
+        else:
+            layer.unmerge()
+        with torch.device("meta"):
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight = layer.weight
+        linear.register_parameter("bias", layer.bias)
+        linear.train(layer.training)
+        _replace(model, name, linear)
+        names.append(name)
+    return names
+
+
+def merge_lora(model: nn.Module, keep_unmerged: bool = True) -> list[str]:
+    """Merges every adapter into its layer's weight (see ``LoRALinear.merge``); returns the layers merged now."""
+    names = []
+    for name, layer in lora_layers(model):
+        if not layer.merged:
+            layer.merge(keep_unmerged=keep_unmerged)
+            names.append(name)
+    return names
+
+
+def unmerge_lora(model: nn.Module) -> list[str]:
+    """Takes every adapter back out of its layer's weight; returns the layers unmerged now."""
+    names = []
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            layer.unmerge()
+            names.append(name)
+    return names
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Runs the block with adapters merged (inference at base-model speed); unmerges exactly on exit.
+    Holds one extra copy of each adapted weight while inside."""
+    names = set(merge_lora(model))
+    try:
+        yield model
+    finally:
+        for name, layer in lora_layers(model):
+            if name in names:
+                layer.unmerge()

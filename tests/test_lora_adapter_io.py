@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_vit
+from safetensors import safe_open
+from torch import nn
+
+import lora
+
+
+def adapted(r=4, **kwargs):
+    model = tiny_vit(**kwargs).eval()
+    lora.inject_lora(model, r=r, alpha=2.0 * r)
+    for _, layer in lora.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.3)
+    return model
+
+
+def test_lora_state_dict_holds_only_adapter_weights():
+    model = adapted()
+    state = lora.lora_state_dict(model)
+    assert sorted(state) == sorted(f"blocks.{i}.attn.qkv.lora_{ab}" for i in range(2) for ab in "AB")
+    assert sum(v.numel() for v in state.values()) == 2 * 3 * (32 * 4 + 4 * 32)
+
+
+def test_state_dict_round_trip_reproduces_outputs():
+    source, target = adapted(), adapted()
+    target.load_state_dict(source.state_dict(), strict=False)  # same base weights
+    for _, layer in lora.lora_layers(target):
+        nn.init.zeros_(layer.lora_B)
+    x = torch.randn(2, 3, 28, 28)
+    assert not torch.allclose(target(x), source(x))
+    loaded = lora.load_lora_state_dict(target, lora.lora_state_dict(source))
+    assert loaded == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert torch.equal(target(x), source(x))
+
+
+def test_adapter_file_round_trip_into_a_model_without_lora(tmp_path):
+    source = adapted()
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(source, path, metadata={"base_model": "tiny"})
+    target = tiny_vit().eval()
+    target.load_state_dict({k: v for k, v in source.state_dict().items() if "lora_" not in k})
+    lora.load_adapter(target, path)  # injects from the file's config first
+    assert all(isinstance(b.attn.qkv, lora.LoRALinear) for b in target.blocks)
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.equal(target(x), source(x))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(lora.lora_state_dict(source))  # no base weights in the file
+    assert json.loads(meta["r"]) == {"blocks.0.attn.qkv": 4, "blocks.1.attn.qkv": 4}
+    assert json.loads(meta["splits"])["blocks.1.attn.qkv"] == 3
+    assert json.loads(meta["alpha"])["blocks.0.attn.qkv"] == 8.0
+    assert json.loads(meta["targets"]) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert meta["base_model"] == "tiny"
+    config, _ = lora.read_adapter_config(path)
+    assert config["blocks.0.attn.qkv"] == {"r": 4, "alpha": 8.0, "splits": 3}
+
+
+def test_adapter_file_is_small(tmp_path):
+    model = adapted()
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(model, path)
+    payload = 4 * sum(v.numel() for v in lora.lora_state_dict(model).values())
+    assert payload < path.stat().st_size < payload + 2048  # tensors plus a small JSON header
+
+
+def test_rank_mismatch_names_the_layer(tmp_path):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(adapted(r=4), path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv.*r=4.*r=8"):
+        lora.load_adapter(adapted(r=8), path)
+
+
+def test_shape_mismatch_names_the_layer_and_shapes():
+    small, wide = adapted(), adapted(embed_dim=64)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv.*\(12, 32\).*\(12, 64\)"):
+        lora.load_lora_state_dict(wide, lora.lora_state_dict(small))
+
+
+def test_architecture_mismatch_names_the_layer(tmp_path):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(adapted(depth=3), path)
+    with pytest.raises(ValueError, match=r"blocks\.2\.attn\.qkv"):
+        lora.load_adapter(tiny_vit(), path)
+
+
+def test_strict_loading_reports_missing_and_unexpected_layers():
+    model = adapted()
+    state = lora.lora_state_dict(model)
+    partial = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv"):
+        lora.load_lora_state_dict(model, partial)
+    assert lora.load_lora_state_dict(model, partial, strict=False) == ["blocks.0.attn.qkv"]
+    with pytest.raises(ValueError, match="not a LoRA weight"):
+        lora.load_lora_state_dict(model, {"blocks.0.attn.qkv.weight": torch.zeros(1)})
+
+
+def test_missing_and_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lora.load_adapter(adapted(), tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        lora.load_adapter(adapted(), junk)
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "a.safetensors"
+    model = adapted()
+    lora.save_adapter(model, path)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lora.save_adapter(adapted(r=2), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temporary left behind

@@ -1,0 +1,181 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora import LoRALinear
+
+
+def reference(layer: LoRALinear, x: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """base(x) + scaling * B(A(dropout(x))), one adapter per output slice, written the plain way."""
+    dropped = x if dropped is None else dropped
+    s, r, o = layer.splits, layer.r, layer.out_features // layer.splits
+    parts = [
+        dropped @ layer.lora_A[i * r:(i + 1) * r].T @ layer.lora_B[i * o:(i + 1) * o].T for i in range(s)
+    ]
+    return F.linear(x, layer.weight, layer.bias) + layer.scaling * torch.cat(parts, dim=-1)
+
+
+def make_layer(splits=1, bias=True, r=4, alpha=8.0, dropout=0.0, dtype=torch.float32, in_features=12):
+    layer = LoRALinear(in_features, 3 * in_features, bias, r=r, alpha=alpha, dropout=dropout, splits=splits)
+    nn.init.normal_(layer.lora_B, std=0.5)  # a trained-looking adapter: B = 0 would hide mistakes
+    return layer.to(dtype)
+
+
+def test_fresh_layer_is_bit_identical_to_its_base():
+    base = nn.Linear(16, 48)
+    layer = LoRALinear.from_linear(base, r=4, splits=3)
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(layer(x), base(x))
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+
+
+def test_from_linear_shares_the_base_parameters():
+    base = nn.Linear(16, 48)
+    layer = LoRALinear.from_linear(base, r=2)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert isinstance(layer, nn.Linear)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+def test_attributes_and_shapes():
+    layer = LoRALinear(8, 24, r=4, alpha=6.0, splits=3)
+    assert (layer.r, layer.alpha, layer.scaling, layer.splits, layer.merged) == (4, 6.0, 1.5, 3, False)
+    assert layer.lora_A.shape == (12, 8) and layer.lora_B.shape == (24, 4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12), (12,)])
+def test_forward_and_grads_match_reference_fp32(splits, bias, shape):
+    layer = make_layer(splits, bias)
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, reference(layer, x))
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, layer.lora_A, layer.lora_B, layer.weight], grad_out)
+    want = torch.autograd.grad(reference(layer, x), [x, layer.lora_A, layer.lora_B, layer.weight], grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_forward_and_grads_match_reference_bf16(splits):
+    layer = make_layer(splits, dtype=torch.bfloat16, in_features=32)
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    # Reference in fp32 from the same bf16 values: the fast path may only differ by bf16 rounding.
+    ref_layer = make_layer(splits, in_features=32)
+    ref_layer.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    xf = x.detach().float().requires_grad_()
+    ref = reference(ref_layer, xf)
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)
+    out.float().sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(layer.lora_B.grad.float(), ref_layer.lora_B.grad, atol=0.2, rtol=0.03)
+    torch.testing.assert_close(x.grad.float(), xf.grad, atol=0.1, rtol=0.03)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_dropout_matches_reference_with_the_same_mask(splits):
+    layer = make_layer(splits, dropout=0.5).train()
+    x = torch.randn(6, 12, requires_grad=True)
+    torch.manual_seed(123)
+    out = layer(x)
+    torch.manual_seed(123)
+    dropped = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(out, reference(layer, x, dropped))
+    assert not torch.allclose(out, reference(layer, x))  # the mask did change the adapter input
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference(layer, x))  # no dropout at inference
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_delta_weight_is_block_wise_b_times_a(splits):
+    layer = make_layer(splits)
+    s, r, o = splits, layer.r, layer.out_features // splits
+    blocks = [layer.lora_B[i * o:(i + 1) * o] @ layer.lora_A[i * r:(i + 1) * r] for i in range(s)]
+    torch.testing.assert_close(layer.delta_weight(), layer.scaling * torch.cat(blocks, dim=0))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("keep_unmerged", [True, False])
+def test_merged_output_equals_unmerged(splits, keep_unmerged):
+    layer = make_layer(splits).eval()
+    x = torch.randn(9, 12)
+    w0 = layer.weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge(keep_unmerged=keep_unmerged)
+    assert layer.merged and not torch.equal(layer.weight, w0)
+    merged = layer(x)  # the adapter path is skipped: it would add the delta a second time
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unmerge_are_idempotent():
+    layer = make_layer(3).eval()
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    once = layer.weight.detach().clone()
+    layer.merge()
+    assert torch.equal(layer.weight, once)  # the delta was not added twice
+    assert not torch.equal(once, w0)
+    layer.unmerge()
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_thousand_merge_unmerge_cycles_leave_weights_bit_identical():
+    layer = make_layer(3, in_features=64)
+    w0 = layer.weight.detach().clone()
+    param = layer.weight
+    for _ in range(1000):
+        layer.merge()
+        layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+    assert layer.weight is param  # same Parameter object, so an optimizer still holds it
+
+
+def test_unmerge_without_kept_weight_subtracts_the_delta():
+    layer = make_layer(3)
+    w0 = layer.weight.detach().clone()
+    layer.merge(keep_unmerged=False)
+    assert layer._unmerged_weight is None  # nothing extra held
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight.detach(), w0, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keep_unmerged", [True, False])
+def test_low_precision_merge_sums_in_fp32_and_rounds_once(dtype, keep_unmerged):
+    layer = make_layer(3, dtype=dtype, in_features=300)  # 900 rows: several merge chunks
+    w0 = layer.weight.detach().clone()
+    s, r, o = 3, layer.r, layer.out_features // 3
+    delta = torch.cat(
+        [layer.lora_B[i * o:(i + 1) * o].float() @ layer.lora_A[i * r:(i + 1) * r].float() for i in range(s)]
+    ) * layer.scaling
+    expected = (w0.float() + delta).to(dtype)
+    layer.merge(keep_unmerged=keep_unmerged)
+    assert layer.weight.dtype == dtype
+    assert torch.equal(layer.weight, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(r=0), "r"),
+        (dict(r=-2), "r"),
+        (dict(r=2.5), "r"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(splits=5), "splits"),
+        (dict(splits=0), "splits"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        LoRALinear(8, 24, **kwargs)
+    with pytest.raises(ValueError, match=word):
+        LoRALinear.from_linear(nn.Linear(8, 24), **kwargs)

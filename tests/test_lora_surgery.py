@@ -1,0 +1,164 @@
+import re
+
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+from torch import nn
+
+import lora
+from lora import LoRALinear
+
+
+def randomise_adapters(model, std=0.2):
+    for _, layer in lora.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=std)
+
+
+def test_inject_replaces_every_qkv_and_returns_names(vit):
+    names = lora.inject_lora(vit, r=4)
+    assert names == [f"blocks.{i}.attn.qkv" for i in range(len(vit.blocks))]
+    for i, block in enumerate(vit.blocks):
+        assert isinstance(block.attn.qkv, LoRALinear) and block.attn.qkv.splits == 3
+        assert type(block.attn.proj) is nn.Linear  # untouched
+
+
+def test_outputs_are_identical_right_after_injection(vit):
+    x = torch.randn(2, 3, 28, 28)
+    before = vit(x)
+    lora.inject_lora(vit, r=4, dropout=0.1)
+    assert torch.equal(vit(x), before)
+
+
+def test_no_instance_level_forward_after_surgery(vit):
+    lora.inject_lora(vit, targets=("qkv", "fc1"), r=2)
+    for name, module in vit.named_modules():
+        assert "forward" not in vars(module), f"{name} has an instance-level forward"
+        if isinstance(module, LoRALinear):
+            assert type(module).forward is LoRALinear.forward
+
+
+def test_gradients_reach_every_adapter_and_no_frozen_parameter(vit):
+    lora.inject_lora(vit, r=4)
+    lora.mark_only_lora_as_trainable(vit)
+    randomise_adapters(vit)  # with B = 0 the gradient of A is exactly zero by construction
+    vit.train()
+    vit(torch.randn(2, 3, 28, 28)).pow(2).sum().backward()
+    for name, layer in lora.lora_layers(vit):
+        for p in (layer.lora_A, layer.lora_B):
+            assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+    for name, p in vit.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+
+
+def test_an_optimizer_step_changes_the_output(vit):
+    """The failure this project exists to prevent: adapters that train but never touch the forward pass."""
+    lora.inject_lora(vit, r=4)
+    lora.mark_only_lora_as_trainable(vit)
+    x = torch.randn(2, 3, 28, 28)
+    before = vit(x).detach()
+    opt = torch.optim.SGD([p for p in vit.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):  # step 1 moves B off zero, step 2 moves A too
+        opt.zero_grad()
+        vit(x).pow(2).sum().backward()
+        opt.step()
+    assert not torch.equal(vit(x), before)
+
+
+def test_injecting_twice_is_a_clear_error(vit):
+    lora.inject_lora(vit, r=4)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        lora.inject_lora(vit, r=4)
+
+
+def test_no_match_is_a_clear_error(vit):
+    with pytest.raises(ValueError, match="matches targets"):
+        lora.inject_lora(vit, targets=("not_a_layer",))
+
+
+def test_splits_default_to_three_for_fused_qkv_only(vit):
+    lora.inject_lora(vit, targets=("qkv", "proj", "fc1"), r=2)
+    block = vit.blocks[0]
+    assert (block.attn.qkv.splits, block.attn.proj.splits, block.mlp.fc1.splits) == (3, 1, 1)
+
+
+def test_regex_targets_match_the_whole_name(vit):
+    names = lora.inject_lora(vit, targets=(re.compile(r"blocks\.1\.attn\.(qkv|proj)"),), r=2)
+    assert names == ["blocks.1.attn.qkv", "blocks.1.attn.proj"]
+
+
+def test_suffix_matches_on_dot_boundary_only(vit):
+    # "kv" must not match "qkv": a target names whole path components.
+    with pytest.raises(ValueError):
+        lora.inject_lora(vit, targets=("kv",))
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_remove_lora_gives_plain_linear_loadable_into_fresh_timm_model(vit, merge):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        adapted, base = vit(x), vit.blocks[0].attn.qkv.weight.detach().clone()
+    names = lora.remove_lora(vit, merge=merge)
+    assert len(names) == len(vit.blocks)
+    assert not any(isinstance(m, LoRALinear) for m in vit.modules())
+    assert all(type(b.attn.qkv) is nn.Linear for b in vit.blocks)
+    fresh = tiny_vit().eval()
+    fresh.load_state_dict(vit.state_dict(), strict=True)
+    with torch.no_grad():
+        out = fresh(x)
+    if merge:
+        torch.testing.assert_close(out, adapted, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(fresh.blocks[0].attn.qkv.weight, base)
+
+
+def test_merged_context_manager_matches_and_restores(vit):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit, std=2.0)
+    weights = {n: l.weight.detach().clone() for n, l in lora.lora_layers(vit)}
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        unmerged = vit(x)
+        with lora.merged(vit) as m:
+            assert all(l.merged for _, l in lora.lora_layers(m))
+            merged = vit(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    for n, l in lora.lora_layers(vit):
+        assert not l.merged and torch.equal(l.weight, weights[n])
+
+
+def test_merge_lora_and_unmerge_lora_report_what_changed(vit):
+    lora.inject_lora(vit, r=2)
+    assert len(lora.merge_lora(vit)) == 2
+    assert lora.merge_lora(vit) == []
+    assert len(lora.unmerge_lora(vit)) == 2
+    assert lora.unmerge_lora(vit) == []
+
+
+def test_dinov2_base_r8_has_exactly_442368_adapter_parameters():
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch14_dinov2", num_classes=0)
+    lora.inject_lora(model, r=8)
+    lora.mark_only_lora_as_trainable(model)
+    trainable, total = lora.count_parameters(model)
+    assert trainable == 442_368 == 12 * 3 * (768 * 8 + 8 * 768)
+    assert total == 86_579_712 + 442_368
+
+
+def test_mark_only_lora_as_trainable_with_extra_modules(vit):
+    lora.inject_lora(vit, r=2)
+    lora.mark_only_lora_as_trainable(vit, extra=[vit.norm])
+    trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
+    expected = {f"blocks.{i}.attn.qkv.lora_{ab}" for i in range(2) for ab in "AB"} | {"norm.weight", "norm.bias"}
+    assert trainable == expected
+
+
+def test_print_trainable_parameters_format(capsys):
+    model = nn.Sequential(nn.Linear(1000, 1000))
+    lora.inject_lora(model, targets=("0",), r=4)
+    lora.mark_only_lora_as_trainable(model)
+    lora.print_trainable_parameters(model)
+    assert capsys.readouterr().out == "[LoRA] Trainable: 8,000 (0.79%) | Total: 1,009,000\n"

@@ -1,0 +1,145 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.layers import set_reentrant_ckpt
+
+import lora
+import vit
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, init_values=0.5)
+
+
+def tiny_backbone(**kwargs):
+    return vit.create_backbone("vit_small_patch14_dinov2", img_size=28, **TINY, **kwargs)
+
+
+def test_backbone_has_no_head_and_expected_width():
+    model = tiny_backbone()
+    assert model.num_classes == 0
+    assert model(torch.randn(1, 3, 28, 28)).shape == (1, 32)
+
+
+def test_unknown_model_suggests_a_name():
+    with pytest.raises(ValueError, match="unknown timm model 'vit_small_patch14_dinov3'.*vit_small_patch14_dinov2"):
+        vit.create_backbone("vit_small_patch14_dinov3")
+
+
+def test_img_size_must_be_a_multiple_of_the_patch():
+    with pytest.raises(ValueError, match="img_size=30 is not divisible by .* patch size 14; use 28 or 42"):
+        vit.create_backbone("vit_small_patch14_dinov2", img_size=30, **TINY)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_checkpoint_loads_exactly(tmp_path, suffix):
+    source = tiny_backbone()
+    path = tmp_path / f"backbone{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"model": source.state_dict()}, path)
+    loaded = tiny_backbone(checkpoint_path=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_checkpoint_position_embeddings_are_resampled(tmp_path):
+    source = vit.create_backbone("vit_small_patch14_dinov2", img_size=56, **TINY)
+    path = tmp_path / "b.safetensors"
+    save_file(source.state_dict(), str(path))
+    loaded = tiny_backbone(checkpoint_path=path)  # 28 px: 2x2 patches instead of 4x4
+    assert loaded.pos_embed.shape == (1, 5, 32)
+    assert torch.equal(loaded.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+
+
+def test_checkpoint_that_does_not_fit_names_the_layer(tmp_path):
+    path = tmp_path / "b.safetensors"
+    save_file(vit.create_backbone("vit_small_patch14_dinov2", img_size=28, **{**TINY, "embed_dim": 64}).state_dict(),
+              str(path))
+    with pytest.raises(ValueError, match=r"layer '.*' has shape \(.*64.*\), the model expects \(.*32.*\)"):
+        tiny_backbone(checkpoint_path=path)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tiny_backbone(checkpoint_path=tmp_path / "none.pth")
+
+
+class Payload:
+    """Unpickling this would create a marker file: the attack a weights file must not be able to make."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_in_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Payload(str(marker))}, f)
+    with pytest.raises(ValueError, match="safely"):
+        tiny_backbone(checkpoint_path=path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_lora_gets_gradients_under_gradient_checkpointing(reentrant):
+    model = tiny_backbone()
+    vit.add_lora(model, r=4)
+    vit.freeze_backbone(model)
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    model.set_grad_checkpointing(True)
+    model.train()
+    set_reentrant_ckpt(reentrant)
+    try:
+        model(torch.randn(2, 3, 28, 28)).pow(2).sum().backward()
+    finally:
+        set_reentrant_ckpt(False)
+    for name, layer in lora.lora_layers(model):
+        assert layer.lora_A.grad is not None and torch.count_nonzero(layer.lora_A.grad) > 0, name
+        assert layer.lora_B.grad is not None and torch.count_nonzero(layer.lora_B.grad) > 0, name
+
+
+def test_checkpointed_gradients_equal_plain_gradients():
+    model = tiny_backbone()
+    vit.add_lora(model, r=4)
+    vit.freeze_backbone(model)
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    x = torch.randn(2, 3, 28, 28)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        set_reentrant_ckpt(True)
+        try:
+            model(x).pow(2).sum().backward()
+        finally:
+            set_reentrant_ckpt(False)
+        grads.append([layer.lora_A.grad.clone() for _, layer in lora.lora_layers(model)])
+    for plain, ckpt in zip(*grads):
+        torch.testing.assert_close(ckpt, plain)
+
+
+@pytest.mark.parametrize("unfreeze_last", [0, 1, 2])
+def test_freeze_backbone_keeps_lora_and_last_blocks_trainable(unfreeze_last):
+    model = tiny_backbone()
+    vit.add_lora(model, r=4)
+    vit.freeze_backbone(model, unfreeze_last=unfreeze_last)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"blocks.{i}.attn.qkv.lora_{ab}" for i in range(2) for ab in "AB"}
+    for i in range(2 - unfreeze_last, 2):
+        expected |= {n for n, _ in model.named_parameters() if n.startswith(f"blocks.{i}.")}
+    if unfreeze_last:
+        expected |= {"norm.weight", "norm.bias"}
+    assert trainable == expected
+
+
+def test_freeze_backbone_rejects_too_many_blocks():
+    with pytest.raises(ValueError, match=r"unfreeze_last must be an integer in \[0, 2\]"):
+        vit.freeze_backbone(tiny_backbone(), unfreeze_last=3)

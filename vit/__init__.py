@@ -1,0 +1,4 @@
+"""timm DINOv2 backbones with LoRA on every block's qkv."""
+from .backbone import add_lora, create_backbone, freeze_backbone, load_backbone_checkpoint
+
+__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_backbone"]

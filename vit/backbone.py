@@ -1,0 +1,126 @@
+"""DINOv2 ViT backbones from timm (Oquab et al. 2023, "DINOv2: Learning Robust Visual Features without
+Supervision"), with LoRA on every block's fused qkv projection."""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+
+import lora
+
+__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_backbone"]
+
+
+def create_backbone(
+    name: str = "vit_base_patch14_dinov2",
+    *,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    **kwargs,
+) -> VisionTransformer:
+    """Builds a timm ViT without classifier head (``num_classes=0``).
+
+    ``pretrained=True`` downloads through timm's hub loading (needs internet); ``checkpoint_path`` loads
+    a local ``.safetensors`` or ``.pth`` file instead (never unpickling code). ``img_size`` must be a
+    multiple of the patch size; position embeddings of a checkpoint are resampled to it.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models("*dinov2*") + timm.list_models("vit_*"), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown timm model '{name}'{hint}")
+    if img_size is not None:
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
+            raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+        kwargs["img_size"] = img_size
+    kwargs.setdefault("num_classes", 0)
+    if checkpoint_path is not None:
+        pretrained = False  # the local file replaces the download
+    with torch.device("meta"):  # the patch size is known before any weights are allocated
+        probe = timm.create_model(name, **kwargs)
+    patch = probe.patch_embed.patch_size[0]
+    if img_size is not None and img_size % patch:
+        lo, hi = img_size // patch * patch, (img_size // patch + 1) * patch
+        raise ValueError(
+            f"img_size={img_size} is not divisible by {name}'s patch size {patch}; use {lo or hi} or {hi}"
+        )
+    del probe
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint_path is not None:
+        load_backbone_checkpoint(model, checkpoint_path)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file '{path}' does not exist; check checkpoint_path")
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
+    except Exception as e:
+        raise ValueError(
+            f"cannot load checkpoint '{path}' safely ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"only tensor files are accepted: convert it to .safetensors"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint '{path}' holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) -> None:
+    """Loads a timm- or DINOv2-format state dict into ``model`` (strict), resampling position embeddings.
+
+    A key or shape that does not fit is an error naming the first such layer and both shapes.
+    """
+    path = Path(path)
+    state = checkpoint_filter_fn(_read_state_dict(path), model)
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}
+    for key, value in expected.items():
+        if key not in state:
+            raise ValueError(f"checkpoint '{path}' has no weight for layer '{key}' of {type(model).__name__}")
+        if state[key].shape != value.shape:
+            raise ValueError(
+                f"checkpoint '{path}': layer '{key}' has shape {tuple(state[key].shape)}, the model expects "
+                f"{tuple(value.shape)}; is the checkpoint for a different model size?"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"checkpoint '{path}' has weights the model lacks, e.g. '{extra[0]}' ({len(extra)} in all)")
+    model.load_state_dict(state, strict=True)
+
+
+def add_lora(backbone: VisionTransformer, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> list[str]:
+    """Injects separate q/k/v LoRA adapters into every block's fused ``qkv``; returns the layer names.
+
+    Also makes the block input require grad while gradient checkpointing is on: with reentrant
+    checkpointing, a segment whose inputs need no grad would otherwise give its LoRA weights no gradient.
+    """
+    names = lora.inject_lora(backbone, targets=("qkv",), r=r, alpha=alpha, dropout=dropout, splits=3)
+
+    def _grad_into_blocks(module: nn.Module, args, output: Tensor) -> Tensor:
+        if backbone.grad_checkpointing and torch.is_grad_enabled() and not output.requires_grad:
+            return output.requires_grad_()
+        return output
+
+    backbone.patch_embed.register_forward_hook(_grad_into_blocks)
+    return names
+
+
+def freeze_backbone(backbone: VisionTransformer, unfreeze_last: int = 0) -> None:
+    """Freezes the backbone except its LoRA adapters and, when ``unfreeze_last > 0``, its last N blocks
+    and final norm (the partial fine-tuning baseline)."""
+    depth = len(backbone.blocks)
+    if isinstance(unfreeze_last, bool) or not isinstance(unfreeze_last, int) or not 0 <= unfreeze_last <= depth:
+        raise ValueError(f"unfreeze_last must be an integer in [0, {depth}] for this backbone, got {unfreeze_last!r}")
+    extra = list(backbone.blocks[depth - unfreeze_last:]) if unfreeze_last else []
+    if unfreeze_last:
+        extra.append(backbone.norm)
+    lora.mark_only_lora_as_trainable(backbone, extra=extra)
