@@ -109,12 +109,17 @@ class LoRALinear(nn.Linear):
         lora_B = self.lora_B.to(y.dtype)  # autocast does not reach in-place ops
         if self.splits == 1:
             y2.addmm_(h2, lora_B.t(), alpha=self.scaling)
-        else:
-            s, o = self.splits, self.out_features // self.splits
-            # (s, M, o) += (s, M, r) @ (s, r, o): one batched GEMM writing into each slice of y.
-            y2.view(-1, s, o).transpose(0, 1).baddbmm_(
-                h2.view(-1, s, self.r).transpose(0, 1), lora_B.view(s, o, self.r).transpose(1, 2), alpha=self.scaling
-            )
+            return y
+        s, o = self.splits, self.out_features // self.splits
+        h3 = h2.view(-1, s, self.r).transpose(0, 1)  # (s, M, r)
+        lora_B3 = lora_B.view(s, o, self.r).transpose(1, 2)  # (s, r, o)
+        if torch.compiler.is_compiling():
+            # Functional form: AOT autograd cannot replay an in-place update through a transposed view,
+            # and the compiler fuses this add into the GEMM anyway.
+            delta = torch.bmm(h3, lora_B3).transpose(0, 1).reshape(y.shape)  # (..., out)
+            return y + self.scaling * delta
+        # (s, M, o) += (s, M, r) @ (s, r, o): one batched GEMM writing into each slice of y.
+        y2.view(-1, s, o).transpose(0, 1).baddbmm_(h3, lora_B3, alpha=self.scaling)
         return y
 
     @torch.no_grad()

@@ -1,0 +1,251 @@
+"""Inference and training throughput of LoRA variants against their references, measured in one process.
+
+    python bench/throughput.py [--model vit_small_patch14_dinov2] [--img-size 98] [--batch-size 16]
+                               [--rounds 20] [--device auto] [--json OUT]
+
+Variants run interleaved in a rotating order, so drift of the machine (heat, other load) hits them
+alike; each number is the median over rounds of a per-round ratio. References: inference against the
+base timm model, training steps (forward + backward + AdamW) against full fine-tuning. Peak training
+memory is measured fairly per device: CUDA's max_memory_allocated, or on CPU the growth of max RSS of
+each variant in a subprocess of its own. Merge and unmerge are timed over all adapters of ViT-B/14.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import lora
+
+INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
+TRAINING = ("lora_r8_dropout0.1", "lora_r8_dropout0", "last3_unfrozen", "full_finetune")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(name: str, img_size: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=0, img_size=img_size).to(device)
+
+
+def adapted(base: nn.Module, r: int = 8, dropout: float = 0.0) -> nn.Module:
+    model = copy.deepcopy(base)
+    lora.inject_lora(model, r=r, dropout=dropout)
+    for _, layer in lora.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter: B = 0 would make the branch trivially cheap
+    return model
+
+
+def inference_models(base: nn.Module) -> dict[str, nn.Module]:
+    merged = adapted(base)
+    lora.merge_lora(merged)
+    removed = adapted(base)
+    lora.remove_lora(removed, merge=True)
+    return {"base": base, "lora_unmerged": adapted(base), "lora_merged": merged, "lora_removed": removed}
+
+
+def training_setup(base: nn.Module, variant: str):
+    """Returns (model, optimizer) for one training variant; the head is a fixed random projection."""
+    if variant.startswith("lora"):
+        model = adapted(base, dropout=0.1 if variant.endswith("0.1") else 0.0)
+        lora.mark_only_lora_as_trainable(model)
+    else:
+        model = copy.deepcopy(base)
+        if variant == "last3_unfrozen":
+            model.requires_grad_(False)
+            for block in list(model.blocks[-3:]) + [model.norm]:
+                block.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def train_step(model: nn.Module, optimizer, x: torch.Tensor) -> None:
+    loss = model(x).float().pow(2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def interleaved(fns: dict[str, callable], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each fn, per round, the order rotating every round."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[n]()
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Median over rounds of (reference time / variant time): > 1 means faster than the reference."""
+    return {n: statistics.median(r / t for r, t in zip(times[reference], ts)) for n, ts in times.items()}
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def bench_inference(args, device) -> dict:
+    base = build(args.model, args.img_size, device).eval()
+    models = inference_models(base)
+    x = torch.randn(args.infer_batch_size, 3, args.img_size, args.img_size, device=device)
+
+    def run(model):
+        def call():
+            with torch.inference_mode(), autocast(device):
+                model(x)
+        return call
+
+    fns = {n: run(m) for n, m in models.items()}
+    interleaved(fns, args.warmup, device)
+    times = interleaved(fns, args.rounds, device)
+    rel = ratios(times, "base")
+    return {n: {"images_per_s": args.infer_batch_size / statistics.median(times[n]), "ratio_to_base": rel[n]}
+            for n in models}
+
+
+def bench_training(args, device) -> dict:
+    base = build(args.model, args.img_size, device)
+    setups = {v: training_setup(base, v) for v in TRAINING}
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+
+    def run(model, optimizer):
+        def call():
+            with autocast(device):
+                train_step(model, optimizer, x)
+        return call
+
+    fns = {v: run(*setups[v]) for v in TRAINING}
+    interleaved(fns, args.warmup, device)
+    times = interleaved(fns, args.rounds, device)
+    rel = ratios(times, "full_finetune")
+    # Dropout's cost: step time with dropout over step time without, per round.
+    dropout_cost = statistics.median(
+        a / b - 1 for a, b in zip(times["lora_r8_dropout0.1"], times["lora_r8_dropout0"])
+    )
+    result = {v: {"images_per_s": args.batch_size / statistics.median(times[v]), "ratio_to_full": rel[v]}
+              for v in TRAINING}
+    result["dropout_cost"] = dropout_cost
+    return result
+
+
+def memory_growth(args, variant: str, device: torch.device) -> float:
+    """Bytes the first training steps add on top of the built model (in this process)."""
+    base = build(args.model, args.img_size, device)
+    model, optimizer = training_setup(base, variant)
+    del base
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    for _ in range(3):
+        with autocast(device):
+            train_step(model, optimizer, x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - start)
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start)
+
+
+def bench_memory(args, device) -> dict:
+    growth = {}
+    for variant in TRAINING:
+        if device.type == "cuda":
+            growth[variant] = memory_growth(args, variant, device)
+            torch.cuda.empty_cache()
+        else:  # a fresh process per variant: max RSS never goes down within one
+            cmd = [sys.executable, __file__, "--memory-child", variant, "--model", args.model,
+                   "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--device", "cpu"]
+            growth[variant] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+    full = growth["full_finetune"]
+    return {v: {"growth_mib": g / 2**20, "ratio_to_full": g / full} for v, g in growth.items()}
+
+
+def bench_merge(args, device) -> dict:
+    """Merge and unmerge of every adapter in ViT-B/14 (12 fused qkv layers, q/k/v adapters each)."""
+    base = build("vit_base_patch14_dinov2", 224, device)
+    model = adapted(base)
+    del base
+    fns = {"merge": lambda: lora.merge_lora(model), "unmerge": lambda: lora.unmerge_lora(model)}
+    times = {"merge": [], "unmerge": []}
+    for _ in range(args.warmup + args.rounds):
+        for n in ("merge", "unmerge"):  # alternate: each merge needs the unmerge before it
+            sync(device)
+            t0 = time.perf_counter()
+            fns[n]()
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(ts[args.warmup:]) * 1e3 for n, ts in times.items()}
+    return {"merge_ms": med["merge"], "unmerge_ms": med["unmerge"], "total_ms": med["merge"] + med["unmerge"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch14_dinov2")
+    parser.add_argument("--img-size", type=int, default=98)
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch")
+    parser.add_argument("--infer-batch-size", type=int, default=None, help="default: the training batch")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", choices=("inference", "training", "memory", "merge"), action="append")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.infer_batch_size = args.infer_batch_size or args.batch_size
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.memory_child:
+        print(memory_growth(args, args.memory_child, device))
+        return
+    sections = args.only or ["inference", "training", "memory", "merge"]
+    report = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "device": str(device),
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "torch": torch.__version__}
+    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds (medians of per-round ratios)")
+    if "inference" in sections:
+        report["inference"] = bench_inference(args, device)
+        for n, r in report["inference"].items():
+            print(f"  inference {n:<22}{r['images_per_s']:>9.1f} img/s   x{r['ratio_to_base']:.3f} of base")
+    if "training" in sections:
+        report["training"] = bench_training(args, device)
+        for n in TRAINING:
+            r = report["training"][n]
+            print(f"  train     {n:<22}{r['images_per_s']:>9.1f} img/s   x{r['ratio_to_full']:.3f} of full fine-tuning")
+        print(f"  dropout 0.1 adds {100 * report['training']['dropout_cost']:+.1f}% to the LoRA step time")
+    if "memory" in sections:
+        report["memory"] = bench_memory(args, device)
+        for n, r in report["memory"].items():
+            print(f"  memory    {n:<22}{r['growth_mib']:>9.1f} MiB   x{r['ratio_to_full']:.3f} of full fine-tuning")
+    if "merge" in sections:
+        report["merge"] = bench_merge(args, device)
+        m = report["merge"]
+        print(f"  ViT-B/14 merge {m['merge_ms']:.2f} ms + unmerge {m['unmerge_ms']:.2f} ms = {m['total_ms']:.2f} ms")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""torch.compile: the LoRA layer traces into one graph, and compiled results equal eager ones."""
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from lora import LoRALinear
+
+
+def trained_layer(splits=3, dropout=0.0):
+    layer = LoRALinear(16, 48, r=4, splits=splits, dropout=dropout)
+    nn.init.normal_(layer.lora_B, std=0.5)
+    return layer
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_no_graph_breaks_in_the_lora_layer(splits, dropout):
+    torch._dynamo.reset()
+    layer = trained_layer(splits, dropout).train()
+    explanation = torch._dynamo.explain(layer)(torch.randn(2, 5, 16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_compiled_forward_and_backward_equal_eager(splits):
+    torch._dynamo.reset()
+    layer = trained_layer(splits)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # functionalises the in-place update
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    eager_out = layer(x)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, layer.lora_A, layer.lora_B])
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, layer.lora_A, layer.lora_B])
+    torch.testing.assert_close(out, eager_out)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler")
+def test_inductor_forward_equals_eager():
+    torch._dynamo.reset()
+    layer = trained_layer(3).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,228 @@
+"""End-to-end runs of the real command-line tools on a tiny config, plus the training loop's guarantees."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTEFACTS = [
+    "config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors", "checkpoint.pt", "metrics.jsonl",
+    "model_best.safetensors", "model_last.safetensors", "adapter_best.safetensors", "adapter_last.safetensors",
+]
+
+
+def tiny_config(tmp_path, **train):
+    data = tmp_path / "data"
+    cfg = {
+        "data": {"train_csv": str(data / "train.csv"), "val_csv": str(data / "val.csv"), "synthetic": True,
+                 "synthetic_train_images": 8, "synthetic_val_images": 4},
+        "model": {"vision_model": "vit_small_patch14_dinov2", "img_size": 28, "hidden_dim": 32, "num_heads": 2,
+                  "question_layers": 1, "vision_lora_r": 4},
+        "train": {"output_dir": str(tmp_path / "run"), "epochs": 2, "batch_size": 4, "progress": False,
+                  "use_type_loss": True, **train},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(*args, timeout=240, check=True):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    result = cli("train.py", "--config", str(tiny_config(tmp)), "--vision_lora_alpha", "8")
+    return tmp, result
+
+
+def test_training_writes_every_artefact_and_reports(trained):
+    tmp, result = trained
+    run = tmp / "run"
+    for name in ARTEFACTS:
+        assert (run / name).is_file(), name
+    assert "[LoRA] Trainable: " in result.stdout and "| Total: " in result.stdout
+    assert "question type" in result.stdout and "overall" in result.stdout  # the final table
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert set(lines[-1]["per_type"]) <= {"count", "color", "location", "yes/no", "shape"}
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["vision_lora_alpha"] == 8.0  # the override
+    adapter = load_file(str(run / "adapter_last.safetensors"))
+    assert all(".lora_" in k for k in adapter) and len(adapter) == 24  # 12 blocks x (A, B)
+    assert (run / "adapter_last.safetensors").stat().st_size < 0.05 * (run / "backbone.safetensors").stat().st_size
+
+
+def test_predict_and_evaluate_from_the_run(trained):
+    tmp, _ = trained
+    run = tmp / "run"
+    image = tmp / "data" / "images" / "val_00000.png"
+    out = cli("-m", "vqa.predict", "--run", str(run), "--image", str(image), "--question",
+              "How many circles are there?", "--top_k", "3").stdout
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("question: How many circles are there?  (type: ")
+    probs = [float(l.split("%")[0]) for l in lines[1:]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 100.01
+    table = cli("-m", "vqa.evaluate", "--run", str(run), "--csv", str(tmp / "data" / "val.csv")).stdout
+    best = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    overall = [l for l in table.splitlines() if l.startswith("overall")][0]
+    assert overall.split()[-2] == f"{100 * max(json.loads(l)['accuracy'] for l in (run / 'metrics.jsonl').read_text().splitlines()):.2f}%"
+    assert best["count"] == int(overall.split()[-1].replace(",", ""))
+
+
+def test_resume_continues_a_finished_run_for_more_epochs(trained, tmp_path):
+    tmp, _ = trained
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(tmp / "run"), str(run)], check=True)
+    result = cli("train.py", "--resume", str(run), "--epochs", "3")
+    assert "resuming" in result.stdout and "epoch 3:" in result.stdout and "epoch 1:" not in result.stdout
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus", "1"], "unknown config key '--bogus'"),
+        (["--vision_lora_r", "0"], "'vision_lora_r' must be > 0"),
+        (["--img_size", "30"], "img_size=30 is not divisible"),
+        (["--vision_model", "vit_tiny_dinov5"], "unknown timm model 'vit_tiny_dinov5'"),
+        (["--checkpoint_path", "/nonexistent/ckpt.pth"], "does not exist"),
+        (["--unfreeze_encoder_layers", "13"], "unfreeze_encoder_layers"),
+    ],
+)
+def test_user_mistakes_exit_2_without_traceback(tmp_path, args, message):
+    result = cli("train.py", "--config", str(tiny_config(tmp_path)), *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def read_adapter(path):
+    return {k: v for k, v in load_file(str(path)).items()}
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL mid-epoch, resume, and land on the weights of a run that was never interrupted."""
+    straight = tiny_config(tmp_path / "a", checkpoint_every=1, epochs=2, batch_size=2)
+    cli("train.py", "--config", str(straight))
+    killed = tiny_config(tmp_path / "b", checkpoint_every=1, epochs=2, batch_size=2)
+    run = tmp_path / "b" / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoint.pt").is_file():
+            state = torch.load(run / "checkpoint.pt", weights_only=True)
+            if state["epoch"] == 0 and state["batch"] >= 2:  # in the middle of epoch 1 of 4 batches
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (before["epoch"], before["step"]) < (2, 8)
+    cli("train.py", "--resume", str(run))
+    a = read_adapter(tmp_path / "a" / "run" / "adapter_last.safetensors")
+    b = read_adapter(run / "adapter_last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    head_a = load_file(str(tmp_path / "a" / "run" / "model_last.safetensors"))
+    head_b = load_file(str(run / "model_last.safetensors"))
+    for key in head_a:
+        torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    config = tiny_config(tmp_path, epochs=50, batch_size=2)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: checkpoint saved" in out and "--resume" in out and "Traceback" not in err
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] >= 4  # at least the first epoch's 4 steps
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=2))
+    real = train.F.cross_entropy
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 2 * 2 else loss  # NaN from epoch 2: 2 steps, 2 losses a step
+
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    with pytest.raises(train.VQAError, match=r"loss is nan at epoch 2, step 3"):
+        train.main(cfg)
+    state = torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)  # the end of epoch 1, untouched
+
+
+def test_loss_goes_down_on_a_batch_it_overfits():
+    sys.path.insert(0, str(ROOT))
+    from vqa import DeterministicVQA
+
+    torch.manual_seed(0)
+    model = DeterministicVQA(vision_model="vit_small_patch14_dinov2", img_size=28, vocab_size=20, num_answers=5,
+                             hidden_dim=32, num_heads=2, question_layers=1, vision_lora_r=4,
+                             backbone_kwargs=dict(depth=2))
+    model.freeze_pretrained()
+    pixels, ids = torch.randn(4, 3, 28, 28), torch.randint(3, 20, (8, 6))
+    image_index, answers = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.randint(0, 5, (8,))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(pixels, ids, None, image_index).logits, answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_help_lists_the_config_option():
+    assert "--config" in cli("train.py", "--help").stdout
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_checkpoint_carrying_code(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from vqa.errors import VQAError
+    from vqa.run_files import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "extra": Payload(str(marker))}, tmp_path / "checkpoint.pt")
+    with pytest.raises(VQAError, match="cannot load checkpoint .* safely"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not marker.exists()

@@ -1,0 +1,118 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vqa.config import RunConfig, load_config, parse_overrides
+from vqa.errors import VQAError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "dinov2_base_vqa.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.model.vision_lora_r == 8 and cfg.model.vision_lora_alpha == 16.0
+
+
+def test_full_recipe_matches_the_published_settings():
+    m = load_config(ROOT / "configs" / "dinov2_base_vqa.yaml").model
+    assert (m.vision_model, m.pretrained, m.img_size, m.vision_lora_dropout) == ("vit_base_patch14_dinov2", True, 224, 0.1)
+
+
+def test_overrides_apply_on_top_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"vision_lora_r": 8}, "train": {"lr": 0.1}}))
+    cfg = load_config(path, ["--vision_lora_r", "4", "--lr=3e-4", "--use_type_loss", "--model.img_size", "98",
+                             "--answer_weights", "w.json", "--checkpoint_path", "none"])
+    assert cfg.model.vision_lora_r == 4 and isinstance(cfg.model.vision_lora_r, int)
+    assert cfg.train.lr == 3e-4
+    assert cfg.train.use_type_loss is True
+    assert cfg.model.img_size == 98
+    assert cfg.data.answer_weights == "w.json"
+    assert cfg.model.checkpoint_path is None
+
+
+def test_flag_followed_by_a_flag_means_true():
+    assert parse_overrides(["--pretrained", "--skip_bad_rows"]) == {
+        "model": {"pretrained": "true"}, "data": {"skip_bad_rows": "true"}
+    }
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--not_a_key", "1"], "unknown config key '--not_a_key'"),
+        (["--train.vision_lora_r", "4"], "unknown config key"),
+        (["--vision_lora_r", "four"], "'vision_lora_r' must be int"),
+        (["--vision_lora_r", "0"], "'vision_lora_r' must be > 0"),
+        (["--vision_lora_alpha", "-1"], "'vision_lora_alpha' must be > 0"),
+        (["--vision_lora_dropout", "1.0"], r"'vision_lora_dropout' must be in \[0, 1\)"),
+        (["--use_type_loss", "maybe"], "'use_type_loss' must be bool"),
+        (["--epochs", "2.5"], "'epochs' must be int"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_bad_overrides_name_the_key(args, message):
+    with pytest.raises(VQAError, match=message):
+        load_config(None, args)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"model": {"vision_lora_rank": 8}}, "unknown key 'vision_lora_rank'"),
+        ({"model": {"lr": 0.1}}, "unknown key 'lr'; it belongs in section 'train'"),
+        ({"lr": 0.1}, "unknown section 'lr'.*put 'lr' under 'train:'"),
+        ({"train": [1, 2]}, "section 'train' must be a mapping"),
+        ({"train": {"epochs": True}}, "'epochs' must be int"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(VQAError, match=message):
+        load_config(path)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(VQAError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(VQAError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["--lr", "0.002"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=8),
+                   st.lists(st.integers(), max_size=2))
+keys = st.sampled_from(["lr", "epochs", "vision_lora_r", "vision_lora_dropout", "use_type_loss", "img_size",
+                        "train_csv", "answer_weights", "bogus", "device"])
+
+
+@given(st.dictionaries(st.sampled_from(["data", "model", "train", "other"]), st.dictionaries(keys, values, max_size=3),
+                       max_size=3))
+def test_any_config_mapping_gives_a_config_or_our_error(raw):
+    try:
+        cfg = RunConfig.from_dict(raw)
+    except VQAError:
+        return
+    assert isinstance(cfg, RunConfig)
+
+
+@given(st.lists(st.sampled_from(["--lr", "--epochs", "--bogus", "1", "x", "--use_type_loss", "true", "-1", "--"]),
+                max_size=6))
+def test_any_override_list_gives_a_config_or_our_error(args):
+    try:
+        load_config(None, args)
+    except VQAError:
+        pass

@@ -1,0 +1,201 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from vqa.data import VQADataset, check_images, collate, load_image, read_csv
+from vqa.errors import VQAError
+from vqa.text import AnswerVocab, Tokenizer
+
+HEADER = "image,question,answer\n"
+
+
+def png(path, size=(8, 8), mode="RGB", color=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    png(tmp_path / "img" / "a.png")
+    png(tmp_path / "img" / "b.png", color=(0, 0, 255))
+    return tmp_path
+
+
+def write(folder, text, name="data.csv", encoding="utf-8"):
+    path = folder / name
+    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    return path
+
+
+def test_reads_rows_with_quotes_unicode_extra_columns_and_inferred_types(folder):
+    path = write(folder, 'image,question,answer,source\n'
+                         'img/a.png,"How many circles, roughly?",Two,x\n'
+                         'img/b.png,"What colour is the\nsquare?",blue,y\n'
+                         'img/a.png,Qu\'est-ce que c\'est — 猫?,chat,z\n')
+    data = read_csv(path)
+    assert [r.question_type for r in data.rows] == ["count", "color", "other"]
+    assert data.rows[0].question == "How many circles, roughly?"
+    assert data.rows[1].question == "What colour is the square?"  # inner newline folded to a space
+    assert data.rows[2].question.endswith("猫?")
+    assert data.rows[0].image == (folder / "img" / "a.png").resolve()
+    assert "data.csv row 2" in data.rows[1].where
+
+
+def test_explicit_question_type_is_kept_and_checked(folder):
+    ok = write(folder, "image,question,answer,question_type\nimg/a.png,Is it red?,yes,YES/NO\n")
+    assert read_csv(ok).rows[0].question_type == "yes/no"
+    bad = write(folder, "image,question,answer,question_type\nimg/a.png,Is it red?,yes,colour\n")
+    with pytest.raises(VQAError, match="row 1.*question_type 'colour'"):
+        read_csv(bad)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        ("   \n", "is empty"),
+        (HEADER, "header but no rows"),
+        ("image,question\nimg/a.png,What?\n", "no 'answer' column"),
+        ("picture,question,answer\nimg/a.png,What?,x\n", "no 'image' column.*columns found: picture"),
+        (HEADER + "img/a.png,,red\n", r"row 1 \(line 2\) has an empty 'question'"),
+        (HEADER + "img/a.png,What?,red\nimg/b.png,What?, \n", r"row 2 \(line 3\) has an empty 'answer'"),
+        (HEADER + ",What?,red\n", "empty 'image'"),
+        (HEADER + "img/a.png,What?,red\nimg/a.png,What?,red\n", "row 2 .* repeats row 1"),
+        (HEADER + "img/a.png,What?,red,extra\n", "more fields than the header"),
+        (HEADER + "../outside.png,What?,red\n", "outside the CSV's folder"),
+    ],
+)
+def test_bad_csv_is_a_clear_error_naming_file_and_row(folder, content, message):
+    path = write(folder, content)
+    with pytest.raises(VQAError, match=message) as err:
+        read_csv(path)
+    assert "data.csv" in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(VQAError, match="does not exist"):
+        read_csv(tmp_path / "none.csv")
+
+
+def test_non_utf8_names_the_line(folder):
+    path = write(folder, HEADER.encode() + b"img/a.png,What?,red\nimg/b.png,Caf\xe9?,blue\n")
+    with pytest.raises(VQAError, match=r"line 3 is not valid UTF-8.*0xe9"):
+        read_csv(path)
+
+
+def test_absolute_paths_need_the_option(folder, tmp_path_factory):
+    outside = png(tmp_path_factory.mktemp("elsewhere") / "c.png")
+    path = write(folder, HEADER + f"{outside},What?,red\n")
+    with pytest.raises(VQAError, match="--allow_outside_paths"):
+        read_csv(path)
+    assert read_csv(path, allow_outside_paths=True).rows[0].image == outside.resolve()
+
+
+def test_skip_bad_rows_skips_and_counts(folder):
+    path = write(folder, HEADER + "img/a.png,What?,red\nimg/a.png,,red\nimg/a.png,What?,red\nimg/b.png,Which?,blue\n")
+    data = read_csv(path, skip_bad_rows=True)
+    assert len(data.rows) == 2 and len(data.skipped) == 2
+    assert "row 2" in data.skipped[0] and "row 3" in data.skipped[1]
+
+
+def test_all_rows_bad_is_an_error_even_when_skipping(folder):
+    with pytest.raises(VQAError, match="all 1 rows were bad"):
+        read_csv(write(folder, HEADER + "img/a.png,,red\n"), skip_bad_rows=True)
+
+
+def truncated(path, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, fmt)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "img" / "missing.png", "does not exist"),
+        (lambda d: (d / "img" / "junk.png").write_bytes(b"not an image") and d / "img" / "junk.png", "cannot be decoded"),
+        (lambda d: truncated(d / "img" / "cut.png", "PNG"), "cannot be decoded"),
+        (lambda d: truncated(d / "img" / "cut.jpg", "JPEG"), "cannot be decoded"),
+    ],
+)
+def test_bad_images_fail_before_training_naming_the_row(folder, make, message):
+    bad = make(folder)
+    path = write(folder, HEADER + f"img/a.png,What?,red\n{bad.relative_to(folder)},Which?,blue\n")
+    data = read_csv(path)
+    with pytest.raises(VQAError, match=f"row 2.*{message}.*1 bad image"):
+        check_images(data)
+    kept = check_images(data, skip_bad_rows=True)
+    assert len(kept.rows) == 1 and len(kept.skipped) == 1
+
+
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [
+        ("L", 128, (128, 128, 128)),
+        ("RGBA", (10, 20, 30, 0), (10, 20, 30)),
+        ("I;16", 65535, (255, 255, 255)),
+        ("I;16", 0, (0, 0, 0)),
+        ("1", 1, (255, 255, 255)),
+    ],
+)
+def test_other_image_modes_become_8bit_rgb(tmp_path, mode, value, expected):
+    path = png(tmp_path / "x.png", mode=mode, color=value)
+    im = load_image(path)
+    assert im.mode == "RGB" and im.getpixel((0, 0)) == expected
+
+
+def test_palette_image_becomes_rgb(tmp_path):
+    path = tmp_path / "p.png"
+    Image.new("RGB", (4, 4), (0, 204, 0)).convert("P").save(path)
+    assert load_image(path).getpixel((1, 1)) == (0, 204, 0)
+
+
+def test_tiny_image_is_fine(tmp_path):
+    assert load_image(png(tmp_path / "t.png", size=(1, 1))).size == (1, 1)
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    path = png(tmp_path / "big.png", size=(64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels is now "huge": past the warning limit
+    with pytest.raises(VQAError, match="too large to decode safely"):
+        load_image(path)
+
+
+def test_dataset_groups_questions_by_image_and_collate_maps_them_back(folder):
+    path = write(folder, HEADER + "img/a.png,What color?,red\nimg/b.png,What color?,blue\n"
+                                  "img/a.png,How many circles are there?,two\nimg/b.png,Is it big?,maybe\n")
+    rows = read_csv(path).rows
+    tok = Tokenizer.build(r.question for r in rows[:3])
+    answers = AnswerVocab.build(r.answer for r in rows[:3])  # "maybe" is not in the vocabulary
+
+    def transform(im):
+        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)
+
+    dataset = VQADataset(rows, transform, tok, answers)
+    assert len(dataset) == 2
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)
+    assert batch["image_index"].tolist() == [0, 0, 1, 1]
+    assert batch["answer"].tolist() == [answers.id("red"), answers.id("2"), answers.id("blue"), -1]
+    assert batch["input_ids"].shape == (4, 7) and batch["input_ids"][0, 0] == Tokenizer.CLS
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0]  # [CLS] what color ? + padding
+    assert batch["pixel_values"][1, 2, 0, 0] == 255  # image b is blue
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300)
+       | st.lists(st.sampled_from(list('ab,"\n\r \x00é') + ["img/a.png", "../x.png", HEADER]), max_size=40).map("".join))
+def test_any_file_gives_rows_or_our_error(folder, content):
+    path = write(folder, content, name="fuzz.csv")
+    try:
+        data = read_csv(path, skip_bad_rows=True)
+    except VQAError:
+        return
+    assert data.rows and all(r.question and r.answer for r in data.rows)

@@ -1,0 +1,59 @@
+import json
+import math
+
+import pytest
+import torch
+
+from vqa.answer_weights import compute_answer_weights, load_answer_weights, main as answer_weights_main
+from vqa.errors import VQAError
+from vqa.metrics import TypeAccuracy, format_accuracy_table
+from vqa.text import QUESTION_TYPES
+
+COUNT, COLOR, LOCATION, YESNO = (QUESTION_TYPES.index(t) for t in ("count", "color", "location", "yes/no"))
+
+
+def test_per_type_accuracy_on_a_hand_made_example():
+    meter = TypeAccuracy()
+    # count: 2 of 3 right; color: 1 of 2 (the miss has an answer outside the vocabulary); location: 0 of 1
+    meter.update(torch.tensor([1, 2, 3, 0, 5]), torch.tensor([1, 2, 4, 0, -1]),
+                 torch.tensor([COUNT, COUNT, COUNT, COLOR, COLOR]))
+    meter.update(torch.tensor([7, -1]), torch.tensor([6, -1]), torch.tensor([LOCATION, YESNO]))
+    m = meter.compute()
+    assert m["count"] == 7
+    assert m["accuracy"] == pytest.approx(3 / 7)  # -1 == -1 is still wrong: unseen answers never score
+    assert m["per_type"] == {
+        "count": {"accuracy": pytest.approx(2 / 3), "count": 3},
+        "color": {"accuracy": 0.5, "count": 2},
+        "location": {"accuracy": 0.0, "count": 1},
+        "yes/no": {"accuracy": 0.0, "count": 1},
+    }
+    table = format_accuracy_table(m)
+    assert "count              66.67%          3" in table and table.splitlines()[-1].startswith("overall")
+
+
+def test_answer_weights_formula_and_clipping():
+    answers = ["yes"] * 90 + ["no"] * 9 + ["purple"]
+    w = compute_answer_weights(answers, min_weight=0.1, max_weight=5.0)
+    assert w["yes"] == pytest.approx(math.sqrt(100 / (3 * 90)))
+    assert w["no"] == pytest.approx(math.sqrt(100 / (3 * 9)))
+    assert w["purple"] == 5.0  # sqrt(100 / 3) = 5.77, clipped
+    assert list(w) == ["yes", "no", "purple"]
+
+
+def test_answer_weights_cli_round_trip(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "train.csv"
+    csv.write_text("image,question,answer\na.png,Is it?,Yes\na.png,Is it really?,yes\na.png,How many?,two\n")
+    out = tmp_path / "w.json"
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 0
+    weights = load_answer_weights(out)
+    assert set(weights) == {"yes", "2"} and weights["2"] > weights["yes"]
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2]", "must hold an object"), ('{"yes": -1}', "must be a number > 0"),
+                                              ('{"yes": "big"}', "must be a number > 0"), ("{", "not valid JSON")])
+def test_bad_answer_weights_files(tmp_path, content, message):
+    path = tmp_path / "w.json"
+    path.write_text(content)
+    with pytest.raises(VQAError, match=message):
+        load_answer_weights(path)

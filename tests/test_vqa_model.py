@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+import lora
+from vqa import DeterministicVQA
+
+
+def tiny_model(**kwargs):
+    args = dict(vision_model="vit_small_patch14_dinov2", img_size=28, vocab_size=30, num_answers=7, hidden_dim=16,
+                num_heads=2, vision_lora_r=2, backbone_kwargs=dict(embed_dim=32, depth=2, num_heads=2, init_values=0.5))
+    args.update(kwargs)
+    return DeterministicVQA(**args)
+
+
+def test_dinov2_base_snippet_counts_exactly_442368_lora_parameters():
+    with torch.device("meta"):  # the real architecture, no memory: only counting
+        model = DeterministicVQA(use_vision_lora=True, vision_lora_r=8)
+    model.freeze_pretrained(unfreeze_encoder_layers=0, unfreeze_decoder=True)
+    adapters = sum(p.numel() for _, layer in lora.lora_layers(model) for p in (layer.lora_A, layer.lora_B))
+    decoder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == 442_368
+    assert trainable == adapters + decoder
+
+
+def test_forward_shapes_and_trainable_selection():
+    model = tiny_model()
+    model.freeze_pretrained(unfreeze_encoder_layers=1, unfreeze_decoder=False)
+    out = model(torch.randn(3, 3, 28, 28), torch.randint(1, 30, (3, 5)), torch.ones(3, 5))
+    assert out.logits.shape == (3, 7) and out.type_logits.shape == (3, 6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith("backbone.") for n in trainable)
+    assert any(".lora_A" in n for n in trainable) and "backbone.blocks.1.mlp.fc1.weight" in trainable
+    assert "backbone.blocks.0.mlp.fc1.weight" not in trainable
+
+
+def test_questions_sharing_an_image_equal_one_image_per_question():
+    model = tiny_model().eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    ids = torch.randint(3, 30, (4, 6))
+    mask = torch.ones(4, 6)
+    mask[1, 4:] = 0
+    index = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        shared = model(pixels, ids, mask, image_index=index)
+        repeated = model(pixels[index], ids, mask)
+    torch.testing.assert_close(shared.logits, repeated.logits)
+
+
+def test_padding_does_not_change_the_answer():
+    model = tiny_model().eval()
+    pixels, ids = torch.randn(1, 3, 28, 28), torch.randint(3, 30, (1, 4))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a = model(pixels, ids, torch.ones(1, 4)).logits
+        b = model(pixels, padded, (padded != 0).long()).logits
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("question_layers", [0, 1])
+def test_trainable_state_dict_round_trips_into_a_fresh_model(question_layers):
+    torch.manual_seed(0)
+    source = tiny_model(question_layers=question_layers)
+    source.freeze_pretrained()
+    source.train()
+    source(torch.randn(2, 3, 28, 28), torch.randint(3, 30, (2, 4)))  # moves BatchNorm running stats
+    state = source.trainable_state_dict()
+    assert "image_norm.running_mean" in state and not any(k.startswith("backbone.blocks.0.mlp") for k in state)
+    torch.manual_seed(0)
+    target = tiny_model(question_layers=question_layers)
+    torch.manual_seed(1)
+    for _, layer in lora.lora_layers(target):
+        torch.nn.init.normal_(layer.lora_B)
+    target.load_state_dict(state, strict=False)
+    x, ids = torch.randn(2, 3, 28, 28), torch.randint(3, 30, (2, 4))
+    source.eval(), target.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, ids).logits, source(x, ids).logits)

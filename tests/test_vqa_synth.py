@@ -1,0 +1,264 @@
+import csv
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqa.synth import (
+    BACKGROUND,
+    COLORS,
+    CSV_HEADER,
+    GRID,
+    QUADRANTS,
+    SYNTH_TYPES,
+    SHAPES,
+    SceneObject,
+    generate,
+    main,
+    make_questions,
+    make_scene,
+    quadrant,
+    render_scene,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def by_image(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    groups: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(row["image"], []).append(row)
+    return groups
+
+
+def read_scene(path: Path) -> dict[str, tuple[str, str]]:
+    """``{color: (shape, quadrant)}`` recovered from the PNG's pixels alone.
+
+    Shapes are told apart by how much of their bounding box they fill: a square all of it, a circle
+    about pi/4, a triangle about half (at 112 px the measured ranges are 1.0, 0.76-0.80, 0.50-0.53).
+    """
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    cell = pixels.shape[0] // GRID
+    masks = {color: (pixels == rgb).all(-1) for color, rgb in COLORS.items()}
+    background = (pixels == BACKGROUND).all(-1)
+    assert (background | np.logical_or.reduce(list(masks.values()))).all(), "a pixel outside the palette"
+    scene = {}
+    for color, mask in masks.items():
+        ys, xs = np.nonzero(mask)
+        if len(ys) == 0:
+            continue
+        cells = set(zip((ys // cell).tolist(), (xs // cell).tolist()))
+        assert len(cells) == 1, f"{color} pixels spread over cells {cells} in {path.name}"
+        ((row, col),) = cells
+        fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        shape = "square" if fill > 0.95 else "circle" if fill > 0.65 else "triangle"
+        scene[color] = (shape, quadrant(row, col))
+    return scene
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
+    kwargs = dict(train_images=12, val_images=4, image_size=64)
+    a = generate(tmp_path / "a", seed=3, **kwargs)
+    b = generate(tmp_path / "b", seed=3, **kwargs)
+    c = generate(tmp_path / "c", seed=4, **kwargs)
+    for csv_a, csv_b, csv_c in zip(a, b, c):
+        assert csv_a.read_bytes() == csv_b.read_bytes()
+        assert csv_a.read_bytes() != csv_c.read_bytes()
+    images_a = sorted((tmp_path / "a" / "images").iterdir())
+    assert len(images_a) == 16
+    for image in images_a:
+        assert image.read_bytes() == (tmp_path / "b" / "images" / image.name).read_bytes()
+    assert any(image.read_bytes() != (tmp_path / "c" / "images" / image.name).read_bytes() for image in images_a)
+
+
+def test_split_sizes_do_not_change_other_images(tmp_path):
+    small = generate(tmp_path / "small", train_images=6, val_images=3, image_size=32)
+    large = generate(tmp_path / "large", train_images=6, val_images=8, image_size=32)
+    assert small[0].read_bytes() == large[0].read_bytes()
+    # Per-image streams: growing a split keeps its first images and questions.
+    assert read_rows(large[1])[: 3 * len(SYNTH_TYPES)] == read_rows(small[1])
+    # The splits draw from different streams.
+    train, val = read_rows(small[0]), read_rows(small[1])
+    assert [r["question"] for r in train[:15]] != [r["question"] for r in val[:15]]
+
+
+def test_csv_layout(tmp_path):
+    train_csv, val_csv = generate(tmp_path, train_images=7, val_images=3, image_size=32)
+    assert (train_csv, val_csv) == (tmp_path / "train.csv", tmp_path / "val.csv")
+    for path, split, n in ((train_csv, "train", 7), (val_csv, "val", 3)):
+        assert path.read_text(encoding="utf-8").splitlines()[0] == ",".join(CSV_HEADER)
+        rows = read_rows(path)
+        assert len(rows) == n * len(SYNTH_TYPES)
+        groups = by_image(rows)
+        assert list(groups) == [f"images/{split}_{i:05d}.png" for i in range(n)]
+        for image, group in groups.items():
+            assert [r["question_type"] for r in group] == list(SYNTH_TYPES)
+            assert (tmp_path / image).is_file()
+    assert not list(tmp_path.glob("**/*.tmp")), "temporary files left behind"
+
+
+def test_every_answer_matches_the_rendered_pixels(tmp_path):
+    train_csv, _ = generate(tmp_path, train_images=20, val_images=0, seed=1, image_size=112)
+    for image, group in by_image(read_rows(train_csv)).items():
+        scene = read_scene(tmp_path / image)
+        assert 3 <= len(scene) <= 5
+        shapes = Counter(shape for shape, _ in scene.values())
+        color_q, shape_q, location_q, count_q, yes_no_q = group
+
+        asked = color_q["question"].removeprefix("What color is the ").removesuffix("?")
+        assert shapes[asked] == 1, f"{image}: asked the color of a {asked}, which is not unique"
+        assert scene[color_q["answer"]][0] == asked
+
+        color = shape_q["question"].removeprefix("What shape is the ").removesuffix(" object?")
+        assert scene[color][0] == shape_q["answer"]
+
+        color = location_q["question"].removeprefix("Where is the ").removesuffix(" object?")
+        assert scene[color][1] == location_q["answer"]
+
+        shape = count_q["question"].removeprefix("How many ").removesuffix("s are there?")
+        assert shape in SHAPES
+        assert count_q["answer"] == str(shapes[shape])
+
+        color, shape = yes_no_q["question"].removesuffix("?").split()[-2:]
+        present = color in scene and scene[color][0] == shape
+        assert yes_no_q["answer"] == ("yes" if present else "no")
+
+
+@pytest.mark.parametrize("image_size", [32, 112])
+def test_make_scene_invariants(image_size):
+    cell = image_size // GRID
+    sizes = Counter()
+    for i in range(300):
+        objects = make_scene(random.Random(i), image_size)
+        sizes[len(objects)] += 1
+        assert len({(o.row, o.col) for o in objects}) == len(objects)
+        assert len({o.color for o in objects}) == len(objects)
+        assert 1 in Counter(o.shape for o in objects).values()
+        for o in objects:
+            x0, y0, x1, y1 = o.box
+            assert o.col * cell <= x0 <= x1 < (o.col + 1) * cell
+            assert o.row * cell <= y0 <= y1 < (o.row + 1) * cell
+            # 0.55-0.8 of the cell, give or take the pixel grid.
+            assert 0.55 * cell - 1 <= x1 - x0 + 1 <= 0.8 * cell + 1
+    assert set(sizes) == {3, 4, 5}
+
+
+def test_render_draws_each_object_in_its_colour_inside_its_box():
+    for i in range(20):
+        objects = make_scene(random.Random(i), 64)
+        pixels = np.asarray(render_scene(objects, 64))
+        assert pixels.shape == (64, 64, 3)
+        for o in objects:
+            x0, y0, x1, y1 = o.box
+            assert tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2]) == COLORS[o.color]
+            ys, xs = np.nonzero((pixels == COLORS[o.color]).all(-1))
+            assert (xs.min(), ys.min(), xs.max(), ys.max()) == o.box
+        covered = sum((pixels == COLORS[o.color]).all(-1).sum() for o in objects)
+        assert covered + (pixels == BACKGROUND).all(-1).sum() == 64 * 64
+
+
+def test_questions_follow_from_the_scene():
+    rng = random.Random(0)
+    for _ in range(300):
+        objects = make_scene(rng, 32)
+        questions = make_questions(objects, rng)
+        assert [t for _, _, t in questions] == list(SYNTH_TYPES)
+        by_color = {o.color: o for o in objects}
+        shapes = Counter(o.shape for o in objects)
+        (cq, ca, _), (sq, sa, _), (lq, la, _), (nq, na, _), (yq, ya, _) = questions
+        asked = cq.removeprefix("What color is the ").removesuffix("?")
+        assert shapes[asked] == 1 and by_color[ca].shape == asked
+        assert by_color[sq.removeprefix("What shape is the ").removesuffix(" object?")].shape == sa
+        obj = by_color[lq.removeprefix("Where is the ").removesuffix(" object?")]
+        assert la == quadrant(obj.row, obj.col) and la in QUADRANTS
+        assert na == str(shapes[nq.removeprefix("How many ").removesuffix("s are there?")])
+        color, shape = yq.removesuffix("?").split()[-2:]
+        assert ya == ("yes" if color in by_color and by_color[color].shape == shape else "no")
+
+
+def test_make_questions_rejects_a_scene_without_a_unique_shape():
+    objects = [SceneObject(c, "circle", 0, i, (0, 0, 1, 1)) for i, c in enumerate(["red", "blue"])]
+    with pytest.raises(ValueError, match="exactly once"):
+        make_questions(objects, random.Random(0))
+
+
+def test_quadrant():
+    assert [quadrant(r, c) for r, c in [(0, 0), (1, 2), (2, 1), (3, 3)]] == list(QUADRANTS)
+
+
+def test_yes_no_is_balanced_and_no_covers_both_kinds_of_absence(tmp_path):
+    train_csv, _ = generate(tmp_path, train_images=200, val_images=0, image_size=32)
+    yes_no = [r for r in read_rows(train_csv) if r["question_type"] == "yes/no"]
+    assert len(yes_no) == 200
+    share = sum(r["answer"] == "yes" for r in yes_no) / len(yes_no)
+    assert 0.4 <= share <= 0.6
+    # A "no" may name a colour that is in the scene with another shape, or one that is absent.
+    kinds = set()
+    for image, group in by_image(read_rows(train_csv)).items():
+        color, _ = group[4]["question"].removesuffix("?").split()[-2:]
+        if group[4]["answer"] == "no":
+            kinds.add(color in read_scene(tmp_path / image))
+    assert kinds == {True, False}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(train_images=-1), "train_images must be >= 0"),
+        (dict(val_images=-5), "val_images must be >= 0"),
+        (dict(image_size=30), "multiple of 4"),
+        (dict(image_size=28), ">= 32"),
+    ],
+)
+def test_bad_arguments_raise(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(tmp_path, **kwargs)
+    assert not (tmp_path / "train.csv").exists()
+
+
+def test_cli_bad_arguments_exit_2_without_a_traceback(tmp_path):
+    # One real subprocess: `python -m vqa.synth` imports the whole vqa package (torch, timm), which
+    # takes seconds, so the other CLI cases below call main() in-process.
+    result = subprocess.run(
+        [sys.executable, "-m", "vqa.synth", "--out", str(tmp_path), "--image-size", "30"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "multiple of 4" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--train-images", "-1"], ["--val_images", "-2"], ["--image_size", "20"], [], ["--seed", "x"]]
+)
+def test_main_bad_arguments_exit_2(tmp_path, capsys, args):
+    if args:
+        args = ["--out", str(tmp_path), *args]
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own usage errors exit rather than return
+        code = e.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and captured.out == ""
+
+
+def test_main_writes_the_data_set(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["--out", str(out), "--train_images", "3", "--val-images", "2", "--image_size", "32", "--seed", "7"]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "5 images" in summary and "25 questions" in summary and str(out) in summary
+    expected = generate(tmp_path / "api", train_images=3, val_images=2, seed=7, image_size=32)
+    assert (out / "train.csv").read_bytes() == expected[0].read_bytes()
+    assert (out / "val.csv").read_bytes() == expected[1].read_bytes()

@@ -1,0 +1,72 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type, normalize_answer
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Three.", "3"),
+        ("  the  3 ", "3"),
+        ("Top-Left", "top left"),
+        ("YES!", "yes"),
+        ("a red circle", "red circle"),
+        ("twenty", "20"),
+        ("", ""),
+    ],
+)
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+@given(st.text())
+def test_normalize_answer_is_idempotent_and_never_fails(text):
+    once = normalize_answer(text)
+    assert isinstance(once, str)
+    assert normalize_answer(once) == once
+    assert once == once.strip() and "  " not in once
+
+
+@pytest.mark.parametrize(
+    "question, qtype",
+    [
+        ("How many circles are there?", "count"),
+        ("What is the number of cubes?", "count"),
+        ("What color is the square?", "color"),
+        ("What colour is the car?", "color"),
+        ("What shape is the red object?", "shape"),
+        ("Where is the blue object?", "location"),
+        ("Which object is on the left?", "location"),
+        ("Is there a green triangle?", "yes/no"),
+        ("Is the cat on the left?", "yes/no"),
+        ("Does the man wear a hat?", "yes/no"),
+        ("Why is the sky blue?", "other"),
+        ("", "other"),
+    ],
+)
+def test_infer_question_type(question, qtype):
+    assert infer_question_type(question) == qtype
+
+
+@given(st.text())
+def test_infer_question_type_always_gives_a_known_type(text):
+    assert infer_question_type(text) in QUESTION_TYPES
+
+
+def test_tokenizer_round_trip_and_unknown_words():
+    tok = Tokenizer.build(["What color is the circle?", "How many squares?"], max_length=6)
+    ids = tok.encode("What color is the hexagon?")
+    assert ids[0] == Tokenizer.CLS
+    assert ids[5] == Tokenizer.UNK  # "hexagon" was never seen
+    assert len(tok.encode("what what what what what what what what")) == 6  # cut to max_length
+    again = Tokenizer.from_json(tok.to_json())
+    assert again.itos == tok.itos and again.encode("How many squares?") == tok.encode("How many squares?")
+
+
+def test_answer_vocab_orders_by_frequency_and_rejects_unseen():
+    vocab = AnswerVocab.build(["Two", "yes", "2", "no", "yes", "2."])
+    assert vocab.itos == ["2", "yes", "no"]
+    assert vocab.id("TWO") == 0 and vocab.id("purple") == -1
+    assert AnswerVocab.from_json(vocab.to_json()).itos == vocab.itos

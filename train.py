@@ -1,0 +1,271 @@
+"""Fine-tune the VQA model with LoRA on its DINOv2 image encoder.
+
+    python train.py --config configs/demo.yaml [--key value ...]
+    python train.py --resume runs/demo            # continue a run after a crash or Ctrl-C
+
+Any config key can be overridden on the command line (``--vision_lora_r 4``, ``--lr 3e-4``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lora
+from vqa.answer_weights import load_answer_weights
+from vqa.config import RunConfig, load_config
+from vqa.data import VQADataset, build_transform, check_images, read_csv
+from vqa.errors import VQAError
+from vqa.evaluate import autocast, evaluate, make_loader
+from vqa.metrics import format_accuracy_table
+from vqa.run_files import build_model, copy_weights, load_checkpoint, save_checkpoint, save_weights, write_text
+from vqa.text import AnswerVocab, Tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VQAError(f"config key 'device' has unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VQAError("device 'cuda' was asked for but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's shuffled batches, a pure function of (seed, epoch) so a resumed run sees the same order."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return factor
+
+
+def param_groups(model, cfg: RunConfig) -> list[dict]:
+    """Adapters and unfrozen blocks at lr_encoder, the decoder at lr; no weight decay on vectors."""
+    groups = {}
+    for module, lr in [(model.backbone, cfg.train.lr_encoder)] + [(m, cfg.train.lr) for m in model.decoder_modules()]:
+        for p in module.parameters():
+            if p.requires_grad:
+                decay = cfg.train.weight_decay if p.ndim >= 2 else 0.0
+                groups.setdefault((lr, decay), []).append(p)
+    for p in (model.image_pos, model.word_pos):  # position tables: decoder lr, no decay
+        if p.requires_grad:
+            groups.setdefault((cfg.train.lr, 0.0), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_data(cfg: RunConfig):
+    d = cfg.data
+    if d.synthetic and not Path(d.train_csv).is_file():
+        from vqa.synth import generate
+
+        out = Path(d.train_csv).parent
+        print(f"generating the synthetic shapes data set in {out} ...")
+        generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images, seed=cfg.train.seed)
+    train = check_images(read_csv(d.train_csv, skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths),
+                         d.skip_bad_rows)
+    val = check_images(read_csv(d.val_csv, skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths),
+                       d.skip_bad_rows)
+    return train, val
+
+
+def main(cfg: RunConfig, resume: bool = False) -> dict:
+    t = cfg.train
+    device = pick_device(t.device)
+    run = Path(t.output_dir)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    # Data first: a bad row or image stops the run before any training time is spent.
+    train_data, val_data = prepare_data(cfg)
+    if resume:
+        tokenizer = Tokenizer.from_json((run / "tokenizer.json").read_text(encoding="utf-8"))
+        answers = AnswerVocab.from_json((run / "answers.json").read_text(encoding="utf-8"))
+    else:
+        tokenizer = Tokenizer.build((r.question for r in train_data.rows), max_length=cfg.data.max_question_length)
+        answers = AnswerVocab.build(r.answer for r in train_data.rows)
+        if (run / "metrics.jsonl").is_file():
+            print(f"note: starting a new run in {run}, replacing the one there (continue one with --resume)")
+            write_text(run / "metrics.jsonl", "")
+        write_text(run / "config.yaml", cfg.to_yaml())
+        write_text(run / "tokenizer.json", tokenizer.to_json())
+        write_text(run / "answers.json", answers.to_json())
+
+    backbone_file = run / "backbone.safetensors"
+    random_backbone = not cfg.model.pretrained and cfg.model.checkpoint_path is None
+    model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and random_backbone else None)
+    if random_backbone and not resume:  # predict and resume rebuild this exact random backbone from the file
+        save_weights({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k}, backbone_file)
+    try:
+        model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
+    except ValueError as e:
+        raise VQAError(f"config key 'unfreeze_encoder_layers': {e}") from None
+    model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.to(device)
+    lora.print_trainable_parameters(model)
+    has_lora = any(True for _ in lora.lora_layers(model))
+
+    transform = build_transform(model.backbone, cfg.model.img_size)
+    train_set = VQADataset(train_data.rows, transform, tokenizer, answers)
+    val_set = VQADataset(val_data.rows, transform, tokenizer, answers)
+    val_order = list(range(len(val_set)))
+    val_loader = make_loader(val_set, [val_order[i:i + t.batch_size] for i in range(0, len(val_order), t.batch_size)],
+                             t.num_workers)
+    class_weights = None
+    if cfg.data.answer_weights:
+        table = load_answer_weights(cfg.data.answer_weights)
+        class_weights = torch.tensor([table.get(a, 1.0) for a in answers.itos], device=device)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg))
+    steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.epochs * steps_per_epoch, t.warmup_ratio))
+    start_epoch, start_batch, best, step = 0, 0, -1.0, 0
+    if resume:
+        state = load_checkpoint(run / "checkpoint.pt")
+        copy_weights(model, state["model"], run / "checkpoint.pt")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
+        print(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        save_checkpoint({
+            "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "epoch": epoch, "batch": batch, "step": step, "best": best,
+        }, run / "checkpoint.pt")
+
+    stop_signal: list[int] = []
+
+    def on_signal(signum, frame):
+        if stop_signal:  # a second Ctrl-C: stop now (the last checkpoint on disk is intact)
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+
+    def stop_if_asked(epoch: int, batch: int) -> None:
+        if stop_signal:
+            checkpoint(epoch, batch)
+            name = signal.Signals(stop_signal[0]).name
+            print(f"\n{name}: checkpoint saved at step {step}; continue with: python train.py --resume {run}")
+            sys.exit(128 + stop_signal[0])
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics = {}
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            model.train()
+            batches = epoch_batches(len(train_set), t.batch_size, t.seed, epoch)
+            done = start_batch if epoch == start_epoch else 0
+            bar = tqdm(make_loader(train_set, batches[done:], t.num_workers), total=len(batches), initial=done,
+                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress, dynamic_ncols=True)
+            tic, seen = time.perf_counter(), 0
+            for i, batch in enumerate(bar, start=done):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device):
+                    out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
+                    loss = F.cross_entropy(out.logits.float(), batch["answer"], weight=class_weights, ignore_index=-1)
+                    if t.use_type_loss:
+                        loss = loss + t.type_loss_weight * F.cross_entropy(out.type_logits.float(), batch["question_type"])
+                if not torch.isfinite(loss):  # CPU-GPU sync point, once per step
+                    raise VQAError(
+                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
+                        f"{run / 'checkpoint.pt'} still holds the last good state. Lower --lr or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                seen += len(batch["answer"])
+                bar.set_postfix(loss=f"{loss.item():.3f}", q_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    checkpoint(epoch, i + 1)
+                stop_if_asked(epoch, i + 1)
+            bar.close()
+            seconds = time.perf_counter() - tic
+            metrics = evaluate(model, val_loader, device)
+            metrics.update(epoch=epoch + 1, step=step, train_seconds=round(seconds, 2))
+            history = run / "metrics.jsonl"
+            old = history.read_text(encoding="utf-8") if history.is_file() else ""
+            write_text(history, old + json.dumps(metrics) + "\n")
+            print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
+            meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}"}
+            is_best = metrics["accuracy"] > best
+            best = max(best, metrics["accuracy"])
+            for tag in ("last", "best") if is_best else ("last",):
+                save_weights(model.trainable_state_dict(), run / f"model_{tag}.safetensors", meta)
+                if has_lora:
+                    lora.save_adapter(model, run / f"adapter_{tag}.safetensors", meta)
+            checkpoint(epoch + 1, 0)
+            stop_if_asked(epoch + 1, 0)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    skipped = len(train_data.skipped) + len(val_data.skipped)
+    if skipped:
+        print(f"skipped {skipped} bad row(s) (--skip_bad_rows)")
+    if metrics:
+        print(format_accuracy_table(metrics))
+    return metrics
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other --key value pairs override the config.")
+    parser.add_argument("--config", type=Path, help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.resume:
+            cfg = load_config(args.resume / "config.yaml", overrides + ["--output_dir", str(args.resume)])
+        else:
+            cfg = load_config(args.config, overrides)
+        main(cfg, resume=bool(args.resume))
+    except VQAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

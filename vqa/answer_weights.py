@@ -1,0 +1,84 @@
+"""Per-answer loss weights that balance rare answers.
+
+    python -m vqa.answer_weights --train_csv data/train.csv --out answer_weights.json
+
+For an answer seen ``n_a`` times among ``N`` training questions with ``K`` distinct answers:
+
+    w_a = clip( sqrt(N / (K * n_a)), min_weight, max_weight )
+
+The square root softens plain inverse frequency (which lets a few rare answers dominate the loss);
+an answer of average frequency (``n_a = N / K``) gets 1; the clip keeps extremes in [0.1, 10].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from lora import atomic_write
+
+from .errors import VQAError
+from .text import normalize_answer
+
+__all__ = ["compute_answer_weights", "load_answer_weights"]
+
+
+def compute_answer_weights(answers: Iterable[str], min_weight: float = 0.1, max_weight: float = 10.0) -> dict[str, float]:
+    """``{normalised answer: weight}`` by the formula in this module's docstring."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    if not counts:
+        raise VQAError("cannot compute answer weights from no answers")
+    total, distinct = sum(counts.values()), len(counts)
+    return {
+        a: min(max_weight, max(min_weight, math.sqrt(total / (distinct * n))))
+        for a, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    }
+
+
+def load_answer_weights(path: str | Path) -> dict[str, float]:
+    """Reads a weights JSON; keys are normalised, values must be finite and > 0."""
+    path = Path(path)
+    if not path.is_file():
+        raise VQAError(f"answer weights file '{path}' does not exist; make one with python -m vqa.answer_weights")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VQAError(f"answer weights file '{path}' is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise VQAError(f"answer weights file '{path}' must hold an object of answer: weight")
+    weights = {}
+    for answer, weight in raw.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise VQAError(f"answer weights file '{path}': weight of '{answer}' must be a number > 0, got {weight!r}")
+        weights[normalize_answer(answer)] = float(weight)
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import read_csv
+
+    parser = argparse.ArgumentParser(description="Per-answer loss weights that balance rare answers.")
+    parser.add_argument("--train_csv", "--train-csv", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--min_weight", type=float, default=0.1)
+    parser.add_argument("--max_weight", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    try:
+        rows = read_csv(args.train_csv).rows
+        weights = compute_answer_weights((r.answer for r in rows), args.min_weight, args.max_weight)
+    except VQAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with atomic_write(args.out, "w") as f:
+        f.write(json.dumps(weights, indent=1) + "\n")
+    low, high = min(weights.values()), max(weights.values())
+    print(f"wrote {len(weights)} answer weights ({low:.3g} to {high:.3g}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

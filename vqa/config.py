@@ -1,0 +1,223 @@
+"""Run configuration: one dataclass per component, a YAML file, and ``--key value`` overrides on top.
+
+A YAML file has the sections ``data``, ``model`` and ``train``. Every key is unique across sections, so
+``--vision_lora_r 4`` and ``--model.vision_lora_r 4`` both work. An unknown key, a value of the wrong
+type or out of range is a ``VQAError`` naming the key.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import VQAError
+
+__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides"]
+
+
+@dataclass
+class DataConfig:
+    train_csv: str = "data/synth/train.csv"  # one row per question: image, question, answer[, question_type]
+    val_csv: str = "data/synth/val.csv"  # evaluated after every epoch
+    answer_weights: str | None = None  # JSON from `python -m vqa.answer_weights`; None = unweighted loss
+    synthetic: bool = False  # generate the synthetic shapes data set into train_csv's folder if it is missing
+    synthetic_train_images: int = 2000  # images (5 questions each) generated for training
+    synthetic_val_images: int = 300  # images generated for validation
+    skip_bad_rows: bool = False  # skip and count bad rows/images instead of stopping
+    allow_outside_paths: bool = False  # let CSV image paths leave the CSV's folder (absolute or ../)
+    max_question_length: int = 32  # tokens, [CLS] included; longer questions are cut
+
+    def __post_init__(self) -> None:
+        _positive(self, "synthetic_train_images", "synthetic_val_images", "max_question_length")
+
+
+@dataclass
+class ModelConfig:
+    vision_model: str = "vit_small_patch14_dinov2"  # any timm ViT; the DINOv2 family is the target
+    img_size: int = 224  # input side in pixels; a multiple of the patch size (14)
+    pretrained: bool = False  # download timm's pretrained weights (needs internet)
+    checkpoint_path: str | None = None  # local .safetensors/.pth backbone weights instead of a download
+    use_vision_lora: bool = True  # LoRA on every qkv of the image encoder
+    vision_lora_r: int = 8  # LoRA rank
+    vision_lora_alpha: float = 16.0  # LoRA scaling numerator: scaling = alpha / r
+    vision_lora_dropout: float = 0.1  # dropout on the adapters' input
+    unfreeze_encoder_layers: int = 0  # also train the last N backbone blocks (0 = frozen except LoRA)
+    grad_checkpointing: bool = False  # recompute backbone activations in backward to save memory
+    hidden_dim: int = 256  # width of question encoder and fusion decoder
+    num_heads: int = 4  # heads of the question encoder and of the question-to-image attention
+    question_layers: int = 1  # transformer layers over the question (0: a bag of words)
+    dropout: float = 0.1  # dropout in question encoder, decoder and answer head
+
+    def __post_init__(self) -> None:
+        _positive(self, "img_size", "vision_lora_r", "hidden_dim", "num_heads")
+        if self.question_layers < 0:
+            raise VQAError(f"config key 'question_layers' must be >= 0, got {self.question_layers}")
+        if not self.vision_lora_alpha > 0 or not math.isfinite(self.vision_lora_alpha):
+            raise VQAError(f"config key 'vision_lora_alpha' must be > 0, got {self.vision_lora_alpha}")
+        for key in ("vision_lora_dropout", "dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise VQAError(f"config key '{key}' must be in [0, 1), got {getattr(self, key)}")
+        if self.unfreeze_encoder_layers < 0:
+            raise VQAError(f"config key 'unfreeze_encoder_layers' must be >= 0, got {self.unfreeze_encoder_layers}")
+        if self.hidden_dim % self.num_heads:
+            raise VQAError(f"config key 'hidden_dim' ({self.hidden_dim}) must be divisible by 'num_heads' ({self.num_heads})")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"  # run folder: config, vocabularies, checkpoints, adapter, metrics
+    epochs: int = 10  # passes over the training images
+    batch_size: int = 32  # images per step; each brings all its questions
+    lr: float = 1e-3  # peak learning rate of the decoder and heads
+    lr_encoder: float = 1e-3  # peak learning rate of LoRA adapters and unfrozen backbone blocks
+    weight_decay: float = 0.01  # AdamW weight decay on matrices (not on biases, norms, embeddings' positions)
+    warmup_ratio: float = 0.05  # share of the steps with linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 disables
+    use_type_loss: bool = False  # add the question-type cross-entropy to the answer loss
+    type_loss_weight: float = 0.5  # weight of the question-type loss
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1, ...
+    seed: int = 0  # seeds model init, data order, dropout
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
+    num_workers: int = 0  # DataLoader worker processes
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size")
+        for key in ("lr", "lr_encoder"):
+            if not getattr(self, key) > 0:
+                raise VQAError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise VQAError(f"config key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        for key in ("weight_decay", "grad_clip", "type_loss_weight", "checkpoint_every", "num_workers"):
+            if getattr(self, key) < 0:
+                raise VQAError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
+        if not isinstance(raw, dict):
+            raise VQAError(f"{source} must be a mapping with sections data, model, train; got {type(raw).__name__}")
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise VQAError(f"{source}: section '{name}' must be a mapping of keys to values")
+            sections[name] = _build(section_cls, values, f"{source}: {name}")
+        unknown = sorted(set(raw) - set(_SECTIONS))
+        if unknown:
+            hint = f"; put '{unknown[0]}' under '{_KEY_SECTION[unknown[0]]}:'" if unknown[0] in _KEY_SECTION else ""
+            raise VQAError(f"{source}: unknown section '{unknown[0]}' (sections: data, model, train){hint}")
+        return cls(**sections)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+_KEY_SECTION = {f.name: s for s, c in _SECTIONS.items() for f in dataclasses.fields(c)}
+assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTIONS.values()), "config keys must be unique"
+
+
+def _positive(cfg, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) <= 0:
+            raise VQAError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
+
+
+def _coerce(key: str, value, annotation, where: str):
+    """Checks ``value`` against a field's annotation; ints widen to floats, strings to numbers."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif annotation in (int, float):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (annotation is float or isinstance(value, int)):  # an int widens, a float never narrows
+            return annotation(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return annotation(value)
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(annotation, "__name__", str(annotation))
+    raise VQAError(f"{where}: key '{key}' must be {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(section_cls, values: dict, where: str):
+    hints = typing.get_type_hints(section_cls)
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            elsewhere = f"; it belongs in section '{_KEY_SECTION[key]}'" if key in _KEY_SECTION else ""
+            raise VQAError(f"{where}: unknown key '{key}'{elsewhere}")
+        kwargs[key] = _coerce(key, value, hints[key], where)
+    return section_cls(**kwargs)
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict]:
+    """``["--lr", "3e-4", "--use_type_loss"]`` to ``{"train": {"lr": "3e-4", "use_type_loss": True}}``.
+
+    A flag without a value (the next word is another flag, or none) means ``true``.
+    """
+    overrides: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--") or len(word) == 2:
+            raise VQAError(f"unexpected argument '{word}'; overrides look like --key value")
+        key, has_value, value = word[2:].partition("=")
+        if not has_value:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        section, _, name = key.rpartition(".")
+        name = name.replace("-", "_")
+        if name not in _KEY_SECTION or (section and _KEY_SECTION[name] != section):
+            raise VQAError(f"unknown config key '--{key}'; see configs/demo.yaml for the keys")
+        overrides.setdefault(_KEY_SECTION[name], {})[name] = value
+        i += 1
+    return overrides
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Reads a YAML config (or the defaults when ``path`` is None) and applies command-line overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise VQAError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise VQAError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise VQAError(f"config file '{path}' must hold a mapping with sections data, model, train")
+    source = str(path) if path is not None else "config"
+    merged = dict(raw)
+    for section, values in parse_overrides(overrides or []).items():
+        base = merged.get(section) or {}
+        merged[section] = {**base, **values} if isinstance(base, dict) else base  # a non-mapping fails in from_dict
+    return RunConfig.from_dict(merged, source)

@@ -1,0 +1,225 @@
+"""VQA data: a validating CSV reader, safe image loading, and a dataset that batches questions by image.
+
+A CSV has one row per question with columns ``image`` (a path relative to the CSV's folder), ``question``,
+``answer`` and optionally ``question_type``; extra columns are ignored. Every problem is reported as a
+``VQAError`` naming the file and row. With ``skip_bad_rows`` a bad row is skipped and counted instead.
+
+Questions about the same image share one pass of the image encoder: an item of ``VQADataset`` is an
+image with all its questions, and ``collate`` returns an ``image_index`` mapping questions to images.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+from torch import Tensor, nn
+
+from .errors import VQAError
+from .text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type
+
+__all__ = ["Row", "CSVData", "read_csv", "load_image", "check_images", "build_transform", "VQADataset", "collate"]
+
+REQUIRED_COLUMNS = ("image", "question", "answer")
+
+
+@dataclass(frozen=True)
+class Row:
+    image: Path  # resolved absolute path
+    question: str
+    answer: str  # raw text; normalised when looked up
+    question_type: str
+    where: str  # "file.csv row 12 (line 13)", for messages
+
+
+@dataclass
+class CSVData:
+    path: Path
+    rows: list[Row]
+    skipped: list[str] = field(default_factory=list)  # one message per skipped row
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise VQAError(
+            f"{path}: line {line} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+            f"re-save the file as UTF-8"
+        ) from None
+
+
+def read_csv(
+    path: str | Path,
+    *,
+    require_answer: bool = True,
+    skip_bad_rows: bool = False,
+    allow_outside_paths: bool = False,
+) -> CSVData:
+    """Reads and validates a VQA CSV; image paths are resolved but the images are not opened here.
+
+    A path that leaves the CSV's folder (absolute, or through ``..``) is refused unless
+    ``allow_outside_paths``. Exact duplicate rows are an error (skipped with ``skip_bad_rows``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VQAError(f"CSV file '{path}' does not exist; check the path (e.g. --train_csv)")
+    text = _decode(path, path.read_bytes())
+    if not text.strip():
+        raise VQAError(f"{path} is empty; it needs a header row '{','.join(REQUIRED_COLUMNS)}' and one row per question")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    required = REQUIRED_COLUMNS if require_answer else REQUIRED_COLUMNS[:2]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise VQAError(
+            f"{path} has no '{missing[0]}' column (columns found: {', '.join(columns) or 'none'}); "
+            f"the header must name {', '.join(required)}"
+        )
+    root = path.parent.resolve()
+    data = CSVData(path, [])
+    seen: dict[tuple, str] = {}
+    for number, record in enumerate(reader, start=1):
+        where = f"{path} row {number} (line {reader.line_num})"
+        try:
+            row = _parse_row(record, where, root, require_answer, allow_outside_paths)
+            key = (row.image, row.question, row.answer, row.question_type)
+            if key in seen:
+                raise VQAError(f"{where} repeats {seen[key].split(' ', 1)[1]} exactly; remove the duplicate")
+            seen[key] = where
+        except VQAError as e:
+            if not skip_bad_rows:
+                raise VQAError(f"{e} (or pass --skip_bad_rows to skip such rows)") from None
+            data.skipped.append(str(e))
+            continue
+        data.rows.append(row)
+    if not data.rows:
+        detail = f"all {len(data.skipped)} rows were bad" if data.skipped else "it has a header but no rows"
+        raise VQAError(f"{path} has no usable rows: {detail}")
+    return data
+
+
+def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow_outside: bool) -> Row:
+    if None in record:  # more fields than header columns: a stray comma or an unquoted field
+        raise VQAError(f"{where} has more fields than the header has columns; quote fields that contain commas")
+    image = (record.get("image") or "").strip()
+    question = " ".join((record.get("question") or "").split())
+    answer = (record.get("answer") or "").strip()
+    for name, value in (("image", image), ("question", question)) + ((("answer", answer),) if require_answer else ()):
+        if not value:
+            raise VQAError(f"{where} has an empty '{name}'; fill it in or delete the row")
+    qtype = (record.get("question_type") or "").strip().lower() or infer_question_type(question)
+    if qtype not in QUESTION_TYPES:
+        raise VQAError(f"{where} has question_type '{qtype}'; use one of {', '.join(QUESTION_TYPES)} or leave it empty")
+    candidate = Path(image)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not allow_outside and not resolved.is_relative_to(root):
+        raise VQAError(
+            f"{where}: image path '{image}' points outside the CSV's folder {root}; "
+            f"move the image under it or pass --allow_outside_paths"
+        )
+    return Row(resolved, question, answer, qtype, where)
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decodes an image to 8-bit RGB; grey, palette, RGBA and 16-bit images are converted.
+
+    Pillow's decompression-bomb limit stays on, and reaching it is an error rather than a warning.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    im = _to_8bit(np.asarray(im, dtype=np.float64), im.mode)
+                elif im.mode == "P" and "transparency" in im.info:
+                    im = im.convert("RGBA")  # the palette's transparency would be lost going straight to RGB
+                return im.convert("RGB")
+    except FileNotFoundError:
+        raise VQAError(f"image '{path}' does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise VQAError(f"image '{path}' is too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise VQAError(f"image '{path}' cannot be decoded ({type(e).__name__}: {e}); it is corrupt or truncated") from None
+
+
+def _to_8bit(pixels: np.ndarray, mode: str) -> Image.Image:
+    top = 65535.0 if mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+    scaled = np.clip(pixels / top * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def check_images(data: CSVData, skip_bad_rows: bool = False) -> CSVData:
+    """Decodes every distinct image once before training, so a bad file fails now, not an hour in."""
+    bad: dict[Path, str] = {}
+    for image in dict.fromkeys(r.image for r in data.rows):
+        try:
+            load_image(image)
+        except VQAError as e:
+            bad[image] = str(e)
+    if not bad:
+        return data
+    first = next(r for r in data.rows if r.image in bad)
+    if not skip_bad_rows:
+        raise VQAError(
+            f"{first.where}: {bad[first.image]} ({len(bad)} bad image(s) in all; fix them or pass --skip_bad_rows)"
+        )
+    kept = [r for r in data.rows if r.image not in bad]
+    skipped = [f"{r.where}: {bad[r.image]}" for r in data.rows if r.image in bad]
+    if not kept:
+        raise VQAError(f"{data.path} has no usable rows: every image failed to decode, e.g. {bad[first.image]}")
+    return CSVData(data.path, kept, data.skipped + skipped)
+
+
+def build_transform(backbone: nn.Module, img_size: int):
+    """timm's evaluation transform from the backbone's own pretrained config, at ``img_size``."""
+    config = resolve_data_config({"input_size": (3, img_size, img_size), "crop_pct": 1.0}, model=backbone)
+    return create_transform(**config, is_training=False)
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Items are images with all their questions: ``(pixels, [(ids, answer_id, type_id), ...])``."""
+
+    def __init__(self, rows: list[Row], transform, tokenizer: Tokenizer, answers: AnswerVocab) -> None:
+        groups: dict[Path, list[Row]] = {}
+        for row in rows:
+            groups.setdefault(row.image, []).append(row)
+        self.images = list(groups)
+        self.questions = [
+            [(tokenizer.encode(r.question), answers.id(r.answer), QUESTION_TYPES.index(r.question_type)) for r in group]
+            for group in groups.values()
+        ]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_image(self.images[index])), self.questions[index]
+
+
+def collate(items) -> dict[str, Tensor]:
+    """Stacks images and pads questions; ``image_index[q]`` is the image of question ``q``."""
+    pixels = torch.stack([pixels for pixels, _ in items])  # (B_img, 3, H, W)
+    questions = [(i, q) for i, (_, qs) in enumerate(items) for q in qs]
+    length = max(len(ids) for _, (ids, _, _) in questions)
+    input_ids = torch.zeros(len(questions), length, dtype=torch.long)  # (B_q, L), 0 = [PAD]
+    for row, (_, (ids, _, _)) in enumerate(questions):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+    return {
+        "pixel_values": pixels,
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != Tokenizer.PAD).long(),
+        "image_index": torch.tensor([i for i, _ in questions]),
+        "answer": torch.tensor([a for _, (_, a, _) in questions]),  # -1: not in the training vocabulary
+        "question_type": torch.tensor([t for _, (_, _, t) in questions]),
+    }

@@ -1,0 +1,62 @@
+"""Top answers for one image and question, from a trained run (LoRA merged: no adapter overhead).
+
+    python -m vqa.predict --run RUN_DIR --image IMG --question "How many circles are there?"
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import lora
+
+from .data import build_transform, load_image
+from .errors import VQAError
+from .text import QUESTION_TYPES
+
+__all__ = ["predict"]
+
+
+@torch.no_grad()
+def predict(model, tokenizer, answers, transform, image: Path, question: str, top_k: int = 5):
+    """Returns ``([(answer, probability), ...], question_type)``, most likely first."""
+    pixels = transform(load_image(image)).unsqueeze(0)  # (1, 3, H, W)
+    ids = torch.tensor([tokenizer.encode(question)])  # (1, L)
+    device = next(model.parameters()).device
+    with lora.merged(model):
+        out = model(pixels.to(device), ids.to(device), torch.ones_like(ids).to(device))
+    probs = out.logits.float().softmax(-1)[0]
+    top = probs.topk(min(top_k, probs.numel()))
+    ranked = [(answers.itos[i], float(p)) for p, i in zip(top.values, top.indices)]
+    return ranked, QUESTION_TYPES[int(out.type_logits.argmax(-1))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .run_files import load_run
+
+    parser = argparse.ArgumentParser(description="Answer a question about an image with a trained run.")
+    parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
+    parser.add_argument("--image", required=True, type=Path)
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--top_k", "--top-k", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        if not args.question.strip():
+            raise VQAError("--question is empty; ask something, e.g. --question 'What color is the circle?'")
+        model, tokenizer, answers, cfg = load_run(args.run, torch.device(args.device))
+        transform = build_transform(model.backbone, cfg.model.img_size)
+        ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k)
+    except VQAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"question: {args.question}  (type: {qtype})")
+    for answer, p in ranked:
+        print(f"{p:7.2%}  {answer}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The run folder: what training writes and what resume, evaluation and prediction read back.
+
+    config.yaml            resolved config
+    tokenizer.json         question vocabulary
+    answers.json           answer vocabulary
+    backbone.safetensors   base weights, only when the backbone was randomly initialised
+    checkpoint.pt          resume state: trainable weights, optimizer, scheduler, RNG, position
+    model_{best,last}.safetensors    trainable weights (adapters, unfrozen blocks, decoder)
+    adapter_{best,last}.safetensors  the LoRA adapters alone (lora.save_adapter)
+    metrics.jsonl          one line per epoch
+
+Every file is written atomically, and each reader needs one file only, so a run killed at any moment
+leaves a consistent previous state. Nothing read back can run code: safetensors, JSON, YAML (safe
+loader), and ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from lora import atomic_write
+
+from .config import RunConfig, load_config
+from .errors import VQAError
+from .model import DeterministicVQA
+from .text import AnswerVocab, Tokenizer
+
+__all__ = [
+    "build_model",
+    "save_weights",
+    "load_weights",
+    "copy_weights",
+    "save_checkpoint",
+    "load_checkpoint",
+    "write_text",
+    "load_run",
+]
+
+
+def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_path: str | None = None) -> DeterministicVQA:
+    m = cfg.model
+    try:
+        return DeterministicVQA(
+            vision_model=m.vision_model,
+            img_size=m.img_size,
+            pretrained=m.pretrained and checkpoint_path is None,
+            checkpoint_path=checkpoint_path or m.checkpoint_path,
+            use_vision_lora=m.use_vision_lora,
+            vision_lora_r=m.vision_lora_r,
+            vision_lora_alpha=m.vision_lora_alpha,
+            vision_lora_dropout=m.vision_lora_dropout,
+            vocab_size=vocab_size,
+            num_answers=num_answers,
+            max_question_length=cfg.data.max_question_length,
+            hidden_dim=m.hidden_dim,
+            num_heads=m.num_heads,
+            question_layers=m.question_layers,
+            dropout=m.dropout,
+        )
+    except (ValueError, FileNotFoundError) as e:  # backbone name, img_size, checkpoint problems
+        raise VQAError(str(e)) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+@torch.no_grad()
+def copy_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Copies named parameters into ``model``; a name or shape that does not fit is an error naming it."""
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    for key, value in tensors.items():
+        if key not in params:
+            raise VQAError(f"'{source}' has weights for '{key}', which the model does not have; wrong run config?")
+        if value.shape != params[key].shape:
+            raise VQAError(f"'{source}': '{key}' has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}")
+        params[key].copy_(value)
+
+
+def load_weights(model: nn.Module, path: Path) -> dict[str, str]:
+    """Copies a weights file into ``model``; returns the file's metadata."""
+    if not path.is_file():
+        raise VQAError(f"weights file '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            copy_weights(model, {key: f.get_tensor(key) for key in f.keys()}, path)
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise VQAError(f"'{path}' is not a readable safetensors file ({e})") from None
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_write(path) as f:
+        f.write(buffer.getbuffer())
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise VQAError(f"no checkpoint at '{path}'; is this a run folder written by train.py?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
+    except Exception as e:
+        raise VQAError(f"cannot load checkpoint '{path}' safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "best"):
+    """Rebuilds a trained model from a run folder for inference; returns ``(model, tokenizer, answers, cfg)``."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise VQAError(f"'{run}' is not a run folder: it has no config.yaml (train one with train.py)")
+    cfg = load_config(run / "config.yaml")
+    try:
+        tokenizer = Tokenizer.from_json((run / "tokenizer.json").read_text(encoding="utf-8"))
+        answers = AnswerVocab.from_json((run / "answers.json").read_text(encoding="utf-8"))
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise VQAError(f"run folder '{run}' has a missing or damaged vocabulary file ({e})") from None
+    backbone = run / "backbone.safetensors"
+    model = build_model(cfg, len(tokenizer), len(answers), str(backbone) if backbone.is_file() else None)
+    weights = run / f"model_{which}.safetensors"
+    if not weights.is_file():
+        weights = run / "model_last.safetensors"
+    load_weights(model, weights)
+    return model.to(device).eval(), tokenizer, answers, cfg

@@ -1,0 +1,123 @@
+"""Question tokenizer, answer normalisation and vocabulary, question-type inference."""
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable
+
+__all__ = [
+    "QUESTION_TYPES",
+    "normalize_answer",
+    "infer_question_type",
+    "tokenize",
+    "Tokenizer",
+    "AnswerVocab",
+]
+
+# "other" last: it is the fallback of infer_question_type.
+QUESTION_TYPES = ("count", "color", "location", "yes/no", "shape", "other")
+
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+_AUX_VERBS = {"is", "are", "was", "were", "does", "do", "did", "can", "could", "has", "have", "will", "would", "should"}
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower case, punctuation to spaces, articles dropped, number words to digits, whitespace collapsed.
+
+    ``"Three."`` and ``" the  3 "`` both become ``"3"``; ``"Top-Left"`` becomes ``"top left"``.
+    """
+    words = str(answer).lower().translate(_PUNCT).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words and single punctuation marks."""
+    return _WORD.findall(str(text).lower())
+
+
+def infer_question_type(question: str) -> str:
+    """Guesses one of ``QUESTION_TYPES`` from the wording, for rows without a ``question_type``."""
+    words = tokenize(question)
+    text = " ".join(words)
+    if text.startswith("how many") or "number of" in text:
+        return "count"
+    if "color" in words or "colour" in words:
+        return "color"
+    if "shape" in words:
+        return "shape"
+    if words[:1] and words[0] in _AUX_VERBS:  # "Is the cat on the left?" is a yes/no question
+        return "yes/no"
+    if words[:1] == ["where"] or any(w in words for w in ("left", "right", "top", "bottom")):
+        return "location"
+    return "other"
+
+
+class Tokenizer:
+    """Word-level question tokenizer; id 0 is padding, 1 unknown, 2 the ``[CLS]`` token put first."""
+
+    PAD, UNK, CLS = 0, 1, 2
+    SPECIALS = ("[PAD]", "[UNK]", "[CLS]")
+
+    def __init__(self, words: Iterable[str], max_length: int = 32) -> None:
+        self.itos = list(self.SPECIALS) + [w for w in words if w not in self.SPECIALS]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.max_length = max_length
+
+    @classmethod
+    def build(cls, questions: Iterable[str], min_count: int = 1, max_length: int = 32) -> "Tokenizer":
+        counts = Counter(w for q in questions for w in tokenize(q))
+        return cls(sorted(w for w, c in counts.items() if c >= min_count), max_length)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, question: str) -> list[int]:
+        """``[CLS]`` then word ids, cut to ``max_length``."""
+        ids = [self.CLS] + [self.stoi.get(w, self.UNK) for w in tokenize(question)]
+        return ids[: self.max_length]
+
+    def to_json(self) -> str:
+        return json.dumps({"words": self.itos[len(self.SPECIALS):], "max_length": self.max_length}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        data = json.loads(text)
+        return cls(data["words"], data["max_length"])
+
+
+class AnswerVocab:
+    """Normalised training answers, most frequent first; an answer outside it has no id (always wrong)."""
+
+    def __init__(self, answers: Iterable[str]) -> None:
+        self.itos = list(answers)
+        self.stoi = {a: i for i, a in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, answers: Iterable[str]) -> "AnswerVocab":
+        counts = Counter(normalize_answer(a) for a in answers)
+        return cls(a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def id(self, answer: str) -> int:
+        """The id of the normalised answer, or -1 if training never saw it."""
+        return self.stoi.get(normalize_answer(answer), -1)
+
+    def to_json(self) -> str:
+        return json.dumps({"answers": self.itos}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AnswerVocab":
+        return cls(json.loads(text)["answers"])
