@@ -6,15 +6,15 @@
 Variants run interleaved in a rotating order, so drift of the machine (heat, other load) hits them
 alike; each number is the median over rounds of a per-round ratio. References: inference against the
 base timm model, training steps (forward + backward + AdamW) against full fine-tuning. Peak training
-memory is measured fairly per device: CUDA's max_memory_allocated, or on CPU the growth of max RSS of
-each variant in a subprocess of its own. Merge and unmerge are timed over all adapters of ViT-B/14.
+memory is measured fairly per device: CUDA's max_memory_allocated, or on CPU, for each variant in a
+subprocess of its own, its peak RSS (VmHWM, reset after the model is built) minus its RSS before the
+first step. Merge and unmerge are timed over all adapters of ViT-B/14.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,8 +41,8 @@ def build(name: str, img_size: int, device: torch.device) -> nn.Module:
     return timm.create_model(name, num_classes=0, img_size=img_size).to(device)
 
 
-def adapted(base: nn.Module, r: int = 8, dropout: float = 0.0) -> nn.Module:
-    model = copy.deepcopy(base)
+def adapted(base: nn.Module, r: int = 8, dropout: float = 0.0, copy_base: bool = True) -> nn.Module:
+    model = copy.deepcopy(base) if copy_base else base
     lora.inject_lora(model, r=r, dropout=dropout)
     for _, layer in lora.lora_layers(model):
         nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter: B = 0 would make the branch trivially cheap
@@ -57,13 +57,13 @@ def inference_models(base: nn.Module) -> dict[str, nn.Module]:
     return {"base": base, "lora_unmerged": adapted(base), "lora_merged": merged, "lora_removed": removed}
 
 
-def training_setup(base: nn.Module, variant: str):
-    """Returns (model, optimizer) for one training variant; the head is a fixed random projection."""
+def training_setup(base: nn.Module, variant: str, copy_base: bool = True):
+    """Returns (model, optimizer) for one training variant, built on a copy of ``base`` (or on ``base``)."""
     if variant.startswith("lora"):
-        model = adapted(base, dropout=0.1 if variant.endswith("0.1") else 0.0)
+        model = adapted(base, dropout=0.1 if variant.endswith("0.1") else 0.0, copy_base=copy_base)
         lora.mark_only_lora_as_trainable(model)
     else:
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base) if copy_base else base
         if variant == "last3_unfrozen":
             model.requires_grad_(False)
             for block in list(model.blocks[-3:]) + [model.norm]:
@@ -150,23 +150,34 @@ def bench_training(args, device) -> dict:
 
 def memory_growth(args, variant: str, device: torch.device) -> float:
     """Bytes the first training steps add on top of the built model (in this process)."""
-    base = build(args.model, args.img_size, device)
-    model, optimizer = training_setup(base, variant)
-    del base
+    # No copy of the model: a copy would set a max-RSS high-water mark before training starts.
+    model, optimizer = training_setup(build(args.model, args.img_size, device), variant, copy_base=False)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        # Reset the kernel's peak-RSS mark (VmHWM): otherwise the import of torch's libraries, not
+        # training, may hold the peak.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        start = _status_bytes("VmRSS")
     for _ in range(3):
         with autocast(device):
             train_step(model, optimizer, x)
     if device.type == "cuda":
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - start)
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start)
+    return float(_status_bytes("VmHWM") - start)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def bench_memory(args, device) -> dict:
@@ -180,7 +191,8 @@ def bench_memory(args, device) -> dict:
                    "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--device", "cpu"]
             growth[variant] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
     full = growth["full_finetune"]
-    return {v: {"growth_mib": g / 2**20, "ratio_to_full": g / full} for v, g in growth.items()}
+    return {v: {"growth_mib": g / 2**20, "ratio_to_full": g / full if full > 0 else float("nan")}
+            for v, g in growth.items()}
 
 
 def bench_merge(args, device) -> dict:

@@ -1,7 +1,7 @@
 """A from-scratch LoRA library for PyTorch (Hu et al. 2021): layers, module surgery, merging, adapter files."""
 from .adapter_io import load_adapter, load_lora_state_dict, lora_state_dict, read_adapter_config, save_adapter
 from .atomic import atomic_write
-from .layer import LoRALinear
+from .layer import LoRADropout, LoRALinear
 from .surgery import inject_lora, lora_layers, merge_lora, merged, remove_lora, unmerge_lora
 from .trainable import (
     count_parameters,
@@ -12,6 +12,7 @@ from .trainable import (
 
 __all__ = [
     "LoRALinear",
+    "LoRADropout",
     "inject_lora",
     "remove_lora",
     "merge_lora",

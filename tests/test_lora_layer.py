@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora import LoRALinear
+from lora import LoRADropout, LoRALinear
 
 
 def reference(layer: LoRALinear, x: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,17 +78,42 @@ def test_forward_and_grads_match_reference_bf16(splits):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_dropout_matches_reference_with_the_same_mask(splits):
+def test_dropout_feeds_the_adapter_and_only_the_adapter(splits):
     layer = make_layer(splits, dropout=0.5).train()
     x = torch.randn(6, 12, requires_grad=True)
     torch.manual_seed(123)
     out = layer(x)
     torch.manual_seed(123)
-    dropped = F.dropout(x, 0.5, training=True)
-    torch.testing.assert_close(out, reference(layer, x, dropped))
-    assert not torch.allclose(out, reference(layer, x))  # the mask did change the adapter input
+    dropped = layer.lora_dropout(x)  # the same draw: the layer's dropout is its first use of the RNG
+    assert 0 < torch.count_nonzero(dropped) < dropped.numel()
+    torch.testing.assert_close(out, reference(layer, x, dropped))  # base(x) sees the undropped input
+    assert not torch.allclose(out, reference(layer, x))
     layer.eval()
     torch.testing.assert_close(layer(x), reference(layer, x))  # no dropout at inference
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_lora_dropout_keeps_the_right_share_and_is_unbiased(p):
+    drop = LoRADropout(p).train()
+    x = torch.ones(400_001)  # odd: the last 16-bit half of the last draw is dropped
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout: the expectation is unchanged
+    x.requires_grad_(True)
+    drop(x).sum().backward()
+    assert set(x.grad.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p)).item()}
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_inference_path_matches_reference(splits):
+    layer = make_layer(splits).eval()
+    x = torch.randn(2, 9, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(layer, x))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference(layer, x))
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -179,3 +204,14 @@ def test_bad_arguments_are_clear_errors(kwargs, word):
         LoRALinear(8, 24, **kwargs)
     with pytest.raises(ValueError, match=word):
         LoRALinear.from_linear(nn.Linear(8, 24), **kwargs)
+
+
+def test_training_through_a_merged_layer_is_an_error():
+    layer = make_layer(3).train()
+    layer.merge()
+    with pytest.raises(RuntimeError, match="merged, so its adapters would get no gradient"):
+        layer(torch.randn(2, 12))
+    with torch.no_grad():
+        layer(torch.randn(2, 12))  # inference through a merged layer is what merging is for
+    layer.eval()
+    layer(torch.randn(2, 12))

@@ -84,8 +84,6 @@ class DeterministicVQA(nn.Module):
             vision_model, pretrained=pretrained, checkpoint_path=checkpoint_path, img_size=img_size,
             **(backbone_kwargs or {}),
         )
-        if use_vision_lora:
-            vit.add_lora(self.backbone, r=vision_lora_r, alpha=vision_lora_alpha, dropout=vision_lora_dropout)
         width = self.backbone.embed_dim
         prefix = self.backbone.num_prefix_tokens
         grid_h, grid_w = self.backbone.patch_embed.grid_size
@@ -116,6 +114,10 @@ class DeterministicVQA(nn.Module):
         self.answer_head = nn.Sequential(nn.Linear(fused, 2 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * d, num_answers))
         self.type_head = nn.Linear(d, num_question_types)
         nn.init.trunc_normal_(self.word_pos, std=0.02)
+        # Adapters last, so the decoder starts from the same random draw with or without LoRA: variants
+        # compared with one seed differ only in what they train.
+        if use_vision_lora:
+            vit.add_lora(self.backbone, r=vision_lora_r, alpha=vision_lora_alpha, dropout=vision_lora_dropout)
 
     def decoder_modules(self) -> list[nn.Module]:
         """Everything outside the backbone."""
