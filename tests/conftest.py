@@ -4,6 +4,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests run the same examples every time (a CI failure can be replayed) and are not timed:
+# on 2 busy cores generating an example can exceed hypothesis's default time checks.
+settings.register_profile("project", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("project")
 
 
 @pytest.fixture(autouse=True)

@@ -189,7 +189,7 @@ def test_dataset_groups_questions_by_image_and_collate_maps_them_back(folder):
     assert batch["pixel_values"][1, 2, 0, 0] == 255  # image b is blue
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.binary(max_size=300)
        | st.lists(st.sampled_from(list('ab,"\n\r \x00é') + ["img/a.png", "../x.png", HEADER]), max_size=40).map("".join))
 def test_any_file_gives_rows_or_our_error(folder, content):
