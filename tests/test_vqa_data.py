@@ -157,8 +157,9 @@ def test_palette_image_becomes_rgb(tmp_path):
     assert load_image(path).getpixel((1, 1)) == (0, 204, 0)
 
 
-def test_tiny_image_is_fine(tmp_path):
+def test_tiny_and_huge_images_are_fine(tmp_path):
     assert load_image(png(tmp_path / "t.png", size=(1, 1))).size == (1, 1)
+    assert load_image(png(tmp_path / "h.png", size=(4000, 3000))).size == (4000, 3000)  # 12 MP, under the limit
 
 
 def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
