@@ -24,7 +24,7 @@ from tqdm import tqdm
 import lora
 from vqa.answer_weights import load_answer_weights
 from vqa.config import RunConfig, load_config
-from vqa.data import VQADataset, build_transform, check_images, read_csv
+from vqa.data import VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader
 from vqa.metrics import format_accuracy_table
@@ -47,7 +47,7 @@ def pick_device(name: str) -> torch.device:
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's shuffled batches, a pure function of (seed, epoch) so a resumed run sees the same order."""
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
+    return chunks(order, batch_size)
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):
@@ -98,11 +98,8 @@ def prepare_data(cfg: RunConfig):
         out = Path(d.train_csv).parent
         print(f"generating the synthetic shapes data set in {out} ...")
         generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images, seed=cfg.train.seed)
-    train = check_images(read_csv(d.train_csv, skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths),
-                         d.skip_bad_rows)
-    val = check_images(read_csv(d.val_csv, skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths),
-                       d.skip_bad_rows)
-    return train, val
+    options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
+    return read_split(d.train_csv, **options), read_split(d.val_csv, **options)
 
 
 def main(cfg: RunConfig, resume: bool = False) -> dict:
@@ -145,9 +142,7 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     transform = build_transform(model.backbone, cfg.model.img_size)
     train_set = VQADataset(train_data.rows, transform, tokenizer, answers)
     val_set = VQADataset(val_data.rows, transform, tokenizer, answers)
-    val_order = list(range(len(val_set)))
-    val_loader = make_loader(val_set, [val_order[i:i + t.batch_size] for i in range(0, len(val_order), t.batch_size)],
-                             t.num_workers)
+    val_loader = make_loader(val_set, chunks(list(range(len(val_set))), t.batch_size), t.num_workers)
     class_weights = None
     if cfg.data.answer_weights:
         table = load_answer_weights(cfg.data.answer_weights)
@@ -232,8 +227,9 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
             meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}"}
             is_best = metrics["accuracy"] > best
             best = max(best, metrics["accuracy"])
+            weights = model.trainable_state_dict()
             for tag in ("last", "best") if is_best else ("last",):
-                save_weights(model.trainable_state_dict(), run / f"model_{tag}.safetensors", meta)
+                save_weights(weights, run / f"model_{tag}.safetensors", meta)
                 if has_lora:
                     lora.save_adapter(model, run / f"adapter_{tag}.safetensors", meta)
             checkpoint(epoch + 1, 0)

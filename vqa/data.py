@@ -24,7 +24,10 @@ from torch import Tensor, nn
 from .errors import VQAError
 from .text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type
 
-__all__ = ["Row", "CSVData", "read_csv", "load_image", "check_images", "build_transform", "VQADataset", "collate"]
+__all__ = [
+    "Row", "CSVData", "read_csv", "load_image", "check_images", "read_split", "build_transform", "VQADataset",
+    "collate", "chunks",
+]
 
 REQUIRED_COLUMNS = ("image", "question", "answer")
 
@@ -178,6 +181,17 @@ def check_images(data: CSVData, skip_bad_rows: bool = False) -> CSVData:
     if not kept:
         raise VQAError(f"{data.path} has no usable rows: every image failed to decode, e.g. {bad[first.image]}")
     return CSVData(data.path, kept, data.skipped + skipped)
+
+
+def read_split(path: str | Path, *, skip_bad_rows: bool = False, allow_outside_paths: bool = False) -> CSVData:
+    """``read_csv`` then ``check_images``: a split whose every row and image is known to be usable."""
+    data = read_csv(path, skip_bad_rows=skip_bad_rows, allow_outside_paths=allow_outside_paths)
+    return check_images(data, skip_bad_rows)
+
+
+def chunks(indices: list[int], size: int) -> list[list[int]]:
+    """Consecutive batches of ``size`` indices (the last one may be shorter)."""
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def build_transform(backbone: nn.Module, img_size: int):

@@ -14,7 +14,7 @@ from torch import nn
 
 import lora
 
-from .data import VQADataset, build_transform, check_images, collate, read_csv
+from .data import VQADataset, build_transform, chunks, collate, read_split
 from .errors import VQAError
 from .metrics import TypeAccuracy, format_accuracy_table
 
@@ -64,13 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch.device(args.device)
         model, tokenizer, answers, cfg = load_run(args.run, device, args.which)
-        data = check_images(
-            read_csv(args.csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=cfg.data.allow_outside_paths),
-            args.skip_bad_rows,
-        )
+        data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=cfg.data.allow_outside_paths)
         dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)
-        order = list(range(len(dataset)))
-        loader = make_loader(dataset, [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)])
+        loader = make_loader(dataset, chunks(list(range(len(dataset))), args.batch_size))
         metrics = evaluate(model, loader, device)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
