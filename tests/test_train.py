@@ -114,9 +114,9 @@ def read_adapter(path):
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL mid-epoch, resume, and land on the weights of a run that was never interrupted."""
-    straight = tiny_config(tmp_path / "a", checkpoint_every=1, epochs=2, batch_size=2)
+    straight = tiny_config(tmp_path / "a", checkpoint_every=1, epochs=3, batch_size=2)
     cli("train.py", "--config", str(straight))
-    killed = tiny_config(tmp_path / "b", checkpoint_every=1, epochs=2, batch_size=2)
+    killed = tiny_config(tmp_path / "b", checkpoint_every=1, epochs=3, batch_size=2)
     run = tmp_path / "b" / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(killed)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,14 +124,15 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if (run / "checkpoint.pt").is_file():
             state = torch.load(run / "checkpoint.pt", weights_only=True)
-            if state["epoch"] == 0 and state["batch"] >= 2:  # in the middle of epoch 1 of 4 batches
+            # Mid-epoch in epoch 1 or 2 of 3 (4 batches each): a window wide enough to catch on a busy machine.
+            if state["epoch"] < 2 and state["batch"] > 0:
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert (before["epoch"], before["step"]) < (2, 8)
+    assert before["batch"] > 0 and before["step"] < 12  # killed mid-epoch, before the end
     cli("train.py", "--resume", str(run))
     a = read_adapter(tmp_path / "a" / "run" / "adapter_last.safetensors")
     b = read_adapter(run / "adapter_last.safetensors")
