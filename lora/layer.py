@@ -7,7 +7,10 @@ Kaiming-uniform and ``B`` to zero, so a freshly adapted layer computes exactly w
 With ``splits = s > 1`` the output is treated as ``s`` equal slices (timm's fused ``qkv``: q, k, v),
 each with its own rank-``r`` adapter. The ``s`` adapters share one GEMM for ``A`` (``lora_A`` holds
 the ``s`` down-projections stacked, ``(s * r, in)``) and one batched GEMM for ``B`` that accumulates
-straight into the base output, so no copy of the base output is ever made.
+straight into the base output, so no copy of the base output is ever made. In training, a
+hand-written backward (``_LoRAUpdate``) keeps it that way: the output gradient passes through
+untouched and each split's B costs only its own block's GEMMs. Under ``torch.compile`` the same sum
+is written in plain autograd ops that compilers can trace.
 """
 from __future__ import annotations
 
@@ -41,11 +44,12 @@ def check_lora_args(r: int, alpha: float, dropout: float, splits: int, out_featu
 
 
 class LoRADropout(nn.Module):
-    """Inverted dropout with half the random-number work of ``nn.Dropout``.
+    """Inverted dropout with a quarter of the random-number work of ``nn.Dropout``.
 
-    Each 32-bit random draw gives two 16-bit keep decisions, so ``p`` holds to within 1/65,536
+    Each 64-bit random draw gives four 16-bit keep decisions, so ``p`` holds to within 1/65,536
     (0.1 becomes 6,554/65,536 = 0.100006). On the adapter input the mask generation is most of the
-    cost of dropout, so halving it matters (``bench/throughput.py`` measures it).
+    cost of dropout (``bench/throughput.py`` measures it). ``LoRALinear`` applies the mask itself and
+    folds the ``1 / (1 - p)`` scale into the adapter's scaling, so only the mask touches every element.
     """
 
     def __init__(self, p: float) -> None:
@@ -57,13 +61,73 @@ class LoRADropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return x
+    def keep_mask(self, x: Tensor) -> Tensor | None:
+        """A 0/1 mask shaped and typed like ``x`` (``None`` when nothing is dropped: eval, or p = 0)."""
+        if not self.training or self.p == 0:
+            return None
         n = x.numel()
-        bits = torch.randint(-(2**31), 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=x.device)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x * keep * self.scale
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        halves = bits.view(torch.int16)[:n].view(x.shape)
+        # The comparison writes the float mask directly: a bool mask times x would take a slow casting loop.
+        return torch.ge(halves, self.threshold, out=torch.empty_like(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        keep = self.keep_mask(x)
+        return x if keep is None else x * keep * self.scale
+
+
+def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None, alpha: float,
+                  splits: int) -> tuple[Tensor, Tensor]:
+    """``y += alpha * B(A(x * keep))`` in place, split by split; returns ``x * keep`` and ``A(x * keep)``."""
+    s, m, o, r = splits, y.shape[0], y.shape[1] // splits, lora_A.shape[0] // splits
+    xd = x if keep is None else x * keep
+    h = xd @ lora_A.t()  # (M, s * r): every split's A in one GEMM
+    # (s, M, o) += (s, M, r) @ (s, r, o): one batched GEMM writing into each split's columns of y.
+    y.view(m, s, o).transpose(0, 1).baddbmm_(h.view(m, s, r).transpose(0, 1),
+                                             lora_B.view(s, o, r).transpose(1, 2), alpha=alpha)
+    return xd, h
+
+
+class _LoRAUpdate(torch.autograd.Function):
+    """``y += alpha * B(A(x * keep))`` in place, with a hand-written backward.
+
+    Autograd, left to itself, cannot accumulate the ``splits`` adapters into strided slices of ``y``
+    without copying the whole output gradient, so the backward is written out: the output gradient
+    passes through untouched and each split's B gets only its own block's GEMMs.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
+                alpha: float, splits: int) -> Tensor:
+        xd, h = _lora_update_(y, x, lora_A, lora_B, keep, alpha, splits)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(xd, keep, h, lora_A, lora_B)
+        ctx.alpha, ctx.splits = alpha, splits
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        xd, keep, h, lora_A, lora_B = ctx.saved_tensors
+        s, alpha = ctx.splits, ctx.alpha
+        m, o, r = grad_y.shape[0], grad_y.shape[1] // s, lora_A.shape[0] // s
+        # Each GEMM is laid out so that its small (r-sized) side is the output's rows: with the long M side
+        # as the output, MKL runs these skinny strided products several times slower.
+        grad_y3 = grad_y.view(m, s, o).transpose(0, 1)  # (s, M, o), a view
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[3]:
+            h3 = h.view(m, s, r).permute(1, 2, 0)  # (s, r, M)
+            grad_B = torch.bmm(h3, grad_y3).mul_(alpha).transpose(1, 2).reshape(s * o, r)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_h = torch.bmm(lora_B.view(s, o, r).transpose(1, 2), grad_y3.transpose(1, 2))  # (s, r, M)
+            grad_h = grad_h.mul_(alpha).view(s * r, m)  # the transpose of dL/dh
+            if ctx.needs_input_grad[2]:
+                grad_A = grad_h @ xd
+            if ctx.needs_input_grad[1]:
+                grad_x = grad_h.t() @ lora_A
+                if keep is not None:
+                    grad_x.mul_(keep)
+        return grad_y, grad_x, grad_A, grad_B, None, None, None
 
 
 class LoRALinear(nn.Linear):
@@ -111,6 +175,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._unmerged_weight: Tensor | None = None  # the pre-merge weight, kept for an exact unmerge
+        self._merge_buffer: Tensor | None = None  # the last merged weight's memory, reused by the next merge
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -136,30 +201,34 @@ class LoRALinear(nn.Linear):
         # A 2-D output of its own, not a view: F.linear does not save it for backward, so the adapter
         # can accumulate into it in place instead of allocating a second output-sized tensor.
         y = F.linear(x, self.weight, self.bias)  # (M, out)
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (M, s * r): every split's A in one GEMM
-        lora_B = self.lora_B.to(y.dtype)  # autocast does not reach in-place ops
-        s, o, r = self.splits, self.out_features // self.splits, self.r
-        if s == 1:
-            y.addmm_(h, lora_B.t(), alpha=self.scaling)
-        elif torch.is_grad_enabled() or torch.compiler.is_compiling():
-            # B as one block-diagonal (out, s * r) matrix: an update through a transposed view of y would
-            # make autograd copy the whole output gradient in backward, and compilers cannot replay it.
-            y.addmm_(h, torch.block_diag(*lora_B.view(s, o, r)).t(), alpha=self.scaling)
-        else:
-            # (s, M, o) += (s, M, r) @ (s, r, o): one batched GEMM writing into each slice of y, only
-            # the FLOPs of the three blocks (inference, where no autograd graph is kept).
-            y.view(-1, s, o).transpose(0, 1).baddbmm_(
-                h.view(-1, s, r).transpose(0, 1), lora_B.view(s, o, r).transpose(1, 2), alpha=self.scaling
-            )
+        # Autocast does not reach in-place ops or custom functions: the adapter runs in y's dtype.
+        x, lora_A, lora_B = x.to(y.dtype), self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        keep = self.lora_dropout.keep_mask(x) if isinstance(self.lora_dropout, LoRADropout) else None
+        alpha = self.scaling * (1.0 if keep is None else self.lora_dropout.scale)  # dropout's 1/(1-p) too
+        if torch.compiler.is_compiling():
+            y = self._traceable_update(y, x, lora_A, lora_B, keep, alpha)
+        elif torch.is_grad_enabled():
+            y = _LoRAUpdate.apply(y, x, lora_A, lora_B, keep, alpha, self.splits)
+        else:  # nothing to differentiate: the same arithmetic without an autograd node
+            _lora_update_(y, x, lora_A, lora_B, keep, alpha, self.splits)
         return y.view(*lead, self.out_features)
+
+    def _traceable_update(self, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
+                          alpha: float) -> Tensor:
+        """The update in plain autograd ops, for compilers, which cannot replay an in-place update through
+        a transposed view of y: B as one block-diagonal (out, s * r) matrix (s times the FLOPs of B)."""
+        h = F.linear(x if keep is None else x * keep, lora_A)
+        s, o, r = self.splits, self.out_features // self.splits, self.r
+        return y.addmm_(h, torch.block_diag(*lora_B.view(s, o, r)).t(), alpha=alpha)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """The ``(out, in)`` update ``scaling * B @ A`` (block-wise per split), in the weight's dtype."""
         s, o = self.splits, self.out_features // self.splits
-        lora_A = self.lora_A.float().view(s, self.r, self.in_features)
-        lora_B = self.lora_B.float().view(s, o, self.r)
-        delta = torch.bmm(lora_B, lora_A).mul_(self.scaling)  # (s, o, in), fp32
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)  # bf16/fp16 in fp32, fp64 stays fp64
+        lora_A = self.lora_A.to(dtype).view(s, self.r, self.in_features)
+        lora_B = self.lora_B.to(dtype).view(s, o, self.r)
+        delta = torch.bmm(lora_B, lora_A).mul_(self.scaling)  # (s, o, in)
         return delta.view(self.out_features, self.in_features).to(self.weight.dtype)
 
     @torch.no_grad()
@@ -169,11 +238,12 @@ class LoRALinear(nn.Linear):
         lora_A = self.lora_A.view(s, r, self.in_features)
         lora_B = self.lora_B.view(s, o, r)
         if base.dtype in (torch.float32, torch.float64):
-            base3, lora_A, lora_B = base.view(s, o, self.in_features), lora_A.to(base.dtype), lora_B.to(base.dtype)
-            if out is base:
-                base3.baddbmm_(lora_B, lora_A, alpha=self.scaling)
-            else:
-                torch.baddbmm(base3, lora_B, lora_A, alpha=self.scaling, out=out.view(s, o, self.in_features))
+            # One addmm per split: with K = r the GEMM is bound by the weight's memory traffic, and
+            # baddbmm's out= variant first copies base into out, an extra pass over the whole weight.
+            lora_A, lora_B = lora_A.to(base.dtype), lora_B.to(base.dtype)
+            for i in range(s):
+                rows = slice(i * o, (i + 1) * o)
+                torch.addmm(base[rows], lora_B[i], lora_A[i], alpha=self.scaling, out=out[rows])
             return
         lora_A, lora_B = lora_A.float(), lora_B.float()
         for i in range(s):
@@ -186,28 +256,43 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self, keep_unmerged: bool = True) -> None:
         """Folds the adapter into ``weight``; idempotent. ``keep_unmerged`` holds the old weight (one extra
-        copy of the layer's weight) so ``unmerge`` restores it bit-exactly; ``False`` frees it (deployment)."""
+        copy of the layer's weight) so ``unmerge`` restores it bit-exactly; ``False`` frees it (deployment).
+
+        The merged weight is written into the memory the previous merge used when ``unmerge`` kept it:
+        memory the process has already touched, so a merge/unmerge cycle costs one pass of arithmetic
+        over the weight and no page faults."""
         if self.merged:
             return
         base = self.weight.data
-        if keep_unmerged:
-            merged = torch.empty_like(base)
-            self._accumulate_delta(merged, base)
-            self._unmerged_weight = base
-            self.weight.data = merged  # same Parameter object: optimizers and hooks keep working
-        else:
+        buffer, self._merge_buffer = self._merge_buffer, None
+        if not keep_unmerged:
             self._accumulate_delta(base, base)
+        elif buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (base.shape, base.dtype, base.device):
+            self._accumulate_delta(buffer, base)
+            self._unmerged_weight, self.weight.data = base, buffer  # same Parameter: optimizers, hooks stay
+        else:
+            # New memory: a copy touches its pages in order, far faster than a GEMM's scattered first writes.
+            merged = base.clone()
+            self._accumulate_delta(merged, merged)
+            self._unmerged_weight, self.weight.data = base, merged
         self.merged = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
+    def unmerge(self, keep_buffer: bool = True) -> None:
         """Takes the adapter out of ``weight``; idempotent. Bit-exact when the merge kept the old weight,
-        otherwise the delta is subtracted (exact up to rounding)."""
+        otherwise the delta is subtracted (exact up to rounding).
+
+        ``keep_buffer`` keeps the merged weight's memory for the next ``merge`` (the layer then holds as
+        much memory as while merged); ``False`` frees it. Like any parameter's ``state_dict()`` tensor, a
+        merged weight taken out of the model is live memory: clone it to keep it past a later merge."""
         if not self.merged:
+            if not keep_buffer:
+                self._merge_buffer = None
             return
         if self._unmerged_weight is not None:
-            self.weight.data = self._unmerged_weight
-            self._unmerged_weight = None
+            merged = self.weight.data
+            self.weight.data, self._unmerged_weight = self._unmerged_weight, None
+            self._merge_buffer = merged if keep_buffer else None
         else:
             self.weight.data.sub_(self.delta_weight())
         self.merged = False

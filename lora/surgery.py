@@ -120,13 +120,14 @@ def merge_lora(model: nn.Module, keep_unmerged: bool = True) -> list[str]:
     return names
 
 
-def unmerge_lora(model: nn.Module) -> list[str]:
-    """Takes every adapter back out of its layer's weight; returns the layers unmerged now."""
+def unmerge_lora(model: nn.Module, keep_buffer: bool = True) -> list[str]:
+    """Takes every adapter back out of its layer's weight; returns the layers unmerged now.
+    ``keep_buffer=False`` also frees the memory each layer keeps for its next merge."""
     names = []
     for name, layer in lora_layers(model):
         if layer.merged:
-            layer.unmerge()
             names.append(name)
+        layer.unmerge(keep_buffer=keep_buffer)
     return names
 
 

@@ -35,8 +35,8 @@ def test_compiled_forward_and_backward_equal_eager(splits):
     out = compiled(x)
     grads = torch.autograd.grad(out.square().sum(), [x, layer.lora_A, layer.lora_B])
     torch.testing.assert_close(out, eager_out)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
+    for g, e in zip(grads, eager_grads):  # compiled B is block-diagonal, eager B per split: another sum order
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler")

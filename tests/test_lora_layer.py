@@ -215,3 +215,85 @@ def test_training_through_a_merged_layer_is_an_error():
         layer(torch.randn(2, 12))  # inference through a merged layer is what merging is for
     layer.eval()
     layer(torch.randn(2, 12))
+
+
+def test_a_later_merge_reuses_the_last_merged_weights_memory_with_new_values():
+    layer = make_layer(3, in_features=64).eval()
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    first = layer.weight.data_ptr()
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+    with torch.no_grad():
+        layer.lora_B.mul_(-2.0)  # a training step changed the adapter since the last merge
+    layer.merge()
+    assert layer.weight.data_ptr() == first  # written into the kept memory, not a new allocation
+    torch.testing.assert_close(layer.weight.detach(), w0 + layer.delta_weight(), rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_unmerge_can_free_the_merge_buffer():
+    layer = make_layer(3)
+    layer.merge()
+    layer.unmerge(keep_buffer=False)
+    assert layer._merge_buffer is None and layer._unmerged_weight is None
+    layer.merge()
+    layer.unmerge()
+    assert layer._merge_buffer is not None
+    layer.unmerge(keep_buffer=False)  # already unmerged: still frees
+    assert layer._merge_buffer is None
+
+
+def test_a_kept_buffer_of_another_dtype_is_not_reused():
+    layer = make_layer(3)
+    layer.merge()
+    layer.unmerge()
+    layer.double()  # the kept float32 buffer no longer fits the weight
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    assert layer.weight.dtype == torch.float64
+    torch.testing.assert_close(layer.weight.detach(), w0 + layer.delta_weight(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_grads_with_dropout_match_reference_on_the_same_mask(splits):
+    layer = make_layer(splits, dropout=0.3).train()
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    torch.manual_seed(5)
+    out = layer(x)
+    torch.manual_seed(5)
+    dropped = layer.lora_dropout(x)  # the same draw, through autograd's own ops
+    want = reference(layer, x, dropped)
+    torch.testing.assert_close(out, want)
+    grad_out = torch.randn_like(out)
+    params = [x, layer.lora_A, layer.lora_B]
+    for g, w in zip(torch.autograd.grad(out, params, grad_out), torch.autograd.grad(want, params, grad_out)):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_hand_written_backward_passes_gradcheck(splits, dropout):
+    layer = make_layer(splits, dropout=dropout, r=2, in_features=6).double().train()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, lora_A, lora_B):
+        torch.manual_seed(0)  # one mask for every evaluation gradcheck makes
+        return torch.func.functional_call(layer, {"lora_A": lora_A, "lora_B": lora_B}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, layer.lora_A.detach().clone().requires_grad_(),
+                                        layer.lora_B.detach().clone().requires_grad_()))
+
+
+def test_a_frozen_base_and_an_input_without_grad_still_train_the_adapter():
+    layer = make_layer(3).train()
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(4, 12)  # e.g. the first block of a frozen backbone: no gradient wanted for x
+    grad_out = torch.randn(4, 36)
+    got = torch.autograd.grad(layer(x), [layer.lora_A, layer.lora_B], grad_out)
+    want = torch.autograd.grad(reference(layer, x), [layer.lora_A, layer.lora_B], grad_out)
+    for g, w in zip(got, want):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, w)

@@ -136,6 +136,9 @@ def test_merge_lora_and_unmerge_lora_report_what_changed(vit):
     assert lora.merge_lora(vit) == []
     assert len(lora.unmerge_lora(vit)) == 2
     assert lora.unmerge_lora(vit) == []
+    assert all(l._merge_buffer is not None for _, l in lora.lora_layers(vit))  # kept for the next merge
+    assert lora.unmerge_lora(vit, keep_buffer=False) == []
+    assert all(l._merge_buffer is None for _, l in lora.lora_layers(vit))
 
 
 def test_dinov2_base_r8_has_exactly_442368_adapter_parameters():
