@@ -26,22 +26,10 @@ from vqa.answer_weights import load_answer_weights
 from vqa.config import RunConfig, load_config
 from vqa.data import VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
-from vqa.evaluate import autocast, evaluate, make_loader
+from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.run_files import build_model, copy_weights, load_checkpoint, save_checkpoint, save_weights, write_text
 from vqa.text import AnswerVocab, Tokenizer
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VQAError(f"config key 'device' has unknown device '{name}'; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VQAError("device 'cuda' was asked for but CUDA is not available; use --device cpu or auto")
-    return device
 
 
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -104,7 +92,7 @@ def prepare_data(cfg: RunConfig):
 
 def main(cfg: RunConfig, resume: bool = False) -> dict:
     t = cfg.train
-    device = pick_device(t.device)
+    device = pick_device(t.device, source="config key 'device'")
     run = Path(t.output_dir)
     random.seed(t.seed)
     np.random.seed(t.seed)

@@ -227,3 +227,17 @@ def test_resume_refuses_a_checkpoint_carrying_code(tmp_path):
     with pytest.raises(VQAError, match="cannot load checkpoint .* safely"):
         load_checkpoint(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "predict"])
+@pytest.mark.parametrize("device, message", [("gpu0", "unknown device 'gpu0'"), ("cuda", "CUDA is not available")])
+def test_a_bad_device_is_a_clear_error_in_evaluate_and_predict(tool, device, message, tmp_path, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    import vqa.evaluate
+    import vqa.predict
+    args = {"evaluate": ["--csv", str(tmp_path / "val.csv")],
+            "predict": ["--image", str(tmp_path / "a.png"), "--question", "What color?"]}[tool]
+    code = getattr(vqa, tool).main(["--run", str(tmp_path), "--device", device, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --device ") and message in err

@@ -29,6 +29,20 @@ def make_loader(dataset: VQADataset, batches: list[list[int]], num_workers: int 
                                        generator=torch.Generator().manual_seed(0))
 
 
+def pick_device(name: str, source: str = "--device") -> torch.device:
+    """``auto`` (CUDA when present, else CPU) or a named device that exists here; ``source`` names the
+    setting in the error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VQAError(f"{source} has unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VQAError(f"{source} asks for '{name}' but CUDA is not available here; use cpu or auto")
+    return device
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -57,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--csv", required=True, type=Path, help="CSV with image, question, answer columns")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per batch")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true")
     parser.add_argument("--which", choices=("best", "last"), default="best")
     args = parser.parse_args(argv)
     try:
-        device = torch.device(args.device)
+        device = pick_device(args.device)
         model, tokenizer, answers, cfg = load_run(args.run, device, args.which)
         data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=cfg.data.allow_outside_paths)
         dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)

@@ -14,6 +14,7 @@ import lora
 
 from .data import build_transform, load_image
 from .errors import VQAError
+from .evaluate import pick_device
 from .text import QUESTION_TYPES
 
 __all__ = ["predict"]
@@ -41,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--question", required=True)
     parser.add_argument("--top_k", "--top-k", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     args = parser.parse_args(argv)
     try:
         if not args.question.strip():
             raise VQAError("--question is empty; ask something, e.g. --question 'What color is the circle?'")
-        model, tokenizer, answers, cfg = load_run(args.run, torch.device(args.device))
+        model, tokenizer, answers, cfg = load_run(args.run, pick_device(args.device))
         transform = build_transform(model.backbone, cfg.model.img_size)
         ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k)
     except VQAError as e:
