@@ -5,10 +5,11 @@
 
 Variants run interleaved in a rotating order, so drift of the machine (heat, other load) hits them
 alike; each number is the median over rounds of a per-round ratio. References: inference against the
-base timm model, training steps (forward + backward + AdamW) against full fine-tuning. Peak training
-memory is measured fairly per device: CUDA's max_memory_allocated, or on CPU, for each variant in a
-subprocess of its own, its peak RSS (VmHWM, reset after the model is built) minus its RSS before the
-first step. Merge and unmerge are timed over all adapters of ViT-B/14.
+base timm model, training steps (forward + backward + AdamW) against full fine-tuning, with a frozen
+model's backward pass through every block (``frozen_floor``) as the floor adapters could reach. Peak
+training memory is measured fairly per device: CUDA's max_memory_allocated, or on CPU, for each variant
+in a subprocess of its own, its peak RSS (VmHWM, reset after the model is built) minus its RSS before
+the first step. Merge and unmerge are timed over all adapters of ViT-B/14.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from torch import nn
 import lora
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
-TRAINING = ("lora_r8_dropout0.1", "lora_r8_dropout0", "last3_unfrozen", "full_finetune")
+TRAINING = ("lora_r8_dropout0.1", "lora_r8_dropout0", "last3_unfrozen", "full_finetune", "frozen_floor")
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +59,15 @@ def inference_models(base: nn.Module) -> dict[str, nn.Module]:
 
 
 def training_setup(base: nn.Module, variant: str, copy_base: bool = True):
-    """Returns (model, optimizer) for one training variant, built on a copy of ``base`` (or on ``base``)."""
+    """Returns (model, optimizer) for one training variant, built on a copy of ``base`` (or on ``base``).
+
+    ``frozen_floor`` is no variant anyone trains: every weight frozen and no adapter, with the gradient
+    forced through all blocks from the patch embedding. It is the least a step that back-propagates
+    through every block can cost, the floor for any adapter method (its optimizer is None)."""
+    if variant == "frozen_floor":
+        model = (copy.deepcopy(base) if copy_base else base).requires_grad_(False).train()
+        model.patch_embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        return model, None
     if variant.startswith("lora"):
         model = adapted(base, dropout=0.1 if variant.endswith("0.1") else 0.0, copy_base=copy_base)
         lora.mark_only_lora_as_trainable(model)
@@ -75,6 +84,9 @@ def training_setup(base: nn.Module, variant: str, copy_base: bool = True):
 
 def train_step(model: nn.Module, optimizer, x: torch.Tensor) -> None:
     loss = model(x).float().pow(2).mean()
+    if optimizer is None:  # frozen_floor: the backward pass alone
+        loss.backward()
+        return
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
