@@ -55,8 +55,9 @@ class LoRADropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.threshold = round(p * 65536) - 32768  # keep where a uniform int16 is >= this
-        self.scale = 1.0 / (1.0 - p)
+        dropped = min(round(p * 65536), 65535)  # of 65,536 equally likely int16 values; one is always kept
+        self.threshold = dropped - 32768  # keep where a uniform int16 is >= this
+        self.scale = 65536 / (65536 - dropped)  # 1 / (the exact keep probability): unbiased
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -88,6 +89,13 @@ def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Te
     return xd, h
 
 
+def _plain_autograd_only() -> bool:
+    """True under ``torch.compile``, ``torch.func`` transforms (grad, vmap, jacrev) and forward-mode AD,
+    which cannot run ``_LoRAUpdate`` (an in-place custom Function)."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
 class _LoRAUpdate(torch.autograd.Function):
     """``y += alpha * B(A(x * keep))`` in place, with a hand-written backward.
 
@@ -99,16 +107,19 @@ class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
                 alpha: float, splits: int) -> Tensor:
-        xd, h = _lora_update_(y, x, lora_A, lora_B, keep, alpha, splits)
+        _, h = _lora_update_(y, x, lora_A, lora_B, keep, alpha, splits)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(xd, keep, h, lora_A, lora_B)
+        ctx.save_for_backward(x, keep, h, lora_A, lora_B)
         ctx.alpha, ctx.splits = alpha, splits
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor):
-        xd, keep, h, lora_A, lora_B = ctx.saved_tensors
+        x, keep, h, lora_A, lora_B = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, say): this backward must itself be differentiable,
+            # and h, computed inside forward, has no history. Recompute it with one.
+            h = (x if keep is None else x * keep) @ lora_A.t()
         s, alpha = ctx.splits, ctx.alpha
         m, o, r = grad_y.shape[0], grad_y.shape[1] // s, lora_A.shape[0] // s
         # Each GEMM is laid out so that its small (r-sized) side is the output's rows: with the long M side
@@ -122,12 +133,25 @@ class _LoRAUpdate(torch.autograd.Function):
             grad_h = torch.bmm(lora_B.view(s, o, r).transpose(1, 2), grad_y3.transpose(1, 2))  # (s, r, M)
             grad_h = grad_h.mul_(alpha).view(s * r, m)  # the transpose of dL/dh
             if ctx.needs_input_grad[2]:
-                grad_A = grad_h @ xd
+                grad_A = grad_h @ (x if keep is None else x * keep)
             if ctx.needs_input_grad[1]:
                 grad_x = grad_h.t() @ lora_A
                 if keep is not None:
                     grad_x.mul_(keep)
         return grad_y, grad_x, grad_A, grad_B, None, None, None
+
+
+def _reusable(buffer: Tensor, base: Tensor) -> bool:
+    """Whether ``merge`` may overwrite ``buffer``: it fits ``base`` and no other tensor shares its memory
+    (a kept ``state_dict()``, a graph that saved the merged weight, a view)."""
+    if (buffer.shape, buffer.dtype, buffer.device) != (base.shape, base.dtype, base.device):
+        return False
+    if buffer.is_inference() and not torch.is_inference_mode_enabled():
+        return False  # made under inference_mode: writable only there
+    # References to the storage: ``buffer`` itself and the temporary storage object made to ask. The
+    # count is a private torch function; without it, never reuse.
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(buffer.untyped_storage()._cdata) == 2
 
 
 class LoRALinear(nn.Linear):
@@ -205,7 +229,7 @@ class LoRALinear(nn.Linear):
         x, lora_A, lora_B = x.to(y.dtype), self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
         keep = self.lora_dropout.keep_mask(x) if isinstance(self.lora_dropout, LoRADropout) else None
         alpha = self.scaling * (1.0 if keep is None else self.lora_dropout.scale)  # dropout's 1/(1-p) too
-        if torch.compiler.is_compiling():
+        if _plain_autograd_only():
             y = self._traceable_update(y, x, lora_A, lora_B, keep, alpha)
         elif torch.is_grad_enabled():
             y = _LoRAUpdate.apply(y, x, lora_A, lora_B, keep, alpha, self.splits)
@@ -215,11 +239,12 @@ class LoRALinear(nn.Linear):
 
     def _traceable_update(self, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
                           alpha: float) -> Tensor:
-        """The update in plain autograd ops, for compilers, which cannot replay an in-place update through
-        a transposed view of y: B as one block-diagonal (out, s * r) matrix (s times the FLOPs of B)."""
+        """The update in plain out-of-place autograd ops, for compilers (which cannot replay an in-place
+        update through a transposed view of y), ``torch.func`` (vmap has no batching rule for an in-place
+        addmm) and forward-mode AD: B as one block-diagonal (out, s * r) matrix, s times the FLOPs of B."""
         h = F.linear(x if keep is None else x * keep, lora_A)
         s, o, r = self.splits, self.out_features // self.splits, self.r
-        return y.addmm_(h, torch.block_diag(*lora_B.view(s, o, r)).t(), alpha=alpha)
+        return torch.addmm(y, h, torch.block_diag(*lora_B.view(s, o, r)).t(), alpha=alpha)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
@@ -258,16 +283,16 @@ class LoRALinear(nn.Linear):
         """Folds the adapter into ``weight``; idempotent. ``keep_unmerged`` holds the old weight (one extra
         copy of the layer's weight) so ``unmerge`` restores it bit-exactly; ``False`` frees it (deployment).
 
-        The merged weight is written into the memory the previous merge used when ``unmerge`` kept it:
-        memory the process has already touched, so a merge/unmerge cycle costs one pass of arithmetic
-        over the weight and no page faults."""
+        The merged weight is written into the memory the previous merge used when ``unmerge`` kept it
+        and nothing else still refers to it: memory the process has already touched, so a merge/unmerge
+        cycle costs one pass of arithmetic over the weight and no page faults."""
         if self.merged:
             return
         base = self.weight.data
         buffer, self._merge_buffer = self._merge_buffer, None
         if not keep_unmerged:
             self._accumulate_delta(base, base)
-        elif buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (base.shape, base.dtype, base.device):
+        elif buffer is not None and _reusable(buffer, base):
             self._accumulate_delta(buffer, base)
             self._unmerged_weight, self.weight.data = base, buffer  # same Parameter: optimizers, hooks stay
         else:
@@ -283,8 +308,9 @@ class LoRALinear(nn.Linear):
         otherwise the delta is subtracted (exact up to rounding).
 
         ``keep_buffer`` keeps the merged weight's memory for the next ``merge`` (the layer then holds as
-        much memory as while merged); ``False`` frees it. Like any parameter's ``state_dict()`` tensor, a
-        merged weight taken out of the model is live memory: clone it to keep it past a later merge."""
+        much memory as while merged); ``False`` frees it. A merge reuses it only when nothing else refers
+        to it: a ``state_dict()`` taken while merged, or an autograd graph that saved the merged weight,
+        keeps its values, and that merge allocates anew."""
         if not self.merged:
             if not keep_buffer:
                 self._merge_buffer = None

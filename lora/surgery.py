@@ -132,13 +132,14 @@ def unmerge_lora(model: nn.Module, keep_buffer: bool = True) -> list[str]:
 
 
 @contextlib.contextmanager
-def merged(model: nn.Module) -> Iterator[nn.Module]:
+def merged(model: nn.Module, keep_buffer: bool = True) -> Iterator[nn.Module]:
     """Runs the block with adapters merged (inference at base-model speed); unmerges exactly on exit.
-    Holds one extra copy of each adapted weight while inside."""
+    Holds one extra copy of each adapted weight while inside, and after it unless ``keep_buffer=False``
+    (the copy makes the next merge faster: see ``LoRALinear.unmerge``)."""
     names = set(merge_lora(model))
     try:
         yield model
     finally:
         for name, layer in lora_layers(model):
             if name in names:
-                layer.unmerge()
+                layer.unmerge(keep_buffer=keep_buffer)

@@ -95,15 +95,25 @@ def test_dropout_feeds_the_adapter_and_only_the_adapter(splits):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_lora_dropout_keeps_the_right_share_and_is_unbiased(p):
     drop = LoRADropout(p).train()
-    x = torch.ones(400_001)  # odd: the last 16-bit half of the last draw is dropped
+    # The scale is 1 / the exact keep probability of the 16-bit draw, within 1/65,536 of 1 / (1 - p).
+    keep_probability = (32768 - drop.threshold) / 65536
+    assert abs(keep_probability - (1 - p)) <= 1 / 65536 and drop.scale == 1 / keep_probability
+    x = torch.ones(400_003)  # not a multiple of 4: the last 64-bit draw is only partly used
     y = drop(x)
     kept = y != 0
     assert abs(kept.float().mean().item() - (1 - p)) < 0.005
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], drop.scale))
     assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout: the expectation is unchanged
     x.requires_grad_(True)
     drop(x).sum().backward()
-    assert set(x.grad.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p)).item()}
+    assert set(x.grad.unique().tolist()) == {0.0, torch.tensor(drop.scale).item()}
+
+
+def test_lora_dropout_near_one_still_keeps_something_and_stays_unbiased():
+    drop = LoRADropout(0.9999999).train()
+    assert drop.threshold == 32767  # one int16 value of 65,536 keeps
+    y = drop(torch.ones(4_000_000))
+    assert 0 < torch.count_nonzero(y) < 200 and drop.scale == 65536
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -306,3 +316,88 @@ def test_a_frozen_base_and_an_input_without_grad_still_train_the_adapter():
     for g, w in zip(got, want):
         assert g.abs().sum() > 0
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_double_backward_matches_reference(splits, dropout):
+    """A gradient penalty differentiates the backward itself; the adapter must take part in it."""
+    layer = make_layer(splits, dropout=dropout).train()
+    layer.weight.requires_grad_(False)
+    pre = nn.Linear(12, 12)  # the loss below is linear in the output, so grad_out carries no history
+    x = torch.randn(5, 12, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B]
+
+    def penalty(forward):
+        torch.manual_seed(3)  # the same dropout mask in both runs
+        grad_x, = torch.autograd.grad(forward(torch.tanh(pre(x))).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), params)
+
+    def plain(h):
+        dropped = layer.lora_dropout(h)
+        return reference(layer, h, dropped)
+
+    got, want = penalty(layer), penalty(plain)
+    assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_func_grad_vmap_and_forward_ad_match_reference():
+    layer = make_layer(3).eval()
+    params = {"lora_A": layer.lora_A.detach(), "lora_B": layer.lora_B.detach()}
+    xs = torch.randn(4, 2, 12)
+
+    def loss(p, x, forward):
+        return torch.func.functional_call(layer, p, (x,)).square().sum() if forward is None else \
+            forward(x, p).square().sum()
+
+    def plain(x, p):  # reference() with the adapter weights taken from p
+        r, o = layer.r, 12
+        parts = [x @ p["lora_A"][i * r:(i + 1) * r].T @ p["lora_B"][i * o:(i + 1) * o].T for i in range(3)]
+        return F.linear(x, layer.weight, layer.bias) + layer.scaling * torch.cat(parts, dim=-1)
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(params, xs, None)
+    want = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(params, xs, plain)
+    for k in params:
+        torch.testing.assert_close(per_sample[k], want[k])
+    tangent = torch.randn_like(xs[0])
+    _, jvp_out = torch.func.jvp(lambda x: layer(x), (xs[0],), (tangent,))
+    _, jvp_want = torch.func.jvp(lambda x: reference(layer, x), (xs[0],), (tangent,))
+    torch.testing.assert_close(jvp_out, jvp_want)
+
+
+def test_a_merge_never_overwrites_a_merged_weight_someone_still_holds():
+    layer = make_layer(3).eval()
+    layer.weight.requires_grad_(False)
+    x = torch.randn(3, 12, requires_grad=True)
+    layer.merge()
+    out = layer(x)  # the graph saves the merged weight
+    snapshot = layer.state_dict()["weight"]  # a state_dict taken while merged: live, not copied
+    first = snapshot.clone()
+    layer.unmerge()
+    with torch.no_grad():
+        layer.lora_B.mul_(1.5)
+    layer.merge()  # must not write the new merge into memory the graph or the snapshot still use
+    assert layer.weight.data_ptr() != snapshot.data_ptr()
+    assert torch.equal(snapshot, first)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 36) @ first)
+    layer.unmerge()
+    del out, snapshot
+    buffer = layer._merge_buffer.data_ptr()
+    layer.merge()  # nothing holds the buffer any more: reused
+    assert layer.weight.data_ptr() == buffer
+
+
+def test_a_merge_under_inference_mode_does_not_break_later_merges():
+    layer = make_layer(3).eval()
+    w0 = layer.weight.detach().clone()
+    with torch.inference_mode():
+        layer.merge()
+        layer.unmerge()
+    with torch.no_grad():
+        layer.merge()  # the kept buffer is an inference tensor: not writable out here, so not reused
+    torch.testing.assert_close(layer.weight.detach(), w0 + layer.delta_weight(), rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)

@@ -128,6 +128,10 @@ def test_merged_context_manager_matches_and_restores(vit):
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     for n, l in lora.lora_layers(vit):
         assert not l.merged and torch.equal(l.weight, weights[n])
+        assert l._merge_buffer is not None  # kept for the next merge
+    with lora.merged(vit, keep_buffer=False):
+        pass
+    assert all(l._merge_buffer is None for _, l in lora.lora_layers(vit))
 
 
 def test_merge_lora_and_unmerge_lora_report_what_changed(vit):

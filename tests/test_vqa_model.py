@@ -76,3 +76,25 @@ def test_trainable_state_dict_round_trips_into_a_fresh_model(question_layers):
     source.eval(), target.eval()
     with torch.no_grad():
         torch.testing.assert_close(target(x, ids).logits, source(x, ids).logits)
+
+
+def test_evaluate_restores_the_weights_and_keeps_no_merge_copy():
+    from vqa.evaluate import evaluate
+
+    model = tiny_model().train()
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    weights = {n: l.weight.detach().clone() for n, l in lora.lora_layers(model)}
+    batch = {"pixel_values": torch.randn(2, 3, 28, 28), "input_ids": torch.randint(3, 30, (3, 5)),
+             "attention_mask": torch.ones(3, 5), "image_index": torch.tensor([0, 0, 1]),
+             "answer": torch.tensor([1, 2, 3]), "question_type": torch.tensor([0, 1, 0])}
+    with torch.no_grad():
+        model.eval()
+        predicted = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                          batch["image_index"]).logits.argmax(-1)
+        model.train()
+    metrics = evaluate(model, [batch], torch.device("cpu"))
+    assert metrics["accuracy"] == pytest.approx((predicted == batch["answer"]).double().mean().item())
+    assert model.training  # back in training mode, adapters unmerged, no extra weight copy held
+    for name, layer in lora.lora_layers(model):
+        assert not layer.merged and layer._merge_buffer is None and torch.equal(layer.weight, weights[name])

@@ -54,7 +54,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
     was_training = model.training
     model.eval()
     meter = TypeAccuracy()
-    with lora.merged(model):
+    with lora.merged(model, keep_buffer=False):  # during training, hold no extra copy between evaluations
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device):
