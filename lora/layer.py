@@ -10,7 +10,7 @@ the ``s`` down-projections stacked, ``(s * r, in)``) and one batched GEMM for ``
 straight into the base output, so no copy of the base output is ever made. In training, a
 hand-written backward (``_LoRAUpdate``) keeps it that way: the output gradient passes through
 untouched and each split's B costs only its own block's GEMMs. Under ``torch.compile`` the same sum
-is written in plain autograd ops that compilers can trace.
+is written in plain autograd ops that compilers, ``torch.func`` and forward-mode AD can trace.
 """
 from __future__ import annotations
 
@@ -77,16 +77,20 @@ class LoRADropout(nn.Module):
         return x if keep is None else x * keep * self.scale
 
 
+def _dropped(x: Tensor, keep: Tensor | None) -> Tensor:
+    """The adapter's input: ``x`` with the dropout mask applied (its 1/(1-p) is in the adapter's alpha)."""
+    return x if keep is None else x * keep
+
+
 def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None, alpha: float,
-                  splits: int) -> tuple[Tensor, Tensor]:
-    """``y += alpha * B(A(x * keep))`` in place, split by split; returns ``x * keep`` and ``A(x * keep)``."""
+                  splits: int) -> Tensor:
+    """``y += alpha * B(A(x * keep))`` in place, split by split; returns ``A(x * keep)``."""
     s, m, o, r = splits, y.shape[0], y.shape[1] // splits, lora_A.shape[0] // splits
-    xd = x if keep is None else x * keep
-    h = xd @ lora_A.t()  # (M, s * r): every split's A in one GEMM
+    h = _dropped(x, keep) @ lora_A.t()  # (M, s * r): every split's A in one GEMM
     # (s, M, o) += (s, M, r) @ (s, r, o): one batched GEMM writing into each split's columns of y.
     y.view(m, s, o).transpose(0, 1).baddbmm_(h.view(m, s, r).transpose(0, 1),
                                              lora_B.view(s, o, r).transpose(1, 2), alpha=alpha)
-    return xd, h
+    return h
 
 
 def _plain_autograd_only() -> bool:
@@ -107,7 +111,7 @@ class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
                 alpha: float, splits: int) -> Tensor:
-        _, h = _lora_update_(y, x, lora_A, lora_B, keep, alpha, splits)
+        h = _lora_update_(y, x, lora_A, lora_B, keep, alpha, splits)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, keep, h, lora_A, lora_B)
         ctx.alpha, ctx.splits = alpha, splits
@@ -116,10 +120,12 @@ class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, keep, h, lora_A, lora_B = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True (a gradient penalty, say): this backward must itself be differentiable,
-            # and h, computed inside forward, has no history. Recompute it with one.
-            h = (x if keep is None else x * keep) @ lora_A.t()
+        create_graph = torch.is_grad_enabled()
+        xd = _dropped(x, keep) if create_graph or ctx.needs_input_grad[2] else None
+        if create_graph:
+            # A gradient penalty, say: this backward must itself be differentiable, and h, computed
+            # inside forward, has no history. Recompute it with one.
+            h = xd @ lora_A.t()
         s, alpha = ctx.splits, ctx.alpha
         m, o, r = grad_y.shape[0], grad_y.shape[1] // s, lora_A.shape[0] // s
         # Each GEMM is laid out so that its small (r-sized) side is the output's rows: with the long M side
@@ -133,7 +139,7 @@ class _LoRAUpdate(torch.autograd.Function):
             grad_h = torch.bmm(lora_B.view(s, o, r).transpose(1, 2), grad_y3.transpose(1, 2))  # (s, r, M)
             grad_h = grad_h.mul_(alpha).view(s * r, m)  # the transpose of dL/dh
             if ctx.needs_input_grad[2]:
-                grad_A = grad_h @ (x if keep is None else x * keep)
+                grad_A = grad_h @ xd
             if ctx.needs_input_grad[1]:
                 grad_x = grad_h.t() @ lora_A
                 if keep is not None:
@@ -242,7 +248,7 @@ class LoRALinear(nn.Linear):
         """The update in plain out-of-place autograd ops, for compilers (which cannot replay an in-place
         update through a transposed view of y), ``torch.func`` (vmap has no batching rule for an in-place
         addmm) and forward-mode AD: B as one block-diagonal (out, s * r) matrix, s times the FLOPs of B."""
-        h = F.linear(x if keep is None else x * keep, lora_A)
+        h = F.linear(_dropped(x, keep), lora_A)
         s, o, r = self.splits, self.out_features // self.splits, self.r
         return torch.addmm(y, h, torch.block_diag(*lora_B.view(s, o, r)).t(), alpha=alpha)
 
