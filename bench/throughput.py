@@ -4,7 +4,8 @@
                                [--rounds 20] [--device auto] [--json OUT]
 
 Variants run interleaved in a rotating order, so drift of the machine (heat, other load) hits them
-alike; each number is the median over rounds of a per-round ratio. References: inference against the
+alike; each number is the median over rounds of a per-round ratio, printed with the interquartile range
+of those ratios (how far the machine's noise reaches within the run). References: inference against the
 base timm model, training steps (forward + backward + AdamW) against full fine-tuning, with a frozen
 model's backward pass through every block (``frozen_floor``) as the floor adapters could reach. Peak
 training memory is measured fairly per device: CUDA's max_memory_allocated, or on CPU, for each variant
@@ -107,9 +108,21 @@ def interleaved(fns: dict[str, callable], rounds: int, device: torch.device) -> 
     return times
 
 
-def ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
-    """Median over rounds of (reference time / variant time): > 1 means faster than the reference."""
-    return {n: statistics.median(r / t for r, t in zip(times[reference], ts)) for n, ts in times.items()}
+def ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
+    """Per variant, the median over rounds of (reference time / variant time), > 1 meaning faster than the
+    reference, and the interquartile range of those per-round ratios: how far one run's noise reaches."""
+    return {n: summary([r / t for r, t in zip(times[reference], ts)]) for n, ts in times.items()}
+
+
+def summary(values: list[float]) -> dict:
+    """The median of ``values`` and their interquartile range (25th to 75th percentile)."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "iqr": [q1, q3]}
+
+
+def shown(median: float, iqr: list[float], fmt: str = ".3f", unit: str = "") -> str:
+    """A ratio with its spread: ``0.974 (IQR 0.968 to 0.981)``."""
+    return f"{median:{fmt}}{unit} (IQR {iqr[0]:{fmt}}{unit} to {iqr[1]:{fmt}}{unit})"
 
 
 def autocast(device: torch.device):
@@ -131,8 +144,8 @@ def bench_inference(args, device) -> dict:
     interleaved(fns, args.warmup, device)
     times = interleaved(fns, args.rounds, device)
     rel = ratios(times, "base")
-    return {n: {"images_per_s": args.infer_batch_size / statistics.median(times[n]), "ratio_to_base": rel[n]}
-            for n in models}
+    return {n: {"images_per_s": args.infer_batch_size / statistics.median(times[n]),
+                "ratio_to_base": rel[n]["median"], "ratio_iqr": rel[n]["iqr"]} for n in models}
 
 
 def bench_training(args, device) -> dict:
@@ -151,12 +164,10 @@ def bench_training(args, device) -> dict:
     times = interleaved(fns, args.rounds, device)
     rel = ratios(times, "full_finetune")
     # Dropout's cost: step time with dropout over step time without, per round.
-    dropout_cost = statistics.median(
-        a / b - 1 for a, b in zip(times["lora_r8_dropout0.1"], times["lora_r8_dropout0"])
-    )
-    result = {v: {"images_per_s": args.batch_size / statistics.median(times[v]), "ratio_to_full": rel[v]}
-              for v in TRAINING}
-    result["dropout_cost"] = dropout_cost
+    dropout = summary([a / b - 1 for a, b in zip(times["lora_r8_dropout0.1"], times["lora_r8_dropout0"])])
+    result = {v: {"images_per_s": args.batch_size / statistics.median(times[v]),
+                  "ratio_to_full": rel[v]["median"], "ratio_iqr": rel[v]["iqr"]} for v in TRAINING}
+    result["dropout_cost"], result["dropout_cost_iqr"] = dropout["median"], dropout["iqr"]
     return result
 
 
@@ -253,13 +264,17 @@ def main() -> None:
     if "inference" in sections:
         report["inference"] = bench_inference(args, device)
         for n, r in report["inference"].items():
-            print(f"  inference {n:<22}{r['images_per_s']:>9.1f} img/s   x{r['ratio_to_base']:.3f} of base")
+            ratio = shown(r["ratio_to_base"], r["ratio_iqr"])
+            print(f"  inference {n:<22}{r['images_per_s']:>9.1f} img/s   x{ratio} of base")
     if "training" in sections:
         report["training"] = bench_training(args, device)
         for n in TRAINING:
             r = report["training"][n]
-            print(f"  train     {n:<22}{r['images_per_s']:>9.1f} img/s   x{r['ratio_to_full']:.3f} of full fine-tuning")
-        print(f"  dropout 0.1 adds {100 * report['training']['dropout_cost']:+.1f}% to the LoRA step time")
+            ratio = shown(r["ratio_to_full"], r["ratio_iqr"])
+            print(f"  train     {n:<22}{r['images_per_s']:>9.1f} img/s   x{ratio} of full fine-tuning")
+        t = report["training"]
+        cost = shown(100 * t["dropout_cost"], [100 * q for q in t["dropout_cost_iqr"]], "+.1f", "%")
+        print(f"  dropout 0.1 adds {cost} to the LoRA step time")
     if "memory" in sections:
         report["memory"] = bench_memory(args, device)
         for n, r in report["memory"].items():
