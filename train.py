@@ -2,6 +2,7 @@
 
     python train.py --config configs/demo.yaml [--key value ...]
     python train.py --resume runs/demo            # continue a run after a crash or Ctrl-C
+    torchrun --nproc_per_node 4 train.py --config configs/dinov2_base_vqa.yaml   # 4 GPUs, DDP
 
 Any config key can be overridden on the command line (``--vision_lora_r 4``, ``--lr 3e-4``).
 """
@@ -19,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import lora
+from vqa import distributed
 from vqa.answer_weights import load_answer_weights
 from vqa.config import RunConfig, load_config
 from vqa.data import VQADataset, build_transform, chunks, read_split
@@ -78,45 +81,48 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def prepare_data(cfg: RunConfig):
+def prepare_data(cfg: RunConfig, procs: distributed.Processes):
     d = cfg.data
-    if d.synthetic and not Path(d.train_csv).is_file():
+    if d.synthetic and procs.is_main and not Path(d.train_csv).is_file():
         from vqa.synth import generate
 
         out = Path(d.train_csv).parent
         print(f"generating the synthetic shapes data set in {out} ...")
         generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images, seed=cfg.train.seed)
+    distributed.barrier(procs)  # the other processes read what the main one generated
     options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
     return read_split(d.train_csv, **options), read_split(d.val_csv, **options)
 
 
 def main(cfg: RunConfig, resume: bool = False) -> dict:
     t = cfg.train
-    device = pick_device(t.device, source="config key 'device'")
+    procs, device = distributed.setup(pick_device(t.device, source="config key 'device'"))
+    log = print if procs.is_main else lambda *args, **kwargs: None  # one process speaks and writes files
     run = Path(t.output_dir)
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
     # Data first: a bad row or image stops the run before any training time is spent.
-    train_data, val_data = prepare_data(cfg)
+    train_data, val_data = prepare_data(cfg, procs)
     if resume:
         tokenizer = Tokenizer.from_json((run / "tokenizer.json").read_text(encoding="utf-8"))
         answers = AnswerVocab.from_json((run / "answers.json").read_text(encoding="utf-8"))
     else:
         tokenizer = Tokenizer.build((r.question for r in train_data.rows), max_length=cfg.data.max_question_length)
         answers = AnswerVocab.build(r.answer for r in train_data.rows)
-        if (run / "metrics.jsonl").is_file():
-            print(f"note: starting a new run in {run}, replacing the one there (continue one with --resume)")
-            write_text(run / "metrics.jsonl", "")
-        write_text(run / "config.yaml", cfg.to_yaml())
-        write_text(run / "tokenizer.json", tokenizer.to_json())
-        write_text(run / "answers.json", answers.to_json())
+        if procs.is_main:
+            if (run / "metrics.jsonl").is_file():
+                print(f"note: starting a new run in {run}, replacing the one there (continue one with --resume)")
+                write_text(run / "metrics.jsonl", "")
+            write_text(run / "config.yaml", cfg.to_yaml())
+            write_text(run / "tokenizer.json", tokenizer.to_json())
+            write_text(run / "answers.json", answers.to_json())
 
     backbone_file = run / "backbone.safetensors"
     random_backbone = not cfg.model.pretrained and cfg.model.checkpoint_path is None
     model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and random_backbone else None)
-    if random_backbone and not resume:  # predict and resume rebuild this exact random backbone from the file
+    if random_backbone and not resume and procs.is_main:  # predict and resume rebuild this exact backbone from it
         save_weights({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k}, backbone_file)
     try:
         model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
@@ -124,20 +130,31 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
         raise VQAError(f"config key 'unfreeze_encoder_layers': {e}") from None
     model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
     model.to(device)
-    lora.print_trainable_parameters(model)
+    if procs.is_main:
+        lora.print_trainable_parameters(model)
+    net = model  # what the training step calls; evaluation and saving use the model itself
+    if procs.enabled:
+        # Every process starts from the main one's weights (DDP broadcasts them). Static graph: the same
+        # parameters take part in every step (the type head in none without the type loss), which is what
+        # lets DDP skip the unused ones and accept gradient checkpointing's second pass.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      static_graph=True)
+        for seed in (random.seed, np.random.seed, torch.manual_seed):  # dropout draws differ per process
+            seed(t.seed + 1_000_003 * procs.rank)
     has_lora = any(True for _ in lora.lora_layers(model))
 
     transform = build_transform(model.backbone, cfg.model.img_size)
     train_set = VQADataset(train_data.rows, transform, tokenizer, answers)
     val_set = VQADataset(val_data.rows, transform, tokenizer, answers)
-    val_loader = make_loader(val_set, chunks(list(range(len(val_set))), t.batch_size), t.num_workers)
+    val_batches = chunks(list(range(len(val_set))), t.batch_size)[procs.rank::procs.world_size]  # counts summed below
+    val_loader = make_loader(val_set, val_batches, t.num_workers)
     class_weights = None
     if cfg.data.answer_weights:
         table = load_answer_weights(cfg.data.answer_weights)
         class_weights = torch.tensor([table.get(a, 1.0) for a in answers.itos], device=device)
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
-    steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
+    steps_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.epochs * steps_per_epoch, t.warmup_ratio))
     start_epoch, start_batch, best, step = 0, 0, -1.0, 0
     if resume:
@@ -145,16 +162,23 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
         copy_weights(model, state["model"], run / "checkpoint.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        rngs = state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]  # "rng": older runs
+        if len(rngs) != procs.world_size:
+            raise VQAError(f"{run / 'checkpoint.pt'} was written by {len(rngs)} training process(es), this is one "
+                           f"of {procs.world_size}; resume with the same number (torchrun --nproc_per_node "
+                           f"{len(rngs)}, or plain python for one) so every process continues its own random stream")
+        set_rng_state(rngs[procs.rank])
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
-        print(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
+        log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
 
     def checkpoint(epoch: int, batch: int) -> None:
-        save_checkpoint({
-            "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(),
-            "epoch": epoch, "batch": batch, "step": step, "best": best,
-        }, run / "checkpoint.pt")
+        rngs = distributed.gather(rng_state(), procs)  # every process's generators, in rank order
+        if procs.is_main:
+            save_checkpoint({
+                "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng_per_process": rngs,
+                "epoch": epoch, "batch": batch, "step": step, "best": best,
+            }, run / "checkpoint.pt")
 
     stop_signal: list[int] = []
 
@@ -164,32 +188,40 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
         stop_signal.append(signum)
 
     def stop_if_asked(epoch: int, batch: int) -> None:
-        if stop_signal:
+        (asked,) = distributed.any_rank([bool(stop_signal)], procs, device)  # all processes stop at one step
+        if asked:
             checkpoint(epoch, batch)
-            name = signal.Signals(stop_signal[0]).name
-            print(f"\n{name}: checkpoint saved at step {step}; continue with: python train.py --resume {run}")
-            sys.exit(128 + stop_signal[0])
+            signum = stop_signal[0] if stop_signal else signal.SIGTERM
+            launcher = "python train.py"
+            if procs.enabled:
+                launcher = f"torchrun --nproc_per_node {procs.world_size} train.py"
+            log(f"\n{signal.Signals(signum).name}: checkpoint saved at step {step}; "
+                f"continue with: {launcher} --resume {run}")
+            sys.exit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = {}
     try:
         for epoch in range(start_epoch, t.epochs):
             model.train()
-            batches = epoch_batches(len(train_set), t.batch_size, t.seed, epoch)
+            batches = distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, epoch), procs)
             done = start_batch if epoch == start_epoch else 0
             bar = tqdm(make_loader(train_set, batches[done:], t.num_workers), total=len(batches), initial=done,
-                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress, dynamic_ncols=True)
+                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or not procs.is_main,
+                       dynamic_ncols=True)
             tic, seen = time.perf_counter(), 0
             for i, batch in enumerate(bar, start=done):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device):
-                    out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
+                    out = net(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
                     loss = F.cross_entropy(out.logits.float(), batch["answer"], weight=class_weights, ignore_index=-1)
                     if t.use_type_loss:
                         loss = loss + t.type_loss_weight * F.cross_entropy(out.type_logits.float(), batch["question_type"])
-                if not torch.isfinite(loss):  # CPU-GPU sync point, once per step
+                finite = bool(torch.isfinite(loss))  # CPU-GPU sync point, once per step
+                if distributed.any_rank([not finite], procs, device)[0]:  # every process stops, or none
+                    loss_text = loss.item() if not finite else "not finite in another process"
                     raise VQAError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
+                        f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
                         f"{run / 'checkpoint.pt'} still holds the last good state. Lower --lr or check the data"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -206,31 +238,34 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
                 stop_if_asked(epoch, i + 1)
             bar.close()
             seconds = time.perf_counter() - tic
-            metrics = evaluate(model, val_loader, device)
+            # Each process evaluates its share of the validation batches; the counts are summed over all.
+            metrics = evaluate(model, val_loader, device, lambda n: distributed.sum_over_ranks(n, procs, device))
             metrics.update(epoch=epoch + 1, step=step, train_seconds=round(seconds, 2))
-            history = run / "metrics.jsonl"
-            old = history.read_text(encoding="utf-8") if history.is_file() else ""
-            write_text(history, old + json.dumps(metrics) + "\n")
-            print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
-            meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}"}
             is_best = metrics["accuracy"] > best
             best = max(best, metrics["accuracy"])
-            weights = model.trainable_state_dict()
-            for tag in ("last", "best") if is_best else ("last",):
-                save_weights(weights, run / f"model_{tag}.safetensors", meta)
-                if has_lora:
-                    lora.save_adapter(model, run / f"adapter_{tag}.safetensors", meta)
+            if procs.is_main:
+                history = run / "metrics.jsonl"
+                old = history.read_text(encoding="utf-8") if history.is_file() else ""
+                write_text(history, old + json.dumps(metrics) + "\n")
+                print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
+                meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}"}
+                weights = model.trainable_state_dict()
+                for tag in ("last", "best") if is_best else ("last",):
+                    save_weights(weights, run / f"model_{tag}.safetensors", meta)
+                    if has_lora:
+                        lora.save_adapter(model, run / f"adapter_{tag}.safetensors", meta)
             checkpoint(epoch + 1, 0)
             stop_if_asked(epoch + 1, 0)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        distributed.teardown(procs)
 
     skipped = len(train_data.skipped) + len(val_data.skipped)
     if skipped:
-        print(f"skipped {skipped} bad row(s) (--skip_bad_rows)")
+        log(f"skipped {skipped} bad row(s) (--skip_bad_rows)")
     if metrics:
-        print(format_accuracy_table(metrics))
+        log(format_accuracy_table(metrics))
     return metrics
 
 

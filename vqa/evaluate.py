@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -49,8 +50,12 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
-    """Runs the model with its adapters merged (base-model speed) and returns per-type accuracy."""
+def evaluate(model: nn.Module, loader, device: torch.device,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Runs the model with its adapters merged (base-model speed) and returns per-type accuracy.
+
+    ``reduce`` combines the hit and question counts of processes that each evaluated a share (a sum
+    over ranks), so every process returns the accuracy over all of them."""
     was_training = model.training
     model.eval()
     meter = TypeAccuracy()
@@ -61,6 +66,8 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
                 out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
             meter.update(out.logits.argmax(-1), batch["answer"], batch["question_type"])
     model.train(was_training)
+    if reduce is not None:
+        meter.correct, meter.total = reduce(meter.correct), reduce(meter.total)
     return meter.compute()
 
 

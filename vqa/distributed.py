@@ -1,0 +1,102 @@
+"""Training on several GPUs (or CPU processes) with torchrun: one process each, the model in DDP.
+
+    torchrun --nproc_per_node 4 train.py --config configs/dinov2_base_vqa.yaml
+
+torchrun sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; without them (``python train.py``) every
+function here is a no-op for a single process. ``batch_size`` counts images per process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import VQAError
+
+__all__ = ["Processes", "setup", "shard", "any_rank", "sum_over_ranks", "gather", "barrier", "teardown"]
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0  # the one process that prints and writes files
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: torch.device) -> tuple[Processes, torch.device]:
+    """Joins the process group torchrun started (NCCL on CUDA, gloo on CPU); CUDA processes take the
+    GPU of their ``LOCAL_RANK``. A single process gets ``Processes()`` and its device back unchanged."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Processes(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise VQAError(f"process {rank} wants GPU {local_rank} but this machine has "
+                           f"{torch.cuda.device_count()}; lower torchrun's --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, world_size), device
+
+
+def shard(batches: list[list[int]], procs: Processes) -> list[list[int]]:
+    """This process's batches: every ``world_size``-th one. Each process gets the same number (DDP
+    steps in lockstep), so up to ``world_size - 1`` batches at the end of the epoch are left out."""
+    if not procs.enabled:
+        return batches
+    per_process = len(batches) // procs.world_size
+    if per_process == 0:
+        raise VQAError(f"an epoch has {len(batches)} batch(es) of training images but there are "
+                       f"{procs.world_size} processes, and each needs one; lower batch_size or the process count")
+    return batches[procs.rank:per_process * procs.world_size:procs.world_size]
+
+
+def any_rank(flags: list[bool], procs: Processes, device: torch.device) -> list[bool]:
+    """Each flag is true if it is true in any process, so that every process makes the same decision."""
+    if not procs.enabled:
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def sum_over_ranks(t: torch.Tensor, procs: Processes, device: torch.device) -> torch.Tensor:
+    """The sum of ``t`` over all processes (on ``t``'s own device)."""
+    if not procs.enabled:
+        return t
+    total = t.to(device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(total)
+    return total.to(t.device)
+
+
+def gather(obj: Any, procs: Processes) -> list[Any]:
+    """Every process's ``obj``, in rank order (in every process)."""
+    if not procs.enabled:
+        return [obj]
+    out: list[Any] = [None] * procs.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(procs: Processes) -> None:
+    if procs.enabled:
+        dist.barrier()
+
+
+def teardown(procs: Processes) -> None:
+    if procs.enabled and dist.is_initialized():
+        dist.destroy_process_group()
