@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import lora
@@ -132,14 +131,11 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     model.to(device)
     if procs.is_main:
         lora.print_trainable_parameters(model)
-    net = model  # what the training step calls; evaluation and saving use the model itself
+    # What the training step calls; evaluation and saving use the model itself. Under torchrun every
+    # process starts from the main one's weights (DDP broadcasts them) and draws its own dropout masks.
+    net = distributed.wrap(model, procs, device, unused=[] if t.use_type_loss else [model.type_head])
     if procs.enabled:
-        # Every process starts from the main one's weights (DDP broadcasts them). Static graph: the same
-        # parameters take part in every step (the type head in none without the type loss), which is what
-        # lets DDP skip the unused ones and accept gradient checkpointing's second pass.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      static_graph=True)
-        for seed in (random.seed, np.random.seed, torch.manual_seed):  # dropout draws differ per process
+        for seed in (random.seed, np.random.seed, torch.manual_seed):
             seed(t.seed + 1_000_003 * procs.rank)
     has_lora = any(True for _ in lora.lora_layers(model))
 

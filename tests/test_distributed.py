@@ -3,14 +3,15 @@
 Run as a script under torchrun, this file is the worker of the DDP equivalence test.
 """
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import lora  # noqa: E402
 import vit  # noqa: E402
 from test_train import ARTEFACTS, cli, tiny_config  # noqa: E402  (tests/ is on the path: pytest, or as a script)
-from vqa import distributed  # noqa: E402
+from vqa import DeterministicVQA, distributed  # noqa: E402
 from vqa.errors import VQAError  # noqa: E402
 
 STEPS, BATCH = 2, 8  # the whole batch; each of the two processes takes half
@@ -37,29 +38,61 @@ def adapted_vit() -> nn.Module:
     return model
 
 
-def data():
+def vqa_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = DeterministicVQA(vision_model="vit_small_patch14_dinov2", img_size=28, vocab_size=20, num_answers=5,
+                             hidden_dim=32, num_heads=2, question_layers=1, vision_lora_r=4, vision_lora_dropout=0.0,
+                             dropout=0.0, backbone_kwargs=dict(depth=2))
+    for _, layer in lora.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.1)
+    model.freeze_pretrained()
+    return model
+
+
+def batch(kind: str, rows: slice):
+    """Rows of one fixed batch: (inputs, loss function of the model's output)."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH, 3, 28, 28, generator=g), torch.randn(BATCH, 32, generator=g)
+    pixels = torch.randn(BATCH, 3, 28, 28, generator=g)
+    if kind == "vit":
+        target = torch.randn(BATCH, 32, generator=g)
+        return (pixels[rows],), lambda out: nn.functional.mse_loss(out, target[rows])
+    # One question per image; the type head's output is left out of the loss, as without the type loss.
+    ids, answers = torch.randint(3, 20, (BATCH, 6), generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+    n = rows.stop - rows.start
+    return ((pixels[rows], ids[rows], None, torch.arange(n)),
+            lambda out: nn.functional.cross_entropy(out.logits, answers[rows]))  # a mean: halves average
 
 
-def train(model: nn.Module, step_model: nn.Module, rows: slice) -> None:
-    x, target = data()
+def train(model: nn.Module, step_model: nn.Module, kind: str, shares: list[slice]) -> None:
+    """SGD steps on the mean of the shares' losses: what DDP computes from one share per process (each
+    share a forward of its own, so the VQA model's BatchNorm sees each share's statistics, as in DDP)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(STEPS):
-        loss = nn.functional.mse_loss(step_model(x[rows]), target[rows])  # a mean: halves average to the whole
+        losses = [loss_of(step_model(*inputs)) for inputs, loss_of in (batch(kind, rows) for rows in shares)]
         optimizer.zero_grad()
-        loss.backward()
+        (sum(losses) / len(losses)).backward()
         optimizer.step()
 
 
-def ddp_worker(out: Path) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    model = adapted_vit()
-    half = BATCH // dist.get_world_size()
-    train(model, nn.parallel.DistributedDataParallel(model, static_graph=True), slice(rank * half, (rank + 1) * half))
-    save_file(lora.lora_state_dict(model), str(out / f"rank{rank}.safetensors"))
-    dist.destroy_process_group()
+def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+MODELS = {"vit": adapted_vit, "vqa": vqa_model}
+
+
+def halves() -> list[slice]:
+    return [slice(0, BATCH // 2), slice(BATCH // 2, BATCH)]
+
+
+def ddp_worker(kind: str, out: Path) -> None:
+    procs, device = distributed.setup(torch.device("cpu"))
+    model = MODELS[kind]()
+    unused = [model.type_head] if kind == "vqa" else []
+    mine = halves()[procs.rank]
+    train(model, distributed.wrap(model, procs, device, unused), kind, [mine])
+    save_file(parameters(model), str(out / f"rank{procs.rank}.safetensors"))
+    distributed.teardown(procs)
 
 
 def torchrun(*args, timeout=240):
@@ -67,19 +100,27 @@ def torchrun(*args, timeout=240):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_ddp_on_two_processes_trains_the_adapters_as_one_process_on_the_whole_batch(tmp_path):
-    result = torchrun(__file__, str(tmp_path))
+@pytest.mark.parametrize("kind", ["vit", "vqa"])
+def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(kind, tmp_path):
+    """Both processes end with the weights of one process that stepped on the mean of both halves' losses:
+    the adapters and the decoder got averaged gradients, and the type head, outside the loss, stayed put.
+    (For the ViT, whose loss is a mean over the batch, that is one process on the whole batch.)"""
+    result = torchrun(__file__, kind, str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = adapted_vit()
-    train(reference, reference, slice(0, BATCH))
-    expected = lora.lora_state_dict(reference)
-    start = lora.lora_state_dict(adapted_vit())
+    start = parameters(MODELS[kind]())
+    reference = MODELS[kind]()
+    train(reference, reference, kind, halves())
+    expected = parameters(reference)
+    trainable = {name for name, p in reference.named_parameters() if p.requires_grad}
+    moved = {name for name in trainable if not torch.equal(expected[name], start[name])}
+    assert {k for k in trainable if ".lora_" in k} <= moved  # every adapter trained
+    if kind == "vqa":
+        assert not any(k.startswith("type_head.") for k in moved) and "answer_head.0.weight" in moved
     for rank in (0, 1):
         got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
-        assert got.keys() == expected.keys() and len(got) == 4  # 2 blocks x (A, B)
+        assert got.keys() == expected.keys()
         for key in expected:
-            assert not torch.equal(got[key], start[key]), key  # every adapter trained
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_each_process_gets_an_equal_disjoint_share_of_the_batches():
@@ -138,5 +179,37 @@ def test_a_torchrun_checkpoint_resumes_under_torchrun_only(ddp_run, tmp_path):
     assert steps == [2, 4, 6]
 
 
+def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """SIGTERM to torchrun mid-epoch: every process stops at one step, and the resumed run (each process
+    with its own random stream back) ends where a run that was never stopped ends."""
+    options = dict(checkpoint_every=1, epochs=3, batch_size=1)  # adapter dropout 0.1, the default
+    straight = torchrun("train.py", "--config", str(tiny_config(tmp_path / "a", **options)))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run = tmp_path / "b" / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train.py", "--config", str(tiny_config(tmp_path / "b", **options))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoint.pt").is_file():
+            state = torch.load(run / "checkpoint.pt", weights_only=True)
+            if state["epoch"] < 2 and state["batch"] > 0:  # mid-epoch in epoch 1 or 2 of 3 (4 steps each)
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "SIGTERM: checkpoint saved" in out and "torchrun --nproc_per_node 2 train.py --resume" in out
+    stopped = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert stopped["step"] < 12
+    resumed = torchrun("train.py", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("adapter_last.safetensors", "model_last.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / "run" / name)), load_file(str(run / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
 if __name__ == "__main__":
-    ddp_worker(Path(sys.argv[1]))
+    ddp_worker(sys.argv[1], Path(sys.argv[2]))

@@ -8,15 +8,18 @@ function here is a no-op for a single process. ``batch_size`` counts images per 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import VQAError
 
-__all__ = ["Processes", "setup", "shard", "any_rank", "sum_over_ranks", "gather", "barrier", "teardown"]
+__all__ = ["Processes", "setup", "wrap", "shard", "any_rank", "sum_over_ranks", "gather", "barrier", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,26 @@ def setup(device: torch.device) -> tuple[Processes, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(rank, world_size), device
+
+
+def wrap(model: nn.Module, procs: Processes, device: torch.device, unused: Iterable[nn.Module] = ()) -> nn.Module:
+    """``model`` in DistributedDataParallel, or ``model`` itself for a single process.
+
+    ``unused`` are submodules whose output never reaches the loss (the question-type head without the
+    type loss): DDP leaves their parameters alone, as a single process's optimizer does, instead of
+    waiting for gradients that never come. The model's outputs must be tensors or types torch's pytree
+    knows (tuples, NamedTuples, dicts): inside a dataclass DDP cannot see them and silently skips the
+    gradient all-reduce (pytorch#124666). Static graph: the same parameters take part in every step,
+    which is what lets DDP accept gradient checkpointing's second pass through a block.
+    """
+    if not procs.enabled:
+        return model
+    skip = {id(p) for module in unused for p in module.parameters()}
+    ignored = [name for name, p in model.named_parameters() if id(p) in skip]
+    # A private but long-standing DDP hook; the public constructor has no way to leave parameters out.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True)
 
 
 def shard(batches: list[list[int]], procs: Processes) -> list[list[int]]:

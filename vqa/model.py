@@ -10,7 +10,7 @@ scratch sat on a plateau for thousands (see the README's accuracy table).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +22,9 @@ from .text import QUESTION_TYPES
 __all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention"]
 
 
-@dataclass
-class VQAOutput:
+class VQAOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DistributedDataParallel finds output tensors only in types torch's
+    # pytree knows, and with a dataclass it silently skips the gradient all-reduce (pytorch#124666).
     logits: Tensor  # (B_q, num_answers)
     type_logits: Tensor  # (B_q, num_question_types)
 
