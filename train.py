@@ -143,7 +143,8 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     train_set = VQADataset(train_data.rows, transform, tokenizer, answers)
     val_set = VQADataset(val_data.rows, transform, tokenizer, answers)
     val_batches = chunks(list(range(len(val_set))), t.batch_size)[procs.rank::procs.world_size]  # counts summed below
-    val_loader = make_loader(val_set, val_batches, t.num_workers)
+    pin = device.type == "cuda"  # page-locked batches: host-to-GPU copies overlap with the GPU's work
+    val_loader = make_loader(val_set, val_batches, t.num_workers, pin)
     class_weights = None
     if cfg.data.answer_weights:
         table = load_answer_weights(cfg.data.answer_weights)
@@ -175,24 +176,29 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
                 "scheduler": scheduler.state_dict(), "rng_per_process": rngs,
                 "epoch": epoch, "batch": batch, "step": step, "best": best,
             }, run / "checkpoint.pt")
+        distributed.barrier(procs)  # no process leaves (a stop) before the file is complete
 
     stop_signal: list[int] = []
 
     def on_signal(signum, frame):
-        if stop_signal:  # a second Ctrl-C: stop now (the last checkpoint on disk is intact)
+        if stop_signal and signum == signal.SIGINT:  # a second Ctrl-C: stop now (the last checkpoint is intact)
             raise KeyboardInterrupt
-        stop_signal.append(signum)
+        if not stop_signal:  # a repeated SIGTERM (a scheduler and torchrun both passing it on) changes nothing
+            stop_signal.append(signum)
 
     def stop_if_asked(epoch: int, batch: int) -> None:
-        (asked,) = distributed.any_rank([bool(stop_signal)], procs, device)  # all processes stop at one step
-        if asked:
+        # All processes stop at the same step, whichever of them got the signal.
+        (signum,) = distributed.max_over_ranks([stop_signal[0] if stop_signal else 0], procs, device)
+        if signum:
             checkpoint(epoch, batch)
-            signum = stop_signal[0] if stop_signal else signal.SIGTERM
             launcher = "python train.py"
             if procs.enabled:
                 launcher = f"torchrun --nproc_per_node {procs.world_size} train.py"
             log(f"\n{signal.Signals(signum).name}: checkpoint saved at step {step}; "
                 f"continue with: {launcher} --resume {run}")
+            # A repeated SIGTERM must not kill the process while it exits (Python resets its own handlers
+            # then): ignored at the OS level, it cannot.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             sys.exit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -202,7 +208,7 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
             model.train()
             batches = distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, epoch), procs)
             done = start_batch if epoch == start_epoch else 0
-            bar = tqdm(make_loader(train_set, batches[done:], t.num_workers), total=len(batches), initial=done,
+            bar = tqdm(make_loader(train_set, batches[done:], t.num_workers, pin), total=len(batches), initial=done,
                        desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or not procs.is_main,
                        dynamic_ncols=True)
             tic, seen = time.perf_counter(), 0
@@ -214,7 +220,7 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
                     if t.use_type_loss:
                         loss = loss + t.type_loss_weight * F.cross_entropy(out.type_logits.float(), batch["question_type"])
                 finite = bool(torch.isfinite(loss))  # CPU-GPU sync point, once per step
-                if distributed.any_rank([not finite], procs, device)[0]:  # every process stops, or none
+                if distributed.max_over_ranks([not finite], procs, device)[0]:  # every process stops, or none
                     loss_text = loss.item() if not finite else "not finite in another process"
                     raise VQAError(
                         f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
@@ -234,7 +240,9 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
                 stop_if_asked(epoch, i + 1)
             bar.close()
             seconds = time.perf_counter() - tic
-            # Each process evaluates its share of the validation batches; the counts are summed over all.
+            # Each process evaluates its share of the validation batches, with the main process's BatchNorm
+            # statistics (the ones saved); the counts are summed over all.
+            distributed.sync_buffers(model, procs)
             metrics = evaluate(model, val_loader, device, lambda n: distributed.sum_over_ranks(n, procs, device))
             metrics.update(epoch=epoch + 1, step=step, train_seconds=round(seconds, 2))
             is_best = metrics["accuracy"] > best
@@ -253,8 +261,10 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
             checkpoint(epoch + 1, 0)
             stop_if_asked(epoch + 1, 0)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if not stop_signal:  # stopping on a signal leaves SIGTERM ignored (above)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        del net  # free the DDP wrapper before its process group: the other order can deadlock (torch 2.11, gloo)
         distributed.teardown(procs)
 
     skipped = len(train_data.skipped) + len(val_data.skipped)

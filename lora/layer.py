@@ -228,6 +228,9 @@ class LoRALinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            # Cast the input once, here, rather than once inside F.linear and again for the adapter.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         # A 2-D output of its own, not a view: F.linear does not save it for backward, so the adapter
         # can accumulate into it in place instead of allocating a second output-sized tensor.
         y = F.linear(x, self.weight, self.bias)  # (M, out)

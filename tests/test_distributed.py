@@ -3,6 +3,7 @@
 Run as a script under torchrun, this file is the worker of the DDP equivalence test.
 """
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -92,6 +94,8 @@ def ddp_worker(kind: str, out: Path) -> None:
     mine = halves()[procs.rank]
     train(model, distributed.wrap(model, procs, device, unused), kind, [mine])
     save_file(parameters(model), str(out / f"rank{procs.rank}.safetensors"))
+    distributed.sync_buffers(model, procs)  # as train.py does before evaluating
+    save_file(dict(model.named_buffers()), str(out / f"rank{procs.rank}_buffers.safetensors"))
     distributed.teardown(procs)
 
 
@@ -121,6 +125,14 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(kind, tmp
         assert got.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    # Each process's last forward updated its BatchNorm statistics from its own half; after sync_buffers
+    # both hold the main process's, so every process evaluates with the statistics that are saved.
+    buffers = [load_file(str(tmp_path / f"rank{rank}_buffers.safetensors")) for rank in (0, 1)]
+    assert buffers[0].keys() == buffers[1].keys() == dict(MODELS[kind]().named_buffers()).keys()
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
+    if kind == "vqa":
+        assert any("running_mean" in key for key in buffers[0])
 
 
 def test_each_process_gets_an_equal_disjoint_share_of_the_batches():
@@ -140,7 +152,9 @@ def test_more_processes_than_batches_is_a_clear_error():
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    result = torchrun("train.py", "--config", str(tiny_config(tmp, batch_size=2)))
+    # Gradient checkpointing and no type loss (its head outside DDP): the options DDP is most particular about.
+    result = torchrun("train.py", "--config", str(tiny_config(tmp, batch_size=2, device="cpu", use_type_loss=False)),
+                      "--grad_checkpointing", "true")
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp, result
 
@@ -151,6 +165,8 @@ def test_train_under_torchrun_writes_one_run_and_evaluates_every_question(ddp_ru
     for name in ARTEFACTS:
         assert (run / name).is_file(), name
     assert result.stdout.count("overall") == 1  # one process prints
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["grad_checkpointing"] is True and saved["train"]["use_type_loss"] is False
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # 8 training images in batches of 2: 4 batches an epoch, 2 for each process; 2 epochs.
     assert [(m["epoch"], m["step"]) for m in lines] == [(1, 2), (2, 4)]
@@ -179,33 +195,72 @@ def test_a_torchrun_checkpoint_resumes_under_torchrun_only(ddp_run, tmp_path):
     assert steps == [2, 4, 6]
 
 
-def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
-    """SIGTERM to torchrun mid-epoch: every process stops at one step, and the resumed run (each process
-    with its own random stream back) ends where a run that was never stopped ends."""
-    options = dict(checkpoint_every=1, epochs=3, batch_size=1)  # adapter dropout 0.1, the default
-    straight = torchrun("train.py", "--config", str(tiny_config(tmp_path / "a", **options)))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    run = tmp_path / "b" / "run"
+STOP_OPTIONS = dict(checkpoint_every=1, epochs=3, batch_size=1, device="cpu", num_workers=2)  # dropout 0.1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run that the stopped-and-resumed ones must end up equal to."""
+    tmp = tmp_path_factory.mktemp("straight")
+    result = torchrun("train.py", "--config", str(tiny_config(tmp, **STOP_OPTIONS)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run"
+
+
+def trainer_pid(launcher: int, rank: int) -> int:
+    """The PID of the training process of ``rank`` that torchrun (PID ``launcher``) started (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, gone, or not ours
+        if parent == launcher and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"torchrun {launcher} has no process of rank {rank}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through Linux /proc")
+@pytest.mark.parametrize("target", ["torchrun", "rank 1 alone"])
+def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(target, uninterrupted, tmp_path):
+    """SIGTERM mid-epoch, to torchrun (which passes it to every process group: the training processes and
+    their loader workers) or to one training process alone: every process stops at the same step and the
+    main one saves. The run stopped through torchrun, resumed (each process with its own random stream
+    back), ends where the uninterrupted run ends."""
+    run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train.py", "--config", str(tiny_config(tmp_path / "b", **options))]
+           "train.py", "--config", str(tiny_config(tmp_path, **STOP_OPTIONS))]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "checkpoint.pt").is_file():
-            state = torch.load(run / "checkpoint.pt", weights_only=True)
-            if state["epoch"] < 2 and state["batch"] > 0:  # mid-epoch in epoch 1 or 2 of 3 (4 steps each)
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert "SIGTERM: checkpoint saved" in out and "torchrun --nproc_per_node 2 train.py --resume" in out
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "checkpoint.pt").is_file():
+                state = torch.load(run / "checkpoint.pt", weights_only=True)
+                if state["epoch"] < 2 and state["batch"] > 0:  # mid-epoch in epoch 1 or 2 of 3 (4 steps each)
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be stopped"
+        os.kill(proc.pid if target == "torchrun" else trainer_pid(proc.pid, 1), signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failure here leaves no training processes behind
+            for rank in (0, 1):
+                try:
+                    os.kill(trainer_pid(proc.pid, rank), signal.SIGKILL)
+                except AssertionError:
+                    pass  # that one already ended
+            proc.kill()
+            proc.communicate()
+    assert "SIGTERM: checkpoint saved" in out and "torchrun --nproc_per_node 2 train.py --resume" in out, err[-3000:]
+    assert 'train.py", line' not in err and "DataLoader worker" not in err, err[-3000:]  # torchrun's own may show
     stopped = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert stopped["step"] < 12
+    assert stopped["step"] < 12 and len(stopped["rng_per_process"]) == 2
+    if target != "torchrun":
+        return  # the stop itself was the point: resuming takes the same path as above
     resumed = torchrun("train.py", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name in ("adapter_last.safetensors", "model_last.safetensors"):
-        a, b = load_file(str(tmp_path / "a" / "run" / name)), load_file(str(run / name))
+        a, b = load_file(str(uninterrupted / name)), load_file(str(run / name))
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)

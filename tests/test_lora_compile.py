@@ -38,8 +38,10 @@ def test_compiled_forward_and_backward_equal_eager(splits, dropout):
     out = compiled(x)
     grads = torch.autograd.grad(out.square().sum(), [x, layer.lora_A, layer.lora_B])
     torch.testing.assert_close(out, eager_out)
-    for g, e in zip(grads, eager_grads):  # compiled B is block-diagonal, eager B per split: another sum order
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    # Compiled B is block-diagonal, eager B per split: another fp32 sum order, whose rounding depends on the
+    # thread count (3.7e-5 on a gradient of 1.1 with 16 threads, torch 2.11); a wrong formula is off by O(1).
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler")

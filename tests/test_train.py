@@ -82,10 +82,15 @@ def test_predict_and_evaluate_from_the_run(trained):
     assert best["count"] == int(overall.split()[-1].replace(",", ""))
 
 
-def test_resume_continues_a_finished_run_for_more_epochs(trained, tmp_path):
+@pytest.mark.parametrize("layout", ["current", "before torchrun support"])
+def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_path):
     tmp, _ = trained
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(tmp / "run"), str(run)], check=True)
+    if layout != "current":  # older checkpoints hold one process's random state under "rng"
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        (state["rng"],) = state.pop("rng_per_process")
+        torch.save(state, run / "checkpoint.pt")
     result = cli("train.py", "--resume", str(run), "--epochs", "3")
     assert "resuming" in result.stdout and "epoch 3:" in result.stdout and "epoch 1:" not in result.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
@@ -145,7 +150,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("times", [1, 2])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(times, tmp_path):
+    """Also when SIGTERM comes twice (a cluster scheduler signals every process and torchrun passes its
+    own on): only a second Ctrl-C means "stop now"."""
     config = tiny_config(tmp_path, epochs=50, batch_size=2)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT,
@@ -153,7 +161,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    for _ in range(times):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)  # separate deliveries: pending signals of one kind merge into one
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM: checkpoint saved" in out and "--resume" in out and "Traceback" not in err

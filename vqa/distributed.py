@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .errors import VQAError
 
-__all__ = ["Processes", "setup", "wrap", "shard", "any_rank", "sum_over_ranks", "gather", "barrier", "teardown"]
+__all__ = ["Processes", "setup", "wrap", "shard", "max_over_ranks", "sum_over_ranks", "gather", "sync_buffers",
+           "barrier", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ def wrap(model: nn.Module, procs: Processes, device: torch.device, unused: Itera
     type loss): DDP leaves their parameters alone, as a single process's optimizer does, instead of
     waiting for gradients that never come. The model's outputs must be tensors or types torch's pytree
     knows (tuples, NamedTuples, dicts): inside a dataclass DDP cannot see them and silently skips the
-    gradient all-reduce (pytorch#124666). Static graph: the same parameters take part in every step,
-    which is what lets DDP accept gradient checkpointing's second pass through a block.
+    gradient all-reduce (pytorch#124666). Static graph: the same parameters take part in every step;
+    declaring it lets DDP accept reentrant activation checkpointing (``TIMM_REENTRANT_CKPT=1``), whose
+    recomputation would otherwise mark the checkpointed blocks' parameters ready twice. timm's default,
+    non-reentrant checkpointing, works either way.
     """
     if not procs.enabled:
         return model
@@ -88,13 +91,14 @@ def shard(batches: list[list[int]], procs: Processes) -> list[list[int]]:
     return batches[procs.rank:per_process * procs.world_size:procs.world_size]
 
 
-def any_rank(flags: list[bool], procs: Processes, device: torch.device) -> list[bool]:
-    """Each flag is true if it is true in any process, so that every process makes the same decision."""
+def max_over_ranks(values: list[int], procs: Processes, device: torch.device) -> list[int]:
+    """Each value's maximum over all processes, so that every process makes the same decision (a flag
+    is true if it is true anywhere)."""
     if not procs.enabled:
-        return flags
-    t = torch.tensor(flags, dtype=torch.int32, device=device)
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return t.tolist()
 
 
 def sum_over_ranks(t: torch.Tensor, procs: Processes, device: torch.device) -> torch.Tensor:
@@ -113,6 +117,17 @@ def gather(obj: Any, procs: Processes) -> list[Any]:
     out: list[Any] = [None] * procs.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def sync_buffers(model: nn.Module, procs: Processes) -> None:
+    """Copies the main process's buffers (BatchNorm running statistics) to every process.
+
+    DDP sends them at the start of each forward, and each process's own forward then updates them
+    with its own batch: without this, each process would evaluate its share with slightly different
+    statistics from the ones in the weights the main process saves."""
+    if procs.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier(procs: Processes) -> None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,12 +23,23 @@ from .metrics import TypeAccuracy, format_accuracy_table
 __all__ = ["evaluate", "make_loader"]
 
 
-def make_loader(dataset: VQADataset, batches: list[list[int]], num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """A loader over explicit batches of image indices (the caller owns the order)."""
+def make_loader(dataset: VQADataset, batches: list[list[int]], num_workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A loader over explicit batches of image indices (the caller owns the order); ``pin_memory`` for
+    copies to a GPU that overlap with its work."""
     # A generator of its own: an iterator otherwise draws its seed from the global RNG, so creating
     # one mid-epoch (on resume) would shift every dropout mask after it.
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
-                                       generator=torch.Generator().manual_seed(0))
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+                                       worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the training process. A terminal's Ctrl-C, and torchrun
+    or a cluster scheduler forwarding SIGTERM, signal the whole process group: a worker killed by it
+    would make the loader raise before train.py could save its checkpoint and stop cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def pick_device(name: str, source: str = "--device") -> torch.device:
