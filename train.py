@@ -178,10 +178,11 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
             }, run / "checkpoint.pt")
         distributed.barrier(procs)  # no process leaves (a stop) before the file is complete
 
-    stop_signal: list[int] = []
+    stop_signal: list[int] = []  # the signal this process got
+    stopping: list[int] = []  # the signal every process stops on, once agreed
 
     def on_signal(signum, frame):
-        if stop_signal and signum == signal.SIGINT:  # a second Ctrl-C: stop now (the last checkpoint is intact)
+        if stop_signal and signum == signal.SIGINT:  # Ctrl-C after a signal: stop now (the last checkpoint is intact)
             raise KeyboardInterrupt
         if not stop_signal:  # a repeated SIGTERM (a scheduler and torchrun both passing it on) changes nothing
             stop_signal.append(signum)
@@ -190,15 +191,17 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
         # All processes stop at the same step, whichever of them got the signal.
         (signum,) = distributed.max_over_ranks([stop_signal[0] if stop_signal else 0], procs, device)
         if signum:
+            # From here a SIGTERM (a repeat, or torchrun's to the processes still running) must not kill the
+            # process, during the save or the exit (Python resets its own handlers then): ignored at the OS
+            # level, it cannot.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stopping.append(signum)
             checkpoint(epoch, batch)
             launcher = "python train.py"
             if procs.enabled:
                 launcher = f"torchrun --nproc_per_node {procs.world_size} train.py"
             log(f"\n{signal.Signals(signum).name}: checkpoint saved at step {step}; "
                 f"continue with: {launcher} --resume {run}")
-            # A repeated SIGTERM must not kill the process while it exits (Python resets its own handlers
-            # then): ignored at the OS level, it cannot.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             sys.exit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -261,8 +264,8 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
             checkpoint(epoch + 1, 0)
             stop_if_asked(epoch + 1, 0)
     finally:
-        if not stop_signal:  # stopping on a signal leaves SIGTERM ignored (above)
-            for s, handler in previous.items():
+        for s, handler in previous.items():
+            if not (stopping and s == signal.SIGTERM):  # stopping on a signal leaves SIGTERM ignored (above)
                 signal.signal(s, handler)
         del net  # free the DDP wrapper before its process group: the other order can deadlock (torch 2.11, gloo)
         distributed.teardown(procs)

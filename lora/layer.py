@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 __all__ = ["LoRALinear", "LoRADropout"]
 
+# The input dtypes autocast casts (it leaves float64 alone).
+_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 # Rows of a low-precision weight merged per step: bounds the fp32 temporary to rows x in_features.
 _MERGE_CHUNK_ROWS = 256
 
@@ -228,7 +230,7 @@ class LoRALinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
-        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        if x.dtype in _AUTOCAST_INPUTS and torch.is_autocast_enabled(x.device.type):
             # Cast the input once, here, rather than once inside F.linear and again for the adapter.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         # A 2-D output of its own, not a view: F.linear does not save it for backward, so the adapter

@@ -180,6 +180,21 @@ def test_unmerge_without_kept_weight_subtracts_the_delta():
     torch.testing.assert_close(layer.weight.detach(), w0, atol=1e-6, rtol=1e-6)
 
 
+def test_autocast_runs_float32_in_bf16_and_leaves_float64_alone():
+    layer = make_layer(3, in_features=32)
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    want = reference(layer, x)
+    assert (low.float() - want).norm() / want.norm() < 1e-2  # bf16 rounding, not another formula
+    layer, x = layer.double(), x.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.float64  # autocast does not touch float64, and neither does the layer
+    torch.testing.assert_close(out, reference(layer, x))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("keep_unmerged", [True, False])
 def test_low_precision_merge_sums_in_fp32_and_rounds_once(dtype, keep_unmerged):

@@ -1,4 +1,9 @@
 import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from vqa.data import VQADataset, check_images, collate, load_image, read_csv
 from vqa.errors import VQAError
 from vqa.text import AnswerVocab, Tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 HEADER = "image,question,answer\n"
 
 
@@ -188,6 +194,56 @@ def test_dataset_groups_questions_by_image_and_collate_maps_them_back(folder):
     assert batch["input_ids"].shape == (4, 7) and batch["input_ids"][0, 0] == Tokenizer.CLS
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0]  # [CLS] what color ? + padding
     assert batch["pixel_values"][1, 2, 0, 0] == 255  # image b is blue
+
+
+LOADER_CHILD = """
+import os, signal, sys, time
+import numpy as np, torch
+from vqa.data import VQADataset, read_csv
+from vqa.evaluate import make_loader
+from vqa.text import AnswerVocab, Tokenizer
+
+def slow(im):
+    time.sleep(0.02)  # keeps both workers busy while the group is signalled
+    return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)
+
+rows = read_csv(sys.argv[1]).rows
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+data = VQADataset(rows, slow, Tokenizer.build(r.question for r in rows), AnswerVocab.build(r.answer for r in rows))
+batches = iter(make_loader(data, [[0], [1]] * 10, num_workers=2))
+first = next(batches)
+print("ready", flush=True)
+for _ in range(500):
+    if got:
+        break
+    time.sleep(0.01)
+more = [next(batches) for _ in range(5)]  # a worker killed by the signal would make this raise
+own_groups = all(os.getpgid(w.pid) != os.getpgid(0) for w in batches._workers)
+print("ok", got, len(more), own_groups, signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask, flush=True)
+sys.exit(0)  # with the loader unfinished: the exit terminates its workers, and must not hang on them
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX process groups and signal masks")
+def test_a_sigterm_to_the_process_group_leaves_loader_workers_running(folder):
+    """torchrun and cluster schedulers send SIGTERM to the training process's whole group; the training
+    process must get it and its loader workers must not die of it. Run in a session of its own, as
+    torchrun starts each training process."""
+    path = write(folder, HEADER + "img/a.png,What color?,red\nimg/b.png,What color?,blue\n")
+    proc = subprocess.Popen([sys.executable, "-c", LOADER_CHILD, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.split() == ["ok", f"[{int(signal.SIGTERM)}]", "5", "True", "True"], (out, err)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

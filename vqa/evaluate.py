@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -29,17 +30,44 @@ def make_loader(dataset: VQADataset, batches: list[list[int]], num_workers: int 
     copies to a GPU that overlap with its work."""
     # A generator of its own: an iterator otherwise draws its seed from the global RNG, so creating
     # one mid-epoch (on resume) would shift every dropout mask after it.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
-                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
-                                       worker_init_fn=_ignore_stop_signals)
+    return _Loader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                   generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_process_group)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C and SIGTERM to the training process. A terminal's Ctrl-C, and torchrun
-    or a cluster scheduler forwarding SIGTERM, signal the whole process group: a worker killed by it
-    would make the loader raise before train.py could save its checkpoint and stop cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# Ctrl-C and SIGTERM are for the training process, not its loader workers. A terminal's Ctrl-C, and
+# torchrun or a cluster scheduler passing SIGTERM on, signal the whole process group: a worker killed by
+# one would make the loader raise before train.py could save its checkpoint and stop cleanly.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_POSIX = hasattr(signal, "pthread_sigmask") and hasattr(os, "setpgid")
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """Starts its workers with the stop signals blocked, so that one sent to the process group before a
+    worker has left it waits and is dropped instead of killing the worker (see ``_leave_process_group``).
+    The caller's own mask is restored at once: a signal it got meanwhile is delivered then."""
+
+    def __iter__(self):
+        if self.num_workers == 0 or not _POSIX:
+            return super().__iter__()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()  # forks the workers, which inherit the blocked mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _leave_process_group(worker_id: int) -> None:
+    """In each worker: a process group of its own, out of reach of signals sent to the trainer's group.
+    A SIGTERM sent by PID, as the loader's own shutdown does to a stuck worker, still ends it: ignoring
+    SIGTERM instead would make an unfinished loader hang the interpreter's exit, which terminates and
+    then joins its workers."""
+    if not _POSIX:
+        return
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops one that reached the group while this worker started
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def pick_device(name: str, source: str = "--device") -> torch.device:
