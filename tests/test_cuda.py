@@ -10,18 +10,12 @@ from torch import nn
 
 import lora
 from conftest import tiny_vit
-from test_lora_layer import make_layer, reference
+from test_lora_layer import make_layer, reference, relative_error
 from test_train import cli, tiny_config
 from vqa import DeterministicVQA
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want||: bf16 keeps about 3 significant digits, so an element near zero can be off
-    by far more than its own size while the whole tensor is right to ~0.4 %; a wrong formula is off by ~100 %."""
-    return float((got - want).norm() / want.norm())
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -153,7 +153,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 @pytest.mark.parametrize("times", [1, 2])
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(times, tmp_path):
     """Also when SIGTERM comes twice (a cluster scheduler signals every process and torchrun passes its
-    own on): only a second Ctrl-C means "stop now"."""
+    own on): only a Ctrl-C after the first signal means "stop now"."""
     config = tiny_config(tmp_path, epochs=50, batch_size=2)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT,
