@@ -11,6 +11,10 @@ straight into the base output, so no copy of the base output is ever made. In tr
 hand-written backward (``_LoRAUpdate``) keeps it that way: the output gradient passes through
 untouched and each split's B costs only its own block's GEMMs. Under ``torch.compile`` the same sum
 is written in plain autograd ops that compilers, ``torch.func`` and forward-mode AD can trace.
+
+Without autograd (evaluation under ``no_grad``/``inference_mode``) and for a large input, the layer
+instead multiplies by ``W + scaling * B A``, formed for the call: a pass over the weight where the update
+makes a pass over the whole output. The layer stays unmerged; the result is what a merged layer computes.
 """
 from __future__ import annotations
 
@@ -26,6 +30,10 @@ __all__ = ["LoRALinear", "LoRADropout"]
 _AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 # Rows of a low-precision weight merged per step: bounds the fp32 temporary to rows x in_features.
 _MERGE_CHUNK_ROWS = 256
+# A forward without autograd folds the adapter into a weight made for the call once the input and output
+# it would otherwise pass over hold this many times the weight's elements: rows * (in + out) >= 4 * in * out
+# (rows >= 3 * width for a qkv layer). Below that, adding B(A(x)) to the output is cheaper.
+_FOLD_MIN_ACTIVATIONS_PER_WEIGHT = 4
 
 
 def check_lora_args(r: int, alpha: float, dropout: float, splits: int, out_features: int) -> None:
@@ -233,6 +241,8 @@ class LoRALinear(nn.Linear):
         if x.dtype in _AUTOCAST_INPUTS and torch.is_autocast_enabled(x.device.type):
             # Cast the input once, here, rather than once inside F.linear and again for the adapter.
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self._folds(x):
+            return F.linear(x, self._folded_weight(), self.bias).view(*lead, self.out_features)
         # A 2-D output of its own, not a view: F.linear does not save it for backward, so the adapter
         # can accumulate into it in place instead of allocating a second output-sized tensor.
         y = F.linear(x, self.weight, self.bias)  # (M, out)
@@ -247,6 +257,32 @@ class LoRALinear(nn.Linear):
         else:  # nothing to differentiate: the same arithmetic without an autograd node
             _lora_update_(y, x, lora_A, lora_B, keep, alpha, self.splits)
         return y.view(*lead, self.out_features)
+
+    def _folds(self, x: Tensor) -> bool:
+        """Whether this forward multiplies by ``weight + scaling * B A``, made for the call, instead of adding
+        ``B(A(x))`` to the output: when autograd is off, no dropout is drawn, and ``x`` is large next to the
+        weight. It is what ``merge`` would compute, with the layer left unmerged. Plain out-of-place ops:
+        compilers, ``torch.func`` and forward-mode AD (which ``no_grad`` does not stop) run it as they are."""
+        if torch.is_grad_enabled() or (self.training and isinstance(self.lora_dropout, LoRADropout)):
+            return False
+        activations = x.shape[0] * (self.in_features + self.out_features)
+        return activations >= _FOLD_MIN_ACTIVATIONS_PER_WEIGHT * self.in_features * self.out_features
+
+    def _folded_weight(self) -> Tensor:
+        """``weight + scaling * B A`` as a new tensor in the weight's dtype, summed outside autocast (which would
+        round the weight to bf16 before the small delta is added); ``F.linear`` then rounds the sum as it
+        rounds a merged weight. One GEMM-accumulate for all splits: on a GPU, where this runs per call,
+        one kernel launch rather than one per split. A low-precision weight is summed as ``merge`` sums it."""
+        w = self.weight
+        if w.dtype not in (torch.float32, torch.float64):
+            folded = torch.empty_like(w)
+            self._accumulate_delta(folded, w)
+            return folded
+        s, o, r = self.splits, self.out_features // self.splits, self.r
+        with torch.autocast(w.device.type, enabled=False):
+            folded = torch.baddbmm(w.view(s, o, self.in_features), self.lora_B.to(w.dtype).view(s, o, r),
+                                   self.lora_A.to(w.dtype).view(s, r, self.in_features), alpha=self.scaling)
+        return folded.view(self.out_features, self.in_features)
 
     def _traceable_update(self, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
                           alpha: float) -> Tensor:
@@ -282,12 +318,15 @@ class LoRALinear(nn.Linear):
                 torch.addmm(base[rows], lora_B[i], lora_A[i], alpha=self.scaling, out=out[rows])
             return
         lora_A, lora_B = lora_A.float(), lora_B.float()
-        for i in range(s):
-            for start in range(0, o, _MERGE_CHUNK_ROWS):
-                rows = slice(i * o + start, i * o + min(o, start + _MERGE_CHUNK_ROWS))
-                acc = torch.addmm(base[rows].float(), lora_B[i, start:start + _MERGE_CHUNK_ROWS], lora_A[i],
-                                  alpha=self.scaling)
-                out[rows].copy_(acc)
+        # An out-of-place addmm is what autocast casts (out= calls it leaves alone): under bf16 autocast, an
+        # fp16 weight would be summed in bf16, with 3 fewer bits than fp16 itself.
+        with torch.autocast(base.device.type, enabled=False):
+            for i in range(s):
+                for start in range(0, o, _MERGE_CHUNK_ROWS):
+                    rows = slice(i * o + start, i * o + min(o, start + _MERGE_CHUNK_ROWS))
+                    acc = torch.addmm(base[rows].float(), lora_B[i, start:start + _MERGE_CHUNK_ROWS], lora_A[i],
+                                      alpha=self.scaling)
+                    out[rows].copy_(acc)
 
     @torch.no_grad()
     def merge(self, keep_unmerged: bool = True) -> None:

@@ -40,6 +40,17 @@ def test_bf16_autocast_matches_the_fp32_formula_and_keeps_fp32_gradients(splits,
         assert relative_error(g, w) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [16, 4096])  # the update added to the output, then the fold (from 192 rows)
+def test_bf16_inference_on_the_gpu_matches_the_fp32_formula(rows):
+    layer = make_layer(3, in_features=64).to(CUDA).eval()
+    x = torch.randn(rows, 64, device=CUDA)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert layer._folds(x) == (rows >= 192)
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out.float(), reference(layer, x)) < 1e-2
+
+
 def test_merge_on_the_gpu_equals_the_unmerged_model_and_unmerges_bit_exactly():
     model = tiny_vit().to(CUDA).eval()
     lora.inject_lora(model, r=4)

@@ -24,6 +24,18 @@ def test_no_graph_breaks_in_the_lora_layer(splits, dropout):
     assert explanation.graph_count == 1
 
 
+def test_a_folded_forward_compiles_without_graph_breaks_and_equals_eager():
+    torch._dynamo.reset()
+    layer = trained_layer(3).eval()
+    x = torch.randn(64, 16)  # 64 * (16 + 48) >= 4 * 16 * 48: the forward folds
+    with torch.no_grad():
+        assert layer._folds(x)
+        explanation = torch._dynamo.explain(layer)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_compiled_forward_and_backward_equal_eager(splits, dropout):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,13 +125,66 @@ def test_lora_dropout_near_one_still_keeps_something_and_stays_unbiased():
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_inference_path_matches_reference(splits):
+@pytest.mark.parametrize("rows, folds", [(18, False), (48, True)])  # a fold from 4*12*36/48 = 36 rows on
+def test_inference_path_matches_reference(splits, rows, folds):
     layer = make_layer(splits).eval()
-    x = torch.randn(2, 9, 12)
+    x = torch.randn(2, rows // 2, 12)
     with torch.no_grad():
+        assert layer._folds(x.view(-1, 12)) == folds  # the path this case is meant to cover
         torch.testing.assert_close(layer(x), reference(layer, x))
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), reference(layer, x))
+    assert layer._folds(x.view(-1, 12)) is False  # autograd on: never folds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_folded_forward_computes_what_merge_would_and_leaves_the_layer_unmerged(dtype, bias):
+    layer = make_layer(3, bias=bias, dtype=dtype).eval()
+    x = torch.randn(60, 12, dtype=dtype)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        assert layer._folds(x)
+        folded = layer(x)
+        assert not layer.merged and layer._merge_buffer is None
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, state[k]), k
+        want = reference(layer, x)
+        layer.merge()
+        merged = layer(x)
+    if dtype == torch.bfloat16:
+        assert torch.equal(folded, merged)  # merge's own sum: in fp32, rounded to bf16 once
+        assert relative_error(folded.float(), want.float()) < 1e-2
+    else:  # one GEMM-accumulate for all splits where merge makes one per split: equal up to rounding
+        torch.testing.assert_close(folded, merged, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(folded, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_folded_forward_under_autocast_sums_the_weight_in_fp32():
+    layer = make_layer(3).eval()
+    x = torch.randn(60, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._folds(x)
+        weight = layer._folded_weight()
+        folded = layer(x)
+    # Autocast would run the sum in bf16, rounding W before the small delta is added; F.linear rounds the
+    # fp32 sum instead, as it rounds a merged weight.
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, layer.weight + layer.delta_weight(), rtol=1e-6, atol=1e-6)
+    assert folded.dtype == torch.bfloat16
+    assert relative_error(folded.float(), reference(layer, x)) < 1e-2
+
+
+def test_dropout_in_training_is_never_folded_away():
+    layer = make_layer(3, dropout=0.5).train()
+    x = torch.randn(60, 12)
+    with torch.no_grad():
+        assert not layer._folds(x)
+        dropped = layer(x)
+        layer.eval()
+        assert layer._folds(x)
+        plain = layer(x)
+    assert not torch.allclose(dropped, plain, atol=1e-3)  # half the adapter's input was dropped
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -214,6 +269,15 @@ def test_low_precision_merge_sums_in_fp32_and_rounds_once(dtype, keep_unmerged):
     layer.merge(keep_unmerged=keep_unmerged)
     assert layer.weight.dtype == dtype
     assert torch.equal(layer.weight, expected)
+
+
+def test_a_merge_under_autocast_still_sums_in_fp32():
+    layer = make_layer(3, dtype=torch.float16, in_features=32)
+    plain = copy.deepcopy(layer)
+    plain.merge()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 sum would lose 3 of fp16's bits
+        layer.merge()
+    assert torch.equal(layer.weight, plain.weight)
 
 
 @pytest.mark.parametrize(
@@ -388,6 +452,23 @@ def test_torch_func_grad_vmap_and_forward_ad_match_reference():
     _, jvp_out = torch.func.jvp(lambda x: layer(x), (xs[0],), (tangent,))
     _, jvp_want = torch.func.jvp(lambda x: reference(layer, x), (xs[0],), (tangent,))
     torch.testing.assert_close(jvp_out, jvp_want)
+
+
+def test_a_folded_forward_under_vmap_and_forward_ad_matches_reference():
+    layer = make_layer(3).eval()
+    xs, tangent = torch.randn(2, 40, 12), torch.randn(40, 12)
+    with torch.no_grad():  # torch.func and forward-mode AD still run in here, through the folded weight
+        assert layer._folds(xs[0])
+        torch.testing.assert_close(torch.func.vmap(layer)(xs), reference(layer, xs))
+        out, jvp_out = torch.func.jvp(layer, (xs[0],), (tangent,))
+        torch.testing.assert_close(out, reference(layer, xs[0]))
+        torch.testing.assert_close(jvp_out, tangent @ (layer.weight + layer.delta_weight()).T)
+        with torch.autograd.forward_ad.dual_level():
+            dual_B = torch.autograd.forward_ad.make_dual(layer.lora_B.detach(), torch.ones_like(layer.lora_B))
+            out = torch.func.functional_call(layer, {"lora_B": dual_B}, (xs[0],))
+            tangent_out = torch.autograd.forward_ad.unpack_dual(out).tangent
+        with_B_plus_1 = torch.func.functional_call(layer, {"lora_B": layer.lora_B + 1}, (xs[0],))
+    torch.testing.assert_close(tangent_out, with_B_plus_1 - reference(layer, xs[0]))  # the output is linear in B
 
 
 def test_a_merge_never_overwrites_a_merged_weight_someone_still_holds():
