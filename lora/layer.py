@@ -15,9 +15,13 @@ is written in plain autograd ops that compilers, ``torch.func`` and forward-mode
 Without autograd (evaluation under ``no_grad``/``inference_mode``) and for a large input, the layer
 instead multiplies by ``W + scaling * B A``, formed for the call: a pass over the weight where the update
 makes a pass over the whole output. The layer stays unmerged; the result is what a merged layer computes.
+In fp32 the two paths agree to rounding (about 1e-6); in bf16, which rounds the folded weight where the
+update rounds two products, to bf16 precision only, so a bf16 output may change in its last bits with
+the batch size that decides between them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -85,6 +89,13 @@ class LoRADropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         keep = self.keep_mask(x)
         return x if keep is None else x * keep * self.scale
+
+
+def _no_autocast(device: torch.device):
+    """Autocast switched off on ``device``: the sums inside run in the dtypes given. A no-op on the meta
+    device, which has no autocast (``torch.autocast`` would raise; ``torch.amp.is_autocast_available``
+    would say so, but torch 2.11's compiler cannot trace it)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def _dropped(x: Tensor, keep: Tensor | None) -> Tensor:
@@ -263,26 +274,25 @@ class LoRALinear(nn.Linear):
         ``B(A(x))`` to the output: when autograd is off, no dropout is drawn, and ``x`` is large next to the
         weight. It is what ``merge`` would compute, with the layer left unmerged. Plain out-of-place ops:
         compilers, ``torch.func`` and forward-mode AD (which ``no_grad`` does not stop) run it as they are."""
-        if torch.is_grad_enabled() or (self.training and isinstance(self.lora_dropout, LoRADropout)):
+        if torch.is_grad_enabled():
             return False
+        if isinstance(self.lora_dropout, LoRADropout) and self.lora_dropout.training:
+            return False  # a mask will be drawn (the dropout module's own mode: MC dropout turns on only it)
         activations = x.shape[0] * (self.in_features + self.out_features)
         return activations >= _FOLD_MIN_ACTIVATIONS_PER_WEIGHT * self.in_features * self.out_features
 
     def _folded_weight(self) -> Tensor:
-        """``weight + scaling * B A`` as a new tensor in the weight's dtype, summed outside autocast (which would
-        round the weight to bf16 before the small delta is added); ``F.linear`` then rounds the sum as it
-        rounds a merged weight. One GEMM-accumulate for all splits: on a GPU, where this runs per call,
-        one kernel launch rather than one per split. A low-precision weight is summed as ``merge`` sums it."""
+        """``weight + scaling * B A`` as a new tensor in the weight's dtype: one out-of-place GEMM-accumulate for
+        all splits (on a GPU, where this runs per call, one kernel rather than one per split), in fp32 for a
+        low-precision weight, rounded once. Autocast is kept out of the sum: it would round the weight to
+        bf16 before the small delta is added. ``F.linear`` then rounds the sum as it rounds a merged weight."""
         w = self.weight
-        if w.dtype not in (torch.float32, torch.float64):
-            folded = torch.empty_like(w)
-            self._accumulate_delta(folded, w)
-            return folded
+        dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 summed in fp32, fp64 stays fp64
         s, o, r = self.splits, self.out_features // self.splits, self.r
-        with torch.autocast(w.device.type, enabled=False):
-            folded = torch.baddbmm(w.view(s, o, self.in_features), self.lora_B.to(w.dtype).view(s, o, r),
-                                   self.lora_A.to(w.dtype).view(s, r, self.in_features), alpha=self.scaling)
-        return folded.view(self.out_features, self.in_features)
+        with _no_autocast(w.device):
+            folded = torch.baddbmm(w.to(dtype).view(s, o, self.in_features), self.lora_B.to(dtype).view(s, o, r),
+                                   self.lora_A.to(dtype).view(s, r, self.in_features), alpha=self.scaling)
+        return folded.view(self.out_features, self.in_features).to(w.dtype)
 
     def _traceable_update(self, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
                           alpha: float) -> Tensor:
@@ -320,7 +330,7 @@ class LoRALinear(nn.Linear):
         lora_A, lora_B = lora_A.float(), lora_B.float()
         # An out-of-place addmm is what autocast casts (out= calls it leaves alone): under bf16 autocast, an
         # fp16 weight would be summed in bf16, with 3 fewer bits than fp16 itself.
-        with torch.autocast(base.device.type, enabled=False):
+        with _no_autocast(base.device):
             for i in range(s):
                 for start in range(0, o, _MERGE_CHUNK_ROWS):
                     rows = slice(i * o + start, i * o + min(o, start + _MERGE_CHUNK_ROWS))

@@ -150,14 +150,43 @@ def test_a_folded_forward_computes_what_merge_would_and_leaves_the_layer_unmerge
         for k, v in layer.state_dict().items():
             assert torch.equal(v, state[k]), k
         want = reference(layer, x)
+        folded_weight = layer._folded_weight()
         layer.merge()
         merged = layer(x)
-    if dtype == torch.bfloat16:
-        assert torch.equal(folded, merged)  # merge's own sum: in fp32, rounded to bf16 once
+    assert folded_weight.dtype == dtype
+    if dtype == torch.bfloat16:  # both sum in fp32 and round once; the GEMMs differ (one vs one per split)
+        off = (folded_weight.float() - layer.weight.float()).abs()
+        assert (off <= torch.finfo(dtype).eps * layer.weight.float().abs()).all()  # at most one bf16 step
         assert relative_error(folded.float(), want.float()) < 1e-2
-    else:  # one GEMM-accumulate for all splits where merge makes one per split: equal up to rounding
+    else:
         torch.testing.assert_close(folded, merged, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(folded, want, rtol=1e-6, atol=1e-6)
+
+
+def test_vmap_over_adapters_of_a_low_precision_layer_folds_out_of_place():
+    layer = make_layer(3, dtype=torch.bfloat16).eval()
+    x = torch.randn(60, 12, dtype=torch.bfloat16)
+    stacked = torch.stack([layer.lora_B.detach(), 2 * layer.lora_B.detach()])
+    with torch.no_grad():
+        assert layer._folds(x)
+        outs = torch.func.vmap(lambda b: torch.func.functional_call(layer, {"lora_B": b}, (x,)))(stacked)
+        for b, out in zip(stacked, outs):  # vmap's batched GEMM may round bf16 differently
+            assert relative_error(out.float(), torch.func.functional_call(layer, {"lora_B": b}, (x,)).float()) < 1e-2
+
+
+def test_dropout_switched_on_alone_at_eval_is_never_folded_away():
+    layer = make_layer(3, dropout=0.5).eval()
+    layer.lora_dropout.train()  # Monte Carlo dropout: the rest of the model stays in eval mode
+    x = torch.randn(60, 12)
+    with torch.no_grad():
+        assert not layer._folds(x)
+        assert not torch.equal(layer(x), layer(x))  # a new mask per call
+
+
+def test_a_low_precision_layer_on_the_meta_device_still_merges():
+    layer = LoRALinear(12, 36, r=4, splits=3, device="meta").to(torch.bfloat16)
+    layer.merge()  # torch.autocast("meta", ...) would raise
+    assert layer.merged and layer.weight.is_meta and layer.weight.dtype == torch.bfloat16
 
 
 def test_a_folded_forward_under_autocast_sums_the_weight_in_fp32():
