@@ -17,6 +17,7 @@ from torch import nn
 
 import lora.layer
 from throughput import autocast, interleaved, shown, summary
+from vqa.evaluate import pick_device
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="calls timed together in one round")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     torch.manual_seed(0)
     layer = lora.LoRALinear(args.width, 3 * args.width, r=8, splits=3, device=device).eval()
     nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter
@@ -37,20 +38,22 @@ def main() -> None:
     for rows in args.rows:
         x = torch.randn(rows, args.width, device=device)
 
-        def timed(threshold: float | None):
+        def timed(forward, threshold: float):
+            """``args.reps`` calls of ``forward`` with the fold threshold set to ``threshold`` meanwhile."""
             def call():
-                if threshold is not None:
-                    lora.layer._FOLD_MIN_ACTIVATIONS_PER_WEIGHT = threshold
-                with torch.inference_mode(), autocast(device):
-                    for _ in range(args.reps):
-                        if threshold is None:
-                            F.linear(x, layer.weight, layer.bias)
-                        else:
-                            layer(x)
-                lora.layer._FOLD_MIN_ACTIVATIONS_PER_WEIGHT = default
+                lora.layer._FOLD_MIN_ACTIVATIONS_PER_WEIGHT = threshold
+                try:
+                    with torch.inference_mode(), autocast(device):
+                        for _ in range(args.reps):
+                            forward(x)
+                finally:
+                    lora.layer._FOLD_MIN_ACTIVATIONS_PER_WEIGHT = default
             return call
 
-        fns = {"plain": timed(None), "update": timed(float("inf")), "fold": timed(0)}
+        def plain(x):
+            return F.linear(x, layer.weight, layer.bias)
+
+        fns = {"plain": timed(plain, default), "update": timed(layer, float("inf")), "fold": timed(layer, 0)}
         interleaved(fns, 2, device)  # warm-up
         times = interleaved(fns, args.rounds, device)
         with torch.no_grad():

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import lora
+from vqa.evaluate import pick_device
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
 TRAINING = ("lora_r8_dropout0.1", "lora_r8_dropout0", "last3_unfrozen", "full_finetune", "frozen_floor")
@@ -252,7 +253,7 @@ def main() -> None:
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.infer_batch_size = args.infer_batch_size or args.batch_size
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     if args.memory_child:
         print(memory_growth(args, args.memory_child, device))
         return

@@ -174,15 +174,6 @@ def test_vmap_over_adapters_of_a_low_precision_layer_folds_out_of_place():
             assert relative_error(out.float(), torch.func.functional_call(layer, {"lora_B": b}, (x,)).float()) < 1e-2
 
 
-def test_dropout_switched_on_alone_at_eval_is_never_folded_away():
-    layer = make_layer(3, dropout=0.5).eval()
-    layer.lora_dropout.train()  # Monte Carlo dropout: the rest of the model stays in eval mode
-    x = torch.randn(60, 12)
-    with torch.no_grad():
-        assert not layer._folds(x)
-        assert not torch.equal(layer(x), layer(x))  # a new mask per call
-
-
 def test_a_low_precision_layer_on_the_meta_device_still_merges():
     layer = LoRALinear(12, 36, r=4, splits=3, device="meta").to(torch.bfloat16)
     layer.merge()  # torch.autocast("meta", ...) would raise
@@ -204,16 +195,21 @@ def test_a_folded_forward_under_autocast_sums_the_weight_in_fp32():
     assert relative_error(folded.float(), reference(layer, x)) < 1e-2
 
 
-def test_dropout_in_training_is_never_folded_away():
+@pytest.mark.parametrize("monte_carlo", [False, True])
+def test_dropout_that_draws_a_mask_is_never_folded_away(monte_carlo):
     layer = make_layer(3, dropout=0.5).train()
+    if monte_carlo:  # the dropout module alone in training mode, the rest of the model in eval
+        layer.eval()
+        layer.lora_dropout.train()
     x = torch.randn(60, 12)
     with torch.no_grad():
         assert not layer._folds(x)
-        dropped = layer(x)
+        first, second = layer(x), layer(x)
         layer.eval()
         assert layer._folds(x)
         plain = layer(x)
-    assert not torch.allclose(dropped, plain, atol=1e-3)  # half the adapter's input was dropped
+    assert not torch.equal(first, second)  # a new mask per call
+    assert not torch.allclose(first, plain, atol=1e-3)  # half the adapter's input was dropped
 
 
 @pytest.mark.parametrize("splits", [1, 3])
