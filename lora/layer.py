@@ -58,12 +58,14 @@ def check_lora_args(r: int, alpha: float, dropout: float, splits: int, out_featu
 
 
 class LoRADropout(nn.Module):
-    """Inverted dropout with a quarter of the random-number work of ``nn.Dropout``.
+    """Inverted dropout with a cheaper mask than ``nn.Dropout``'s.
 
-    Each 64-bit random draw gives four 16-bit keep decisions, so ``p`` holds to within 1/65,536
-    (0.1 becomes 6,554/65,536 = 0.100006). On the adapter input the mask generation is most of the
-    cost of dropout (``bench/throughput.py`` measures it). ``LoRALinear`` applies the mask itself and
-    folds the ``1 / (1 - p)`` scale into the adapter's scaling, so only the mask touches every element.
+    ``p`` is rounded to a multiple of 1/65,536 (0.1 becomes 6,554/65,536 = 0.100006) on every device. On
+    the CPU, where drawing random numbers is most of the cost of dropout (``bench/throughput.py``
+    measures it), each 64-bit draw gives four 16-bit keep decisions: a quarter of the draws of
+    ``nn.Dropout``. On a GPU, where the cost is memory traffic, the mask is one byte an element, drawn
+    by one kernel. ``LoRALinear`` applies the mask itself and folds the ``1 / (1 - p)`` scale into the
+    adapter's scaling, so only the mask touches every element.
     """
 
     def __init__(self, p: float) -> None:
@@ -71,15 +73,21 @@ class LoRADropout(nn.Module):
         self.p = p
         dropped = min(round(p * 65536), 65535)  # of 65,536 equally likely int16 values; one is always kept
         self.threshold = dropped - 32768  # keep where a uniform int16 is >= this
-        self.scale = 65536 / (65536 - dropped)  # 1 / (the exact keep probability): unbiased
+        self.keep_probability = (65536 - dropped) / 65536  # exact in float32
+        self.scale = 1 / self.keep_probability  # unbiased
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
     def keep_mask(self, x: Tensor) -> Tensor | None:
-        """A 0/1 mask shaped and typed like ``x`` (``None`` when nothing is dropped: eval, or p = 0)."""
+        """A 0/1 mask shaped like ``x``: bool on CUDA, ``x``'s dtype elsewhere (``None`` when nothing is dropped:
+        eval, or p = 0)."""
         if not self.training or self.p == 0:
             return None
+        if x.device.type == "cuda":
+            # One kernel writing one byte an element, where the 16-bit draws take a kernel to draw, another to
+            # compare, and a mask as wide as x.
+            return torch.empty_like(x, dtype=torch.bool).bernoulli_(self.keep_probability)
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         halves = bits.view(torch.int16)[:n].view(x.shape)
@@ -88,7 +96,7 @@ class LoRADropout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         keep = self.keep_mask(x)
-        return x if keep is None else x * keep * self.scale
+        return x if keep is None else _dropped(x, keep) * self.scale
 
 
 def _no_autocast(device: torch.device):
@@ -100,7 +108,12 @@ def _no_autocast(device: torch.device):
 
 def _dropped(x: Tensor, keep: Tensor | None) -> Tensor:
     """The adapter's input: ``x`` with the dropout mask applied (its 1/(1-p) is in the adapter's alpha)."""
-    return x if keep is None else x * keep
+    if keep is None:
+        return x
+    if keep.dtype == torch.bool:
+        # x * keep would take CUDA's slow mixed-dtype path, a cast per element; this kernel reads the mask as bool.
+        return torch.ops.aten.native_dropout_backward(x, keep, 1.0)
+    return x * keep
 
 
 def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None, alpha: float,
@@ -164,7 +177,7 @@ class _LoRAUpdate(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_x = grad_h.t() @ lora_A
                 if keep is not None:
-                    grad_x.mul_(keep)
+                    grad_x = _dropped(grad_x, keep) if keep.dtype == torch.bool else grad_x.mul_(keep)
         return grad_y, grad_x, grad_A, grad_B, None, None, None
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import lora
 from conftest import tiny_vit
-from test_lora_layer import make_layer, reference, relative_error
+from test_lora_layer import check_dropout_keeps_the_right_share_and_is_unbiased, make_layer, reference, relative_error
 from test_train import cli, tiny_config
 from vqa import DeterministicVQA
 
@@ -38,6 +38,12 @@ def test_bf16_autocast_matches_the_fp32_formula_and_keeps_fp32_gradients(splits,
     for g, w in zip(got, ref):
         assert g.dtype == torch.float32  # the optimizer sees fp32 gradients for fp32 parameters
         assert relative_error(g, w) < 1e-2
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_gpu_dropout_mask_is_one_byte_an_element_with_the_right_share(p):
+    assert lora.LoRADropout(p).train().keep_mask(torch.ones(8, device=CUDA, dtype=torch.bfloat16)).dtype == torch.bool
+    check_dropout_keeps_the_right_share_and_is_unbiased(p, CUDA)
 
 
 @pytest.mark.parametrize("rows", [16, 4096])  # the update added to the output, then the fold (from 192 rows)

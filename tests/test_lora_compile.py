@@ -8,18 +8,23 @@ from torch import nn
 from lora import LoRALinear
 
 
-def trained_layer(splits=3, dropout=0.0):
-    layer = LoRALinear(16, 48, r=4, splits=splits, dropout=dropout)
+# The CPU and CUDA draw their dropout masks differently (see LoRADropout); CI has no CUDA.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def trained_layer(splits=3, dropout=0.0, device="cpu"):
+    layer = LoRALinear(16, 48, r=4, splits=splits, dropout=dropout, device=device)
     nn.init.normal_(layer.lora_B, std=0.5)
     return layer
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_no_graph_breaks_in_the_lora_layer(splits, dropout):
+def test_no_graph_breaks_in_the_lora_layer(splits, dropout, device):
     torch._dynamo.reset()
-    layer = trained_layer(splits, dropout).train()
-    explanation = torch._dynamo.explain(layer)(torch.randn(2, 5, 16))
+    layer = trained_layer(splits, dropout, device).train()
+    explanation = torch._dynamo.explain(layer)(torch.randn(2, 5, 16, device=device))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -36,13 +41,14 @@ def test_a_folded_forward_compiles_without_graph_breaks_and_equals_eager():
         torch.testing.assert_close(compiled(x), layer(x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_compiled_forward_and_backward_equal_eager(splits, dropout):
+def test_compiled_forward_and_backward_equal_eager(splits, dropout, device):
     torch._dynamo.reset()
-    layer = trained_layer(splits, dropout).train()
+    layer = trained_layer(splits, dropout, device).train()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # functionalises the in-place update
-    x = torch.randn(3, 7, 16, requires_grad=True)
+    x = torch.randn(3, 7, 16, device=device, requires_grad=True)
     torch.manual_seed(1)  # the same dropout mask in both
     eager_out = layer(x)
     eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, layer.lora_A, layer.lora_B])

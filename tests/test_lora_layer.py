@@ -100,13 +100,12 @@ def test_dropout_feeds_the_adapter_and_only_the_adapter(splits):
     torch.testing.assert_close(layer(x), reference(layer, x))  # no dropout at inference
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_lora_dropout_keeps_the_right_share_and_is_unbiased(p):
+def check_dropout_keeps_the_right_share_and_is_unbiased(p, device):
     drop = LoRADropout(p).train()
     # The scale is 1 / the exact keep probability of the 16-bit draw, within 1/65,536 of 1 / (1 - p).
     keep_probability = (32768 - drop.threshold) / 65536
     assert abs(keep_probability - (1 - p)) <= 1 / 65536 and drop.scale == 1 / keep_probability
-    x = torch.ones(400_003)  # not a multiple of 4: the last 64-bit draw is only partly used
+    x = torch.ones(400_003, device=device)  # not a multiple of 4: the last 64-bit draw is only partly used
     y = drop(x)
     kept = y != 0
     assert abs(kept.float().mean().item() - (1 - p)) < 0.005
@@ -115,6 +114,11 @@ def test_lora_dropout_keeps_the_right_share_and_is_unbiased(p):
     x.requires_grad_(True)
     drop(x).sum().backward()
     assert set(x.grad.unique().tolist()) == {0.0, torch.tensor(drop.scale).item()}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_lora_dropout_keeps_the_right_share_and_is_unbiased(p):
+    check_dropout_keeps_the_right_share_and_is_unbiased(p, "cpu")
 
 
 def test_lora_dropout_near_one_still_keeps_something_and_stays_unbiased():
@@ -376,9 +380,18 @@ def test_a_kept_buffer_of_another_dtype_is_not_reused():
     torch.testing.assert_close(layer.weight.detach(), w0 + layer.delta_weight(), rtol=0, atol=1e-12)
 
 
+@pytest.fixture(params=["float mask", "bool mask"])
+def mask_kind(request, monkeypatch):
+    """Runs a test with the CPU's mask (x's dtype) and with the bool mask CUDA draws, taken from the same draw."""
+    if request.param == "bool mask":
+        draw = LoRADropout.keep_mask
+        monkeypatch.setattr(LoRADropout, "keep_mask", lambda self, x: None if (m := draw(self, x)) is None else m.bool())
+    return request.param
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grads_with_dropout_match_reference_on_the_same_mask(splits, dtype):
+def test_grads_with_dropout_match_reference_on_the_same_mask(splits, dtype, mask_kind):
     layer = make_layer(splits, dropout=0.3, dtype=dtype, in_features=32).train()
     x = torch.randn(2, 7, 32, dtype=dtype, requires_grad=True)
     torch.manual_seed(5)
@@ -386,7 +399,9 @@ def test_grads_with_dropout_match_reference_on_the_same_mask(splits, dtype):
     torch.manual_seed(5)
     # The same draw, taken as the mask itself: reading it off the dropped input would count an x that is
     # exactly 0 (bf16 randn makes some) as dropped.
-    keep = layer.lora_dropout.keep_mask(x).float() * layer.lora_dropout.scale
+    keep = layer.lora_dropout.keep_mask(x)
+    assert keep.dtype == (torch.bool if mask_kind == "bool mask" else dtype)
+    keep = keep.float() * layer.lora_dropout.scale
     # The reference in fp32 from the same values (for bf16: the fast path may differ by bf16 rounding).
     ref_layer = make_layer(splits, dropout=0.3, in_features=32)
     ref_layer.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
@@ -432,7 +447,7 @@ def test_a_frozen_base_and_an_input_without_grad_still_train_the_adapter():
 
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_double_backward_matches_reference(splits, dropout):
+def test_double_backward_matches_reference(splits, dropout, mask_kind):
     """A gradient penalty differentiates the backward itself; the adapter must take part in it."""
     layer = make_layer(splits, dropout=dropout).train()
     layer.weight.requires_grad_(False)
