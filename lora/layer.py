@@ -63,9 +63,9 @@ class LoRADropout(nn.Module):
     ``p`` is rounded to a multiple of 1/65,536 (0.1 becomes 6,554/65,536 = 0.100006) on every device. On
     the CPU, where drawing random numbers is most of the cost of dropout (``bench/throughput.py``
     measures it), each 64-bit draw gives four 16-bit keep decisions: a quarter of the draws of
-    ``nn.Dropout``. On a GPU, where the cost is memory traffic, the mask is one byte an element, drawn
-    by one kernel. ``LoRALinear`` applies the mask itself and folds the ``1 / (1 - p)`` scale into the
-    adapter's scaling, so only the mask touches every element.
+    ``nn.Dropout``. On CUDA the mask is bool, one byte an element, drawn by one ``bernoulli_`` kernel.
+    ``LoRALinear`` applies the mask itself and folds the ``1 / (1 - p)`` scale into the adapter's
+    scaling, so only the mask touches every element.
     """
 
     def __init__(self, p: float) -> None:
@@ -86,7 +86,7 @@ class LoRADropout(nn.Module):
             return None
         if x.device.type == "cuda":
             # One kernel writing one byte an element, where the 16-bit draws take a kernel to draw, another to
-            # compare, and a mask as wide as x.
+            # compare, and a mask as wide as x: half the time, and a smaller mask kept for backward.
             return torch.empty_like(x, dtype=torch.bool).bernoulli_(self.keep_probability)
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
@@ -96,7 +96,7 @@ class LoRADropout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         keep = self.keep_mask(x)
-        return x if keep is None else _dropped(x, keep) * self.scale
+        return _dropped(x, keep, self.scale)
 
 
 def _no_autocast(device: torch.device):
@@ -106,14 +106,19 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
-def _dropped(x: Tensor, keep: Tensor | None) -> Tensor:
-    """The adapter's input: ``x`` with the dropout mask applied (its 1/(1-p) is in the adapter's alpha)."""
+def _dropped(x: Tensor, keep: Tensor | None, scale: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """``x * keep * scale`` (into ``out`` if given): ``x`` with the dropout mask applied. The adapter passes no
+    scale: its 1/(1-p) is in the adapter's alpha."""
     if keep is None:
         return x
-    if keep.dtype == torch.bool:
-        # x * keep would take CUDA's slow mixed-dtype path, a cast per element; this kernel reads the mask as bool.
-        return torch.ops.aten.native_dropout_backward(x, keep, 1.0)
-    return x * keep
+    if keep.dtype == torch.bool and not _plain_autograd_only():
+        # One pass that reads the mask as bool: x * keep would take CUDA's slow mixed-dtype path (a cast per
+        # element). Forward-mode AD has no formula for this kernel; compilers fuse the plain product anyway.
+        kernel = torch.ops.aten.native_dropout_backward
+        return kernel(x, keep, scale) if out is None else kernel.out(x, keep, scale, out=out)
+    if scale != 1.0:
+        keep = keep * scale  # a scalar times a bool mask gives floats
+    return torch.mul(x, keep) if out is None else torch.mul(x, keep, out=out)
 
 
 def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None, alpha: float,
@@ -177,7 +182,7 @@ class _LoRAUpdate(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_x = grad_h.t() @ lora_A
                 if keep is not None:
-                    grad_x = _dropped(grad_x, keep) if keep.dtype == torch.bool else grad_x.mul_(keep)
+                    grad_x = _dropped(grad_x, keep, out=None if create_graph else grad_x)  # in place unless traced
         return grad_y, grad_x, grad_A, grad_B, None, None, None
 
 

@@ -33,3 +33,13 @@ def tiny_vit(**kwargs):
 @pytest.fixture
 def vit():
     return tiny_vit().eval()
+
+
+@pytest.fixture(params=["float mask", "bool mask"])
+def mask_kind(request, monkeypatch):
+    """Runs a test with the CPU's dropout mask (x's dtype) and with the bool mask CUDA draws, from the same draw."""
+    if request.param == "bool mask":
+        from lora import LoRADropout
+        draw = LoRADropout.keep_mask
+        monkeypatch.setattr(LoRADropout, "keep_mask", lambda self, x: None if (m := draw(self, x)) is None else m.bool())
+    return request.param

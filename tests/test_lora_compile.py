@@ -44,7 +44,7 @@ def test_a_folded_forward_compiles_without_graph_breaks_and_equals_eager():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_compiled_forward_and_backward_equal_eager(splits, dropout, device):
+def test_compiled_forward_and_backward_equal_eager(splits, dropout, device, mask_kind):
     torch._dynamo.reset()
     layer = trained_layer(splits, dropout, device).train()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # functionalises the in-place update
