@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import lora
-from vqa.evaluate import pick_device
+from vqa.evaluate import autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
 TRAINING = ("lora_r8_dropout0.1", "lora_r8_dropout0", "last3_unfrozen", "full_finetune", "frozen_floor")
@@ -124,10 +124,6 @@ def summary(values: list[float]) -> dict:
 def shown(median: float, iqr: list[float], fmt: str = ".3f", unit: str = "") -> str:
     """A ratio with its spread: ``0.974 (IQR 0.968 to 0.981)``."""
     return f"{median:{fmt}}{unit} (IQR {iqr[0]:{fmt}}{unit} to {iqr[1]:{fmt}}{unit})"
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def bench_inference(args, device) -> dict:
