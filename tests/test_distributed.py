@@ -197,6 +197,34 @@ def test_a_torchrun_checkpoint_resumes_under_torchrun_only(ddp_run, tmp_path):
     assert steps == [2, 4, 6]
 
 
+def nan_worker(argv: list[str]) -> int:
+    """train.py's command line in a process whose loss turns NaN from its third step on rank 1 only."""
+    import train
+
+    real, calls = train.F.cross_entropy, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) > 2 else loss  # one loss a step
+
+    train.F.cross_entropy = poisoned
+    return train.cli(argv)
+
+
+def test_a_loss_that_is_not_finite_in_one_process_stops_every_process(tmp_path):
+    """Rank 1 alone sees a NaN loss; both processes stop at the same step, with an error naming it, and no
+    process hangs in a collective the other never joins. The last good checkpoint stays."""
+    # 8 images in batches of 2 over 2 processes: 2 steps an epoch, so the NaN comes at epoch 2, step 3.
+    config = tiny_config(tmp_path, batch_size=2, device="cpu", use_type_loss=False)
+    result = torchrun(__file__, "nan-on-rank-1", "--config", str(config), timeout=120)
+    assert result.returncode != 0
+    assert "error: loss is nan at epoch 2, step 3" in result.stderr, result.stderr[-3000:]
+    assert "error: loss is not finite in another process at epoch 2, step 3" in result.stderr, result.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)  # the end of epoch 1, untouched
+
+
 STOP_OPTIONS = dict(checkpoint_every=1, epochs=3, batch_size=1, device="cpu", num_workers=2)  # dropout 0.1
 
 
@@ -269,4 +297,6 @@ def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(t
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "nan-on-rank-1":
+        sys.exit(nan_worker(sys.argv[2:]))
     ddp_worker(sys.argv[1], Path(sys.argv[2]))
