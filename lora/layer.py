@@ -86,7 +86,7 @@ class LoRADropout(nn.Module):
             return None
         if x.device.type == "cuda":
             # One kernel writing one byte an element, where the 16-bit draws take a kernel to draw, another to
-            # compare, and a mask as wide as x: half the time, and a smaller mask kept for backward.
+            # compare, and a mask as wide as x: under half the time, and a smaller mask kept for backward.
             return torch.empty_like(x, dtype=torch.bool).bernoulli_(self.keep_probability)
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
@@ -182,7 +182,7 @@ class _LoRAUpdate(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_x = grad_h.t() @ lora_A
                 if keep is not None:
-                    grad_x = _dropped(grad_x, keep, out=None if create_graph else grad_x)  # in place unless traced
+                    grad_x = _dropped(grad_x, keep, out=None if create_graph else grad_x)  # in place unless differentiated
         return grad_y, grad_x, grad_A, grad_B, None, None, None
 
 
