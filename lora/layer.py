@@ -182,7 +182,8 @@ class _LoRAUpdate(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_x = grad_h.t() @ lora_A
                 if keep is not None:
-                    grad_x = _dropped(grad_x, keep, out=None if create_graph else grad_x)  # in place unless differentiated
+                    # In place, unless this backward is itself differentiated.
+                    grad_x = _dropped(grad_x, keep, out=None if create_graph else grad_x)
         return grad_y, grad_x, grad_A, grad_B, None, None, None
 
 
