@@ -65,7 +65,7 @@ def test_training_writes_every_artefact_and_reports(trained):
     assert (run / "adapter_last.safetensors").stat().st_size < 0.05 * (run / "backbone.safetensors").stat().st_size
 
 
-def test_predict_and_evaluate_from_the_run(trained):
+def test_predict_and_evaluate_from_the_run(trained, monkeypatch, capsys):
     tmp, _ = trained
     run = tmp / "run"
     image = tmp / "data" / "images" / "val_00000.png"
@@ -76,6 +76,18 @@ def test_predict_and_evaluate_from_the_run(trained):
     probs = [float(l.split("%")[0]) for l in lines[1:]]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 100.01
     table = cli("-m", "vqa.evaluate", "--run", str(run), "--csv", str(tmp / "data" / "val.csv")).stdout
+    import vqa.evaluate
+    loaders, real = [], vqa.evaluate.make_loader
+
+    def recording(*args, **kwargs):
+        loaders.append(real(*args, **kwargs))
+        return loaders[-1]
+
+    monkeypatch.setattr(vqa.evaluate, "make_loader", recording)
+    assert vqa.evaluate.main(["--run", str(run), "--csv", str(tmp / "data" / "val.csv"), "--num_workers", "2",
+                              "--batch_size", "3"]) == 0
+    assert [loader.num_workers for loader in loaders] == [2]
+    assert capsys.readouterr().out == table  # loader processes and other batches change nothing counted
     best = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     overall = [l for l in table.splitlines() if l.startswith("overall")][0]
     assert overall.split()[-2] == f"{100 * max(json.loads(l)['accuracy'] for l in (run / 'metrics.jsonl').read_text().splitlines()):.2f}%"
@@ -237,6 +249,16 @@ def test_resume_refuses_a_checkpoint_carrying_code(tmp_path):
     with pytest.raises(VQAError, match="cannot load checkpoint .* safely"):
         load_checkpoint(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("option, value, message", [("--batch_size", "0", "must be >= 1, got 0"),
+                                                     ("--num_workers", "two", "expected an integer >= 0, got 'two'")])
+def test_evaluate_refuses_a_bad_count_naming_the_option(option, value, message, tmp_path, capsys):
+    import vqa.evaluate
+    with pytest.raises(SystemExit) as exit_:
+        vqa.evaluate.main(["--run", str(tmp_path), "--csv", str(tmp_path / "val.csv"), option, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {option}" in err and message in err
 
 
 @pytest.mark.parametrize("tool", ["evaluate", "predict"])

@@ -111,13 +111,28 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     return meter.compute()
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, or argparse's usage error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     from .run_files import load_run
 
     parser = argparse.ArgumentParser(description="Per-question-type accuracy of a trained run on a CSV.")
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--csv", required=True, type=Path, help="CSV with image, question, answer columns")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument("--batch_size", "--batch-size", type=_at_least(1), default=32, help="images per batch")
+    parser.add_argument("--num_workers", "--num-workers", type=_at_least(0), default=0,
+                        help="loader processes decoding images (default 0: in this process)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true")
     parser.add_argument("--which", choices=("best", "last"), default="best")
@@ -127,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, answers, cfg = load_run(args.run, device, args.which)
         data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=cfg.data.allow_outside_paths)
         dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)
-        loader = make_loader(dataset, chunks(list(range(len(dataset))), args.batch_size))
+        batches = chunks(list(range(len(dataset))), args.batch_size)
+        loader = make_loader(dataset, batches, args.num_workers, pin_memory=device.type == "cuda")
         metrics = evaluate(model, loader, device)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
