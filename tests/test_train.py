@@ -251,14 +251,31 @@ def test_resume_refuses_a_checkpoint_carrying_code(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("option, value, message", [("--batch_size", "0", "must be >= 1, got 0"),
-                                                     ("--num_workers", "two", "expected an integer >= 0, got 'two'")])
-def test_evaluate_refuses_a_bad_count_naming_the_option(option, value, message, tmp_path, capsys):
+def tool_args(tool: str, tmp_path: Path) -> list[str]:
+    """The arguments besides --run that vqa.evaluate or vqa.predict requires (files that need not exist)."""
+    return {"evaluate": ["--csv", str(tmp_path / "val.csv")],
+            "predict": ["--image", str(tmp_path / "a.png"), "--question", "What color?"]}[tool]
+
+
+@pytest.mark.parametrize("tool, option, value, message", [
+    ("evaluate", "--batch_size", "0", "must be >= 1, got 0"),
+    ("evaluate", "--num_workers", "two", "expected an integer >= 0, got 'two'"),
+    ("predict", "--top_k", "-3", "must be >= 1, got -3"),
+])
+def test_evaluate_and_predict_refuse_a_bad_count_naming_the_option(tool, option, value, message, tmp_path, capsys):
     import vqa.evaluate
+    import vqa.predict
+    args = tool_args(tool, tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        vqa.evaluate.main(["--run", str(tmp_path), "--csv", str(tmp_path / "val.csv"), option, value])
+        getattr(vqa, tool).main(["--run", str(tmp_path), *args, option, value])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {option}" in err and message in err
+
+
+def test_predict_refuses_a_top_k_below_one():
+    from vqa.predict import predict
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        predict(None, None, None, None, Path("a.png"), "What color?", top_k=0)  # checked before anything is read
 
 
 @pytest.mark.parametrize("tool", ["evaluate", "predict"])
@@ -268,8 +285,7 @@ def test_a_bad_device_is_a_clear_error_in_evaluate_and_predict(tool, device, mes
         pytest.skip("CUDA is available here")
     import vqa.evaluate
     import vqa.predict
-    args = {"evaluate": ["--csv", str(tmp_path / "val.csv")],
-            "predict": ["--image", str(tmp_path / "a.png"), "--question", "What color?"]}[tool]
+    args = tool_args(tool, tmp_path)
     code = getattr(vqa, tool).main(["--run", str(tmp_path), "--device", device, *args])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --device ") and message in err

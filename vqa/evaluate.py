@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     return meter.compute()
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
+def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``, or argparse's usage error naming the option."""
     def parse(text: str) -> int:
         try:
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Per-question-type accuracy of a trained run on a CSV.")
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--csv", required=True, type=Path, help="CSV with image, question, answer columns")
-    parser.add_argument("--batch_size", "--batch-size", type=_at_least(1), default=32, help="images per batch")
-    parser.add_argument("--num_workers", "--num-workers", type=_at_least(0), default=0,
+    parser.add_argument("--batch_size", "--batch-size", type=at_least(1), default=32, help="images per batch")
+    parser.add_argument("--num_workers", "--num-workers", type=at_least(0), default=0,
                         help="loader processes decoding images (default 0: in this process)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true")

@@ -14,7 +14,7 @@ import lora
 
 from .data import build_transform, load_image
 from .errors import VQAError
-from .evaluate import pick_device
+from .evaluate import at_least, pick_device
 from .text import QUESTION_TYPES
 
 __all__ = ["predict"]
@@ -23,6 +23,8 @@ __all__ = ["predict"]
 @torch.no_grad()
 def predict(model, tokenizer, answers, transform, image: Path, question: str, top_k: int = 5):
     """Returns ``([(answer, probability), ...], question_type)``, most likely first."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     pixels = transform(load_image(image)).unsqueeze(0)  # (1, 3, H, W)
     ids = torch.tensor([tokenizer.encode(question)])  # (1, L)
     device = next(model.parameters()).device
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--question", required=True)
-    parser.add_argument("--top_k", "--top-k", type=int, default=5)
+    parser.add_argument("--top_k", "--top-k", type=at_least(1), default=5, help="answers to list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     args = parser.parse_args(argv)
     try:
