@@ -119,10 +119,18 @@ def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_pa
         (["--unfreeze_encoder_layers", "13"], "unfreeze_encoder_layers"),
     ],
 )
-def test_user_mistakes_exit_2_without_traceback(tmp_path, args, message):
-    result = cli("train.py", "--config", str(tiny_config(tmp_path)), *args, check=False)
+def test_user_mistakes_exit_2_with_a_message(tmp_path, args, message, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    assert train.cli(["--config", str(tiny_config(tmp_path)), *args]) == 2  # in this process: no exception escaped
+    assert message in capsys.readouterr().err
+
+
+def test_a_user_mistake_ends_the_process_with_2_and_no_traceback(tmp_path):
+    result = cli("train.py", "--config", str(tiny_config(tmp_path)), "--vision_model", "vit_tiny_dinov5", check=False)
     assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "unknown timm model 'vit_tiny_dinov5'" in result.stderr and "Traceback" not in result.stderr
 
 
 def read_adapter(path):
