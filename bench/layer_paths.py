@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora.layer
-from throughput import autocast, interleaved, shown, summary
-from vqa.evaluate import pick_device
+from throughput import interleaved, shown, summary
+from vqa.evaluate import autocast, pick_device
 
 
 def main() -> None:

@@ -191,21 +191,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(times, tmp_path):
     assert state["step"] >= 4  # at least the first epoch's 4 steps
 
 
+def nan_after(loss_fn, calls: int):
+    """``loss_fn``, returning NaN from its ``calls + 1``-th call on."""
+    made = []
+
+    def poisoned(*args, **kwargs):
+        made.append(1)
+        loss = loss_fn(*args, **kwargs)
+        return loss * float("nan") if len(made) > calls else loss
+
+    return poisoned
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train
     from vqa.config import load_config
 
     cfg = load_config(tiny_config(tmp_path, epochs=2))
-    real = train.F.cross_entropy
-    calls = []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) > 2 * 2 else loss  # NaN from epoch 2: 2 steps, 2 losses a step
-
-    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    # NaN from epoch 2: 2 steps an epoch, 2 losses a step (answer and question type).
+    monkeypatch.setattr(train.F, "cross_entropy", nan_after(train.F.cross_entropy, 2 * 2))
     with pytest.raises(train.VQAError, match=r"loss is nan at epoch 2, step 3"):
         train.main(cfg)
     state = torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
