@@ -197,7 +197,7 @@ def test_dataset_groups_questions_by_image_and_collate_maps_them_back(folder):
 
 
 LOADER_CHILD = """
-import os, signal, sys, time
+import multiprocessing.context, os, signal, sys, time
 import numpy as np, torch
 from vqa.data import VQADataset, read_csv
 from vqa.evaluate import make_loader
@@ -207,36 +207,48 @@ def slow(im):
     time.sleep(0.02)  # keeps both workers busy while the group is signalled
     return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)
 
-rows = read_csv(sys.argv[1]).rows
-got = []
-signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
-mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-data = VQADataset(rows, slow, Tokenizer.build(r.question for r in rows), AnswerVocab.build(r.answer for r in rows))
-batches = iter(make_loader(data, [[0], [1]] * 10, num_workers=2))
-first = next(batches)
-print("ready", flush=True)
-for _ in range(500):
-    if got:
-        break
-    time.sleep(0.01)
-more = [next(batches) for _ in range(5)]  # a worker killed by the signal would make this raise
-own_groups = all(os.getpgid(w.pid) != os.getpgid(0) for w in batches._workers)
-print("ok", got, len(more), own_groups, signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask, flush=True)
-sys.exit(0)  # with the loader unfinished: the exit terminates its workers, and must not hang on them
+if __name__ == "__main__":  # a spawned or forkserver worker imports this file
+    if sys.argv[2] != "platform":  # Python 3.14's default on Linux: this start method, chosen by nobody
+        multiprocessing.context._default_context._default_context = multiprocessing.get_context(sys.argv[2])
+    rows = read_csv(sys.argv[1]).rows
+    got = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    data = VQADataset(rows, slow, Tokenizer.build(r.question for r in rows), AnswerVocab.build(r.answer for r in rows))
+    batches = iter(make_loader(data, [[0], [1]] * 10, num_workers=2))
+    if sys.argv[3] == "early":
+        os.killpg(0, signal.SIGTERM)  # while the workers start
+    first = next(batches)
+    print("ready", flush=True)
+    for _ in range(500):
+        if got:
+            break
+        time.sleep(0.01)
+    more = [next(batches) for _ in range(5)]  # a worker killed by the signal would make this raise
+    own_groups = all(os.getpgid(w.pid) != os.getpgid(0) for w in batches._workers)
+    print("ok", got, len(more), own_groups, signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask, flush=True)
+    sys.exit(0)  # with the loader unfinished: the exit terminates its workers, and must not hang on them
 """
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX process groups and signal masks")
-def test_a_sigterm_to_the_process_group_leaves_loader_workers_running(folder):
+@pytest.mark.parametrize("default_start, when", [("platform", "late"), ("forkserver", "early")])
+def test_a_sigterm_to_the_process_group_leaves_loader_workers_running(folder, default_start, when):
     """torchrun and cluster schedulers send SIGTERM to the training process's whole group; the training
-    process must get it and its loader workers must not die of it. Run in a session of its own, as
-    torchrun starts each training process."""
+    process must get it and its loader workers must not die of it, whether it comes once they run or as
+    they start, and also where Python's default start method is forkserver (3.14 on Linux), under which
+    the workers would start unprotected. Run in a session of its own, as torchrun starts each training
+    process."""
     path = write(folder, HEADER + "img/a.png,What color?,red\nimg/b.png,What color?,blue\n")
-    proc = subprocess.Popen([sys.executable, "-c", LOADER_CHILD, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+    child = folder / "loader_child.py"
+    child.write_text(LOADER_CHILD)
+    proc = subprocess.Popen([sys.executable, str(child), str(path), default_start, when], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        os.killpg(proc.pid, signal.SIGTERM)
+        if when == "late":
+            os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

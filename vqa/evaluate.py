@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
 import sys
@@ -31,7 +32,22 @@ def make_loader(dataset: VQADataset, batches: list[list[int]], num_workers: int 
     # A generator of its own: an iterator otherwise draws its seed from the global RNG, so creating
     # one mid-epoch (on resume) would shift every dropout mask after it.
     return _Loader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
-                   generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_process_group)
+                   generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_process_group,
+                   multiprocessing_context=_worker_start_method() if num_workers else None)
+
+
+def _worker_start_method() -> str | None:
+    """``fork`` where the platform has it, macOS aside (fork is unsafe there; it keeps its default, spawn).
+
+    The signal handling below needs workers forked from this process: they inherit its blocked mask.
+    Started by ``spawn`` or ``forkserver`` (Python 3.14's default on Linux), they start with the stop
+    signals unblocked, since starting multiprocessing's resource tracker unblocks them in this process,
+    and a signal to the group kills a worker before it can leave the group. Under ``forkserver`` the
+    server is in the group too; a SIGTERM ends it, and with it every worker, as each takes its parent's
+    exit for the trainer's. Forked workers also start at once, where spawned ones import torch anew."""
+    if sys.platform == "darwin" or "fork" not in multiprocessing.get_all_start_methods():
+        return None  # the platform's default
+    return "fork"
 
 
 # Ctrl-C and SIGTERM are for the training process, not its loader workers. A terminal's Ctrl-C, and
