@@ -2,6 +2,7 @@
 
     python train.py --config configs/demo.yaml [--key value ...]
     python train.py --resume runs/demo            # continue a run after a crash or Ctrl-C
+    python train.py --config configs/demo.yaml --overwrite   # start over where a run is (deletes it)
     torchrun --nproc_per_node 4 train.py --config configs/dinov2_base_vqa.yaml   # 4 GPUs, DDP
 
 Any config key can be overridden on the command line (``--vision_lora_r 4``, ``--lr 3e-4``).
@@ -30,7 +31,8 @@ from vqa.data import VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import build_model, copy_weights, load_checkpoint, save_checkpoint, save_weights, write_text
+from vqa.run_files import (build_model, copy_weights, load_checkpoint, remove_run, save_checkpoint, save_weights,
+                           trained_files, write_text)
 from vqa.text import AnswerVocab, Tokenizer
 
 
@@ -93,7 +95,7 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes):
     return read_split(d.train_csv, **options), read_split(d.val_csv, **options)
 
 
-def main(cfg: RunConfig, resume: bool = False) -> dict:
+def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     t = cfg.train
     procs, device = distributed.setup(pick_device(t.device, source="config key 'device'"))
     log = print if procs.is_main else lambda *args, **kwargs: None  # one process speaks and writes files
@@ -102,6 +104,10 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
+    replaced = [] if resume else trained_files(run)
+    if replaced and not overwrite:
+        raise VQAError(f"{run} holds a run already ({', '.join(replaced)}); continue it with --resume {run}, "
+                       f"replace it with --overwrite, or choose another --output_dir")
     # Data first: a bad row or image stops the run before any training time is spent.
     train_data, val_data = prepare_data(cfg, procs)
     if resume:
@@ -111,9 +117,9 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
         tokenizer = Tokenizer.build((r.question for r in train_data.rows), max_length=cfg.data.max_question_length)
         answers = AnswerVocab.build(r.answer for r in train_data.rows)
         if procs.is_main:
-            if (run / "metrics.jsonl").is_file():
-                print(f"note: starting a new run in {run}, replacing the one there (continue one with --resume)")
-                write_text(run / "metrics.jsonl", "")
+            if replaced:  # only now, with the data checked: a bad row leaves the old run as it was
+                print(f"note: replacing the run in {run} (--overwrite)")
+                remove_run(run)
             write_text(run / "config.yaml", cfg.to_yaml())
             write_text(run / "tokenizer.json", tokenizer.to_json())
             write_text(run / "answers.json", answers.to_json())
@@ -281,14 +287,17 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other --key value pairs override the config.")
     parser.add_argument("--config", type=Path, help="YAML config, e.g. configs/demo.yaml")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run even where output_dir holds one, deleting that run's files")
     args, overrides = parser.parse_known_args(argv)
     try:
         if args.resume:
             cfg = load_config(args.resume / "config.yaml", overrides + ["--output_dir", str(args.resume)])
         else:
             cfg = load_config(args.config, overrides)
-        main(cfg, resume=bool(args.resume))
+        main(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

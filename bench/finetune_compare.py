@@ -27,7 +27,7 @@ TYPES = ("color", "shape", "location", "count", "yes/no")
 
 def run_variant(config: Path, out: Path, args: list[str]) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--output_dir", str(out),
-           "--progress", "false", *args]
+           "--progress", "false", "--overwrite", *args]  # a rerun replaces this benchmark's own runs
     text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     trainable = int(re.search(r"Trainable: ([\d,]+)", text).group(1).replace(",", ""))
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

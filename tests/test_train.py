@@ -108,6 +108,46 @@ def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_pa
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def run_bytes(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
+
+
+def test_a_new_run_refuses_a_folder_holding_a_run(trained, capsys):
+    """Running the same command twice must not start wiping the first run's checkpoint and weights."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    tmp, _ = trained
+    before = run_bytes(tmp / "run")
+    assert train.cli(["--config", str(tmp / "tiny.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp / 'run'} holds a run already (checkpoint.pt, metrics.jsonl" in err
+    assert f"--resume {tmp / 'run'}" in err and "--overwrite" in err and "--output_dir" in err
+    assert run_bytes(tmp / "run") == before
+
+
+def test_overwrite_replaces_the_run_only_once_the_data_is_good(trained, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    tmp, _ = trained
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(tmp / "run"), str(run)], check=True)
+    (run / "notes.txt").write_text("mine")
+    before = run_bytes(run)
+    config = ["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--overwrite"]
+    assert train.cli([*config, "--train_csv", str(tmp_path / "missing.csv")]) == 2
+    assert run_bytes(run) == before  # a data error deletes nothing
+    assert train.cli([*config, "--epochs", "1", "--use_vision_lora", "false"]) == 0
+    assert "note: replacing the run in" in capsys.readouterr().out
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (run / "adapter_last.safetensors").exists()  # the old run's adapters, not left beside the new model
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are deleted
+    with pytest.raises(SystemExit) as usage:  # argparse's usage error: resume and start over are exclusive
+        train.cli(["--resume", str(run), "--overwrite"])
+    assert usage.value.code == 2 and "--overwrite: not allowed with argument --resume" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

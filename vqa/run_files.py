@@ -41,7 +41,15 @@ __all__ = [
     "load_checkpoint",
     "write_text",
     "load_run",
+    "trained_files",
+    "remove_run",
 ]
+
+# What a run has trained, resume state first: a new run will not start over these unless told to.
+TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "model_best.safetensors", "model_last.safetensors",
+                 "adapter_best.safetensors", "adapter_last.safetensors")
+# Every file a run writes, the trained ones first: a removal cut short leaves a folder still refused.
+RUN_FILES = TRAINED_FILES + ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors")
 
 
 def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_path: str | None = None) -> DeterministicVQA:
@@ -118,6 +126,18 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
     except Exception as e:
         raise VQAError(f"cannot load checkpoint '{path}' safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def trained_files(run_dir: Path) -> list[str]:
+    """The names of the trained files in ``run_dir`` (none: no run to lose there)."""
+    return [name for name in TRAINED_FILES if (run_dir / name).is_file()]
+
+
+def remove_run(run_dir: Path) -> None:
+    """Deletes the files a run writes in ``run_dir``, and nothing else the folder holds: a new run's
+    vocabularies must never sit beside an old run's checkpoint, which ``--resume`` would then load."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "best"):
