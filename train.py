@@ -104,6 +104,8 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
+    # Every process looks before prepare_data's barrier and the main one deletes only after it, so all of
+    # them see the same folder (one shared by every machine, as the README asks).
     replaced = [] if resume else trained_files(run)
     if replaced and not overwrite:
         raise VQAError(f"{run} holds a run already ({', '.join(replaced)}); continue it with --resume {run}, "
@@ -116,19 +118,10 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     else:
         tokenizer = Tokenizer.build((r.question for r in train_data.rows), max_length=cfg.data.max_question_length)
         answers = AnswerVocab.build(r.answer for r in train_data.rows)
-        if procs.is_main:
-            if replaced:  # only now, with the data checked: a bad row leaves the old run as it was
-                print(f"note: replacing the run in {run} (--overwrite)")
-                remove_run(run)
-            write_text(run / "config.yaml", cfg.to_yaml())
-            write_text(run / "tokenizer.json", tokenizer.to_json())
-            write_text(run / "answers.json", answers.to_json())
 
     backbone_file = run / "backbone.safetensors"
     random_backbone = not cfg.model.pretrained and cfg.model.checkpoint_path is None
     model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and random_backbone else None)
-    if random_backbone and not resume and procs.is_main:  # predict and resume rebuild this exact backbone from it
-        save_weights({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k}, backbone_file)
     try:
         model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
     except ValueError as e:
@@ -159,6 +152,17 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.epochs * steps_per_epoch, t.warmup_ratio))
+    if not resume and procs.is_main:
+        # Only now, with the data and every setting checked, so that a mistake leaves an earlier run as it was.
+        # Nothing of one stays beside the new run: resume and predict would load its backbone or checkpoint.
+        if replaced:
+            print(f"note: replacing the run in {run} (--overwrite)")
+        remove_run(run)
+        write_text(run / "config.yaml", cfg.to_yaml())
+        write_text(run / "tokenizer.json", tokenizer.to_json())
+        write_text(run / "answers.json", answers.to_json())
+        if random_backbone:  # predict and resume rebuild this exact backbone from it
+            save_weights({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k}, backbone_file)
     start_epoch, start_batch, best, step = 0, 0, -1.0, 0
     if resume:
         state = load_checkpoint(run / "checkpoint.pt")
@@ -193,9 +197,12 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
         if not stop_signal:  # a repeated SIGTERM (a scheduler and torchrun both passing it on) changes nothing
             stop_signal.append(signum)
 
-    def stop_if_asked(epoch: int, batch: int) -> None:
-        # All processes stop at the same step, whichever of them got the signal.
-        (signum,) = distributed.max_over_ranks([stop_signal[0] if stop_signal else 0], procs, device)
+    def signal_got() -> int:
+        return stop_signal[0] if stop_signal else 0
+
+    def stop_on(signum: int, epoch: int, batch: int) -> None:
+        """Checkpoints and exits on ``signum`` (0: goes on), a value every process holds: all processes stop at
+        the same step, whichever of them got the signal."""
         if signum:
             # From here a SIGTERM (a repeat, or torchrun's to the processes still running) must not kill the
             # process, during the save or the exit (Python resets its own handlers then): ignored at the OS
@@ -228,9 +235,13 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                     loss = F.cross_entropy(out.logits.float(), batch["answer"], weight=class_weights, ignore_index=-1)
                     if t.use_type_loss:
                         loss = loss + t.type_loss_weight * F.cross_entropy(out.type_logits.float(), batch["question_type"])
-                finite = bool(torch.isfinite(loss))  # CPU-GPU sync point, once per step
-                if distributed.max_over_ranks([not finite], procs, device)[0]:  # every process stops, or none
-                    loss_text = loss.item() if not finite else "not finite in another process"
+                loss_value = loss.item()  # the step's one wait for the GPU; backward and the update queue behind it
+                # The step's one collective: every process stops on a loss that is not finite anywhere, now,
+                # and on a signal that reached any of them, after this step.
+                not_finite, signum = distributed.max_over_ranks(
+                    [not math.isfinite(loss_value), signal_got()], procs, device)
+                if not_finite:
+                    loss_text = loss_value if not math.isfinite(loss_value) else "not finite in another process"
                     raise VQAError(
                         f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
                         f"{run / 'checkpoint.pt'} still holds the last good state. Lower --lr or check the data"
@@ -243,10 +254,10 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                 scheduler.step()
                 step += 1
                 seen += len(batch["answer"])
-                bar.set_postfix(loss=f"{loss.item():.3f}", q_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}", q_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     checkpoint(epoch, i + 1)
-                stop_if_asked(epoch, i + 1)
+                stop_on(signum, epoch, i + 1)
             bar.close()
             seconds = time.perf_counter() - tic
             # Each process evaluates its share of the validation batches, with the main process's BatchNorm
@@ -268,7 +279,7 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                     if has_lora:
                         lora.save_adapter(model, run / f"adapter_{tag}.safetensors", meta)
             checkpoint(epoch + 1, 0)
-            stop_if_asked(epoch + 1, 0)
+            stop_on(distributed.max_over_ranks([signal_got()], procs, device)[0], epoch + 1, 0)
     finally:
         for s, handler in previous.items():
             if not (stopping and s == signal.SIGTERM):  # stopping on a signal leaves SIGTERM ignored (above)

@@ -263,7 +263,8 @@ def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(t
                 if state["epoch"] < 2 and state["batch"] > 0:  # mid-epoch in epoch 1 or 2 of 3 (4 steps each)
                     break
             time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be stopped"
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be stopped:\n{proc.communicate()[1][-3000:]}")
         os.kill(proc.pid if target == "torchrun" else trainer_pid(proc.pid, 1), signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:

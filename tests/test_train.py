@@ -136,8 +136,12 @@ def test_overwrite_replaces_the_run_only_once_the_data_is_good(trained, tmp_path
     (run / "notes.txt").write_text("mine")
     before = run_bytes(run)
     config = ["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--overwrite"]
-    assert train.cli([*config, "--train_csv", str(tmp_path / "missing.csv")]) == 2
-    assert run_bytes(run) == before  # a data error deletes nothing
+    for mistake, message in [(["--train_csv", str(tmp_path / "missing.csv")], "missing.csv"),
+                             (["--vision_model", "vit_tiny_dinov5"], "unknown timm model"),
+                             (["--unfreeze_encoder_layers", "13"], "unfreeze_encoder_layers")]:
+        assert train.cli([*config, *mistake]) == 2
+        assert message in capsys.readouterr().err
+        assert run_bytes(run) == before, mistake  # a mistake, in the data or a setting, deletes nothing
     assert train.cli([*config, "--epochs", "1", "--use_vision_lora", "false"]) == 0
     assert "note: replacing the run in" in capsys.readouterr().out
     assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
@@ -146,6 +150,23 @@ def test_overwrite_replaces_the_run_only_once_the_data_is_good(trained, tmp_path
     with pytest.raises(SystemExit) as usage:  # argparse's usage error: resume and start over are exclusive
         train.cli(["--resume", str(run), "--overwrite"])
     assert usage.value.code == 2 and "--overwrite: not allowed with argument --resume" in capsys.readouterr().err
+
+
+def test_a_new_run_keeps_nothing_of_a_run_that_never_checkpointed(trained, tmp_path):
+    """A run killed before its first checkpoint leaves only its vocabularies and random backbone: nothing
+    trained, so a new run may start there, but predict would load that stale backbone if it stayed."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    tmp, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors"):
+        (run / name).write_bytes((tmp / "run" / name).read_bytes())
+    (tmp_path / "given.safetensors").write_bytes((run / "backbone.safetensors").read_bytes())  # one's own backbone
+    assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
+                      "--checkpoint_path", str(tmp_path / "given.safetensors")]) == 0
+    assert (run / "checkpoint.pt").is_file() and not (run / "backbone.safetensors").exists()
 
 
 @pytest.mark.parametrize(

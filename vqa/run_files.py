@@ -48,7 +48,7 @@ __all__ = [
 # What a run has trained, resume state first: a new run will not start over these unless told to.
 TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "model_best.safetensors", "model_last.safetensors",
                  "adapter_best.safetensors", "adapter_last.safetensors")
-# Every file a run writes, the trained ones first: a removal cut short leaves a folder still refused.
+# Every file a run writes, the trained ones first: a removal cut short leaves nothing trained or a folder refused.
 RUN_FILES = TRAINED_FILES + ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors")
 
 
@@ -134,8 +134,8 @@ def trained_files(run_dir: Path) -> list[str]:
 
 
 def remove_run(run_dir: Path) -> None:
-    """Deletes the files a run writes in ``run_dir``, and nothing else the folder holds: a new run's
-    vocabularies must never sit beside an old run's checkpoint, which ``--resume`` would then load."""
+    """Deletes the files a run writes in ``run_dir``, and nothing else the folder holds: nothing of an earlier
+    run may sit beside a new one, whose resume or prediction would load its checkpoint or backbone."""
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
 
