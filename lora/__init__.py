@@ -1,8 +1,16 @@
-"""A from-scratch LoRA library for PyTorch (Hu et al. 2021): layers, module surgery, merging, adapter files."""
-from .adapter_io import load_adapter, load_lora_state_dict, lora_state_dict, read_adapter_config, save_adapter
+"""A from-scratch LoRA library for PyTorch (Hu et al. 2021): layers, module surgery, merging, adapter files,
+export to the plain model."""
+from .adapter_io import (
+    load_adapter,
+    load_lora_state_dict,
+    lora_state_dict,
+    read_adapter_config,
+    save_adapter,
+    save_merged,
+)
 from .atomic import atomic_write
 from .layer import LoRADropout, LoRALinear
-from .surgery import inject_lora, lora_layers, merge_lora, merged, remove_lora, unmerge_lora
+from .surgery import inject_lora, lora_layers, merge_lora, merged, merged_state_dict, remove_lora, unmerge_lora
 from .trainable import (
     count_parameters,
     format_trainable_parameters,
@@ -15,6 +23,8 @@ __all__ = [
     "LoRADropout",
     "inject_lora",
     "remove_lora",
+    "merged_state_dict",
+    "save_merged",
     "merge_lora",
     "unmerge_lora",
     "merged",

@@ -16,9 +16,10 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from .atomic import atomic_write
-from .surgery import inject_lora, lora_layers
+from .surgery import inject_lora, lora_layers, merged_state_dict
 
-__all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config"]
+__all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
+           "save_merged"]
 
 _VERSION = "1"
 _PARAMS = ("lora_A", "lora_B")
@@ -105,6 +106,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         splits=json.dumps({n: m.splits for n, m in layers.items()}),
     )
     data = safetensors_bytes(tensors, metadata=meta)
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Writes ``merged_state_dict(model)`` to a safetensors file, atomically: the whole model with its
+    adapters folded in, as the plain model (timm's) loads it. ``model`` itself is left as it is."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
+    data = safetensors_bytes(tensors, metadata=dict(metadata or {}))
     with atomic_write(path) as f:
         f.write(data)
 

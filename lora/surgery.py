@@ -10,13 +10,14 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .layer import LoRALinear
 
 __all__ = [
     "inject_lora",
     "remove_lora",
+    "merged_state_dict",
     "merge_lora",
     "unmerge_lora",
     "merged",
@@ -88,6 +89,23 @@ def inject_lora(
             layer_splits = 3 if linear.out_features == 3 * linear.in_features else 1
         _replace(model, name, LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, splits=layer_splits))
     return names
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s state dict as ``remove_lora(model, merge=True)`` would leave it, with ``model`` left as it
+    is: each adapter folded into its weight by ``merge``'s own arithmetic (the same bits), and no
+    ``lora_`` keys. It loads into the plain model (timm's) with ``strict=True``. Costs one new tensor per
+    adapted weight; every other entry is the model's own."""
+    state = model.state_dict()
+    for name, layer in lora_layers(model):
+        prefix = f"{name}." if name else ""
+        del state[prefix + "lora_A"], state[prefix + "lora_B"]
+        if not layer.merged:  # a merged layer's weight already is
+            weight = layer.weight.detach()
+            state[prefix + "weight"] = folded = torch.empty_like(weight)
+            layer._accumulate_delta(folded, weight)
+    return state
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ import pytest
 import timm
 import torch
 from conftest import tiny_vit
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 import lora
@@ -113,6 +115,39 @@ def test_remove_lora_gives_plain_linear_loadable_into_fresh_timm_model(vit, merg
         torch.testing.assert_close(out, adapted, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(fresh.blocks[0].attn.qkv.weight, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_state_dict_is_what_remove_lora_leaves_and_changes_nothing(vit, dtype):
+    vit.to(dtype)
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    lora.merge_lora(vit.blocks[1])  # a layer merged already gives its weight as it is
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    exported = lora.merged_state_dict(vit)
+    assert {k: v for k, v in vit.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())  # the model is untouched
+    assert not vit.blocks[0].attn.qkv.merged and vit.blocks[1].attn.qkv.merged
+    lora.remove_lora(vit, merge=True)
+    plain = vit.state_dict()
+    assert exported.keys() == plain.keys() and not any("lora_" in k for k in exported)
+    for key, value in plain.items():
+        assert value.dtype == exported[key].dtype and torch.equal(exported[key], value), key  # merge's own bits
+
+
+def test_save_merged_writes_a_file_plain_timm_loads(vit, tmp_path):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        adapted = vit(x)
+    lora.save_merged(vit, tmp_path / "plain.safetensors", {"note": "kept"})
+    fresh = tiny_vit().eval()
+    fresh.load_state_dict(load_file(str(tmp_path / "plain.safetensors")), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), adapted, rtol=1e-5, atol=1e-5)
+    with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"note": "kept"}
 
 
 def test_merged_context_manager_matches_and_restores(vit):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -92,6 +93,30 @@ def test_predict_and_evaluate_from_the_run(trained, monkeypatch, capsys):
     overall = [l for l in table.splitlines() if l.startswith("overall")][0]
     assert overall.split()[-2] == f"{100 * max(json.loads(l)['accuracy'] for l in (run / 'metrics.jsonl').read_text().splitlines()):.2f}%"
     assert best["count"] == int(overall.split()[-1].replace(",", ""))
+
+
+def test_export_writes_the_encoder_that_timm_alone_loads(trained, tmp_path, capsys):
+    import timm
+
+    from vqa.export import main as export
+    from vqa.run_files import load_run
+
+    tmp, _ = trained
+    out = tmp_path / "encoder.safetensors"
+    assert export(["--run", str(tmp / "run"), "--out", str(out)]) == 0
+    call = capsys.readouterr().out.splitlines()[-1].strip()
+    assert call.startswith("timm.create_model('vit_small_patch14_dinov2', num_classes=0, img_size=28, pretrained=True")
+    encoder = eval(call, {"timm": timm}).eval()  # the printed call, as a user would paste it
+    model, *_ = load_run(tmp / "run")
+    x, t = torch.randn(2, 3, 28, 28), torch.randn(5, model.backbone.embed_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.backbone(x), rtol=1e-5, atol=1e-5)
+        for plain, adapted in zip(encoder.blocks, model.backbone.blocks):  # each block's adapter is in
+            qkv = adapted.attn.qkv
+            assert (qkv(t) - F.linear(t, qkv.weight, qkv.bias)).abs().max() > 1e-3  # a trained adapter
+            torch.testing.assert_close(plain.attn.qkv(t), qkv(t), rtol=1e-5, atol=1e-6)
+    assert export(["--run", str(tmp / "run"), "--out", str(tmp_path / "encoder.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layout", ["current", "before torchrun support"])
