@@ -82,8 +82,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
+    """With ``synthetic`` on and ``train_csv`` missing, the generator writes DIR/train.csv, DIR/val.csv and
+    DIR/images/: refuses unless those are the configured paths and no val.csv would be overwritten. A
+    mistyped path to one's own data would otherwise fill its folder with shapes, over its files."""
+    how = "point train_csv and val_csv at DIR/train.csv and DIR/val.csv of an empty DIR, or set --synthetic false"
+    if train_csv.name != "train.csv" or val_csv != train_csv.parent / "val.csv":
+        raise VQAError(f"config key 'synthetic' is on and train_csv '{train_csv}' does not exist, but the "
+                       f"synthetic data set can only be written as DIR/train.csv and DIR/val.csv; {how}")
+    if val_csv.exists():
+        raise VQAError(f"config key 'synthetic' is on and '{train_csv}' does not exist, but '{val_csv}' does: "
+                       f"generating the data set would overwrite it; check the train_csv path, or {how}")
+
+
 def prepare_data(cfg: RunConfig, procs: distributed.Processes):
     d = cfg.data
+    if d.synthetic and not Path(d.train_csv).is_file():
+        check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))
     if d.synthetic and procs.is_main and not Path(d.train_csv).is_file():
         from vqa.synth import generate
 

@@ -213,6 +213,26 @@ def test_user_mistakes_exit_2_with_a_message(tmp_path, args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("train_csv, message", [("trian.csv", "can only be written as DIR/train.csv"),
+                                                 ("train.csv", "would overwrite it")])
+def test_synthetic_data_never_lands_on_ones_own_files(tmp_path, train_csv, message, capsys):
+    """The demo config generates its data where train_csv points when that file is missing; a mistyped path
+    to one's own data must not fill that folder with shapes, over one's val.csv."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "val.csv").write_text("mine")
+    if train_csv != "train.csv":
+        (mine / "train.csv").write_text("mine too")
+    before = run_bytes(mine)
+    assert train.cli(["--config", str(tiny_config(tmp_path)), "--train_csv", str(mine / train_csv),
+                      "--val_csv", str(mine / "val.csv")]) == 2
+    assert "config key 'synthetic' is on" in (err := capsys.readouterr().err) and message in err
+    assert run_bytes(mine) == before
+
+
 def test_a_user_mistake_ends_the_process_with_2_and_no_traceback(tmp_path):
     result = cli("train.py", "--config", str(tiny_config(tmp_path)), "--vision_model", "vit_tiny_dinov5", check=False)
     assert result.returncode == 2

@@ -25,7 +25,7 @@ class DataConfig:
     train_csv: str = "data/synth/train.csv"  # one row per question: image, question, answer[, question_type]
     val_csv: str = "data/synth/val.csv"  # evaluated after every epoch
     answer_weights: str | None = None  # JSON from `python -m vqa.answer_weights`; None = unweighted loss
-    synthetic: bool = False  # generate the synthetic shapes data set into train_csv's folder if it is missing
+    synthetic: bool = False  # generate the synthetic shapes data set as DIR/{train,val}.csv if both are missing
     synthetic_train_images: int = 2000  # images (5 questions each) generated for training
     synthetic_val_images: int = 300  # images generated for validation
     skip_bad_rows: bool = False  # skip and count bad rows/images instead of stopping
