@@ -172,7 +172,8 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
         # Nothing of one stays beside the new run: resume and predict would load its backbone or checkpoint.
         if replaced:
             print(f"note: replacing the run in {run} (--overwrite)")
-        remove_run(run)
+        inputs = [cfg.model.checkpoint_path, cfg.data.answer_weights, cfg.data.train_csv, cfg.data.val_csv]
+        remove_run(run, keep=inputs)  # an input may be an earlier run's file: it stays
         write_text(run / "config.yaml", cfg.to_yaml())
         write_text(run / "tokenizer.json", tokenizer.to_json())
         write_text(run / "answers.json", answers.to_json())
@@ -275,6 +276,8 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                 stop_on(signum, epoch, i + 1)
             bar.close()
             seconds = time.perf_counter() - tic
+            # A signal that came during the epoch's last update stops here, not after the whole validation.
+            stop_on(distributed.max_over_ranks([signal_got()], procs, device)[0], epoch, len(batches))
             # Each process evaluates its share of the validation batches, with the main process's BatchNorm
             # statistics (the ones saved); the counts are summed over all.
             distributed.sync_buffers(model, procs)

@@ -112,7 +112,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
 
 def save_merged(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Writes ``merged_state_dict(model)`` to a safetensors file, atomically: the whole model with its
-    adapters folded in, as the plain model (timm's) loads it. ``model`` itself is left as it is."""
+    adapters folded in, as the plain model (timm's) loads it. ``model`` itself is left as it is. Tied
+    weights (one tensor under two names) are not supported: safetensors refuses them."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
     data = safetensors_bytes(tensors, metadata=dict(metadata or {}))
     with atomic_write(path) as f:

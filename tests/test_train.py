@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,8 @@ def test_export_writes_the_encoder_that_timm_alone_loads(trained, tmp_path, caps
     out = tmp_path / "encoder.safetensors"
     assert export(["--run", str(tmp / "run"), "--out", str(out)]) == 0
     call = capsys.readouterr().out.splitlines()[-1].strip()
-    assert call.startswith("timm.create_model('vit_small_patch14_dinov2', num_classes=0, img_size=28, pretrained=True")
+    assert call == (f"timm.create_model('vit_small_patch14_dinov2', num_classes=0, img_size=28, "
+                    f"checkpoint_path={str(out.resolve())!r})")
     encoder = eval(call, {"timm": timm}).eval()  # the printed call, as a user would paste it
     model, *_ = load_run(tmp / "run")
     x, t = torch.randn(2, 3, 28, 28), torch.randn(5, model.backbone.embed_dim)
@@ -115,8 +117,16 @@ def test_export_writes_the_encoder_that_timm_alone_loads(trained, tmp_path, caps
             qkv = adapted.attn.qkv
             assert (qkv(t) - F.linear(t, qkv.weight, qkv.bias)).abs().max() > 1e-3  # a trained adapter
             torch.testing.assert_close(plain.attn.qkv(t), qkv(t), rtol=1e-5, atol=1e-6)
+    with safe_open(str(out), framework="pt") as f:
+        epochs = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        best = max(epochs, key=lambda m: m["accuracy"])  # the first of the best, as training keeps it
+        assert f.metadata()["weights"] == "model_best.safetensors" and f.metadata()["epoch"] == str(best["epoch"])
     assert export(["--run", str(tmp / "run"), "--out", str(tmp_path / "encoder.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+    backbone = (tmp / "run" / "backbone.safetensors").read_bytes()
+    assert export(["--run", str(tmp / "run"), "--out", str(tmp / "run" / "backbone.safetensors")]) == 2
+    assert "is a file of the run itself" in capsys.readouterr().err
+    assert (tmp / "run" / "backbone.safetensors").read_bytes() == backbone
 
 
 @pytest.mark.parametrize("layout", ["current", "before torchrun support"])
@@ -163,7 +173,8 @@ def test_overwrite_replaces_the_run_only_once_the_data_is_good(trained, tmp_path
     config = ["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--overwrite"]
     for mistake, message in [(["--train_csv", str(tmp_path / "missing.csv")], "missing.csv"),
                              (["--vision_model", "vit_tiny_dinov5"], "unknown timm model"),
-                             (["--unfreeze_encoder_layers", "13"], "unfreeze_encoder_layers")]:
+                             (["--unfreeze_encoder_layers", "13"], "unfreeze_encoder_layers"),
+                             (["--answer_weights", str(tmp_path / "missing.json")], "missing.json")]:
         assert train.cli([*config, *mistake]) == 2
         assert message in capsys.readouterr().err
         assert run_bytes(run) == before, mistake  # a mistake, in the data or a setting, deletes nothing
@@ -192,6 +203,23 @@ def test_a_new_run_keeps_nothing_of_a_run_that_never_checkpointed(trained, tmp_p
     assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
                       "--checkpoint_path", str(tmp_path / "given.safetensors")]) == 0
     assert (run / "checkpoint.pt").is_file() and not (run / "backbone.safetensors").exists()
+
+
+def test_a_new_run_keeps_its_own_input_found_in_its_folder(trained, tmp_path):
+    """A backbone file given as checkpoint_path may sit where the run writes: it is an input, not a leftover."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.run_files import load_run
+
+    tmp, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    given = (tmp / "run" / "backbone.safetensors").read_bytes()
+    (run / "backbone.safetensors").write_bytes(given)
+    assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
+                      "--checkpoint_path", str(run / "backbone.safetensors")]) == 0
+    assert (run / "backbone.safetensors").read_bytes() == given
+    load_run(run)  # prediction finds the backbone the run was built from
 
 
 @pytest.mark.parametrize(
@@ -321,6 +349,40 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
         train.main(cfg)
     state = torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)  # the end of epoch 1, untouched
+
+
+@pytest.mark.parametrize("at_call, during", [(3, "forward"), (4, "backward")])
+def test_a_signal_stops_training_after_the_step_it_came_in(tmp_path, monkeypatch, at_call, during):
+    """SIGTERM during step 3's forward pass stops the run after step 3; during the backward pass of the
+    epoch's last step (4), after the step's check, it stops before validation, not after it."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=2, use_type_loss=False))  # 4 steps an epoch
+    calls, loss_fn = [], train.F.cross_entropy
+
+    def signal_now(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py's handler, in this process
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        loss = loss_fn(*args, **kwargs)
+        if len(calls) == at_call:
+            signal_now() if during == "forward" else loss.register_hook(signal_now)
+        return loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", signalling)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train.main(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # a stop leaves SIGTERM ignored, for the exit
+    state = torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert (state["epoch"], state["batch"], state["step"]) == (0, at_call, at_call)
+    assert not (Path(cfg.train.output_dir) / "metrics.jsonl").exists()  # no validation ran
 
 
 def test_loss_goes_down_on_a_batch_it_overfits():

@@ -2,15 +2,17 @@
 
     python -m vqa.export --run RUN_DIR --out encoder.safetensors
 
-The file loads with timm alone, no code of this project:
-``timm.create_model(NAME, num_classes=0, img_size=N, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``
-(the command prints the exact call), or as ``--checkpoint_path`` of a new run.
+The file loads with timm alone, no code of this project, strictly (every weight present, no other):
+``timm.create_model(NAME, num_classes=0, img_size=N, checkpoint_path=OUT)`` (the command prints the exact
+call), and it serves as ``--checkpoint_path`` of a new run.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from safetensors import safe_open
 
 import lora
 
@@ -21,16 +23,25 @@ __all__ = ["export_encoder"]
 
 def export_encoder(run_dir: Path, out: Path, which: str = "best") -> str:
     """Writes the run's encoder to ``out``; returns the timm call that loads it."""
-    from .run_files import load_run
+    from .run_files import RUN_FILES, load_run, weights_file
 
     if out.suffix != ".safetensors":
         raise VQAError(f"--out '{out}' must end in .safetensors: timm picks its loader by the extension")
+    if out.resolve() in {(run_dir / name).resolve() for name in RUN_FILES}:
+        raise VQAError(f"--out '{out}' is a file of the run itself; write the export beside it, e.g. "
+                       f"--out {run_dir / 'encoder.safetensors'}")
     model, _, _, cfg = load_run(run_dir, "cpu", which)
+    weights = weights_file(run_dir, which)  # the file load_run took, for the record
+    with safe_open(str(weights), framework="pt") as f:
+        trained = f.metadata() or {}
     name, size = cfg.model.vision_model, cfg.model.img_size
-    lora.save_merged(model.backbone, out, {"architecture": name, "img_size": str(size), "run": str(run_dir),
-                                           "weights": which})
-    return (f"timm.create_model({name!r}, num_classes=0, img_size={size}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={str(out)!r}))")
+    metadata = {"architecture": name, "img_size": str(size), "run": str(run_dir.resolve()), "weights": weights.name,
+                **{k: trained[k] for k in ("epoch", "val_accuracy") if k in trained}}
+    try:
+        lora.save_merged(model.backbone, out, metadata)
+    except OSError as e:
+        raise VQAError(f"cannot write --out '{out}': {e}") from None
+    return f"timm.create_model({name!r}, num_classes=0, img_size={size}, checkpoint_path={str(out.resolve())!r})"
 
 
 def main(argv: list[str] | None = None) -> int:

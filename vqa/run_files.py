@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ __all__ = [
     "load_run",
     "trained_files",
     "remove_run",
+    "weights_file",
 ]
 
 # What a run has trained, resume state first: a new run will not start over these unless told to.
@@ -133,11 +134,23 @@ def trained_files(run_dir: Path) -> list[str]:
     return [name for name in TRAINED_FILES if (run_dir / name).is_file()]
 
 
-def remove_run(run_dir: Path) -> None:
+def remove_run(run_dir: Path, keep: Iterable[str | Path | None] = ()) -> None:
     """Deletes the files a run writes in ``run_dir``, and nothing else the folder holds: nothing of an earlier
-    run may sit beside a new one, whose resume or prediction would load its checkpoint or backbone."""
+    run may sit beside a new one, whose resume or prediction would load its checkpoint or backbone.
+    ``keep``: the new run's own inputs (a ``checkpoint_path`` may be an earlier run's backbone file)."""
+    inputs = {Path(p).resolve() for p in keep if p}
     for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
+        if (run_dir / name).resolve() not in inputs:
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def weights_file(run_dir: Path, which: str = "best") -> Path:
+    """The run's ``model_{which}.safetensors``, or ``model_last`` where there is no best yet."""
+    for name in (f"model_{which}.safetensors", "model_last.safetensors"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
+                   f"the end of each epoch; continue the run with train.py --resume {run_dir}")
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "best"):
@@ -153,8 +166,5 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
         raise VQAError(f"run folder '{run}' has a missing or damaged vocabulary file ({e})") from None
     backbone = run / "backbone.safetensors"
     model = build_model(cfg, len(tokenizer), len(answers), str(backbone) if backbone.is_file() else None)
-    weights = run / f"model_{which}.safetensors"
-    if not weights.is_file():
-        weights = run / "model_last.safetensors"
-    load_weights(model, weights)
+    load_weights(model, weights_file(run, which))
     return model.to(device).eval(), tokenizer, answers, cfg
