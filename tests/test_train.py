@@ -408,8 +408,15 @@ def test_loss_goes_down_on_a_batch_it_overfits():
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
-def test_help_lists_the_config_option():
-    assert "--config" in cli("train.py", "--help").stdout
+def test_help_lists_the_options(capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    with pytest.raises(SystemExit) as done:
+        train.cli(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and all(option in out for option in ("--config", "--resume", "--overwrite"))
+    assert "Other --key value pairs override the config." in out
 
 
 class Payload:
