@@ -62,6 +62,9 @@ def inject_lora(
     ``.`` boundary, or a compiled regex matched against the whole name) by a LoRALinear sharing its
     weights; returns the replaced names. ``splits=None`` gives a fused qkv (out = 3 x in) three adapters.
     """
+    if isinstance(model, nn.Linear):
+        raise ValueError(f"inject_lora replaces layers inside a model, and this is a single {type(model).__name__}; "
+                         f"use LoRALinear.from_linear(layer, r=...) for one layer")
     targets = [targets] if isinstance(targets, (str, re.Pattern)) else list(targets)
     if not targets:
         raise ValueError("inject_lora needs at least one target, e.g. targets=('qkv',)")
@@ -112,6 +115,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
     """Puts plain ``nn.Linear`` layers back (adapter folded in when ``merge``, else dropped); the result
     needs no code of this library. Returns the names of the restored layers."""
+    if isinstance(model, LoRALinear):
+        raise ValueError("remove_lora replaces layers inside a model, and this is a single LoRALinear; for one "
+                         "layer: nn.Linear(...).load_state_dict(lora.merged_state_dict(layer))")
     names = []
     for name, layer in list(lora_layers(model)):
         if merge:

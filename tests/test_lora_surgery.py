@@ -74,6 +74,20 @@ def test_injecting_twice_is_a_clear_error(vit):
         lora.inject_lora(vit, r=4)
 
 
+def test_a_single_layer_is_a_clear_error_with_its_own_way():
+    with pytest.raises(ValueError, match="LoRALinear.from_linear"):
+        lora.inject_lora(nn.Linear(4, 12))
+    layer = LoRALinear(4, 12, r=2)
+    nn.init.normal_(layer.lora_B)
+    with pytest.raises(ValueError, match=r"merged_state_dict\(layer\)"):
+        lora.remove_lora(layer)
+    assert dict(layer.named_children()).keys() == {"lora_dropout"}  # left as it was
+    plain = nn.Linear(4, 12)
+    plain.load_state_dict(lora.merged_state_dict(layer))  # the way the message gives
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(plain(x), layer(x))
+
+
 def test_no_match_is_a_clear_error(vit):
     with pytest.raises(ValueError, match="matches targets"):
         lora.inject_lora(vit, targets=("not_a_layer",))
