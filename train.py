@@ -98,13 +98,14 @@ def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
 def prepare_data(cfg: RunConfig, procs: distributed.Processes):
     d = cfg.data
     if d.synthetic and not Path(d.train_csv).is_file():
-        check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))
-    if d.synthetic and procs.is_main and not Path(d.train_csv).is_file():
-        from vqa.synth import generate
+        check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))  # in every process: all refuse alike
+        if procs.is_main:
+            from vqa.synth import generate
 
-        out = Path(d.train_csv).parent
-        print(f"generating the synthetic shapes data set in {out} ...")
-        generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images, seed=cfg.train.seed)
+            out = Path(d.train_csv).parent
+            print(f"generating the synthetic shapes data set in {out} ...")
+            generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images,
+                     seed=cfg.train.seed)
     distributed.barrier(procs)  # the other processes read what the main one generated
     options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
     return read_split(d.train_csv, **options), read_split(d.val_csv, **options)
@@ -216,6 +217,10 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     def signal_got() -> int:
         return stop_signal[0] if stop_signal else 0
 
+    def agreed_signal() -> int:
+        """The signal any process got (0: none), in every process."""
+        return distributed.max_over_ranks([signal_got()], procs, device)[0]
+
     def stop_on(signum: int, epoch: int, batch: int) -> None:
         """Checkpoints and exits on ``signum`` (0: goes on), a value every process holds: all processes stop at
         the same step, whichever of them got the signal."""
@@ -254,10 +259,10 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                 loss_value = loss.item()  # the step's one wait for the GPU; backward and the update queue behind it
                 # The step's one collective: every process stops on a loss that is not finite anywhere, now,
                 # and on a signal that reached any of them, after this step.
-                not_finite, signum = distributed.max_over_ranks(
-                    [not math.isfinite(loss_value), signal_got()], procs, device)
-                if not_finite:
-                    loss_text = loss_value if not math.isfinite(loss_value) else "not finite in another process"
+                finite = math.isfinite(loss_value)
+                not_finite_anywhere, signum = distributed.max_over_ranks([not finite, signal_got()], procs, device)
+                if not_finite_anywhere:
+                    loss_text = "not finite in another process" if finite else loss_value
                     raise VQAError(
                         f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
                         f"{run / 'checkpoint.pt'} still holds the last good state. Lower --lr or check the data"
@@ -277,7 +282,7 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
             bar.close()
             seconds = time.perf_counter() - tic
             # A signal that came during the epoch's last update stops here, not after the whole validation.
-            stop_on(distributed.max_over_ranks([signal_got()], procs, device)[0], epoch, len(batches))
+            stop_on(agreed_signal(), epoch, len(batches))
             # Each process evaluates its share of the validation batches, with the main process's BatchNorm
             # statistics (the ones saved); the counts are summed over all.
             distributed.sync_buffers(model, procs)
@@ -297,7 +302,7 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                     if has_lora:
                         lora.save_adapter(model, run / f"adapter_{tag}.safetensors", meta)
             checkpoint(epoch + 1, 0)
-            stop_on(distributed.max_over_ranks([signal_got()], procs, device)[0], epoch + 1, 0)
+            stop_on(agreed_signal(), epoch + 1, 0)
     finally:
         for s, handler in previous.items():
             if not (stopping and s == signal.SIGTERM):  # stopping on a signal leaves SIGTERM ignored (above)

@@ -96,7 +96,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save; call inject_lora(model, ...) first")
-    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     meta = dict(metadata or {})
     meta.update(
         lora_version=_VERSION,
@@ -105,17 +104,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         alpha=json.dumps({n: m.alpha for n, m in layers.items()}),
         splits=json.dumps({n: m.splits for n, m in layers.items()}),
     )
-    data = safetensors_bytes(tensors, metadata=meta)
-    with atomic_write(path) as f:
-        f.write(data)
+    _write(lora_state_dict(model), path, meta)
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Writes ``merged_state_dict(model)`` to a safetensors file, atomically: the whole model with its
     adapters folded in, as the plain model (timm's) loads it. ``model`` itself is left as it is. Tied
     weights (one tensor under two names) are not supported: safetensors refuses them."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
-    data = safetensors_bytes(tensors, metadata=dict(metadata or {}))
+    _write(merged_state_dict(model), path, dict(metadata or {}))
+
+
+def _write(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``state`` as a safetensors file on the CPU, written atomically."""
+    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
     with atomic_write(path) as f:
         f.write(data)
 
