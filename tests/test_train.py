@@ -407,6 +407,55 @@ def test_loss_goes_down_on_a_batch_it_overfits():
     assert losses[-1] < 0.1 * losses[0]
 
 
+def test_a_checkpoints_generator_states_continue_every_stream_exactly(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import random
+
+    import numpy as np
+
+    import train
+    from vqa.run_files import load_checkpoint, save_checkpoint
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), np.random.rand(3).tolist(), np.random.standard_normal()
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    draws()  # numpy mid-block, with a normal cached
+    save_checkpoint({"rng": train.rng_state()}, tmp_path / "checkpoint.pt")
+    want = draws()
+    train.set_rng_state(load_checkpoint(tmp_path / "checkpoint.pt")["rng"])
+    assert draws() == want
+
+
+def test_the_optimizer_is_fused_adamw_stepping_like_the_default_one():
+    sys.path.insert(0, str(ROOT))
+    import copy
+
+    import train
+    from vqa import DeterministicVQA
+    from vqa.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.train.lr, cfg.train.lr_encoder, cfg.train.weight_decay = 1e-2, 3e-3, 0.1
+    torch.manual_seed(0)
+    model = DeterministicVQA(vision_model="vit_small_patch14_dinov2", img_size=28, vocab_size=20, num_answers=5,
+                             hidden_dim=32, num_heads=2, question_layers=1, vision_lora_r=4,
+                             backbone_kwargs=dict(depth=1))
+    model.freeze_pretrained()
+    reference, before = copy.deepcopy(model), {n: p.detach().clone() for n, p in model.named_parameters()}
+    fused, default = train.make_optimizer(model, cfg), torch.optim.AdamW(train.param_groups(reference, cfg))
+    assert fused.defaults["fused"] and not default.defaults["fused"]
+    for step in range(3):
+        for opt, net in ((fused, model), (default, reference)):
+            torch.manual_seed(step)  # the same gradients for both
+            for p in (p for g in opt.param_groups for p in g["params"]):
+                p.grad = torch.randn_like(p)
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)  # the groups' lr and decay kept
+        assert torch.equal(p, before[name]) != p.requires_grad, name  # what trains moved, nothing else
+
+
 @pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_help_lists_the_options(capsys):
     sys.path.insert(0, str(ROOT))
