@@ -66,6 +66,16 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         tiny_backbone(checkpoint_path=tmp_path / "none.pth")
 
 
+def test_pretrained_weights_out_of_reach_is_a_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # As on a machine with no network: the hub offline and its cache empty.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pretrained weights of 'vit_small_patch14_dinov2'.*checkpoint_path"):
+        tiny_backbone(pretrained=True)
+
+
 class Payload:
     """Unpickling this would create a marker file: the attack a weights file must not be able to make."""
 

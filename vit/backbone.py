@@ -51,7 +51,17 @@ def create_backbone(
             f"img_size={img_size} is not divisible by {name}'s patch size {patch}; use {lo or hi} or {hi}"
         )
     del probe
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as e:  # the hub download: no network and nothing cached, a proxy, a cache not writable
+        if not pretrained:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FileNotFoundError(
+            f"cannot get the pretrained weights of '{name}' through timm's download ({reason}); on a machine "
+            f"without network, give checkpoint_path (a local .safetensors or .pth of this model), or fill the "
+            f"Hugging Face cache (HF_HOME) where there is network; pretrained: false builds random weights"
+        ) from None
     if checkpoint_path is not None:
         load_backbone_checkpoint(model, checkpoint_path)
     return model
