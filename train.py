@@ -10,6 +10,7 @@ Any config key can be overridden on the command line (``--vision_lora_r 4``, ``-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -94,6 +95,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_same_model(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
+    """A resumed run keeps the model it was trained with: its checkpoint fits no other. Only gradient
+    checkpointing, which changes memory and not the arithmetic's result, may change."""
+    for key, value in dataclasses.asdict(saved.model).items():
+        if key != "grad_checkpointing" and getattr(cfg.model, key) != value:
+            raise VQAError(f"--resume keeps the run's model: '{key}' is {value!r} in {source}, {getattr(cfg.model, key)!r} "
+                           f"here; to change the model, start a new run in another --output_dir")
+
+
 def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
     """With ``synthetic`` on and ``train_csv`` missing, the generator writes DIR/train.csv, DIR/val.csv and
     DIR/images/: refuses unless those are the configured paths and no val.csv would be overwritten. A
@@ -128,6 +138,10 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     procs, device = distributed.setup(pick_device(t.device, source="config key 'device'"))
     log = print if procs.is_main else lambda *args, **kwargs: None  # one process speaks and writes files
     run = Path(t.output_dir)
+    if run.exists() and not run.is_dir():
+        raise VQAError(f"output_dir '{run}' is a file, not a folder; choose another --output_dir")
+    if resume:
+        check_same_model(cfg, load_config(run / "config.yaml", []), run / "config.yaml")
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -205,7 +219,13 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                            f"{len(rngs)}, or plain python for one) so every process continues its own random stream")
         set_rng_state(rngs[procs.rank])
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
-        log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
+        if start_epoch >= t.epochs:
+            log(f"{run} has finished its {t.epochs} epochs, so there is nothing to train; to train longer, add "
+                f"--epochs N with N > {t.epochs}")
+        else:
+            log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
+        if procs.is_main and cfg.to_yaml() != (run / "config.yaml").read_text(encoding="utf-8"):
+            write_text(run / "config.yaml", cfg.to_yaml())  # the settings resumed with (--epochs, say) are the run's now
 
     def checkpoint(epoch: int, batch: int) -> None:
         rngs = distributed.gather(rng_state(), procs)  # every process's generators, in rank order
@@ -312,7 +332,9 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                 for tag in ("last", "best") if is_best else ("last",):
                     save_weights(weights, run / f"model_{tag}.safetensors", meta)
                     if has_lora:
-                        lora.save_adapter(model, run / f"adapter_{tag}.safetensors", meta)
+                        # Keyed as the timm backbone, so that lora.load_adapter fits it to timm.create_model(...).
+                        lora.save_adapter(model.backbone, run / f"adapter_{tag}.safetensors",
+                                          {**meta, "model": cfg.model.vision_model, "img_size": str(cfg.model.img_size)})
             checkpoint(epoch + 1, 0)
             stop_on(agreed_signal(), epoch + 1, 0)
     finally:
@@ -338,8 +360,14 @@ def cli(argv: list[str] | None = None) -> int:
     start.add_argument("--overwrite", action="store_true",
                        help="start a new run even where output_dir holds one, deleting that run's files")
     args, overrides = parser.parse_known_args(argv)
+    if args.resume and args.config:
+        parser.error("--resume continues with the run's own config.yaml, so --config cannot be given with it; "
+                     "override single settings instead (e.g. --epochs 20)")
     try:
         if args.resume:
+            if not (args.resume / "config.yaml").is_file():
+                raise VQAError(f"'{args.resume}' is not a run folder (it has no config.yaml); --resume takes the "
+                               f"output_dir of a run train.py started")
             cfg = load_config(args.resume / "config.yaml", overrides + ["--output_dir", str(args.resume)])
         else:
             cfg = load_config(args.config, overrides)

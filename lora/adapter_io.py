@@ -149,9 +149,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     that names the first layer that does not fit.
     """
     config, _ = read_adapter_config(path)
+    tensors = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
     layers = dict(lora_layers(model))
     if not layers:
-        for name, cfg in config.items():
+        # Every target is checked before any is injected: a file that does not fit leaves the model as it was.
+        for name in config:
             try:
                 module = model.get_submodule(name)
             except AttributeError:
@@ -161,6 +166,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                     f"adapter '{path}' targets layer '{name}', which is not an nn.Linear in "
                     f"{type(model).__name__}; the adapter was trained on a different architecture"
                 )
+            _check_width(path, name, module, tensors)
+        for name, cfg in config.items():
             inject_lora(model, [name], r=cfg["r"], alpha=cfg["alpha"], splits=cfg["splits"])
         layers = dict(lora_layers(model))
     for name, cfg in config.items():
@@ -175,8 +182,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                     f"layer '{name}': adapter '{path}' has {key}={cfg[key]} but the model has "
                     f"{key}={getattr(layer, key)}; build the model with the adapter's LoRA settings"
                 )
-    tensors = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
+        _check_width(path, name, layer, tensors)
     return load_lora_state_dict(model, tensors, strict=strict)
+
+
+def _check_width(path, name: str, layer: nn.Linear, tensors: dict[str, Tensor]) -> None:
+    """A layer of another width than the adapter's (A is (r, in), B is (out, r)) means another model size."""
+    a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+    have = (a.shape[-1] if a is not None else layer.in_features, b.shape[0] if b is not None else layer.out_features)
+    if have != (layer.in_features, layer.out_features):
+        raise ValueError(
+            f"layer '{name}' maps {layer.in_features} -> {layer.out_features} features in the model but "
+            f"{have[0]} -> {have[1]} in adapter '{path}': the adapter was trained on another model size"
+        )

@@ -79,11 +79,25 @@ def test_shape_mismatch_names_the_layer_and_shapes():
         lora.load_lora_state_dict(wide, lora.lora_state_dict(small))
 
 
-def test_architecture_mismatch_names_the_layer(tmp_path):
+def test_architecture_mismatch_names_the_layer_and_changes_nothing(tmp_path):
     path = tmp_path / "a.safetensors"
     lora.save_adapter(adapted(depth=3), path)
+    model = tiny_vit()
     with pytest.raises(ValueError, match=r"blocks\.2\.attn\.qkv"):
-        lora.load_adapter(tiny_vit(), path)
+        lora.load_adapter(model, path)
+    assert not list(lora.lora_layers(model))  # blocks 0 and 1 fit, but nothing was injected
+
+
+@pytest.mark.parametrize("target_has_lora", [False, True])
+def test_an_adapter_of_another_model_size_says_so_and_changes_nothing(tmp_path, target_has_lora):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(adapted(), path)  # embed_dim 32
+    model = adapted(embed_dim=64) if target_has_lora else tiny_vit(embed_dim=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv' maps 64 -> 192 .* but 32 -> 96 .*another model size"):
+        lora.load_adapter(model, path)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_strict_loading_reports_missing_and_unexpected_layers():

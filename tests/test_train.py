@@ -64,6 +64,12 @@ def test_training_writes_every_artefact_and_reports(trained):
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["vision_lora_alpha"] == 8.0  # the override
     adapter = load_file(str(run / "adapter_last.safetensors"))
     assert all(".lora_" in k for k in adapter) and len(adapter) == 24  # 12 blocks x (A, B)
+    import timm
+
+    import lora
+    encoder = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=28)
+    assert len(lora.load_adapter(encoder, run / "adapter_last.safetensors")) == 12  # named as in timm's model
+    assert torch.equal(encoder.blocks[11].attn.qkv.lora_B, adapter["blocks.11.attn.qkv.lora_B"])
     assert (run / "adapter_last.safetensors").stat().st_size < 0.05 * (run / "backbone.safetensors").stat().st_size
 
 
@@ -141,6 +147,41 @@ def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_pa
     result = cli("train.py", "--resume", str(run), "--epochs", "3")
     assert "resuming" in result.stdout and "epoch 3:" in result.stdout and "epoch 1:" not in result.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3  # the run's setting now
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    before = (run / "checkpoint.pt").read_bytes()
+    assert train.cli(["--resume", str(run)]) == 0
+    assert "has finished its 2 epochs, so there is nothing to train; to train longer, add --epochs N" in capsys.readouterr().out
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "RUN", "--hidden_dim", "64"], "--resume keeps the run's model: 'hidden_dim' is 32 in "),
+    (["--resume", "RUN", "--config", "CONFIG"], "--config cannot be given with it"),
+    (["--resume", "TMP"], "is not a run folder (it has no config.yaml)"),
+    (["--config", "CONFIG", "--output_dir", "CONFIG"], "is a file, not a folder"),
+])
+def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, capsys, args, message):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    paths = {"RUN": str(run), "CONFIG": str(trained[0] / "tiny.yaml"), "TMP": str(tmp_path)}
+    try:
+        code = train.cli([paths.get(a, a) for a in args])
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def run_bytes(run: Path) -> dict[str, bytes]:
