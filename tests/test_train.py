@@ -524,9 +524,14 @@ def test_resume_refuses_a_checkpoint_carrying_code(tmp_path):
 
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "extra": Payload(str(marker))}, tmp_path / "checkpoint.pt")
-    with pytest.raises(VQAError, match="cannot load checkpoint .* safely"):
+    with pytest.raises(VQAError, match=r"cannot load checkpoint .* safely \(Unsupported global: GLOBAL \S*open") as e:
         load_checkpoint(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage" * 100)
+    with pytest.raises(VQAError, match="safely .*: the file is damaged, or is not a checkpoint train.py wrote") as e2:
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    for error in (e, e2):  # never torch's advice to load it without weights_only, which would run its code
+        assert "weights_only" not in str(error.value) and "trust" not in str(error.value)
 
 
 def tool_args(tool: str, tmp_path: Path) -> list[str]:

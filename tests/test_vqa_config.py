@@ -45,7 +45,9 @@ def test_flag_followed_by_a_flag_means_true():
     "args, message",
     [
         (["--not_a_key", "1"], "unknown config key '--not_a_key'"),
-        (["--train.vision_lora_r", "4"], "unknown config key"),
+        (["--train.vision_lora_r", "4"], "'vision_lora_r' is a key of section 'model', not 'train': --model.vision_lora_r or --vision_lora_r"),
+        (["--lr"], "--lr needs a value: --lr VALUE"),
+        (["--lr", "--epochs", "3"], "--lr needs a value"),
         (["--vision_lora_r", "four"], "'vision_lora_r' must be int"),
         (["--vision_lora_r", "0"], "'vision_lora_r' must be > 0"),
         (["--vision_lora_alpha", "-1"], "'vision_lora_alpha' must be > 0"),
@@ -58,6 +60,16 @@ def test_flag_followed_by_a_flag_means_true():
 def test_bad_overrides_name_the_key(args, message):
     with pytest.raises(VQAError, match=message):
         load_config(None, args)
+
+
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.1}}))
+    with pytest.raises(VQAError, match=r"^command line: key 'lr' must be float, got 'abc'"):
+        load_config(path, ["--lr", "abc"])
+    assert load_config(path, ["--progress"]).train.progress is True  # a yes/no key alone means true
+    with pytest.raises(VQAError, match="is a folder; give the YAML file itself"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize(

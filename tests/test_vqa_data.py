@@ -127,6 +127,7 @@ def truncated(path, fmt):
     "make, message",
     [
         (lambda d: d / "img" / "missing.png", "does not exist"),
+        (lambda d: d / "img", "is a folder, not an image file"),
         (lambda d: (d / "img" / "junk.png").write_bytes(b"not an image") and d / "img" / "junk.png", "cannot be decoded"),
         (lambda d: truncated(d / "img" / "cut.png", "PNG"), "cannot be decoded"),
         (lambda d: truncated(d / "img" / "cut.jpg", "JPEG"), "cannot be decoded"),
@@ -140,6 +141,11 @@ def test_bad_images_fail_before_training_naming_the_row(folder, make, message):
         check_images(data)
     kept = check_images(data, skip_bad_rows=True)
     assert len(kept.rows) == 1 and len(kept.skipped) == 1
+
+
+def test_a_folder_given_as_the_csv_is_named_as_such(folder):
+    with pytest.raises(VQAError, match="is a folder; give the CSV file itself"):
+        read_csv(folder)
 
 
 @pytest.mark.parametrize(

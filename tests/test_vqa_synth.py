@@ -262,3 +262,14 @@ def test_main_writes_the_data_set(tmp_path, capsys):
     expected = generate(tmp_path / "api", train_images=3, val_images=2, seed=7, image_size=32)
     assert (out / "train.csv").read_bytes() == expected[0].read_bytes()
     assert (out / "val.csv").read_bytes() == expected[1].read_bytes()
+
+
+def test_main_replaces_a_data_set_only_with_overwrite(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--train_images", "2", "--val-images", "1", "--image_size", "32"]
+    assert main(args) == 0
+    before = (tmp_path / "train.csv").read_bytes()
+    assert main([*args, "--seed", "1"]) == 2
+    assert "holds a data set already (train.csv, val.csv); add --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "train.csv").read_bytes() == before
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert (tmp_path / "train.csv").read_bytes() != before

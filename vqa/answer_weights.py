@@ -61,7 +61,8 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     from .data import read_csv
 
-    parser = argparse.ArgumentParser(description="Per-answer loss weights that balance rare answers.")
+    parser = argparse.ArgumentParser(prog="python -m vqa.answer_weights",
+                                     description="Per-answer loss weights that balance rare answers.")
     parser.add_argument("--train_csv", "--train-csv", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--min_weight", type=float, default=0.1)

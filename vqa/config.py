@@ -129,6 +129,7 @@ class RunConfig:
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 _KEY_SECTION = {f.name: s for s, c in _SECTIONS.items() for f in dataclasses.fields(c)}
+_KEY_TYPE = {name: typing.get_type_hints(c)[name] for s, c in _SECTIONS.items() for name in typing.get_type_hints(c)}
 assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTIONS.values()), "config keys must be unique"
 
 
@@ -188,15 +189,20 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
         if not word.startswith("--") or len(word) == 2:
             raise VQAError(f"unexpected argument '{word}'; overrides look like --key value")
         key, has_value, value = word[2:].partition("=")
+        section, _, name = key.rpartition(".")
+        name = name.replace("-", "_")
+        if name not in _KEY_SECTION:
+            raise VQAError(f"unknown config key '--{key}'; see configs/demo.yaml for the keys")
+        if section and _KEY_SECTION[name] != section:
+            raise VQAError(f"'{name}' is a key of section '{_KEY_SECTION[name]}', not '{section}': "
+                           f"--{_KEY_SECTION[name]}.{name} or --{name}")
         if not has_value:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value, i = args[i + 1], i + 1
-            else:
+            elif _KEY_TYPE[name] is bool:
                 value = "true"
-        section, _, name = key.rpartition(".")
-        name = name.replace("-", "_")
-        if name not in _KEY_SECTION or (section and _KEY_SECTION[name] != section):
-            raise VQAError(f"unknown config key '--{key}'; see configs/demo.yaml for the keys")
+            else:
+                raise VQAError(f"--{key} needs a value: --{key} VALUE")
         overrides.setdefault(_KEY_SECTION[name], {})[name] = value
         i += 1
     return overrides
@@ -207,6 +213,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise VQAError(f"config file '{path}' is a folder; give the YAML file itself (e.g. configs/demo.yaml)")
         if not path.is_file():
             raise VQAError(f"config file '{path}' does not exist")
         try:
@@ -218,6 +226,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = str(path) if path is not None else "config"
     merged = dict(raw)
     for section, values in parse_overrides(overrides or []).items():
+        values = {k: _coerce(k, v, _KEY_TYPE[k], "command line") for k, v in values.items()}  # named as given there
         base = merged.get(section) or {}
         merged[section] = {**base, **values} if isinstance(base, dict) else base  # a non-mapping fails in from_dict
     return RunConfig.from_dict(merged, source)

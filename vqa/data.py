@@ -72,8 +72,10 @@ def read_csv(
     ``allow_outside_paths``. Exact duplicate rows are an error (skipped with ``skip_bad_rows``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise VQAError(f"CSV file '{path}' is a folder; give the CSV file itself")
     if not path.is_file():
-        raise VQAError(f"CSV file '{path}' does not exist; check the path (e.g. --train_csv)")
+        raise VQAError(f"CSV file '{path}' does not exist; check the path")
     text = _decode(path, path.read_bytes())
     if not text.strip():
         raise VQAError(f"{path} is empty; it needs a header row '{','.join(REQUIRED_COLUMNS)}' and one row per question")
@@ -149,6 +151,8 @@ def load_image(path: Path) -> Image.Image:
                 return im.convert("RGB")
     except FileNotFoundError:
         raise VQAError(f"image '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise VQAError(f"image '{path}' is a folder, not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise VQAError(f"image '{path}' is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

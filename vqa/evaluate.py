@@ -143,7 +143,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
 def main(argv: list[str] | None = None) -> int:
     from .run_files import load_run
 
-    parser = argparse.ArgumentParser(description="Per-question-type accuracy of a trained run on a CSV.")
+    parser = argparse.ArgumentParser(prog="python -m vqa.evaluate",
+                                     description="Per-question-type accuracy of a trained run on a CSV.")
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--csv", required=True, type=Path, help="CSV with image, question, answer columns")
     parser.add_argument("--batch_size", "--batch-size", type=at_least(1), default=32, help="images per batch")

@@ -45,7 +45,7 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vqa.export", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="the run's weights to export")

@@ -39,7 +39,8 @@ def predict(model, tokenizer, answers, transform, image: Path, question: str, to
 def main(argv: list[str] | None = None) -> int:
     from .run_files import load_run
 
-    parser = argparse.ArgumentParser(description="Answer a question about an image with a trained run.")
+    parser = argparse.ArgumentParser(prog="python -m vqa.predict",
+                                     description="Answer a question about an image with a trained run.")
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--question", required=True)

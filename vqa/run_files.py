@@ -126,7 +126,16 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
     except Exception as e:
-        raise VQAError(f"cannot load checkpoint '{path}' safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        # torch's message opens with advice to load without weights_only, which would run whatever the file
+        # holds; keep only its diagnosis.
+        message = str(e)
+        diagnosis = message.partition("WeightsUnpickler error:")[2].strip() or message.strip()
+        reason = diagnosis.splitlines()[0].split(". ")[0] if diagnosis else ""
+        if not reason or reason.startswith("Weights only load failed"):
+            reason = type(e).__name__
+        raise VQAError(f"cannot load checkpoint '{path}' safely ({reason}): the file is damaged, or is not a "
+                       f"checkpoint train.py wrote (objects other than tensors are refused: loading them could run "
+                       f"code)") from None
 
 
 def trained_files(run_dir: Path) -> list[str]:

@@ -262,7 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=112,
         help="side in pixels, a multiple of 4, >= 32 (default: 112)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace the data set already in --out")
     args = parser.parse_args(argv)  # argparse itself exits 2 with "error:" on malformed options
+    existing = [name for name in ("train.csv", "val.csv") if (args.out / name).exists()]
+    if existing and not args.overwrite:
+        print(f"error: {args.out} holds a data set already ({', '.join(existing)}); add --overwrite to replace "
+              f"it, or choose another --out", file=sys.stderr)
+        return 2
     try:
         generate(
             args.out,
