@@ -10,7 +10,6 @@ Any config key can be overridden on the command line (``--vision_lora_r 4``, ``-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import random
@@ -95,13 +94,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_same_model(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
-    """A resumed run keeps the model it was trained with: its checkpoint fits no other. Only gradient
-    checkpointing, which changes memory and not the arithmetic's result, may change."""
-    for key, value in dataclasses.asdict(saved.model).items():
-        if key != "grad_checkpointing" and getattr(cfg.model, key) != value:
-            raise VQAError(f"--resume keeps the run's model: '{key}' is {value!r} in {source}, {getattr(cfg.model, key)!r} "
-                           f"here; to change the model, start a new run in another --output_dir")
+# What --resume may change: where things are, how long to train, how to run. The rest is held by the
+# checkpoint (the model's shapes, the optimizer's learning rates and weight decay, the schedule) or fixes
+# the batch order the saved position points into (batch size, seed).
+RESUME_MAY_CHANGE = {
+    "train_csv", "val_csv", "answer_weights", "synthetic", "synthetic_train_images", "synthetic_val_images",
+    "skip_bad_rows", "allow_outside_paths", "checkpoint_path", "grad_checkpointing", "output_dir", "epochs",
+    "grad_clip", "type_loss_weight", "device", "checkpoint_every", "num_workers", "progress",
+}
+
+
+def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
+    """Refuses a resume whose overrides change a setting the run cannot take up halfway."""
+    for section, values in saved.to_dict().items():
+        for key, value in values.items():
+            given = getattr(getattr(cfg, section), key)
+            if key not in RESUME_MAY_CHANGE and given != value:
+                raise VQAError(f"--resume cannot change '{key}' ({value!r} in {source}, {given!r} here): the run's "
+                               f"checkpoint or batch order holds it; to change it, start a new run in another "
+                               f"--output_dir")
 
 
 def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
@@ -141,7 +152,7 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     if run.exists() and not run.is_dir():
         raise VQAError(f"output_dir '{run}' is a file, not a folder; choose another --output_dir")
     if resume:
-        check_same_model(cfg, load_config(run / "config.yaml", []), run / "config.yaml")
+        check_resumable(cfg, load_config(run / "config.yaml", []), run / "config.yaml")
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -219,7 +230,9 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                            f"{len(rngs)}, or plain python for one) so every process continues its own random stream")
         set_rng_state(rngs[procs.rank])
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
-        if start_epoch >= t.epochs:
+        if t.epochs < start_epoch:
+            raise VQAError(f"{run} has trained {start_epoch} epochs already; --epochs cannot be fewer")
+        if start_epoch == t.epochs:
             log(f"{run} has finished its {t.epochs} epochs, so there is nothing to train; to train longer, add "
                 f"--epochs N with N > {t.epochs}")
         else:

@@ -16,7 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from .atomic import atomic_write
-from .surgery import inject_lora, lora_layers, merged_state_dict
+from .surgery import inject_lora, lora_layers, merged_state_dict, remove_lora
 
 __all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
            "save_merged"]
@@ -145,8 +145,8 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
     """Loads an adapter file into ``model``, injecting LoRA from the file's config if the model has none.
 
-    Returns the layers loaded. A file whose layers, r, alpha or splits do not fit the model is an error
-    that names the first layer that does not fit.
+    Returns the layers loaded. A file whose layers, r, alpha, splits or widths do not fit the model is an
+    error that names the first layer that does not fit, and leaves the model as it was.
     """
     config, _ = read_adapter_config(path)
     tensors = {}
@@ -154,8 +154,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
     layers = dict(lora_layers(model))
-    if not layers:
-        # Every target is checked before any is injected: a file that does not fit leaves the model as it was.
+    injected = not layers
+    if injected:
         for name in config:
             try:
                 module = model.get_submodule(name)
@@ -167,9 +167,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                     f"{type(model).__name__}; the adapter was trained on a different architecture"
                 )
             _check_width(path, name, module, tensors)
-        for name, cfg in config.items():
-            inject_lora(model, [name], r=cfg["r"], alpha=cfg["alpha"], splits=cfg["splits"])
-        layers = dict(lora_layers(model))
+    try:
+        if injected:
+            for name, cfg in config.items():
+                inject_lora(model, [name], r=cfg["r"], alpha=cfg["alpha"], splits=cfg["splits"])
+            layers = dict(lora_layers(model))
+        return _load_checked(model, path, config, layers, tensors, strict)
+    except BaseException:
+        if injected:
+            remove_lora(model, merge=False)  # the adapters this call put in, and only those
+        raise
+
+
+def _load_checked(model: nn.Module, path, config: dict[str, dict], layers: dict[str, nn.Module],
+                  tensors: dict[str, Tensor], strict: bool) -> list[str]:
     for name, cfg in config.items():
         layer = layers.get(name)
         if layer is None:

@@ -134,3 +134,21 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         lora.save_adapter(adapted(r=2), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temporary left behind
+
+
+def test_a_file_failing_after_injection_leaves_the_model_as_it_came(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(adapted(), path)
+    _, meta = lora.read_adapter_config(path)
+    with safe_open(str(path), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != "blocks.1.attn.qkv.lora_B"}
+    save_file(kept, str(path), metadata=meta)  # one tensor gone: found only once the layers are injected
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no 'blocks\.1\.attn\.qkv\.lora_B'"):
+        lora.load_adapter(model, path)
+    assert not list(lora.lora_layers(model))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

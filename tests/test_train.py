@@ -163,7 +163,9 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, c
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--resume", "RUN", "--hidden_dim", "64"], "--resume keeps the run's model: 'hidden_dim' is 32 in "),
+    (["--resume", "RUN", "--hidden_dim", "64"], "--resume cannot change 'hidden_dim' (32 in "),
+    (["--resume", "RUN", "--lr", "0.5"], "--resume cannot change 'lr' (0.001 in "),  # the optimizer state's lr would win
+    (["--resume", "RUN", "--epochs", "1"], "has trained 2 epochs already; --epochs cannot be fewer"),
     (["--resume", "RUN", "--config", "CONFIG"], "--config cannot be given with it"),
     (["--resume", "TMP"], "is not a run folder (it has no config.yaml)"),
     (["--config", "CONFIG", "--output_dir", "CONFIG"], "is a file, not a folder"),

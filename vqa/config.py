@@ -1,8 +1,9 @@
 """Run configuration: one dataclass per component, a YAML file, and ``--key value`` overrides on top.
 
 A YAML file has the sections ``data``, ``model`` and ``train``. Every key is unique across sections, so
-``--vision_lora_r 4`` and ``--model.vision_lora_r 4`` both work. An unknown key, a value of the wrong
-type or out of range is a ``VQAError`` naming the key.
+``--vision_lora_r 4`` and ``--model.vision_lora_r 4`` both work; a yes/no key alone (``--use_type_loss``)
+means true. An unknown key, a value of the wrong type or out of range is a ``VQAError`` naming the key
+and where the value came from (the file or the command line).
 """
 from __future__ import annotations
 
@@ -178,9 +179,11 @@ def _build(section_cls, values: dict, where: str):
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict]:
-    """``["--lr", "3e-4", "--use_type_loss"]`` to ``{"train": {"lr": "3e-4", "use_type_loss": True}}``.
+    """``["--lr", "3e-4", "--use_type_loss"]`` to ``{"train": {"lr": "3e-4", "use_type_loss": "true"}}``
+    (strings: ``load_config`` checks them against the keys' types).
 
-    A flag without a value (the next word is another flag, or none) means ``true``.
+    A yes/no key without a value (the next word is another flag, or none) means ``true``; any other key
+    without one is an error.
     """
     overrides: dict[str, dict] = {}
     i = 0
