@@ -8,7 +8,7 @@ from .adapter_io import (
     save_adapter,
     save_merged,
 )
-from .atomic import atomic_write
+from .atomic import atomic_path, atomic_write, save_safetensors
 from .layer import LoRADropout, LoRALinear
 from .surgery import inject_lora, lora_layers, merge_lora, merged, merged_state_dict, remove_lora, unmerge_lora
 from .trainable import (
@@ -38,5 +38,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter_config",
+    "atomic_path",
     "atomic_write",
+    "save_safetensors",
 ]

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .atomic import atomic_write
+from .atomic import save_safetensors
 from .surgery import inject_lora, lora_layers, merged_state_dict, remove_lora
 
 __all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
@@ -104,21 +103,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         alpha=json.dumps({n: m.alpha for n, m in layers.items()}),
         splits=json.dumps({n: m.splits for n, m in layers.items()}),
     )
-    _write(lora_state_dict(model), path, meta)
+    save_safetensors(lora_state_dict(model), path, meta)
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Writes ``merged_state_dict(model)`` to a safetensors file, atomically: the whole model with its
     adapters folded in, as the plain model (timm's) loads it. ``model`` itself is left as it is. Tied
     weights (one tensor under two names) are not supported: safetensors refuses them."""
-    _write(merged_state_dict(model), path, dict(metadata or {}))
-
-
-def _write(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """``state`` as a safetensors file on the CPU, written atomically."""
-    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
-    with atomic_write(path) as f:
-        f.write(data)
+    save_safetensors(merged_state_dict(model), path, dict(metadata or {}))
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:

@@ -8,12 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write"]
+from safetensors.torch import save_file
+from torch import Tensor
+
+__all__ = ["atomic_path", "atomic_write", "save_safetensors"]
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Opens a temporary file beside ``path``; on success flushes, fsyncs and renames it over ``path``.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary file's path beside ``path``, for a writer that opens files by name; on success
+    fsyncs that file and renames it over ``path``.
 
     The rename is atomic on POSIX and Windows when both names are on one file system, which the
     same folder guarantees. On an exception the temporary file is removed and ``path`` is untouched.
@@ -21,11 +25,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDWR)  # writable: Windows commits only those
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -37,3 +44,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """``atomic_path`` for a file object: opens the temporary file in ``mode`` (text as UTF-8)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` (moved to the CPU, made contiguous) as a safetensors file, atomically. Written from the
+    tensors' own memory: no copy of the file is built in RAM (``safetensors.torch.save`` would hold two)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)

@@ -136,6 +136,25 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temporary left behind
 
 
+def test_a_writer_failing_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import lora.atomic
+
+    path = tmp_path / "a.safetensors"
+    lora.save_merged(adapted(), path)
+    before = path.read_bytes()
+
+    def half_then_boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora.atomic, "save_file", half_then_boom)
+    with pytest.raises(OSError, match="disk full"):
+        lora.save_merged(adapted(r=2), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
 def test_a_file_failing_after_injection_leaves_the_model_as_it_came(tmp_path):
     from safetensors.torch import save_file
 

@@ -15,17 +15,15 @@ loader), and ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lora import atomic_write
+from lora import atomic_path, atomic_write, save_safetensors
 
 from .config import RunConfig, load_config
 from .errors import VQAError
@@ -83,9 +81,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
-    with atomic_write(path) as f:
-        f.write(data)
+    save_safetensors(state, path, metadata)
 
 
 @torch.no_grad()
@@ -114,10 +110,8 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, str]:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with atomic_write(path) as f:
-        f.write(buffer.getbuffer())
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
