@@ -66,12 +66,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         tiny_backbone(checkpoint_path=tmp_path / "none.pth")
 
 
-def test_pretrained_weights_out_of_reach_is_a_clear_error(tmp_path, monkeypatch):
-    from huggingface_hub import constants
+def test_pretrained_weights_out_of_reach_is_a_clear_error(monkeypatch):
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    # As on a machine with no network: the hub offline and its cache empty.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    build = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        # What timm raises on a machine with no network and nothing cached; nothing is downloaded here.
+        if pretrained:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        return build(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(FileNotFoundError, match="pretrained weights of 'vit_small_patch14_dinov2'.*checkpoint_path"):
         tiny_backbone(pretrained=True)
 
