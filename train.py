@@ -31,8 +31,8 @@ from vqa.data import VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (build_model, copy_weights, load_checkpoint, remove_run, save_checkpoint, save_weights,
-                           trained_files, write_text)
+from vqa.run_files import (build_model, copy_weights, load_checkpoint, remove_run, save_checkpoint, trained_files,
+                           write_text)
 from vqa.text import AnswerVocab, Tokenizer
 
 
@@ -151,8 +151,9 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     run = Path(t.output_dir)
     if run.exists() and not run.is_dir():
         raise VQAError(f"output_dir '{run}' is a file, not a folder; choose another --output_dir")
+    saved = load_config(run / "config.yaml", []) if resume else None  # the run's settings before this resume
     if resume:
-        check_resumable(cfg, load_config(run / "config.yaml", []), run / "config.yaml")
+        check_resumable(cfg, saved, run / "config.yaml")
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -216,7 +217,8 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
         write_text(run / "tokenizer.json", tokenizer.to_json())
         write_text(run / "answers.json", answers.to_json())
         if random_backbone:  # predict and resume rebuild this exact backbone from it
-            save_weights({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k}, backbone_file)
+            lora.save_safetensors({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k},
+                                  backbone_file)
     start_epoch, start_batch, best, step = 0, 0, -1.0, 0
     if resume:
         state = load_checkpoint(run / "checkpoint.pt")
@@ -237,7 +239,7 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                 f"--epochs N with N > {t.epochs}")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
-        if procs.is_main and cfg.to_yaml() != (run / "config.yaml").read_text(encoding="utf-8"):
+        if procs.is_main and cfg != saved:
             write_text(run / "config.yaml", cfg.to_yaml())  # the settings resumed with (--epochs, say) are the run's now
 
     def checkpoint(epoch: int, batch: int) -> None:
@@ -343,7 +345,7 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
                 meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}"}
                 weights = model.trainable_state_dict()
                 for tag in ("last", "best") if is_best else ("last",):
-                    save_weights(weights, run / f"model_{tag}.safetensors", meta)
+                    lora.save_safetensors(weights, run / f"model_{tag}.safetensors", meta)
                     if has_lora:
                         # Keyed as the timm backbone, so that lora.load_adapter fits it to timm.create_model(...).
                         lora.save_adapter(model.backbone, run / f"adapter_{tag}.safetensors",

@@ -158,7 +158,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                     f"adapter '{path}' targets layer '{name}', which is not an nn.Linear in "
                     f"{type(model).__name__}; the adapter was trained on a different architecture"
                 )
-            _check_width(path, name, module, tensors)
     try:
         if injected:
             for name, cfg in config.items():

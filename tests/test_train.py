@@ -181,14 +181,14 @@ def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, caps
 
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = run_bytes(run)
     paths = {"RUN": str(run), "CONFIG": str(trained[0] / "tiny.yaml"), "TMP": str(tmp_path)}
     try:
         code = train.cli([paths.get(a, a) for a in args])
     except SystemExit as e:  # argparse's own usage errors
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert run_bytes(run) == before
 
 
 def run_bytes(run: Path) -> dict[str, bytes]:

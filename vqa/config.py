@@ -130,7 +130,7 @@ class RunConfig:
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 _KEY_SECTION = {f.name: s for s, c in _SECTIONS.items() for f in dataclasses.fields(c)}
-_KEY_TYPE = {name: typing.get_type_hints(c)[name] for s, c in _SECTIONS.items() for name in typing.get_type_hints(c)}
+_KEY_TYPE = {name: hint for c in _SECTIONS.values() for name, hint in typing.get_type_hints(c).items()}
 assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTIONS.values()), "config keys must be unique"
 
 

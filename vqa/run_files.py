@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lora import atomic_path, atomic_write, save_safetensors
+from lora import atomic_path, atomic_write
 
 from .config import RunConfig, load_config
 from .errors import VQAError
@@ -32,7 +32,6 @@ from .text import AnswerVocab, Tokenizer
 
 __all__ = [
     "build_model",
-    "save_weights",
     "load_weights",
     "copy_weights",
     "save_checkpoint",
@@ -78,10 +77,6 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
 def write_text(path: Path, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    save_safetensors(state, path, metadata)
 
 
 @torch.no_grad()
