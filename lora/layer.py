@@ -106,26 +106,24 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
-def _dropped(x: Tensor, keep: Tensor | None, scale: float = 1.0, out: Tensor | None = None) -> Tensor:
-    """``x * keep * scale`` (into ``out`` if given): ``x`` with the dropout mask applied. The adapter passes no
-    scale: its 1/(1-p) is in the adapter's alpha."""
+def _dropped(x: Tensor, keep: Tensor | None, scale: float = 1.0) -> Tensor:
+    """``x * keep * scale``: ``x`` with the dropout mask applied. The adapter passes no scale: its 1/(1-p) is in
+    the adapter's alpha."""
     if keep is None:
         return x
     if keep.dtype == torch.bool and not _plain_autograd_only():
         # One pass that reads the mask as bool: x * keep would take CUDA's slow mixed-dtype path (a cast per
         # element). Forward-mode AD has no formula for this kernel; compilers fuse the plain product anyway.
-        kernel = torch.ops.aten.native_dropout_backward
-        return kernel(x, keep, scale) if out is None else kernel.out(x, keep, scale, out=out)
+        return torch.ops.aten.native_dropout_backward(x, keep, scale)
     if scale != 1.0:
         keep = keep * scale  # a scalar times a bool mask gives floats
-    return torch.mul(x, keep) if out is None else torch.mul(x, keep, out=out)
+    return x * keep
 
 
-def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None, alpha: float,
-                  splits: int) -> Tensor:
-    """``y += alpha * B(A(x * keep))`` in place, split by split; returns ``A(x * keep)``."""
+def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: float, splits: int) -> Tensor:
+    """``y += alpha * B(A(x))`` in place, split by split; returns ``A(x)``."""
     s, m, o, r = splits, y.shape[0], y.shape[1] // splits, lora_A.shape[0] // splits
-    h = _dropped(x, keep) @ lora_A.t()  # (M, s * r): every split's A in one GEMM
+    h = x @ lora_A.t()  # (M, s * r): every split's A in one GEMM
     # (s, M, o) += (s, M, r) @ (s, r, o): one batched GEMM writing into each split's columns of y.
     y.view(m, s, o).transpose(0, 1).baddbmm_(h.view(m, s, r).transpose(0, 1),
                                              lora_B.view(s, o, r).transpose(1, 2), alpha=alpha)
@@ -140,7 +138,7 @@ def _plain_autograd_only() -> bool:
 
 
 class _LoRAUpdate(torch.autograd.Function):
-    """``y += alpha * B(A(x * keep))`` in place, with a hand-written backward.
+    """``y += alpha * B(A(x))`` in place, with a hand-written backward.
 
     Autograd, left to itself, cannot accumulate the ``splits`` adapters into strided slices of ``y``
     without copying the whole output gradient, so the backward is written out: the output gradient
@@ -148,23 +146,20 @@ class _LoRAUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
-                alpha: float, splits: int) -> Tensor:
-        h = _lora_update_(y, x, lora_A, lora_B, keep, alpha, splits)
+    def forward(ctx, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: float, splits: int) -> Tensor:
+        h = _lora_update_(y, x, lora_A, lora_B, alpha, splits)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(x, keep, h, lora_A, lora_B)
+        ctx.save_for_backward(x, h, lora_A, lora_B)
         ctx.alpha, ctx.splits = alpha, splits
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, keep, h, lora_A, lora_B = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()
-        xd = _dropped(x, keep) if create_graph or ctx.needs_input_grad[2] else None
-        if create_graph:
+        x, h, lora_A, lora_B = ctx.saved_tensors
+        if torch.is_grad_enabled():
             # A gradient penalty, say: this backward must itself be differentiable, and h, computed
             # inside forward, has no history. Recompute it with one.
-            h = xd @ lora_A.t()
+            h = x @ lora_A.t()
         s, alpha = ctx.splits, ctx.alpha
         m, o, r = grad_y.shape[0], grad_y.shape[1] // s, lora_A.shape[0] // s
         # Each GEMM is laid out so that its small (r-sized) side is the output's rows: with the long M side
@@ -178,13 +173,10 @@ class _LoRAUpdate(torch.autograd.Function):
             grad_h = torch.bmm(lora_B.view(s, o, r).transpose(1, 2), grad_y3.transpose(1, 2))  # (s, r, M)
             grad_h = grad_h.mul_(alpha).view(s * r, m)  # the transpose of dL/dh
             if ctx.needs_input_grad[2]:
-                grad_A = grad_h @ xd
+                grad_A = grad_h @ x
             if ctx.needs_input_grad[1]:
                 grad_x = grad_h.t() @ lora_A
-                if keep is not None:
-                    # In place, unless this backward is itself differentiated.
-                    grad_x = _dropped(grad_x, keep, out=None if create_graph else grad_x)
-        return grad_y, grad_x, grad_A, grad_B, None, None, None
+        return grad_y, grad_x, grad_A, grad_B, None, None
 
 
 def _reusable(buffer: Tensor, base: Tensor) -> bool:
@@ -280,12 +272,15 @@ class LoRALinear(nn.Linear):
         x, lora_A, lora_B = x.to(y.dtype), self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
         keep = self.lora_dropout.keep_mask(x) if isinstance(self.lora_dropout, LoRADropout) else None
         alpha = self.scaling * (1.0 if keep is None else self.lora_dropout.scale)  # dropout's 1/(1-p) too
+        # The masked input, once: autograd's product saves only the mask, and the adapter saves this input
+        # for its own backward, so neither pass recomputes it.
+        x = _dropped(x, keep)
         if _plain_autograd_only():
-            y = self._traceable_update(y, x, lora_A, lora_B, keep, alpha)
+            y = self._traceable_update(y, x, lora_A, lora_B, alpha)
         elif torch.is_grad_enabled():
-            y = _LoRAUpdate.apply(y, x, lora_A, lora_B, keep, alpha, self.splits)
+            y = _LoRAUpdate.apply(y, x, lora_A, lora_B, alpha, self.splits)
         else:  # nothing to differentiate: the same arithmetic without an autograd node
-            _lora_update_(y, x, lora_A, lora_B, keep, alpha, self.splits)
+            _lora_update_(y, x, lora_A, lora_B, alpha, self.splits)
         return y.view(*lead, self.out_features)
 
     def _folds(self, x: Tensor) -> bool:
@@ -313,12 +308,11 @@ class LoRALinear(nn.Linear):
                                    self.lora_A.to(dtype).view(s, r, self.in_features), alpha=self.scaling)
         return folded.view(self.out_features, self.in_features).to(w.dtype)
 
-    def _traceable_update(self, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, keep: Tensor | None,
-                          alpha: float) -> Tensor:
+    def _traceable_update(self, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: float) -> Tensor:
         """The update in plain out-of-place autograd ops, for compilers (which cannot replay an in-place
         update through a transposed view of y), ``torch.func`` (vmap has no batching rule for an in-place
         addmm) and forward-mode AD: B as one block-diagonal (out, s * r) matrix, s times the FLOPs of B."""
-        h = F.linear(_dropped(x, keep), lora_A)
+        h = F.linear(x, lora_A)
         s, o, r = self.splits, self.out_features // self.splits, self.r
         return torch.addmm(y, h, torch.block_diag(*lora_B.view(s, o, r)).t(), alpha=alpha)
 
