@@ -145,8 +145,19 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes):
 
 
 def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Trains the run ``cfg`` describes (or continues it: ``resume``); returns the last validation metrics."""
+    procs, device = distributed.setup(pick_device(cfg.train.device, source="config key 'device'"))
+    try:
+        return run_training(cfg, procs, device, resume, overwrite)
+    finally:
+        # Also after an error before training (bad data, say): otherwise NCCL adds a warning that
+        # destroy_process_group() was not called under the error message, once per process.
+        distributed.teardown(procs)
+
+
+def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.device, resume: bool,
+                 overwrite: bool) -> dict:
     t = cfg.train
-    procs, device = distributed.setup(pick_device(t.device, source="config key 'device'"))
     log = print if procs.is_main else lambda *args, **kwargs: None  # one process speaks and writes files
     run = Path(t.output_dir)
     if run.exists() and not run.is_dir():

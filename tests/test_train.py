@@ -191,6 +191,29 @@ def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, caps
     assert run_bytes(run) == before
 
 
+def test_an_error_before_training_still_leaves_the_process_group(tmp_path, monkeypatch):
+    """Under torchrun, a bad setting found before training must not leave the process group behind (NCCL would
+    warn about it under the error, in every process)."""
+    sys.path.insert(0, str(ROOT))
+    import torch.distributed as dist
+    import train
+    from vqa.config import load_config
+
+    def setup(device):  # a one-process gloo group, as torchrun's processes hold one after distributed.setup
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+        return train.distributed.Processes(0, 2), device
+
+    monkeypatch.setattr(train.distributed, "setup", setup)
+    (tmp_path / "run").write_text("")  # output_dir is a file: an error before any collective
+    try:
+        with pytest.raises(train.VQAError, match="is a file, not a folder"):
+            train.main(load_config(tiny_config(tmp_path)))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run_bytes(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
 
