@@ -152,7 +152,7 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     finally:
         # Also after an error before training (bad data, say): otherwise NCCL adds a warning that
         # destroy_process_group() was not called under the error message, once per process.
-        distributed.teardown(procs)
+        distributed.teardown(procs)  # the one place: run_training frees its DDP wrapper first
 
 
 def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.device, resume: bool,
@@ -367,8 +367,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         for s, handler in previous.items():
             if not (stopping and s == signal.SIGTERM):  # stopping on a signal leaves SIGTERM ignored (above)
                 signal.signal(s, handler)
-        del net  # free the DDP wrapper before its process group: the other order can deadlock (torch 2.11, gloo)
-        distributed.teardown(procs)
+        # Free the DDP wrapper before main tears down its process group: the other order can deadlock (torch
+        # 2.11, gloo).
+        del net
 
     skipped = len(train_data.skipped) + len(val_data.skipped)
     if skipped:
