@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 import lora
+from lora.atomic import atomic_write
 from vqa.evaluate import autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
@@ -263,9 +266,10 @@ def main() -> None:
         return
     sections = args.only or ["inference", "training", "memory", "merge"]
     report = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "device": str(device),
-              "threads": torch.get_num_threads(), "rounds": args.rounds, "torch": torch.__version__}
-    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds (medians of per-round ratios)")
+              "device_name": device_name(device), "threads": torch.get_num_threads(), "rounds": args.rounds,
+              "torch": torch.__version__}
+    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {device} ({report['device_name']}), "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds (medians of per-round ratios)")
     if "inference" in sections:
         report["inference"] = bench_inference(args, device)
         for n, r in report["inference"].items():
@@ -292,8 +296,15 @@ def main() -> None:
         print(f"  ViT-B/14 merge {m['merge_ms']:.2f} ms + unmerge {m['unmerge_ms']:.2f} ms = {m['total_ms']:.2f} ms "
               f"(first merge, allocating: {m['first_merge_ms']:.2f} ms)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_write(args.json, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+
+
+def device_name(device: torch.device) -> str:
+    """What ran the benchmark, for the report: the GPU's name, or the CPU's core count and architecture."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core {platform.machine()} CPU"
 
 
 if __name__ == "__main__":

@@ -114,10 +114,28 @@ def _dropped(x: Tensor, keep: Tensor | None, scale: float = 1.0) -> Tensor:
     if keep.dtype == torch.bool and not _plain_autograd_only():
         # One pass that reads the mask as bool: x * keep would take CUDA's slow mixed-dtype path (a cast per
         # element). Forward-mode AD has no formula for this kernel; compilers fuse the plain product anyway.
-        return torch.ops.aten.native_dropout_backward(x, keep, scale)
+        return _BoolMasked.apply(x, keep, scale)
     if scale != 1.0:
         keep = keep * scale  # a scalar times a bool mask gives floats
     return x * keep
+
+
+class _BoolMasked(torch.autograd.Function):
+    """``x * keep * scale`` for a bool ``keep``, through the kernel that reads the mask as bool
+    (``native_dropout_backward``). Autograd's own node for that kernel would also keep ``x`` for backward,
+    a second input-sized tensor beside the masked one the adapter keeps; this one keeps only the mask."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.ops.aten.native_dropout_backward(x, keep, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        # The same kernel; under create_graph autograd records it, so the backward is differentiable too.
+        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
 
 
 def _lora_update_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: float, splits: int) -> Tensor:

@@ -452,13 +452,37 @@ def test_double_backward_matches_reference(splits, dropout, mask_kind):
         return torch.autograd.grad(grad_x.square().sum(), params)
 
     def plain(h):
-        dropped = layer.lora_dropout(h)
-        return reference(layer, h, dropped)
+        if not dropout:
+            return reference(layer, h, h)
+        keep = layer.lora_dropout.keep_mask(h)  # the same draw, applied as a plain product
+        return reference(layer, h, h * keep.to(h.dtype) * layer.lora_dropout.scale)
 
     got, want = penalty(layer), penalty(plain)
     assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_dropout_adds_only_its_mask_to_what_backward_keeps(splits, mask_kind):
+    """The masked input takes the input's place among the tensors kept for backward: dropout adds its mask
+    (one byte an element as bool) and no second input-sized tensor."""
+    def kept_bytes(dropout):
+        layer = make_layer(splits, dropout=dropout, in_features=32).train()
+        layer.weight.requires_grad_(False)
+        x = torch.randn(64, 32, requires_grad=True)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        return sum(storages.values())
+
+    mask_bytes = 64 * 32 * (1 if mask_kind == "bool mask" else 4)
+    assert kept_bytes(0.3) - kept_bytes(0.0) == mask_bytes
 
 
 def test_forward_ad_through_dropout_matches_reference_on_the_same_mask(mask_kind):
