@@ -1,10 +1,11 @@
 """Frozen encoder vs LoRA r=8 vs last 3 blocks unfrozen, trained with the same budget on the demo data.
 
-    python bench/finetune_compare.py [--config configs/demo.yaml] [--out runs/compare] [--json OUT]
+    python bench/finetune_compare.py [--config configs/demo.yaml] [--out runs/compare] [--seeds 0 1 2] [--json OUT]
 
-Runs ``train.py`` once per variant (one after another: they must not share the CPU) and prints a table
-of trainable parameters, validation accuracy overall and per question type (last epoch), and seconds of
-training per epoch.
+Runs ``train.py`` once per variant and seed (one after another: they must not share the CPU) and prints a
+table of trainable parameters, validation accuracy overall and per question type (last epoch), and
+seconds of training per epoch. Several seeds show how much the result depends on the random draw
+(initialisation, data order, dropout masks).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lora.atomic import atomic_write  # noqa: E402
+
 VARIANTS = {
     "frozen encoder": ["--use_vision_lora", "false", "--unfreeze_encoder_layers", "0"],
     "LoRA r=8": ["--use_vision_lora", "true", "--vision_lora_r", "8"],
@@ -47,19 +51,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--only", action="append", choices=list(VARIANTS))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per variant and seed")
     args = parser.parse_args()
     results = {}
     for name in args.only or VARIANTS:
-        results[name] = run_variant(args.config, args.out / re.sub(r"\W+", "_", name), VARIANTS[name])
-        print(f"done: {name}", file=sys.stderr)
-    header = f"| variant | trainable | overall | {' | '.join(TYPES)} | s/epoch |"
+        for seed in args.seeds:
+            out = args.out / (re.sub(r"\W+", "_", name) + f"_seed{seed}")
+            results.setdefault(name, {})[seed] = run_variant(args.config, out, [*VARIANTS[name], "--seed", str(seed)])
+            print(f"done: {name}, seed {seed}", file=sys.stderr)
+    header = f"| variant | seed | trainable | overall | {' | '.join(TYPES)} | s/epoch |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
-    for name, r in results.items():
-        cells = " | ".join(f"{100 * r['per_type'].get(t, float('nan')):.1f}%" for t in TYPES)
-        print(f"| {name} | {r['trainable']:,} | {100 * r['accuracy']:.1f}% | {cells} | {r['seconds_per_epoch']:.0f} |")
+    for name, by_seed in results.items():
+        for seed, r in by_seed.items():
+            cells = " | ".join(f"{100 * r['per_type'].get(t, float('nan')):.1f}%" for t in TYPES)
+            print(f"| {name} | {seed} | {r['trainable']:,} | {100 * r['accuracy']:.1f}% | {cells} | "
+                  f"{r['seconds_per_epoch']:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        with atomic_write(args.json, "w") as f:
+            f.write(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
