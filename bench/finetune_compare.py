@@ -17,10 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from lora.atomic import atomic_write  # noqa: E402
+from vqa.run_files import write_text
 
+ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "frozen encoder": ["--use_vision_lora", "false", "--unfreeze_encoder_layers", "0"],
     "LoRA r=8": ["--use_vision_lora", "true", "--vision_lora_r", "8"],
@@ -68,8 +67,7 @@ def main() -> None:
             print(f"| {name} | {seed} | {r['trainable']:,} | {100 * r['accuracy']:.1f}% | {cells} | "
                   f"{r['seconds_per_epoch']:.0f} |")
     if args.json:
-        with atomic_write(args.json, "w") as f:
-            f.write(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

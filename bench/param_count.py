@@ -16,6 +16,7 @@ import timm
 import torch
 
 import lora
+from vqa.run_files import write_text
 
 MODELS = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2", "vit_giant_patch14_dinov2")
 RANKS = (4, 8, 16)
@@ -45,7 +46,7 @@ def main() -> None:
             rows.append(dict(model=name, r=r, qkv_adapters=qkv, fused_adapter=fused, total=total))
             print(f"{name:<28}{r:>4}  {qkv:>15,}  {fused:>14,}  {total:>15,}  {100 * qkv / total:>6.2f}%")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

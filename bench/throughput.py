@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 import lora
-from lora.atomic import atomic_write
 from vqa.evaluate import autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
+from vqa.run_files import write_text
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
 TRAINING = ("lora_r8_dropout0.1", "lora_r8_dropout0", "last3_unfrozen", "full_finetune", "full_finetune_fused",
@@ -296,8 +296,7 @@ def main() -> None:
         print(f"  ViT-B/14 merge {m['merge_ms']:.2f} ms + unmerge {m['unmerge_ms']:.2f} ms = {m['total_ms']:.2f} ms "
               f"(first merge, allocating: {m['first_merge_ms']:.2f} ms)")
     if args.json:
-        with atomic_write(args.json, "w") as f:
-            f.write(json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
 
 
 def device_name(device: torch.device) -> str:
