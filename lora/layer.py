@@ -88,6 +88,9 @@ class LoRADropout(nn.Module):
             # One kernel writing one byte an element, where the 16-bit draws take a kernel to draw, another to
             # compare, and a mask as wide as x: under half the time, and a smaller mask kept for backward.
             return torch.empty_like(x, dtype=torch.bool).bernoulli_(self.keep_probability)
+        if _under_vmap():
+            # vmap batches torch's own draws (its ``randomness`` argument), not the packed draw below.
+            return torch.randint_like(x, -32768, 32768, dtype=torch.int32).ge(self.threshold).to(x.dtype)
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         halves = bits.view(torch.int16)[:n].view(x.shape)
@@ -97,6 +100,14 @@ class LoRADropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         keep = self.keep_mask(x)
         return _dropped(x, keep, self.scale)
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is running (perhaps under other transforms)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def _no_autocast(device: torch.device):

@@ -128,6 +128,28 @@ def test_lora_dropout_near_one_still_keeps_something_and_stays_unbiased():
     assert 0 < torch.count_nonzero(y) < 200 and drop.scale == 65536
 
 
+def test_cpu_masks_follow_torch_manual_seed_and_differ_between_draws():
+    drop, x = LoRADropout(0.5).train(), torch.ones(64, 64)
+    torch.manual_seed(7)
+    first, second = drop.keep_mask(x), drop.keep_mask(x)
+    torch.manual_seed(7)
+    assert torch.equal(drop.keep_mask(x), first) and torch.equal(drop.keep_mask(x), second)
+    assert not torch.equal(first, second)  # each layer of a step gets its own mask
+    torch.manual_seed(8)
+    assert not torch.equal(drop.keep_mask(x), first)
+
+
+def test_dropout_under_vmap_keeps_torchs_randomness_rules():
+    layer = make_layer(3, dropout=0.5).train()
+    xs = torch.randn(1, 3, 12).expand(4, 3, 12)  # four equal samples
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(layer)(xs)  # randomness="error", vmap's default, as for nn.Dropout
+    outs = torch.func.vmap(layer, randomness="different")(xs)
+    assert not torch.allclose(outs[0], outs[1])
+    outs = torch.func.vmap(layer, randomness="same")(xs)
+    torch.testing.assert_close(outs[0], outs[3])
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("rows, folds", [(18, False), (48, True)])  # a fold from 4*12*36/48 = 36 rows on
 def test_inference_path_matches_reference(splits, rows, folds):
