@@ -148,6 +148,11 @@ def test_dropout_under_vmap_keeps_torchs_randomness_rules():
     assert not torch.allclose(outs[0], outs[1])
     outs = torch.func.vmap(layer, randomness="same")(xs)
     torch.testing.assert_close(outs[0], outs[3])
+    drop = LoRADropout(0.1).train()  # the same keep probability and scale as outside vmap
+    ys = torch.func.vmap(drop, randomness="different")(torch.ones(2, 200_000))
+    kept = ys != 0
+    assert abs(kept.float().mean().item() - drop.keep_probability) < 0.005
+    torch.testing.assert_close(ys[kept], torch.full_like(ys[kept], drop.scale))
 
 
 @pytest.mark.parametrize("splits", [1, 3])
