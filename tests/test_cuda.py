@@ -10,7 +10,9 @@ from torch import nn
 
 import lora
 from conftest import tiny_vit
-from test_lora_layer import check_dropout_keeps_the_right_share_and_is_unbiased, make_layer, reference, relative_error
+from test_lora_layer import (check_dropout_keeps_the_right_share_and_is_unbiased,
+                             check_dropout_under_vmap_keeps_torchs_randomness_rules, make_layer, reference,
+                             relative_error)
 from test_train import cli, tiny_config
 from vqa import DeterministicVQA
 
@@ -44,6 +46,10 @@ def test_bf16_autocast_matches_the_fp32_formula_and_keeps_fp32_gradients(splits,
 def test_gpu_dropout_mask_is_one_byte_an_element_with_the_right_share(p):
     assert lora.LoRADropout(p).train().keep_mask(torch.ones(8, device=CUDA, dtype=torch.bfloat16)).dtype == torch.bool
     check_dropout_keeps_the_right_share_and_is_unbiased(p, CUDA)
+
+
+def test_gpu_dropout_under_vmap_keeps_torchs_randomness_rules():
+    check_dropout_under_vmap_keeps_torchs_randomness_rules(CUDA)
 
 
 @pytest.mark.parametrize("rows", [16, 4096])  # the update added to the output, then the fold (from 192 rows)

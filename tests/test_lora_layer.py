@@ -139,9 +139,9 @@ def test_cpu_masks_follow_torch_manual_seed_and_differ_between_draws():
     assert not torch.equal(drop.keep_mask(x), first)
 
 
-def test_dropout_under_vmap_keeps_torchs_randomness_rules():
-    layer = make_layer(3, dropout=0.5).train()
-    xs = torch.randn(1, 3, 12).expand(4, 3, 12)  # four equal samples
+def check_dropout_under_vmap_keeps_torchs_randomness_rules(device):
+    layer = make_layer(3, dropout=0.5).to(device).train()
+    xs = torch.randn(1, 3, 12, device=device).expand(4, 3, 12)  # four equal samples
     with pytest.raises(RuntimeError, match="randomness"):
         torch.func.vmap(layer)(xs)  # randomness="error", vmap's default, as for nn.Dropout
     outs = torch.func.vmap(layer, randomness="different")(xs)
@@ -149,10 +149,14 @@ def test_dropout_under_vmap_keeps_torchs_randomness_rules():
     outs = torch.func.vmap(layer, randomness="same")(xs)
     torch.testing.assert_close(outs[0], outs[3])
     drop = LoRADropout(0.1).train()  # the same keep probability and scale as outside vmap
-    ys = torch.func.vmap(drop, randomness="different")(torch.ones(2, 200_000))
+    ys = torch.func.vmap(drop, randomness="different")(torch.ones(2, 200_000, device=device))
     kept = ys != 0
     assert abs(kept.float().mean().item() - drop.keep_probability) < 0.005
     torch.testing.assert_close(ys[kept], torch.full_like(ys[kept], drop.scale))
+
+
+def test_dropout_under_vmap_keeps_torchs_randomness_rules():
+    check_dropout_under_vmap_keeps_torchs_randomness_rules("cpu")
 
 
 @pytest.mark.parametrize("splits", [1, 3])
