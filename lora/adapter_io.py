@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -67,20 +68,22 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
                     f"adapter has no '{name}.{missing[0]}' for the model's LoRA layer '{name}'; "
                     f"the adapter was saved from a different model or target list (pass strict=False to allow)"
                 )
+    # Every layer is checked before any is written: an adapter that does not fit leaves the model as it was.
     for name in seen:
         layer = layers[name]
         if layer.merged:
             raise RuntimeError(f"layer '{name}' is merged; call unmerge_lora(model) before loading adapter weights")
-        for param in (p for p in _PARAMS if p in seen[name]):
-            value = state_dict[f"{name}.{param}"]
-            target = getattr(layer, param)
+        for param in (p for p in _PARAMS if p in seen[name]):  # A first: its shape names the width
+            value, target = state_dict[f"{name}.{param}"], getattr(layer, param)
             if value.shape != target.shape:
                 raise ValueError(
                     f"layer '{name}': {param} has shape {tuple(value.shape)} in the adapter but "
                     f"{tuple(target.shape)} in the model (r={layer.r}, splits={layer.splits}); "
                     f"build the model with the adapter's r and target layers"
                 )
-            target.copy_(value)
+    for name, params in seen.items():
+        for param in params:
+            getattr(layers[name], param).copy_(state_dict[f"{name}.{param}"])
     return sorted(seen)
 
 
@@ -160,8 +163,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                 )
     try:
         if injected:
-            for name, cfg in config.items():
-                inject_lora(model, [name], r=cfg["r"], alpha=cfg["alpha"], splits=cfg["splits"])
+            for name, cfg in config.items():  # the whole name: a bare target would also match 'sub.<name>'
+                inject_lora(model, [re.compile(re.escape(name))], r=cfg["r"], alpha=cfg["alpha"],
+                            splits=cfg["splits"])
             layers = dict(lora_layers(model))
         return _load_checked(model, path, config, layers, tensors, strict)
     except BaseException:
@@ -191,6 +195,10 @@ def _load_checked(model: nn.Module, path, config: dict[str, dict], layers: dict[
 def _check_width(path, name: str, layer: nn.Linear, tensors: dict[str, Tensor]) -> None:
     """A layer of another width than the adapter's (A is (r, in), B is (out, r)) means another model size."""
     a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+    for key, t in ((f"{name}.lora_A", a), (f"{name}.lora_B", b)):
+        if t is not None and t.dim() != 2:
+            raise ValueError(f"adapter '{path}' is damaged: '{key}' has shape {tuple(t.shape)}, not a matrix; "
+                             f"save it again")
     have = (a.shape[-1] if a is not None else layer.in_features, b.shape[0] if b is not None else layer.out_features)
     if have != (layer.in_features, layer.out_features):
         raise ValueError(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _plain_open_mode(path))  # mkstemp made it 0600; set here, the writer may recreate it
         fd = os.open(tmp, os.O_RDWR)  # writable: Windows commits only those
         try:
             os.fsync(fd)
@@ -46,6 +48,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.close(dir_fd)
 
 
+def _plain_open_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # reading the umask means setting it; put back at once
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """``atomic_path`` for a file object: opens the temporary file in ``mode`` (text as UTF-8)."""
@@ -56,6 +68,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """``tensors`` (moved to the CPU, made contiguous) as a safetensors file, atomically. Written from the
     tensors' own memory: no copy of the file is built in RAM (``safetensors.torch.save`` would hold two)."""
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"safetensors metadata maps strings to strings, and {key!r} maps to "
+                            f"{type(value).__name__} {value!r}; pass str(value) or json.dumps(value)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)

@@ -70,6 +70,8 @@ class LoRADropout(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+            raise ValueError(f"LoRADropout p must be in [0, 1), got {p!r}")
         self.p = p
         dropped = min(round(p * 65536), 65535)  # of 65,536 equally likely int16 values; one is always kept
         self.threshold = dropped - 32768  # keep where a uniform int16 is >= this
@@ -210,7 +212,7 @@ class _LoRAUpdate(torch.autograd.Function):
 
 def _reusable(buffer: Tensor, base: Tensor) -> bool:
     """Whether ``merge`` may overwrite ``buffer``: it fits ``base`` and no other tensor shares its memory
-    (a kept ``state_dict()``, a graph that saved the merged weight, a view)."""
+    (a tensor taken from ``weight`` while merged, a graph that saved the merged weight, a view)."""
     if (buffer.shape, buffer.dtype, buffer.device) != (base.shape, base.dtype, base.device):
         return False
     if buffer.is_inference() and not torch.is_inference_mode_enabled():
@@ -252,9 +254,8 @@ class LoRALinear(nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.register_parameter("bias", linear.bias)
-        layer.train(linear.training)
         layer._add_adapter(r, alpha, dropout, splits)
-        return layer
+        return layer.train(linear.training)  # after the adapter: its dropout takes the mode too
 
     def _add_adapter(self, r: int, alpha: float, dropout: float, splits: int) -> None:
         self.r, self.alpha, self.splits = r, float(alpha), splits
@@ -268,6 +269,13 @@ class LoRALinear(nn.Linear):
         self._unmerged_weight: Tensor | None = None  # the pre-merge weight, kept for an exact unmerge
         self._merge_buffer: Tensor | None = None  # the last merged weight's memory, reused by the next merge
         self.reset_lora_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation of ``weight`` and ``bias``, and the adapter's (B = 0): the whole layer,
+        as after ``to_empty()`` on a model built on the meta device."""
+        super().reset_parameters()
+        if "lora_A" in self._parameters:  # nn.Linear.__init__ calls this before the adapter exists
+            self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         """A: Kaiming-uniform as ``nn.Linear`` does (fan-in = in_features); B: zero, so the delta starts at 0."""
@@ -287,6 +295,9 @@ class LoRALinear(nn.Linear):
                 raise RuntimeError("LoRA layer is merged, so its adapters would get no gradient; "
                                    "call unmerge_lora(model) (or leave lora.merged(...)) before training")
             return F.linear(x, self.weight, self.bias)
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"LoRALinear({self.in_features} -> {self.out_features}) got an input of shape "
+                             f"{tuple(x.shape)}; its last dimension must be {self.in_features}")
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
         if x.dtype in _AUTOCAST_INPUTS and torch.is_autocast_enabled(x.device.type):
@@ -380,6 +391,37 @@ class LoRALinear(nn.Linear):
                                       alpha=self.scaling)
                     out[rows].copy_(acc)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """A merged layer saves its unmerged weight: a state dict means the same taken inside ``merged()`` or
+        out of it, so loading one into an unmerged model cannot add the update twice."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            if self._unmerged_weight is not None:
+                destination[prefix + "weight"] = self._unmerged_weight
+            else:  # merged for good: the delta subtracted, as unmerge would (exact up to rounding)
+                destination[prefix + "weight"] = self.weight.detach() - self.delta_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """Into a merged layer, the weight loads as its unmerged weight and the layer is merged again: a
+        later ``unmerge`` then gives the loaded weight, not the one from before the load."""
+        if not self.merged:
+            return super()._load_from_state_dict(state_dict, prefix, *args)
+        kept = self._unmerged_weight is not None
+        self.unmerge(keep_buffer=False)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+        finally:
+            self.merge(keep_unmerged=kept)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to``, ``double``, ``cuda``...: the kept pre-merge weight follows the weight, so ``unmerge`` after a
+        conversion gives back the converted weight; the merge buffer is dropped (the next merge allocates)."""
+        super()._apply(fn, recurse)
+        if self._unmerged_weight is not None:
+            self._unmerged_weight = fn(self._unmerged_weight)
+        self._merge_buffer = None
+        return self
+
     @torch.no_grad()
     def merge(self, keep_unmerged: bool = True) -> None:
         """Folds the adapter into ``weight``; idempotent. ``keep_unmerged`` holds the old weight (one extra
@@ -411,7 +453,7 @@ class LoRALinear(nn.Linear):
 
         ``keep_buffer`` keeps the merged weight's memory for the next ``merge`` (the layer then holds as
         much memory as while merged); ``False`` frees it. A merge reuses it only when nothing else refers
-        to it: a ``state_dict()`` taken while merged, or an autograd graph that saved the merged weight,
+        to it: a tensor taken from ``weight`` while merged, or an autograd graph that saved the merged weight,
         keeps its values, and that merge allocates anew."""
         if not self.merged:
             if not keep_buffer:

@@ -78,6 +78,7 @@ def inject_lora(
                 f"load the adapter into the existing layers with load_lora_state_dict"
             )
         if isinstance(module, nn.Linear):
+            _check_replaceable(model, name, module)
             names.append(name)
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -85,13 +86,37 @@ def inject_lora(
             f"no nn.Linear in {type(model).__name__} matches targets {targets}; "
             f"its linear layers include {linears[:6]}"
         )
+    # Every layer is built before any is swapped in: a bad argument for one leaves the model untouched.
+    layers = {}
     for name in names:
         linear = model.get_submodule(name)
         layer_splits = splits
         if layer_splits is None:
             layer_splits = 3 if linear.out_features == 3 * linear.in_features else 1
-        _replace(model, name, LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, splits=layer_splits))
+        try:
+            layers[name] = LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, splits=layer_splits)
+        except ValueError as e:
+            raise ValueError(f"layer '{name}': {e}") from None
+    for name, layer in layers.items():
+        _replace(model, name, layer)
     return names
+
+
+def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
+    """Refuses a layer whose adapter would never run: one whose parent reads its weight without calling it,
+    or one with its own ``forward``, which a LoRALinear would silently replace."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(parent, nn.MultiheadAttention):
+        raise ValueError(
+            f"layer '{name}' belongs to an nn.MultiheadAttention, whose forward reads its weight directly "
+            f"(F.multi_head_attention_forward) without calling it: an adapter there would never be used; "
+            f"adapt a model whose attention calls its projections (timm's Attention does)"
+        )
+    if type(linear).forward is not nn.Linear.forward:
+        raise ValueError(
+            f"layer '{name}' is a {type(linear).__name__} with its own forward, which a LoRALinear would "
+            f"replace; adapt plain nn.Linear layers only"
+        )
 
 
 @torch.no_grad()
@@ -104,8 +129,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, layer in lora_layers(model):
         prefix = f"{name}." if name else ""
         del state[prefix + "lora_A"], state[prefix + "lora_B"]
-        if not layer.merged:  # a merged layer's weight already is
-            weight = layer.weight.detach()
+        weight = layer.weight.detach()
+        if layer.merged:  # merge's result already (its state dict holds the unmerged weight)
+            state[prefix + "weight"] = weight
+        else:
             state[prefix + "weight"] = folded = torch.empty_like(weight)
             layer._accumulate_delta(folded, weight)
     return state

@@ -1,4 +1,7 @@
 import json
+import os
+import re
+import stat
 
 import pytest
 import torch
@@ -171,3 +174,59 @@ def test_a_file_failing_after_injection_leaves_the_model_as_it_came(tmp_path):
     assert not list(lora.lora_layers(model))
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("covered", [("q",), ("q", "sub.q")])
+def test_an_adapter_loads_by_whole_layer_names_not_suffixes(tmp_path, covered):
+    def model():
+        return nn.ModuleDict({"q": nn.Linear(8, 8), "sub": nn.ModuleDict({"q": nn.Linear(8, 8)})})
+
+    source = model()
+    lora.inject_lora(source, [re.compile(re.escape(name)) for name in covered], r=2)
+    for _, layer in lora.lora_layers(source):
+        nn.init.normal_(layer.lora_B)
+    lora.save_adapter(source, tmp_path / "a.safetensors")
+    target = model()
+    assert lora.load_adapter(target, tmp_path / "a.safetensors") == sorted(covered)
+    assert [name for name, _ in lora.lora_layers(target)] == list(covered)  # 'sub.q' only where it was adapted
+
+
+def test_a_layer_that_does_not_fit_leaves_every_layer_as_it_was():
+    source, target = adapted(), adapted()
+    before = {k: v.clone() for k, v in lora.lora_state_dict(target).items()}
+    state = lora.lora_state_dict(source)
+    state["blocks.1.attn.qkv.lora_A"] = torch.zeros(8, 32)  # the second layer with another r
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv.*\(8, 32\).*\(12, 32\)"):
+        lora.load_lora_state_dict(target, state)
+    assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(target).items())  # layer 0 too
+
+
+def test_a_damaged_adapter_tensor_is_a_clear_error(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(adapted(), path)
+    config, meta = lora.read_adapter_config(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.0.attn.qkv.lora_A"] = torch.tensor(1.0)
+    lora.save_safetensors(tensors, path, meta)
+    with pytest.raises(ValueError, match=r"damaged: 'blocks\.0\.attn\.qkv\.lora_A' has shape \(\), not a matrix"):
+        lora.load_adapter(tiny_vit().eval(), path)
+
+
+def test_saved_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "adapter.safetensors"
+        lora.save_adapter(adapted(), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp's own would be 0600
+        path.chmod(0o640)
+        lora.save_adapter(adapted(), path)  # replacing a file keeps its permissions, as open(path, "w") does
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
+
+
+def test_metadata_that_is_not_text_is_a_clear_error_and_writes_nothing(tmp_path):
+    with pytest.raises(TypeError, match=r"'epochs' maps to int 3; pass str\(value\) or json\.dumps\(value\)"):
+        lora.save_adapter(adapted(), tmp_path / "a.safetensors", metadata={"epochs": 3})
+    assert not list(tmp_path.iterdir())

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -126,6 +127,26 @@ def test_lora_dropout_near_one_still_keeps_something_and_stays_unbiased():
     assert drop.threshold == 32767  # one int16 value of 65,536 keeps
     y = drop(torch.ones(4_000_000))
     assert 0 < torch.count_nonzero(y) < 200 and drop.scale == 65536
+
+
+@pytest.mark.parametrize("p", [-0.5, 1.0, 1.5, True, "0.1"])
+def test_lora_dropout_refuses_a_probability_outside_zero_to_one(p):
+    with pytest.raises(ValueError, match=r"LoRADropout p must be in \[0, 1\)"):
+        LoRADropout(p)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (0, 6), (6,), (2, 12, 1)])
+def test_an_input_of_the_wrong_width_names_both_widths(shape):
+    with pytest.raises(ValueError, match=rf"LoRALinear\(12 -> 36\) got an input of shape {re.escape(str(shape))}.*must be 12"):
+        make_layer(3)(torch.randn(shape))
+
+
+def test_reset_parameters_resets_the_adapter_too():
+    layer = make_layer(3)  # B nonzero
+    weight, lora_A = layer.weight.detach().clone(), layer.lora_A.detach().clone()
+    layer.reset_parameters()  # what a module built on the meta device gets after to_empty()
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert not torch.equal(layer.weight, weight) and not torch.equal(layer.lora_A, lora_A)
 
 
 def test_cpu_masks_follow_torch_manual_seed_and_differ_between_draws():
@@ -575,7 +596,7 @@ def test_a_merge_never_overwrites_a_merged_weight_someone_still_holds():
     x = torch.randn(3, 12, requires_grad=True)
     layer.merge()
     out = layer(x)  # the graph saves the merged weight
-    snapshot = layer.state_dict()["weight"]  # a state_dict taken while merged: live, not copied
+    snapshot = layer.weight.detach()  # someone keeps the merged weight: live, not copied
     first = snapshot.clone()
     layer.unmerge()
     with torch.no_grad():

@@ -1,3 +1,4 @@
+import copy
 import re
 
 import pytest
@@ -30,6 +31,40 @@ def test_outputs_are_identical_right_after_injection(vit):
     before = vit(x)
     lora.inject_lora(vit, r=4, dropout=0.1)
     assert torch.equal(vit(x), before)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_adapters_dropout_takes_the_mode_of_the_layer_it_replaces(vit, training):
+    vit.train(training)
+    lora.inject_lora(vit, r=4, dropout=0.5)
+    randomise_adapters(vit)  # with B = 0 dropout would change nothing
+    for _, layer in lora.lora_layers(vit):
+        assert layer.training == layer.lora_dropout.training == training
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(vit(x), vit(x)) != training  # evaluation is deterministic, training draws masks
+
+
+def test_inject_refuses_layers_whose_adapter_would_never_run():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    encoder = nn.TransformerEncoderLayer(16, 2, 32)  # MultiheadAttention reads out_proj.weight directly
+    with pytest.raises(ValueError, match=r"'self_attn\.out_proj'.*MultiheadAttention.*never be used"):
+        lora.inject_lora(encoder, targets=("out_proj", "linear1"))
+    model = nn.Sequential(nn.Linear(4, 4), Doubled(4, 4))
+    with pytest.raises(ValueError, match=r"'1' is a Doubled with its own forward"):
+        lora.inject_lora(model, targets=("0", "1"))
+    assert not list(lora.lora_layers(encoder)) and not list(lora.lora_layers(model))  # nothing replaced
+
+
+def test_a_failed_inject_leaves_the_model_untouched():
+    model = nn.ModuleDict({"a": nn.Linear(4, 12), "b": nn.Linear(4, 8)})
+    with pytest.raises(ValueError, match=r"layer 'b': lora splits=3 must divide out_features=8"):
+        lora.inject_lora(model, targets=("a", "b"), splits=3)
+    assert not list(lora.lora_layers(model))
+    assert lora.inject_lora(model, targets=("a", "b"), splits=1) == ["a", "b"]  # a retry is not "already adapted"
 
 
 def test_no_instance_level_forward_after_surgery(vit):
@@ -181,6 +216,54 @@ def test_merged_context_manager_matches_and_restores(vit):
     with lora.merged(vit, keep_buffer=False):
         pass
     assert all(l._merge_buffer is None for _, l in lora.lora_layers(vit))
+
+
+def test_a_state_dict_means_the_same_taken_inside_merged_or_out_of_it(vit):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    outside = {k: v.clone() for k, v in vit.state_dict().items()}
+    x = torch.randn(2, 3, 28, 28)
+    want = vit(x)
+    with lora.merged(vit):
+        inside = vit.state_dict()
+    assert inside.keys() == outside.keys() and all(torch.equal(inside[k], outside[k]) for k in outside)
+    fresh = tiny_vit().eval()  # unmerged: a merged weight here would add the update twice
+    lora.inject_lora(fresh, r=4)
+    fresh.load_state_dict(inside)
+    torch.testing.assert_close(fresh(x), want)
+    lora.merge_lora(vit, keep_unmerged=False)  # merged for good: the delta comes back out by subtraction
+    for k, v in vit.state_dict().items():
+        torch.testing.assert_close(v, outside[k], atol=1e-6, rtol=1e-5)
+
+
+def test_loading_into_a_merged_model_survives_the_unmerge(vit):
+    source, target = copy.deepcopy(vit), vit
+    for model in (source, target):
+        lora.inject_lora(model, r=4)
+    randomise_adapters(source)
+    for p in source.parameters():
+        p.data.add_(0.01)  # other base weights too
+    x = torch.randn(2, 3, 28, 28)
+    want = source(x)
+    lora.merge_lora(target)
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target(x), want)  # still merged, with the loaded adapter folded in
+    lora.unmerge_lora(target)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+    torch.testing.assert_close(target(x), want)
+
+
+def test_converting_a_merged_model_converts_the_weight_it_unmerges_to(vit):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    want = copy.deepcopy(vit).double()(x)
+    lora.merge_lora(vit)
+    vit.double()
+    lora.unmerge_lora(vit)
+    for _, layer in lora.lora_layers(vit):
+        assert layer.weight.dtype == torch.float64
+    torch.testing.assert_close(vit(x), want)
 
 
 def test_merge_lora_and_unmerge_lora_report_what_changed(vit):
