@@ -31,9 +31,9 @@ from vqa.data import VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (build_model, copy_weights, load_checkpoint, remove_run, save_checkpoint, trained_files,
-                           write_text)
-from vqa.text import AnswerVocab, Tokenizer
+from vqa.run_files import (build_model, copy_weights, load_checkpoint, load_vocabularies, missing_backbone,
+                           random_backbone, remove_run, save_checkpoint, trained_files, write_text)
+from vqa.text import AnswerVocab, Tokenizer, normalize_answer
 
 
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -115,6 +115,21 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
                                f"--output_dir")
 
 
+def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
+    """A resumed run keeps its answer classes: training rows whose answer is not among them would train on
+    nothing (an ignored target; a batch of only those gives a loss of nan)."""
+    unknown = sorted({normalize_answer(r.answer) for r in rows} - set(answers.itos))
+    if unknown:
+        raise VQAError(f"{len(unknown)} training answer(s) are not among the run's {len(answers)} answer classes "
+                       f"({run / 'answers.json'}), e.g. {_preview(unknown)}; a resumed run keeps its classes: "
+                       f"train on these answers in a new run (another --output_dir)")
+
+
+def _preview(items, limit: int = 3) -> str:
+    items = list(items)
+    return ", ".join(repr(i) for i in items[:limit]) + (", ..." if len(items) > limit else "")
+
+
 def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
     """With ``synthetic`` on and ``train_csv`` missing, the generator writes DIR/train.csv, DIR/val.csv and
     DIR/images/: refuses unless those are the configured paths and no val.csv would be overwritten. A
@@ -178,15 +193,17 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     # Data first: a bad row or image stops the run before any training time is spent.
     train_data, val_data = prepare_data(cfg, procs)
     if resume:
-        tokenizer = Tokenizer.from_json((run / "tokenizer.json").read_text(encoding="utf-8"))
-        answers = AnswerVocab.from_json((run / "answers.json").read_text(encoding="utf-8"))
+        tokenizer, answers = load_vocabularies(run)
+        check_answers_known(train_data.rows, answers, run)
     else:
         tokenizer = Tokenizer.build((r.question for r in train_data.rows), max_length=cfg.data.max_question_length)
         answers = AnswerVocab.build(r.answer for r in train_data.rows)
 
     backbone_file = run / "backbone.safetensors"
-    random_backbone = not cfg.model.pretrained and cfg.model.checkpoint_path is None
-    model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and random_backbone else None)
+    from_random = random_backbone(cfg)
+    if resume and from_random and not backbone_file.is_file():
+        raise VQAError(missing_backbone(backbone_file))
+    model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and from_random else None)
     try:
         model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
     except ValueError as e:
@@ -212,6 +229,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     class_weights = None
     if cfg.data.answer_weights:
         table = load_answer_weights(cfg.data.answer_weights)
+        if not any(a in table for a in answers.itos):
+            raise VQAError(f"answer weights file '{cfg.data.answer_weights}' weighs none of the run's "
+                           f"{len(answers)} answers (it has e.g. {_preview(table)}, the run {_preview(answers.itos)}); "
+                           f"make it from this training CSV with python -m vqa.answer_weights")
         class_weights = torch.tensor([table.get(a, 1.0) for a in answers.itos], device=device)
 
     optimizer = make_optimizer(model, cfg)
@@ -227,7 +248,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         write_text(run / "config.yaml", cfg.to_yaml())
         write_text(run / "tokenizer.json", tokenizer.to_json())
         write_text(run / "answers.json", answers.to_json())
-        if random_backbone:  # predict and resume rebuild this exact backbone from it
+        if from_random:  # predict and resume rebuild this exact backbone from it
             lora.save_safetensors({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k},
                                   backbone_file)
     start_epoch, start_batch, best, step = 0, 0, -1.0, 0
@@ -321,10 +342,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 not_finite_anywhere, signum = distributed.max_over_ranks([not finite, signal_got()], procs, device)
                 if not_finite_anywhere:
                     loss_text = "not finite in another process" if finite else loss_value
-                    raise VQAError(
-                        f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
-                        f"{run / 'checkpoint.pt'} still holds the last good state. Lower --lr or check the data"
-                    )
+                    kept = "no checkpoint had been written yet"
+                    if (run / "checkpoint.pt").is_file():
+                        kept = f"{run / 'checkpoint.pt'} still holds the last good state"
+                    raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without "
+                                   f"saving, so {kept}. Lower --lr or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip:
@@ -350,8 +372,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             best = max(best, metrics["accuracy"])
             if procs.is_main:
                 history = run / "metrics.jsonl"
-                old = history.read_text(encoding="utf-8") if history.is_file() else ""
-                write_text(history, old + json.dumps(metrics) + "\n")
+                lines = history.read_text(encoding="utf-8").splitlines() if history.is_file() else []
+                # A run killed after this write and before its checkpoint repeats the epoch: one line per epoch.
+                lines = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+                write_text(history, "".join(line + "\n" for line in lines + [json.dumps(metrics)]))
                 print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
                 meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}"}
                 weights = model.trainable_state_dict()
@@ -390,6 +414,9 @@ def cli(argv: list[str] | None = None) -> int:
     if args.resume and args.config:
         parser.error("--resume continues with the run's own config.yaml, so --config cannot be given with it; "
                      "override single settings instead (e.g. --epochs 20)")
+    if args.resume and any(w.split("=")[0] in ("--output_dir", "--train.output_dir") for w in overrides):
+        parser.error(f"--resume continues the run in {args.resume}, so --output_dir cannot be given with it; to "
+                     f"continue a copy elsewhere, copy the folder and resume the copy")
     try:
         if args.resume:
             if not (args.resume / "config.yaml").is_file():

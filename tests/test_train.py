@@ -107,6 +107,36 @@ def test_predict_and_evaluate_from_the_run(trained, monkeypatch, capsys):
     assert best["count"] == int(overall.split()[-1].replace(",", ""))
 
 
+def test_evaluate_takes_the_csv_option_its_error_suggests(trained, tmp_path, capsys):
+    import vqa.evaluate
+
+    tmp, _ = trained
+    rows = (tmp / "data" / "val.csv").read_text().splitlines()
+    csv = tmp_path / "val.csv"  # elsewhere, naming the images by their absolute paths
+    csv.write_text("\n".join([rows[0]] + [str(tmp / "data" / row) for row in rows[1:]]) + "\n")
+    args = ["--run", str(tmp / "run"), "--csv", str(csv)]
+    assert vqa.evaluate.main(args) == 2
+    assert "pass --allow_outside_paths" in capsys.readouterr().err
+    assert vqa.evaluate.main(args + ["--allow_outside_paths"]) == 0
+    assert "overall" in capsys.readouterr().out
+
+
+def test_predict_gives_the_worded_type_where_the_run_trained_no_type_head(trained):
+    from vqa.data import build_transform
+    from vqa.predict import predict
+    from vqa.run_files import load_run
+
+    tmp, _ = trained
+    model, tokenizer, answers, cfg = load_run(tmp / "run")
+    transform = build_transform(model.backbone, cfg.model.img_size)
+    image = tmp / "data" / "images" / "val_00000.png"
+    for question, qtype in [("How many circles are there?", "count"), ("Is there a red square?", "yes/no"),
+                            ("What shape is the blue object?", "shape")]:
+        ranked, got = predict(model, tokenizer, answers, transform, image, question, type_head=False)
+        assert got == qtype
+        assert ranked == predict(model, tokenizer, answers, transform, image, question)[0]  # the answers are the same
+
+
 def test_export_writes_the_encoder_that_timm_alone_loads(trained, tmp_path, capsys):
     import timm
 
@@ -173,6 +203,7 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, c
     (["--resume", "RUN", "--epochs", "1"], "has trained 2 epochs already; --epochs cannot be fewer"),
     (["--resume", "RUN", "--config", "CONFIG"], "--config cannot be given with it"),
     (["--resume", "TMP"], "is not a run folder (it has no config.yaml)"),
+    (["--resume", "RUN", "--output_dir", "TMP"], "--output_dir cannot be given with it"),  # was silently ignored
     (["--config", "CONFIG", "--output_dir", "CONFIG"], "is a file, not a folder"),
 ])
 def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, capsys, args, message):
@@ -189,6 +220,75 @@ def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, caps
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
     assert run_bytes(run) == before
+
+
+def copied_run(trained, tmp_path) -> Path:
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    return run
+
+
+def test_resume_refuses_training_answers_the_run_has_no_class_for(trained, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = copied_run(trained, tmp_path)
+    data = trained[0] / "data"
+    lines = (data / "train.csv").read_text().splitlines()
+    new_csv = data / "train_new_answers.csv"  # beside the images its rows name
+    new_csv.write_text("\n".join(lines[:3] + [line.rsplit(",", 2)[0] + ",purple elephant,other" for line in lines[3:]]))
+    before = run_bytes(run)
+    assert train.cli(["--resume", str(run), "--train_csv", str(new_csv), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err  # before: every such target ignored, and a batch of only those a nan loss
+    assert "1 training answer(s) are not among the run's" in err and "'purple elephant'" in err
+    assert run_bytes(run) == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("backbone.safetensors", "backbone.safetensors' is missing: the run's backbone was randomly initialised"),
+    ("tokenizer.json", "has a missing or damaged vocabulary file"),
+])
+def test_a_run_missing_or_damaging_a_file_it_needs_is_refused_by_resume_and_predict(trained, tmp_path, capsys, damage,
+                                                                                   message):
+    sys.path.insert(0, str(ROOT))
+    import train
+    import vqa.predict
+
+    run = copied_run(trained, tmp_path)
+    if damage == "backbone.safetensors":  # before: a fresh random backbone, a different answer every call
+        (run / damage).unlink()
+    else:
+        (run / damage).write_text("[1]")
+    image = trained[0] / "data" / "images" / "val_00000.png"
+    assert vqa.predict.main(["--run", str(run), "--image", str(image), "--question", "How many?"]) == 2
+    assert message in capsys.readouterr().err
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_epoch_logged_before_a_crash_is_logged_once_after_the_resume(trained, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = copied_run(trained, tmp_path)
+    history = run / "metrics.jsonl"
+    # Killed between writing epoch 3's metrics and its checkpoint: the checkpoint is still at epoch 2.
+    third = {**json.loads(history.read_text().splitlines()[-1]), "epoch": 3}
+    history.write_text(history.read_text() + json.dumps(third) + "\n")
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 0
+    assert [json.loads(line)["epoch"] for line in history.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_answer_weights_that_fit_none_of_the_answers_are_refused(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.config import load_config
+
+    weights = tmp_path / "w.json"
+    weights.write_text('{"zebra": 2.0}')  # another data set's: every weight would silently be 1
+    cfg = load_config(tiny_config(tmp_path), ["--answer_weights", str(weights)])
+    with pytest.raises(train.VQAError, match=r"w\.json' weighs none of the run's \d+ answers \(it has e\.g\. 'zebra'"):
+        train.main(cfg)
 
 
 def test_an_error_before_training_still_leaves_the_process_group(tmp_path, monkeypatch):
@@ -411,6 +511,19 @@ def nan_after(loss_fn, calls: int):
     return poisoned
 
 
+def test_a_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=1))
+    monkeypatch.setattr(train.F, "cross_entropy", nan_after(train.F.cross_entropy, 0))
+    with pytest.raises(train.VQAError, match=r"loss is nan at epoch 1, step 1; stopped without saving, so no "
+                                             r"checkpoint had been written yet"):
+        train.main(cfg)
+    assert not (Path(cfg.train.output_dir) / "checkpoint.pt").exists()
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train
@@ -595,7 +708,8 @@ def test_predict_refuses_a_top_k_below_one():
 
 
 @pytest.mark.parametrize("tool", ["evaluate", "predict"])
-@pytest.mark.parametrize("device, message", [("gpu0", "unknown device 'gpu0'"), ("cuda", "CUDA is not available")])
+@pytest.mark.parametrize("device, message", [("gpu0", "unknown device 'gpu0'"), ("cuda", "CUDA is not available"),
+                                             ("meta", "a device this project does not run on")])
 def test_a_bad_device_is_a_clear_error_in_evaluate_and_predict(tool, device, message, tmp_path, capsys):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")

@@ -98,9 +98,18 @@ def test_pickle_payload_in_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": Payload(str(marker))}, f)
-    with pytest.raises(ValueError, match="safely"):
+    with pytest.raises(ValueError, match="safely") as refused:
         tiny_backbone(checkpoint_path=path)
     assert not marker.exists()
+    assert "weights_only" not in str(refused.value)  # torch's advice to load it unsafely is not passed on
+
+
+def test_a_damaged_safetensors_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "backbone.safetensors"
+    save_file({"pos_embed": torch.zeros(1, 5, 32)}, path)
+    path.write_bytes(path.read_bytes()[:-20])  # cut short, as by a full disk or an interrupted copy
+    with pytest.raises(ValueError, match=r"backbone\.safetensors' is not a readable safetensors file.*save it again"):
+        tiny_backbone(checkpoint_path=path)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

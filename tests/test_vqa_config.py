@@ -55,6 +55,11 @@ def test_flag_followed_by_a_flag_means_true():
         (["--use_type_loss", "maybe"], "'use_type_loss' must be bool"),
         (["--epochs", "2.5"], "'epochs' must be int"),
         (["stray"], "unexpected argument 'stray'"),
+        (["--lr", "inf"], "command line: key 'lr' must be a finite number, got 'inf'"),
+        (["--grad_clip", "nan"], "key 'grad_clip' must be a finite number"),  # nan passes every range check
+        (["--type_loss_weight", "-inf"], "key 'type_loss_weight' must be a finite number"),
+        (["--seed", "-1"], r"'seed' must be in \[0, 2\*\*31\), got -1"),
+        (["--seed", "5000000000"], r"'seed' must be in \[0, 2\*\*31\)"),
     ],
 )
 def test_bad_overrides_name_the_key(args, message):
@@ -87,6 +92,18 @@ def test_bad_files_name_the_key(tmp_path, content, message):
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(VQAError, match=message):
         load_config(path)
+
+
+def test_a_key_given_twice_in_a_file_is_an_error_not_a_silent_replacement(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  img_size: 28\ntrain:\n  epochs: 2\nmodel:\n  hidden_dim: 32\n")
+    with pytest.raises(VQAError, match=r"c\.yaml', line 5: key 'model' appears a second time"):  # plain YAML keeps the last
+        load_config(path)
+    path.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    with pytest.raises(VQAError, match=r"line 4: key 'lr' appears a second time"):
+        load_config(path)
+    path.write_text("model:\n  img_size: 28\ntrain:\n  epochs: 2\n")  # the same keys in other sections are fine
+    assert load_config(path).model.img_size == 28
 
 
 def test_missing_and_broken_files(tmp_path):

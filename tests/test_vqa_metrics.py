@@ -57,3 +57,33 @@ def test_bad_answer_weights_files(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(VQAError, match=message):
         load_answer_weights(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_weight", "0"], "must be finite, > 0, and min <= max; got 0.1 and 0.0"),
+    (["--min_weight", "nan"], "must be finite, > 0"),
+    (["--min_weight", "5", "--max_weight", "2"], "min <= max"),
+    (["--out", "DIR"], "is a folder; give the JSON file to write"),
+])
+def test_answer_weights_cli_refuses_what_training_would_refuse(tmp_path, capsys, args, message):
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "train.csv"
+    csv.write_text("image,question,answer\na.png,Is it?,yes\n")
+    args = [str(tmp_path) if a == "DIR" else a for a in args]
+    code = answer_weights_main(["--train_csv", str(csv), "--out", str(tmp_path / "w.json"), *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w.json").exists()
+
+
+def test_answer_weights_cli_takes_the_csv_options_its_errors_suggest(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "data" / "train.csv"
+    csv.write_text("image,question,answer\n../a.png,Is it?,yes\n,Empty image?,no\n")
+    out = tmp_path / "w.json"
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --allow_outside_paths" in err and "pass --skip_bad_rows" in err
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out), "--skip_bad_rows",
+                                "--allow_outside_paths"]) == 0
+    assert "skipped 1 bad row(s)" in capsys.readouterr().out and set(load_answer_weights(out)) == {"yes"}

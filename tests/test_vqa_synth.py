@@ -273,3 +273,19 @@ def test_main_replaces_a_data_set_only_with_overwrite(tmp_path, capsys):
     assert (tmp_path / "train.csv").read_bytes() == before
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
     assert (tmp_path / "train.csv").read_bytes() != before
+
+
+def test_a_generation_cut_short_leaves_no_csv_to_train_on(tmp_path, monkeypatch):
+    import vqa.synth
+
+    def fail_on_val(path, write):
+        if path.name.startswith("val_"):
+            raise KeyboardInterrupt  # Ctrl-C while the validation images are drawn
+        return replace(path, write)
+
+    replace = vqa.synth._replace_atomically
+    monkeypatch.setattr(vqa.synth, "_replace_atomically", fail_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, train_images=3, val_images=2)
+    assert (tmp_path / "images" / "train_00002.png").is_file()
+    assert not (tmp_path / "train.csv").exists() and not (tmp_path / "val.csv").exists()  # the demo generates again

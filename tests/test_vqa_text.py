@@ -42,6 +42,9 @@ def test_normalize_answer_is_idempotent_and_never_fails(text):
         ("Is there a green triangle?", "yes/no"),
         ("Is the cat on the left?", "yes/no"),
         ("Does the man wear a hat?", "yes/no"),
+        ("Is there a red shape?", "yes/no"),  # asked like "Are there two shapes?": yes or no, not a shape
+        ("Is the number of circles 3?", "yes/no"),
+        ("Does the square have a color?", "yes/no"),
         ("Why is the sky blue?", "other"),
         ("", "other"),
     ],
@@ -70,3 +73,13 @@ def test_answer_vocab_orders_by_frequency_and_rejects_unseen():
     assert vocab.itos == ["2", "yes", "no"]
     assert vocab.id("TWO") == 0 and vocab.id("purple") == -1
     assert AnswerVocab.from_json(vocab.to_json()).itos == vocab.itos
+
+
+@pytest.mark.parametrize("load, text", [
+    (Tokenizer.from_json, "[1]"), (Tokenizer.from_json, '{"words": ["a", 2], "max_length": 8}'),
+    (Tokenizer.from_json, '{"words": ["a"]}'), (AnswerVocab.from_json, '{"answers": "yes"}'),
+    (AnswerVocab.from_json, "[1]"),
+])
+def test_vocabulary_files_of_the_wrong_shape_are_a_value_error_saying_what_is_expected(load, text):
+    with pytest.raises(ValueError, match=r"holds \{"):
+        load(text)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
 import lora
 
-__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_backbone"]
+__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_backbone", "torch_load_failure"]
 
 
 def create_backbone(
@@ -67,17 +68,32 @@ def create_backbone(
     return model
 
 
+def torch_load_failure(e: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, without its advice to load with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    message = str(e)
+    diagnosis = message.partition("WeightsUnpickler error:")[2].strip() or message.strip()
+    reason = diagnosis.splitlines()[0].split(". ")[0] if diagnosis else ""
+    if not reason or reason.startswith("Weights only load failed"):
+        reason = type(e).__name__
+    return reason
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist; check checkpoint_path")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint '{path}' is not a readable safetensors file ({e}); it is damaged or "
+                             f"incomplete: copy or save it again") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
     except Exception as e:
         raise ValueError(
-            f"cannot load checkpoint '{path}' safely ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            f"only tensor files are accepted: convert it to .safetensors"
+            f"cannot load checkpoint '{path}' safely ({torch_load_failure(e)}): it is damaged, or holds objects "
+            f"other than tensors, which are refused (loading them could run code); convert it to .safetensors"
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint '{path}' holds a {type(state).__name__}, not a state dict")

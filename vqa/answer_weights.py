@@ -67,15 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--min_weight", type=float, default=0.1)
     parser.add_argument("--max_weight", type=float, default=10.0)
+    parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
+    parser.add_argument("--allow_outside_paths", action="store_true",
+                        help="let image paths leave the CSV's folder (absolute or ../)")
     args = parser.parse_args(argv)
     try:
-        rows = read_csv(args.train_csv).rows
-        weights = compute_answer_weights((r.answer for r in rows), args.min_weight, args.max_weight)
+        if not 0 < args.min_weight <= args.max_weight < math.inf:  # what load_answer_weights will accept
+            raise VQAError(f"--min_weight and --max_weight must be finite, > 0, and min <= max; got "
+                           f"{args.min_weight} and {args.max_weight}")
+        if args.out.is_dir():
+            raise VQAError(f"--out '{args.out}' is a folder; give the JSON file to write, "
+                           f"e.g. {args.out / 'answer_weights.json'}")
+        data = read_csv(args.train_csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=args.allow_outside_paths)
+        weights = compute_answer_weights((r.answer for r in data.rows), args.min_weight, args.max_weight)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with atomic_write(args.out, "w") as f:
         f.write(json.dumps(weights, indent=1) + "\n")
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")
     low, high = min(weights.values()), max(weights.values())
     print(f"wrote {len(weights)} answer weights ({low:.3g} to {high:.3g}) to {args.out}")
     return 0

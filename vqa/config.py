@@ -97,6 +97,8 @@ class TrainConfig:
         for key in ("weight_decay", "grad_clip", "type_loss_weight", "checkpoint_every", "num_workers"):
             if getattr(self, key) < 0:
                 raise VQAError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**31:  # numpy takes seeds below 2**32, and each process adds to the seed
+            raise VQAError(f"config key 'seed' must be in [0, 2**31), got {self.seed}")
 
 
 @dataclass
@@ -154,11 +156,16 @@ def _coerce(key: str, value, annotation, where: str):
             return value.lower() in ("true", "yes", "1")
     elif annotation in (int, float):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        converted = None
         if number and (annotation is float or isinstance(value, int)):  # an int widens, a float never narrows
-            return annotation(value)
-        if isinstance(value, str):
+            converted = annotation(value)
+        elif isinstance(value, str):
             with contextlib.suppress(ValueError):
-                return annotation(value)
+                converted = annotation(value)
+        if converted is not None:
+            if not math.isfinite(converted):  # nan slips through every range check; inf trains to nan
+                raise VQAError(f"{where}: key '{key}' must be a finite number, got {value!r}")
+            return converted
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -211,6 +218,27 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
     return overrides
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last, so a second
+    ``model:`` section would silently drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen and key != "<<":  # "<<" merges mappings, and may repeat
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Reads a YAML config (or the defaults when ``path`` is None) and applies command-line overrides."""
     raw: dict = {}
@@ -221,7 +249,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise VQAError(f"config file '{path}' does not exist")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise VQAError(f"config file '{path}', line {e.line}: key '{e.key}' appears a second time in its "
+                           f"mapping, which would silently replace the first; merge the two into one") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise VQAError(f"config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(raw, dict):

@@ -22,7 +22,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
 from .errors import VQAError
-from .text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type
+from .text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type, normalize_answer
 
 __all__ = [
     "Row", "CSVData", "read_csv", "load_image", "check_images", "read_split", "build_transform", "VQADataset",
@@ -107,7 +107,9 @@ def read_csv(
             continue
         data.rows.append(row)
     if not data.rows:
-        detail = f"all {len(data.skipped)} rows were bad" if data.skipped else "it has a header but no rows"
+        detail = "it has a header but no rows"
+        if data.skipped:
+            detail = f"all {len(data.skipped)} rows were bad, the first: {data.skipped[0]}"
         raise VQAError(f"{path} has no usable rows: {detail}")
     return data
 
@@ -121,6 +123,9 @@ def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow
     for name, value in (("image", image), ("question", question)) + ((("answer", answer),) if require_answer else ()):
         if not value:
             raise VQAError(f"{where} has an empty '{name}'; fill it in or delete the row")
+    if require_answer and not normalize_answer(answer):
+        raise VQAError(f"{where} has the answer '{answer}', which is empty once normalised (articles and "
+                       f"punctuation are dropped); give the answer itself")
     qtype = (record.get("question_type") or "").strip().lower() or infer_question_type(question)
     if qtype not in QUESTION_TYPES:
         raise VQAError(f"{where} has question_type '{qtype}'; use one of {', '.join(QUESTION_TYPES)} or leave it empty")

@@ -95,8 +95,13 @@ def pick_device(name: str, source: str = "--device") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise VQAError(f"{source} has unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps...: the model and its data pipeline run on these two
+        raise VQAError(f"{source} is '{name}', a device this project does not run on; use auto, cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VQAError(f"{source} asks for '{name}' but CUDA is not available here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise VQAError(f"{source} asks for '{name}' but this machine has {torch.cuda.device_count()} CUDA "
+                       f"device(s), numbered from 0")
     return device
 
 
@@ -152,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="loader processes decoding images (default 0: in this process)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true")
+    parser.add_argument("--allow_outside_paths", "--allow-outside-paths", action="store_true",
+                        help="let image paths leave the CSV's folder (absolute or ../); also on where the run "
+                             "trained with it")
     parser.add_argument("--which", choices=("best", "last"), default="best")
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
         model, tokenizer, answers, cfg = load_run(args.run, device, args.which)
-        data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=cfg.data.allow_outside_paths)
+        data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows,
+                          allow_outside_paths=args.allow_outside_paths or cfg.data.allow_outside_paths)
         dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)
         batches = chunks(list(range(len(dataset))), args.batch_size)
         loader = make_loader(dataset, batches, args.num_workers, pin_memory=device.type == "cuda")

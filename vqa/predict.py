@@ -15,14 +15,17 @@ import lora
 from .data import build_transform, load_image
 from .errors import VQAError
 from .evaluate import at_least, pick_device
-from .text import QUESTION_TYPES
+from .text import QUESTION_TYPES, infer_question_type
 
 __all__ = ["predict"]
 
 
 @torch.no_grad()
-def predict(model, tokenizer, answers, transform, image: Path, question: str, top_k: int = 5):
-    """Returns ``([(answer, probability), ...], question_type)``, most likely first."""
+def predict(model, tokenizer, answers, transform, image: Path, question: str, top_k: int = 5,
+            type_head: bool = True):
+    """Returns ``([(answer, probability), ...], question_type)``, most likely first. The type is the model's
+    type head's guess, or with ``type_head=False`` (a run without the type loss, whose head never trained)
+    the one the wording gives (``infer_question_type``)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     pixels = transform(load_image(image)).unsqueeze(0)  # (1, 3, H, W)
@@ -33,7 +36,7 @@ def predict(model, tokenizer, answers, transform, image: Path, question: str, to
     probs = out.logits.float().softmax(-1)[0]
     top = probs.topk(min(top_k, probs.numel()))
     ranked = [(answers.itos[i], float(p)) for p, i in zip(top.values, top.indices)]
-    return ranked, QUESTION_TYPES[int(out.type_logits.argmax(-1))]
+    return ranked, QUESTION_TYPES[int(out.type_logits.argmax(-1))] if type_head else infer_question_type(question)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             raise VQAError("--question is empty; ask something, e.g. --question 'What color is the circle?'")
         model, tokenizer, answers, cfg = load_run(args.run, pick_device(args.device))
         transform = build_transform(model.backbone, cfg.model.img_size)
-        ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k)
+        ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k,
+                                type_head=cfg.train.use_type_loss)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"question: {args.question}  (type: {qtype})")
+    how = "" if cfg.train.use_type_loss else ", from its wording"
+    print(f"question: {args.question}  (type: {qtype}{how})")
     for answer, p in ranked:
         print(f"{p:7.2%}  {answer}")
     return 0

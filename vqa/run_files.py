@@ -15,7 +15,6 @@ loader), and ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lora import atomic_path, atomic_write
+from vit import torch_load_failure
 
 from .config import RunConfig, load_config
 from .errors import VQAError
@@ -38,9 +38,12 @@ __all__ = [
     "load_checkpoint",
     "write_text",
     "load_run",
+    "load_vocabularies",
     "trained_files",
     "remove_run",
     "weights_file",
+    "random_backbone",
+    "missing_backbone",
 ]
 
 # What a run has trained, resume state first: a new run will not start over these unless told to.
@@ -72,6 +75,17 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
         )
     except (ValueError, FileNotFoundError) as e:  # backbone name, img_size, checkpoint problems
         raise VQAError(str(e)) from None
+
+
+def random_backbone(cfg: RunConfig) -> bool:
+    """Whether the run's backbone started from random weights, which it then keeps in backbone.safetensors."""
+    return not cfg.model.pretrained and cfg.model.checkpoint_path is None
+
+
+def missing_backbone(path: Path) -> str:
+    return (f"'{path}' is missing: the run's backbone was randomly initialised (no pretrained weights, no "
+            f"checkpoint_path) and this file holds those weights; without it the model would be another random "
+            f"network. Put the file back, or train a new run")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -115,16 +129,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
     except Exception as e:
-        # torch's message opens with advice to load without weights_only, which would run whatever the file
-        # holds; keep only its diagnosis.
-        message = str(e)
-        diagnosis = message.partition("WeightsUnpickler error:")[2].strip() or message.strip()
-        reason = diagnosis.splitlines()[0].split(". ")[0] if diagnosis else ""
-        if not reason or reason.startswith("Weights only load failed"):
-            reason = type(e).__name__
-        raise VQAError(f"cannot load checkpoint '{path}' safely ({reason}): the file is damaged, or is not a "
-                       f"checkpoint train.py wrote (objects other than tensors are refused: loading them could run "
-                       f"code)") from None
+        raise VQAError(f"cannot load checkpoint '{path}' safely ({torch_load_failure(e)}): the file is damaged, "
+                       f"or is not a checkpoint train.py wrote (objects other than tensors are refused: loading "
+                       f"them could run code)") from None
 
 
 def trained_files(run_dir: Path) -> list[str]:
@@ -151,18 +158,26 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
                    f"the end of each epoch; continue the run with train.py --resume {run_dir}")
 
 
+def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
+    """The run's question and answer vocabularies (tokenizer.json, answers.json)."""
+    try:
+        tokenizer = Tokenizer.from_json((run / "tokenizer.json").read_text(encoding="utf-8"))
+        answers = AnswerVocab.from_json((run / "answers.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or JSON of the wrong shape
+        raise VQAError(f"run folder '{run}' has a missing or damaged vocabulary file ({e})") from None
+    return tokenizer, answers
+
+
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "best"):
     """Rebuilds a trained model from a run folder for inference; returns ``(model, tokenizer, answers, cfg)``."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise VQAError(f"'{run}' is not a run folder: it has no config.yaml (train one with train.py)")
     cfg = load_config(run / "config.yaml")
-    try:
-        tokenizer = Tokenizer.from_json((run / "tokenizer.json").read_text(encoding="utf-8"))
-        answers = AnswerVocab.from_json((run / "answers.json").read_text(encoding="utf-8"))
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise VQAError(f"run folder '{run}' has a missing or damaged vocabulary file ({e})") from None
+    tokenizer, answers = load_vocabularies(run)
     backbone = run / "backbone.safetensors"
+    if random_backbone(cfg) and not backbone.is_file():
+        raise VQAError(missing_backbone(backbone))
     model = build_model(cfg, len(tokenizer), len(answers), str(backbone) if backbone.is_file() else None)
     load_weights(model, weights_file(run, which))
     return model.to(device).eval(), tokenizer, answers, cfg

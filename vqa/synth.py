@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from lora import atomic_path
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -184,7 +186,8 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}; pass 0 to skip that split")
 
 
-def _write_split(out_dir: Path, split: str, num_images: int, seed: int, image_size: int) -> Path:
+def _write_images(out_dir: Path, split: str, num_images: int, seed: int, image_size: int) -> list[tuple]:
+    """Writes the split's images; returns its CSV rows."""
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(num_images):
@@ -194,17 +197,16 @@ def _write_split(out_dir: Path, split: str, num_images: int, seed: int, image_si
         image = render_scene(objects, image_size)
         _replace_atomically(out_dir / name, lambda tmp: image.save(tmp, format="PNG"))
         rows.extend((name, question, answer, qtype) for question, answer, qtype in make_questions(objects, rng))
+    return rows
 
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(CSV_HEADER)
-            writer.writerows(rows)
 
-    # Written after its images, so a CSV on disk never names an image that is not there yet.
-    csv_path = out_dir / f"{split}.csv"
-    _replace_atomically(csv_path, write_csv)
-    return csv_path
+def _write_csv(path: Path, rows: list[tuple]) -> Path:
+    # Fsynced: a CSV on disk names only images already there.
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+    return path
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -243,9 +245,12 @@ def generate(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     out_dir = Path(out_dir)
-    train_csv = _write_split(out_dir, "train", train_images, seed, image_size)
-    val_csv = _write_split(out_dir, "val", val_images, seed, image_size)
-    return train_csv, val_csv
+    train_rows = _write_images(out_dir, "train", train_images, seed, image_size)
+    val_rows = _write_images(out_dir, "val", val_images, seed, image_size)
+    # The CSVs after every image, train.csv last: a generation cut short leaves no train.csv, and the demo
+    # then generates again rather than training on half a data set.
+    val_csv = _write_csv(out_dir / "val.csv", val_rows)
+    return _write_csv(out_dir / "train.csv", train_rows), val_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,14 +50,14 @@ def infer_question_type(question: str) -> str:
     """Guesses one of ``QUESTION_TYPES`` from the wording, for rows without a ``question_type``."""
     words = tokenize(question)
     text = " ".join(words)
+    if words[:1] and words[0] in _AUX_VERBS:  # "Is there a red shape?", "Is the cat on the left?": yes or no
+        return "yes/no"
     if text.startswith("how many") or "number of" in text:
         return "count"
     if "color" in words or "colour" in words:
         return "color"
     if "shape" in words:
         return "shape"
-    if words[:1] and words[0] in _AUX_VERBS:  # "Is the cat on the left?" is a yes/no question
-        return "yes/no"
     if words[:1] == ["where"] or any(w in words for w in ("left", "right", "top", "bottom")):
         return "location"
     return "other"
@@ -93,6 +93,8 @@ class Tokenizer:
     @classmethod
     def from_json(cls, text: str) -> "Tokenizer":
         data = json.loads(text)
+        if not (isinstance(data, dict) and _strings(data.get("words")) and isinstance(data.get("max_length"), int)):
+            raise ValueError('a tokenizer file holds {"words": [strings], "max_length": int}')
         return cls(data["words"], data["max_length"])
 
 
@@ -120,4 +122,11 @@ class AnswerVocab:
 
     @classmethod
     def from_json(cls, text: str) -> "AnswerVocab":
-        return cls(json.loads(text)["answers"])
+        data = json.loads(text)
+        if not (isinstance(data, dict) and _strings(data.get("answers"))):
+            raise ValueError('an answer vocabulary file holds {"answers": [strings]}')
+        return cls(data["answers"])
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
