@@ -414,7 +414,8 @@ def cli(argv: list[str] | None = None) -> int:
     if args.resume and args.config:
         parser.error("--resume continues with the run's own config.yaml, so --config cannot be given with it; "
                      "override single settings instead (e.g. --epochs 20)")
-    if args.resume and any(w.split("=")[0] in ("--output_dir", "--train.output_dir") for w in overrides):
+    keys = [w[2:].split("=")[0].rpartition(".")[2].replace("-", "_") for w in overrides if w.startswith("--")]
+    if args.resume and "output_dir" in keys:  # any spelling: the --output_dir appended below would win
         parser.error(f"--resume continues the run in {args.resume}, so --output_dir cannot be given with it; to "
                      f"continue a copy elsewhere, copy the folder and resume the copy")
     try:

@@ -12,9 +12,9 @@ hand-written backward (``_LoRAUpdate``) keeps it that way: the output gradient p
 untouched and each split's B costs only its own block's GEMMs. Under ``torch.compile`` the same sum
 is written in plain autograd ops that compilers, ``torch.func`` and forward-mode AD can trace.
 
-Without autograd (evaluation under ``no_grad``/``inference_mode``) and for a large input, the layer
-instead multiplies by ``W + scaling * B A``, formed for the call: a pass over the weight where the update
-makes a pass over the whole output. The layer stays unmerged; the result is what a merged layer computes.
+Without autograd (evaluation under ``no_grad``/``inference_mode``), with no dropout mask to draw and for a
+large input, the layer instead multiplies by ``W + scaling * B A``, formed for the call: a pass over the
+weight where the update makes a pass over the whole output. The layer stays unmerged; the result is what a merged layer computes.
 In fp32 the two paths agree to rounding (about 1e-6); in bf16, which rounds the folded weight where the
 update rounds two products, to bf16 precision only, so a bf16 output may change in its last bits with
 the batch size that decides between them.

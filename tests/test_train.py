@@ -204,6 +204,7 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, c
     (["--resume", "RUN", "--config", "CONFIG"], "--config cannot be given with it"),
     (["--resume", "TMP"], "is not a run folder (it has no config.yaml)"),
     (["--resume", "RUN", "--output_dir", "TMP"], "--output_dir cannot be given with it"),  # was silently ignored
+    (["--resume", "RUN", "--train.output-dir=elsewhere"], "--output_dir cannot be given with it"),
     (["--config", "CONFIG", "--output_dir", "CONFIG"], "is a file, not a folder"),
 ])
 def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, capsys, args, message):

@@ -275,17 +275,24 @@ def test_main_replaces_a_data_set_only_with_overwrite(tmp_path, capsys):
     assert (tmp_path / "train.csv").read_bytes() != before
 
 
-def test_a_generation_cut_short_leaves_no_csv_to_train_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("during", ["images", "csv"])
+def test_a_generation_cut_short_leaves_no_csv_to_train_on(tmp_path, monkeypatch, during):
     import vqa.synth
 
-    def fail_on_val(path, write):
-        if path.name.startswith("val_"):
-            raise KeyboardInterrupt  # Ctrl-C while the validation images are drawn
-        return replace(path, write)
+    def interrupted(real, is_val):
+        def call(path, *args):
+            if is_val(path):
+                raise KeyboardInterrupt  # Ctrl-C while the validation images or CSV are written
+            return real(path, *args)
+        return call
 
-    replace = vqa.synth._replace_atomically
-    monkeypatch.setattr(vqa.synth, "_replace_atomically", fail_on_val)
+    if during == "images":
+        monkeypatch.setattr(vqa.synth, "_replace_atomically",
+                            interrupted(vqa.synth._replace_atomically, lambda p: p.name.startswith("val_")))
+    else:  # the train CSV is written by then, under a temporary name
+        monkeypatch.setattr(vqa.synth, "_write_csv", interrupted(vqa.synth._write_csv, lambda p: ".val.csv." in p.name))
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path, train_images=3, val_images=2)
     assert (tmp_path / "images" / "train_00002.png").is_file()
     assert not (tmp_path / "train.csv").exists() and not (tmp_path / "val.csv").exists()  # the demo generates again
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -2,8 +2,9 @@
 
 A YAML file has the sections ``data``, ``model`` and ``train``. Every key is unique across sections, so
 ``--vision_lora_r 4`` and ``--model.vision_lora_r 4`` both work; a yes/no key alone (``--use_type_loss``)
-means true. An unknown key, a value of the wrong type or out of range is a ``VQAError`` naming the key
-and where the value came from (the file or the command line).
+means true. An unknown key, a value of the wrong type, out of range or not finite, and a key given twice in one YAML
+mapping are ``VQAError``s naming the key (an unknown key, a wrong type or a non-finite number also names
+where the value came from: the file or the command line).
 """
 from __future__ import annotations
 

@@ -9,8 +9,10 @@
     adapter_{best,last}.safetensors  the LoRA adapters alone (lora.save_adapter)
     metrics.jsonl          one line per epoch
 
-Every file is written atomically, and each reader needs one file only, so a run killed at any moment
-leaves a consistent previous state. Nothing read back can run code: safetensors, JSON, YAML (safe
+Every file is written atomically, and what changes during training lives in one file per reader
+(``checkpoint.pt`` for resume, ``model_*.safetensors`` for prediction; the config, vocabularies and
+backbone are written once, before the first checkpoint), so a run killed at any moment leaves a
+consistent previous state. Nothing read back can run code: safetensors, JSON, YAML (safe
 loader), and ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations

@@ -200,13 +200,11 @@ def _write_images(out_dir: Path, split: str, num_images: int, seed: int, image_s
     return rows
 
 
-def _write_csv(path: Path, rows: list[tuple]) -> Path:
-    # Fsynced: a CSV on disk names only images already there.
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+def _write_csv(path: Path, rows: list[tuple]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_HEADER)
         writer.writerows(rows)
-    return path
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -247,10 +245,15 @@ def generate(
     out_dir = Path(out_dir)
     train_rows = _write_images(out_dir, "train", train_images, seed, image_size)
     val_rows = _write_images(out_dir, "val", val_images, seed, image_size)
-    # The CSVs after every image, train.csv last: a generation cut short leaves no train.csv, and the demo
-    # then generates again rather than training on half a data set.
-    val_csv = _write_csv(out_dir / "val.csv", val_rows)
-    return _write_csv(out_dir / "train.csv", train_rows), val_csv
+    # The CSVs after every image, both written before either is renamed into place, train.csv last: a
+    # generation cut short leaves no train.csv (but for the moment between the two renames), and the demo
+    # then generates again rather than training on half a data set. Fsynced: a CSV on disk names only
+    # images already there.
+    train_csv, val_csv = out_dir / "train.csv", out_dir / "val.csv"
+    with atomic_path(train_csv) as train_tmp, atomic_path(val_csv) as val_tmp:  # renamed val, then train
+        _write_csv(train_tmp, train_rows)
+        _write_csv(val_tmp, val_rows)
+    return train_csv, val_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
