@@ -230,3 +230,22 @@ def test_metadata_that_is_not_text_is_a_clear_error_and_writes_nothing(tmp_path)
     with pytest.raises(TypeError, match=r"'epochs' maps to int 3; pass str\(value\) or json\.dumps\(value\)"):
         lora.save_adapter(adapted(), tmp_path / "a.safetensors", metadata={"epochs": 3})
     assert not list(tmp_path.iterdir())
+
+
+def test_an_adapter_of_another_alpha_is_refused(tmp_path):
+    source = tiny_vit().eval()
+    lora.inject_lora(source, r=4, alpha=8.0)
+    lora.save_adapter(source, tmp_path / "a.safetensors")
+    target = tiny_vit().eval()
+    lora.inject_lora(target, r=4, alpha=16.0)  # same shapes: only alpha tells them apart
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv.*alpha=8\.0 but the model has alpha=16\.0"):
+        lora.load_adapter(target, tmp_path / "a.safetensors")
+
+
+def test_loading_adapter_weights_into_a_merged_layer_is_refused():
+    source, target = adapted(), adapted()
+    lora.merge_lora(target)
+    before = {k: v.clone() for k, v in lora.lora_state_dict(target).items()}
+    with pytest.raises(RuntimeError, match=r"layer 'blocks\.0\.attn\.qkv' is merged; call unmerge_lora"):
+        lora.load_lora_state_dict(target, lora.lora_state_dict(source))
+    assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(target).items())

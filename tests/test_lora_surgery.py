@@ -301,3 +301,18 @@ def test_print_trainable_parameters_format(capsys):
     lora.mark_only_lora_as_trainable(model)
     lora.print_trainable_parameters(model)
     assert capsys.readouterr().out == "[LoRA] Trainable: 8,000 (0.79%) | Total: 1,009,000\n"
+
+
+def test_merge_states_combine_with_remove_and_the_context_manager(vit):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    base = {name: layer.weight.detach().clone() for name, layer in lora.lora_layers(vit)}
+    lora.merge_lora(vit)
+    with lora.merged(vit):  # already merged: the context manager must not unmerge on exit
+        pass
+    assert all(layer.merged for _, layer in lora.lora_layers(vit))
+    vit.eval()
+    lora.remove_lora(vit, merge=False)  # dropping merged adapters gives back the base weights
+    for name, weight in base.items():
+        assert type(vit.get_submodule(name)) is nn.Linear and torch.equal(vit.get_submodule(name).weight, weight)
+        assert not vit.get_submodule(name).training  # the mode carries over

@@ -1,3 +1,4 @@
+import copy
 import pickle
 
 import pytest
@@ -104,6 +105,24 @@ def test_pickle_payload_in_checkpoint_is_refused(tmp_path):
     assert "weights_only" not in str(refused.value)  # torch's advice to load it unsafely is not passed on
 
 
+def test_a_checkpoint_of_another_patch_size_is_refused_not_resampled(tmp_path):
+    source = vit.create_backbone("vit_small_patch14_dinov2", img_size=32, patch_size=16, **TINY)
+    path = tmp_path / "patch16.safetensors"
+    save_file(source.state_dict(), path)
+    with pytest.raises(ValueError, match=r"'patch_embed\.proj\.weight' has shape \(32, 3, 16, 16\), the model "
+                                         r"expects \(32, 3, 14, 14\)"):
+        tiny_backbone(checkpoint_path=path)  # timm's filter would resample the kernel: other features
+
+
+def test_a_checkpoint_with_weights_the_model_lacks_names_one(tmp_path):
+    state = dict(tiny_backbone().state_dict())
+    state["blocks.9.extra"] = torch.zeros(1)
+    path = tmp_path / "extra.safetensors"
+    save_file(state, path)
+    with pytest.raises(ValueError, match=r"has weights the model lacks, e\.g\. 'blocks\.9\.extra' \(1 in all\)"):
+        tiny_backbone(checkpoint_path=path)
+
+
 def test_a_damaged_safetensors_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "backbone.safetensors"
     save_file({"pos_embed": torch.zeros(1, 5, 32)}, path)
@@ -129,6 +148,35 @@ def test_lora_gets_gradients_under_gradient_checkpointing(reentrant):
     for name, layer in lora.lora_layers(model):
         assert layer.lora_A.grad is not None and torch.count_nonzero(layer.lora_A.grad) > 0, name
         assert layer.lora_B.grad is not None and torch.count_nonzero(layer.lora_B.grad) > 0, name
+
+
+@pytest.mark.parametrize("copied", [False, True])
+def test_unfrozen_blocks_without_lora_get_gradients_under_reentrant_checkpointing(copied):
+    model = tiny_backbone()
+    vit.freeze_backbone(model, unfreeze_last=1)  # the partial fine-tuning baseline: no adapter at all
+    if copied:  # a copy's hook must read the copy's settings, not the original's
+        model = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    model.train()
+    set_reentrant_ckpt(True)
+    try:
+        model(torch.randn(2, 3, 28, 28)).pow(2).sum().backward()
+    finally:
+        set_reentrant_ckpt(False)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trained) > 2 and any(n.startswith("blocks.1.") for n, _ in trained)
+    for name, p in trained:
+        assert p.grad is not None, name
+
+
+def test_a_frozen_backbone_is_not_back_propagated_through_under_checkpointing():
+    model = tiny_backbone()
+    vit.freeze_backbone(model)  # nothing in the blocks trains: forcing a gradient through them would be waste
+    model.set_grad_checkpointing(True)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0].requires_grad))
+    model(torch.randn(2, 3, 28, 28))
+    assert seen == [False]
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -56,6 +56,8 @@ def test_flag_followed_by_a_flag_means_true():
         (["--epochs", "2.5"], "'epochs' must be int"),
         (["stray"], "unexpected argument 'stray'"),
         (["--lr", "inf"], "command line: key 'lr' must be a finite number, got 'inf'"),
+        (["--hidden_dim", "30", "--num_heads", "4"], r"'hidden_dim' \(30\) must be divisible by 'num_heads' \(4\)"),
+        (["--warmup_ratio", "1"], r"'warmup_ratio' must be in \[0, 1\), got 1\.0"),
         (["--grad_clip", "nan"], "key 'grad_clip' must be a finite number"),  # nan passes every range check
         (["--type_loss_weight", "-inf"], "key 'type_loss_weight' must be a finite number"),
         (["--seed", "-1"], r"'seed' must be in \[0, 2\*\*31\), got -1"),
@@ -85,6 +87,7 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
         ({"lr": 0.1}, "unknown section 'lr'.*put 'lr' under 'train:'"),
         ({"train": [1, 2]}, "section 'train' must be a mapping"),
         ({"train": {"epochs": True}}, "'epochs' must be int"),
+        ({"train": {"epochs": 2.5}}, r"'epochs' must be int, got 2\.5 \(float\)"),  # YAML's float: never narrowed
     ],
 )
 def test_bad_files_name_the_key(tmp_path, content, message):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vqa.data import VQADataset, check_images, collate, load_image, read_csv
+from vqa.data import VQADataset, check_images, chunks, collate, load_image, read_csv
 from vqa.errors import VQAError
 from vqa.evaluate import _worker_start_method
 from vqa.text import AnswerVocab, Tokenizer
@@ -156,6 +156,7 @@ def test_a_folder_given_as_the_csv_is_named_as_such(folder):
         ("RGBA", (10, 20, 30, 0), (10, 20, 30)),
         ("I;16", 65535, (255, 255, 255)),
         ("I;16", 0, (0, 0, 0)),
+        ("I;16", 32768, (128, 128, 128)),  # scaled by 255 / 65535, not clipped or shifted
         ("1", 1, (255, 255, 255)),
     ],
 )
@@ -278,3 +279,10 @@ def test_any_file_gives_rows_or_our_error(folder, content):
     except VQAError:
         return
     assert data.rows and all(r.question and r.answer for r in data.rows)
+
+
+@pytest.mark.parametrize("n, size", [(5, 2), (4, 2), (1, 3), (0, 2)])
+def test_chunks_cover_every_index_once_in_order(n, size):
+    parts = chunks(list(range(n)), size)
+    assert [i for part in parts for i in part] == list(range(n))
+    assert all(len(part) == size for part in parts[:-1]) and all(0 < len(part) <= size for part in parts)

@@ -106,7 +106,14 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
     A key or shape that does not fit is an error naming the first such layer and both shapes.
     """
     path = Path(path)
-    state = checkpoint_filter_fn(_read_state_dict(path), model)
+    raw = _read_state_dict(path)
+    kernel, want = raw.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
+    if kernel is not None and kernel.shape != want.shape:  # timm's filter would resample the kernel silently
+        raise ValueError(
+            f"checkpoint '{path}': layer 'patch_embed.proj.weight' has shape {tuple(kernel.shape)}, the model "
+            f"expects {tuple(want.shape)}; the checkpoint is for another patch size or width"
+        )
+    state = checkpoint_filter_fn(raw, model)
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}
     for key, value in expected.items():
@@ -130,14 +137,28 @@ def add_lora(backbone: VisionTransformer, *, r: int = 8, alpha: float = 16.0, dr
     checkpointing, a segment whose inputs need no grad would otherwise give its LoRA weights no gradient.
     """
     names = lora.inject_lora(backbone, targets=("qkv",), r=r, alpha=alpha, dropout=dropout, splits=3)
-
-    def _grad_into_blocks(module: nn.Module, args, output: Tensor) -> Tensor:
-        if backbone.grad_checkpointing and torch.is_grad_enabled() and not output.requires_grad:
-            return output.requires_grad_()
-        return output
-
-    backbone.patch_embed.register_forward_hook(_grad_into_blocks)
+    _force_grad_into_blocks(backbone)
     return names
+
+
+def _force_grad_into_blocks(backbone: VisionTransformer) -> None:
+    """Makes the blocks' input require grad while gradient checkpointing is on and some block weight trains:
+    with reentrant checkpointing, a segment whose inputs need no grad gives its weights (LoRA adapters,
+    unfrozen blocks) no gradient at all. Registered once per backbone."""
+    embed = backbone.patch_embed
+    if "_grad_owner" in vars(embed):
+        return
+    # A plain attribute, not a submodule, and no closure: a deepcopy's hook then reads the copy's backbone.
+    object.__setattr__(embed, "_grad_owner", backbone)
+    embed.register_forward_hook(_grad_into_blocks)
+
+
+def _grad_into_blocks(embed: nn.Module, args, output: Tensor) -> Tensor:
+    backbone = embed._grad_owner
+    if (backbone.grad_checkpointing and torch.is_grad_enabled() and not output.requires_grad
+            and any(p.requires_grad for p in backbone.blocks.parameters())):
+        return output.requires_grad_()
+    return output
 
 
 def freeze_backbone(backbone: VisionTransformer, unfreeze_last: int = 0) -> None:
@@ -150,3 +171,4 @@ def freeze_backbone(backbone: VisionTransformer, unfreeze_last: int = 0) -> None
     if unfreeze_last:
         extra.append(backbone.norm)
     lora.mark_only_lora_as_trainable(backbone, extra=extra)
+    _force_grad_into_blocks(backbone)  # unfrozen blocks need it under reentrant checkpointing, as LoRA does

@@ -144,8 +144,10 @@ class DeterministicVQA(nn.Module):
         x = self.word_embed(input_ids) + self.word_pos[:, :L]  # (B_q, L, d)
         if isinstance(self.question_encoder, nn.TransformerEncoder):
             x = self.question_encoder(x, src_key_padding_mask=~keep)
-        keep = keep.unsqueeze(-1).to(x.dtype)
-        return self.question_norm((x * keep).sum(1) / keep.sum(1).clamp(min=1))  # masked mean: (B_q, d)
+        keep = keep.unsqueeze(-1)
+        # masked_fill, not a product: torch's fast eval path gives a question with no token left nan rows
+        x = x.masked_fill(~keep, 0.0)
+        return self.question_norm(x.sum(1) / keep.sum(1).clamp(min=1).to(x.dtype))  # masked mean: (B_q, d)
 
     def forward(
         self,
