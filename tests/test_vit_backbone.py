@@ -131,13 +131,8 @@ def test_a_damaged_safetensors_checkpoint_is_a_clear_error(tmp_path):
         tiny_backbone(checkpoint_path=path)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_lora_gets_gradients_under_gradient_checkpointing(reentrant):
-    model = tiny_backbone()
-    vit.add_lora(model, r=4)
-    vit.freeze_backbone(model)
-    for _, layer in lora.lora_layers(model):
-        torch.nn.init.normal_(layer.lora_B, std=0.2)
+def backward_under_checkpointing(model, reentrant: bool) -> None:
+    """One training backward with timm's gradient checkpointing on, reentrant or not."""
     model.set_grad_checkpointing(True)
     model.train()
     set_reentrant_ckpt(reentrant)
@@ -145,6 +140,16 @@ def test_lora_gets_gradients_under_gradient_checkpointing(reentrant):
         model(torch.randn(2, 3, 28, 28)).pow(2).sum().backward()
     finally:
         set_reentrant_ckpt(False)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_lora_gets_gradients_under_gradient_checkpointing(reentrant):
+    model = tiny_backbone()
+    vit.add_lora(model, r=4)
+    vit.freeze_backbone(model)
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    backward_under_checkpointing(model, reentrant)
     for name, layer in lora.lora_layers(model):
         assert layer.lora_A.grad is not None and torch.count_nonzero(layer.lora_A.grad) > 0, name
         assert layer.lora_B.grad is not None and torch.count_nonzero(layer.lora_B.grad) > 0, name
@@ -156,13 +161,7 @@ def test_unfrozen_blocks_without_lora_get_gradients_under_reentrant_checkpointin
     vit.freeze_backbone(model, unfreeze_last=1)  # the partial fine-tuning baseline: no adapter at all
     if copied:  # a copy's hook must read the copy's settings, not the original's
         model = copy.deepcopy(model)
-    model.set_grad_checkpointing(True)
-    model.train()
-    set_reentrant_ckpt(True)
-    try:
-        model(torch.randn(2, 3, 28, 28)).pow(2).sum().backward()
-    finally:
-        set_reentrant_ckpt(False)
+    backward_under_checkpointing(model, reentrant=True)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert len(trained) > 2 and any(n.startswith("blocks.1.") for n, _ in trained)
     for name, p in trained:
