@@ -32,7 +32,8 @@ from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.run_files import (build_model, copy_weights, load_checkpoint, load_vocabularies, missing_backbone,
-                           random_backbone, remove_run, save_checkpoint, trained_files, write_text)
+                           never_checkpointed, check_base_file, file_sha256, random_backbone, remove_run, save_checkpoint, trained_files,
+                           write_text)
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
 
 
@@ -104,6 +105,14 @@ RESUME_MAY_CHANGE = {
 }
 
 
+class _Stopped(Exception):
+    """A stop every process agreed on during validation, carrying the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
     """Refuses a resume whose overrides change a setting the run cannot take up halfway."""
     for section, values in saved.to_dict().items():
@@ -113,6 +122,11 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
                 raise VQAError(f"--resume cannot change '{key}' ({value!r} in {source}, {given!r} here): the run's "
                                f"checkpoint or batch order holds it; to change it, start a new run in another "
                                f"--output_dir")
+    if (saved.model.checkpoint_path is None) != (cfg.model.checkpoint_path is None):
+        started = "from that file" if saved.model.checkpoint_path else "without one"
+        raise VQAError(f"--resume may move the run's checkpoint_path, not add or drop it ({saved.model.checkpoint_path!r} "
+                       f"in {source}, {cfg.model.checkpoint_path!r} here): the run's base weights came {started}; "
+                       f"to train from other weights, start a new run in another --output_dir")
 
 
 def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
@@ -180,6 +194,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     saved = load_config(run / "config.yaml", []) if resume else None  # the run's settings before this resume
     if resume:
         check_resumable(cfg, saved, run / "config.yaml")
+        if not (run / "checkpoint.pt").is_file():
+            raise VQAError(never_checkpointed(run))
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -204,6 +220,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if resume and from_random and not backbone_file.is_file():
         raise VQAError(missing_backbone(backbone_file))
     model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and from_random else None)
+    # The base weights' fingerprint: resume and prediction refuse a checkpoint_path since replaced or written over.
+    base_sha256 = file_sha256(cfg.model.checkpoint_path) if cfg.model.checkpoint_path else None
     try:
         model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
     except ValueError as e:
@@ -223,7 +241,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     transform = build_transform(model.backbone, cfg.model.img_size)
     train_set = VQADataset(train_data.rows, transform, tokenizer, answers)
     val_set = VQADataset(val_data.rows, transform, tokenizer, answers)
-    val_batches = chunks(list(range(len(val_set))), t.batch_size)[procs.rank::procs.world_size]  # counts summed below
+    all_val_batches = chunks(list(range(len(val_set))), t.batch_size)
+    val_batches = all_val_batches[procs.rank::procs.world_size]  # counts summed below
+    val_rounds = math.ceil(len(all_val_batches) / procs.world_size)  # the most batches any process validates
     pin = device.type == "cuda"  # page-locked batches: host-to-GPU copies overlap with the GPU's work
     val_loader = make_loader(val_set, val_batches, t.num_workers, pin)
     class_weights = None
@@ -255,8 +275,14 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if resume:
         state = load_checkpoint(run / "checkpoint.pt")
         copy_weights(model, state["model"], run / "checkpoint.pt")
+        if base_sha256 is not None:
+            check_base_file(cfg.model.checkpoint_path, state.get("base_sha256"), run / "checkpoint.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The optimizer kept the old schedule's last rate (0 once a run has finished); with --epochs the
+        # schedule is another, so the next step takes the rate this one gives it.
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         rngs = state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]  # "rng": older runs
         if len(rngs) != procs.world_size:
             raise VQAError(f"{run / 'checkpoint.pt'} was written by {len(rngs)} training process(es), this is one "
@@ -280,7 +306,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             save_checkpoint({
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng_per_process": rngs,
-                "epoch": epoch, "batch": batch, "step": step, "best": best,
+                "epoch": epoch, "batch": batch, "step": step, "best": best, "base_sha256": base_sha256,
             }, run / "checkpoint.pt")
         distributed.barrier(procs)  # no process leaves (a stop) before the file is complete
 
@@ -316,6 +342,20 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             log(f"\n{signal.Signals(signum).name}: checkpoint saved at step {step}; "
                 f"continue with: {launcher} --resume {run}")
             sys.exit(128 + signum)
+
+    def stoppable(loader):
+        """The validation batches, with a training step's stop check after each: a long validation must not
+        outlast the grace a launcher gives after its SIGTERM (torchrun's --shutdown_timeout, 30 s by default)
+        before it sends SIGKILL. Every process checks ``val_rounds`` times, so the collectives pair up."""
+        checked = 0
+        for batch in loader:
+            yield batch
+            checked += 1
+            if signum := agreed_signal():
+                raise _Stopped(signum)
+        for _ in range(val_rounds - checked):  # a process with fewer batches still answers the others' checks
+            if signum := agreed_signal():
+                raise _Stopped(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = {}
@@ -366,7 +406,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             # Each process evaluates its share of the validation batches, with the main process's BatchNorm
             # statistics (the ones saved); the counts are summed over all.
             distributed.sync_buffers(model, procs)
-            metrics = evaluate(model, val_loader, device, lambda n: distributed.sum_over_ranks(n, procs, device))
+            try:
+                metrics = evaluate(model, stoppable(val_loader), device,
+                                   lambda n: distributed.sum_over_ranks(n, procs, device))
+            except _Stopped as stop:  # the epoch's training is saved; resume validates it again
+                stop_on(stop.signum, epoch, len(batches))
             metrics.update(epoch=epoch + 1, step=step, train_seconds=round(seconds, 2))
             is_best = metrics["accuracy"] > best
             best = max(best, metrics["accuracy"])
@@ -377,7 +421,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 lines = [line for line in lines if json.loads(line)["epoch"] <= epoch]
                 write_text(history, "".join(line + "\n" for line in lines + [json.dumps(metrics)]))
                 print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
-                meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}"}
+                meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}",
+                        **({"base_sha256": base_sha256} if base_sha256 else {})}
                 weights = model.trainable_state_dict()
                 for tag in ("last", "best") if is_best else ("last",):
                     lora.save_safetensors(weights, run / f"model_{tag}.safetensors", meta)

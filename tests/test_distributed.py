@@ -219,6 +219,45 @@ def test_a_loss_that_is_not_finite_in_one_process_stops_every_process(tmp_path):
     assert (state["epoch"], state["step"]) == (1, 2)  # the end of epoch 1, untouched
 
 
+def validation_signal_worker(argv: list[str]) -> int:
+    """train.py's command line in a process that, on rank 0 only, gets SIGTERM at its second validation batch."""
+    import train
+    import vqa.evaluate
+
+    if os.environ["RANK"] == "0":
+        class Signalling(vqa.evaluate.TypeAccuracy):
+            updates = 0
+
+            def update(self, *args):
+                Signalling.updates += 1
+                if Signalling.updates == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py's handler, in this process
+                super().update(*args)
+
+        vqa.evaluate.TypeAccuracy = Signalling
+    return train.cli(argv)
+
+
+def test_a_signal_during_validation_stops_every_process_though_their_batch_counts_differ(tmp_path):
+    """3 validation batches over 2 processes: rank 0 validates 2, rank 1 one. SIGTERM on rank 0 during its
+    second batch, when rank 1 has no batch left but still answers the stop check: both stop, the epoch's
+    training saved, and the resumed run validates the epoch again, every question once."""
+    config = tiny_config(tmp_path, batch_size=1, epochs=1, device="cpu", use_type_loss=False)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["synthetic_val_images"] = 3
+    config.write_text(yaml.safe_dump(cfg))
+    result = torchrun(__file__, "signal-in-validation-on-rank-0", "--config", str(config), timeout=120)
+    run = tmp_path / "run"
+    assert "SIGTERM: checkpoint saved at step 4" in result.stdout, result.stderr[-3000:]
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 4, 4) and not (run / "metrics.jsonl").exists()
+    resumed = torchrun("train.py", "--resume", str(run), timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (logged,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    questions = len((tmp_path / "data" / "val.csv").read_text().strip().splitlines()) - 1  # less the header
+    assert (logged["epoch"], logged["count"]) == (1, questions)
+
+
 STOP_OPTIONS = dict(checkpoint_every=1, epochs=3, batch_size=1, device="cpu", num_workers=2)  # dropout 0.1
 
 
@@ -294,4 +333,6 @@ def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(t
 if __name__ == "__main__":
     if sys.argv[1] == "nan-on-rank-1":
         sys.exit(nan_worker(sys.argv[2:]))
+    if sys.argv[1] == "signal-in-validation-on-rank-0":
+        sys.exit(validation_signal_worker(sys.argv[2:]))
     ddp_worker(sys.argv[1], Path(sys.argv[2]))

@@ -1,6 +1,7 @@
 """End-to-end runs of the real command-line tools on a tiny config, plus the training loop's guarantees."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,40 @@ def test_export_writes_the_encoder_that_timm_alone_loads(trained, tmp_path, caps
     assert (tmp / "run" / "backbone.safetensors").read_bytes() == backbone
 
 
+def test_the_checkpoint_a_run_started_from_may_move_but_not_change(trained, tmp_path, capsys):
+    """The README's chain: export a run, start a new run from the file, export that one. Written over its own
+    starting checkpoint, the new run's base weights would hold its adapters, added again on every load: export
+    refuses, and resume and prediction refuse a starting file whose bytes changed, where a moved copy serves."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.export import main as export
+    from vqa.run_files import load_run
+
+    tmp, _ = trained
+    encoder = tmp_path / "encoder.safetensors"
+    assert export(["--run", str(tmp / "run"), "--out", str(encoder)]) == 0
+    second = tmp_path / "second"
+    assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(second), "--epochs", "1",
+                      "--checkpoint_path", str(encoder)]) == 0
+    before = encoder.read_bytes()
+    capsys.readouterr()
+    assert export(["--run", str(second), "--out", str(encoder)]) == 2
+    assert "is the checkpoint this run started from (checkpoint_path)" in capsys.readouterr().err
+    assert encoder.read_bytes() == before
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(before)
+    other = tmp_path / "other.safetensors"  # the same model's weights, other values: it loads
+    assert export(["--run", str(second), "--out", str(other)]) == 0
+    encoder.write_bytes(other.read_bytes())
+    changed = f"checkpoint_path '{encoder}' is not the file this run started from"
+    with pytest.raises(train.VQAError, match=re.escape(changed)):
+        load_run(second)
+    capsys.readouterr()
+    assert train.cli(["--resume", str(second), "--epochs", "2"]) == 2 and changed in capsys.readouterr().err
+    assert train.cli(["--resume", str(second), "--checkpoint_path", str(moved), "--epochs", "2"]) == 0
+    load_run(second)  # config.yaml now names the moved copy
+
+
 @pytest.mark.parametrize("layout", ["current", "before torchrun support"])
 def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_path):
     tmp, _ = trained
@@ -183,6 +218,58 @@ def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_pa
     assert "resuming" in result.stdout and "epoch 3:" in result.stdout and "epoch 1:" not in result.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3  # the run's setting now
+
+
+def test_more_epochs_on_a_finished_run_step_at_the_rates_of_the_longer_schedule(trained, tmp_path, monkeypatch):
+    """The optimizer saved the old schedule's last rate, 0 at the end of a run; the first resumed step must not
+    take it but the rate the recomputed schedule gives that step."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.config import load_config
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    done = torch.load(run / "checkpoint.pt", weights_only=True)["step"]  # 2 epochs
+    rates, make_optimizer = [], train.make_optimizer
+
+    def recording(model, cfg):
+        optimizer = make_optimizer(model, cfg)
+        # Each group's rate at each step, and the base rate the scheduler scales (set by LambdaLR).
+        optimizer.register_step_pre_hook(
+            lambda opt, *_: rates.append([(g["lr"], g["initial_lr"]) for g in opt.param_groups]))
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", recording)
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 0
+    factor = train.warmup_cosine(done // 2 * 3, load_config(run / "config.yaml").train.warmup_ratio)
+    assert len(rates) == done // 2 and factor(done) > 0
+    for i, groups in enumerate(rates):
+        assert [lr for lr, _ in groups] == pytest.approx([base * factor(done + i) for _, base in groups], rel=1e-12)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_errors_say(trained, tmp_path, capsys):
+    """Killed during its first epoch, a run folder holds settings and vocabularies but nothing trained: resume,
+    predict, evaluate and export say so, and the command they give starts it again."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    import vqa.evaluate
+    import vqa.export
+    import vqa.predict
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    for name in ARTEFACTS:
+        if name not in ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors"):
+            (run / name).unlink()
+    advice = f"start it again with python train.py --config {run / 'config.yaml'} --output_dir {run}"
+    assert train.cli(["--resume", str(run)]) == 2 and advice in capsys.readouterr().err
+    image = next((trained[0] / "data" / "images").iterdir())
+    for tool, args in [(vqa.predict, ["--image", str(image), "--question", "Is it red?"]),
+                       (vqa.evaluate, ["--csv", str(trained[0] / "data" / "val.csv")]),
+                       (vqa.export, ["--out", str(tmp_path / "encoder.safetensors")])]:
+        assert tool.main(["--run", str(run), *args]) == 2 and advice in capsys.readouterr().err, tool
+    command = advice.split("python train.py ")[1].split()
+    assert train.cli([*command, "--epochs", "1"]) == 0 and (run / "checkpoint.pt").is_file()
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, capsys):
@@ -206,6 +293,9 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, c
     (["--resume", "RUN", "--output_dir", "TMP"], "--output_dir cannot be given with it"),  # was silently ignored
     (["--resume", "RUN", "--train.output-dir=elsewhere"], "--output_dir cannot be given with it"),
     (["--config", "CONFIG", "--output_dir", "CONFIG"], "is a file, not a folder"),
+    # A randomly initialised run keeps its base weights in backbone.safetensors: another file would replace them.
+    (["--resume", "RUN", "--checkpoint_path", "RUN/backbone.safetensors", "--epochs", "3"],
+     "--resume may move the run's checkpoint_path, not add or drop it (None in "),
 ])
 def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, capsys, args, message):
     sys.path.insert(0, str(ROOT))
@@ -216,7 +306,7 @@ def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, caps
     before = run_bytes(run)
     paths = {"RUN": str(run), "CONFIG": str(trained[0] / "tiny.yaml"), "TMP": str(tmp_path)}
     try:
-        code = train.cli([paths.get(a, a) for a in args])
+        code = train.cli([paths.get(a, a).replace("RUN/", f"{run}/") for a in args])
     except SystemExit as e:  # argparse's own usage errors
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
@@ -539,6 +629,19 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
     assert (state["epoch"], state["step"]) == (1, 2)  # the end of epoch 1, untouched
 
 
+def run_until_stopped(train, cfg) -> dict:
+    """Runs ``train.main(cfg)``, which a SIGTERM sent during it must stop with exit code 143; returns the
+    checkpoint it saved."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train.main(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # a stop leaves SIGTERM ignored, for the exit
+    assert exit_.value.code == 128 + signal.SIGTERM
+    return torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
+
+
 @pytest.mark.parametrize("at_call, during", [(3, "forward"), (4, "backward")])
 def test_a_signal_stops_training_after_the_step_it_came_in(tmp_path, monkeypatch, at_call, during):
     """SIGTERM during step 3's forward pass stops the run after step 3; during the backward pass of the
@@ -561,16 +664,40 @@ def test_a_signal_stops_training_after_the_step_it_came_in(tmp_path, monkeypatch
         return loss
 
     monkeypatch.setattr(train.F, "cross_entropy", signalling)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            train.main(cfg)
-    finally:
-        signal.signal(signal.SIGTERM, previous)  # a stop leaves SIGTERM ignored, for the exit
-    state = torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
-    assert exit_.value.code == 128 + signal.SIGTERM
+    state = run_until_stopped(train, cfg)
     assert (state["epoch"], state["batch"], state["step"]) == (0, at_call, at_call)
     assert not (Path(cfg.train.output_dir) / "metrics.jsonl").exists()  # no validation ran
+
+
+def test_a_signal_during_validation_stops_after_the_batch_in_progress(tmp_path, monkeypatch):
+    """A launcher sends SIGKILL some seconds after its SIGTERM (torchrun: 30 s), less than a large validation
+    takes: the run stops after the validation batch in progress, with the epoch's training saved, and the
+    resumed run validates that epoch again."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    import vqa.evaluate
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=2, batch_size=2, use_type_loss=False))  # 4 steps, 2 val batches
+    updates = []
+
+    class Signalling(vqa.evaluate.TypeAccuracy):
+        def update(self, *args):
+            updates.append(1)
+            if len(updates) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py's handler, in this process
+            super().update(*args)
+
+    monkeypatch.setattr(vqa.evaluate, "TypeAccuracy", Signalling)
+    state = run_until_stopped(train, cfg)
+    run = Path(cfg.train.output_dir)
+    assert len(updates) == 1  # the second batch never ran
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 4, 4)
+    assert not (run / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    train.main(load_config(run / "config.yaml"), resume=True)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in logged] == [1, 2] and all(m["count"] == logged[0]["count"] > 0 for m in logged)
 
 
 def test_loss_goes_down_on_a_batch_it_overfits():

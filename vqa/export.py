@@ -31,6 +31,11 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best") -> str:
         raise VQAError(f"--out '{out}' is a file of the run itself; write the export beside it, e.g. "
                        f"--out {run_dir / 'encoder.safetensors'}")
     model, _, _, cfg = load_run(run_dir, "cpu", which)
+    base = cfg.model.checkpoint_path
+    if base and Path(base).resolve() == out.resolve():
+        raise VQAError(f"--out '{out}' is the checkpoint this run started from (checkpoint_path): written over, the "
+                       f"run's base weights would hold its adapters, which it would then add a second time; "
+                       f"write the export to another file")
     weights = weights_file(run_dir, which)  # the file load_run took, for the record
     with safe_open(str(weights), framework="pt") as f:
         trained = f.metadata() or {}

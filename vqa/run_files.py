@@ -17,6 +17,7 @@ loader), and ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -46,6 +47,9 @@ __all__ = [
     "weights_file",
     "random_backbone",
     "missing_backbone",
+    "never_checkpointed",
+    "file_sha256",
+    "check_base_file",
 ]
 
 # What a run has trained, resume state first: a new run will not start over these unless told to.
@@ -88,6 +92,32 @@ def missing_backbone(path: Path) -> str:
     return (f"'{path}' is missing: the run's backbone was randomly initialised (no pretrained weights, no "
             f"checkpoint_path) and this file holds those weights; without it the model would be another random "
             f"network. Put the file back, or train a new run")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces: a fingerprint of the base weights a run started from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def check_base_file(path: str | Path, expected: str | None, recorded_in: Path) -> None:
+    """Refuses a ``checkpoint_path`` whose bytes are not those the run trained on (``expected``, the SHA-256
+    recorded in ``recorded_in``; ``None``: a run from before the record, not checked). A moved copy passes."""
+    if expected is not None and file_sha256(path) != expected:
+        raise VQAError(f"checkpoint_path '{path}' is not the file this run started from: its SHA-256 differs from "
+                       f"the one recorded in {recorded_in}, so it was replaced or written over, and the run's "
+                       f"adapters would sit on other base weights; point checkpoint_path at a copy of the original "
+                       f"file (resume with --checkpoint_path PATH), or train a new run")
+
+
+def never_checkpointed(run: Path) -> str:
+    """The error for a run folder that has settings and vocabularies but no checkpoint: stopped before its first."""
+    return (f"run folder '{run}' holds no trained state: the run stopped before its first checkpoint (written at the end "
+            f"of each epoch, or every checkpoint_every steps), so there is nothing to resume; start it again with "
+            f"python train.py --config {run / 'config.yaml'} --output_dir {run}")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -156,8 +186,10 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
     for name in (f"model_{which}.safetensors", "model_last.safetensors"):
         if (run_dir / name).is_file():
             return run_dir / name
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise VQAError(never_checkpointed(run_dir))
     raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
-                   f"the end of each epoch; continue the run with train.py --resume {run_dir}")
+                   f"the end of each epoch; continue the run with python train.py --resume {run_dir}")
 
 
 def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
@@ -178,8 +210,12 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
     cfg = load_config(run / "config.yaml")
     tokenizer, answers = load_vocabularies(run)
     backbone = run / "backbone.safetensors"
-    if random_backbone(cfg) and not backbone.is_file():
+    from_random = random_backbone(cfg)
+    if from_random and not backbone.is_file():
         raise VQAError(missing_backbone(backbone))
-    model = build_model(cfg, len(tokenizer), len(answers), str(backbone) if backbone.is_file() else None)
-    load_weights(model, weights_file(run, which))
+    model = build_model(cfg, len(tokenizer), len(answers), str(backbone) if from_random else None)
+    weights = weights_file(run, which)
+    metadata = load_weights(model, weights)
+    if cfg.model.checkpoint_path:
+        check_base_file(cfg.model.checkpoint_path, metadata.get("base_sha256"), weights)
     return model.to(device).eval(), tokenizer, answers, cfg
