@@ -35,6 +35,24 @@ def test_overrides_apply_on_top_with_types(tmp_path):
     assert cfg.model.checkpoint_path is None
 
 
+def test_hyphenated_keys_are_accepted():
+    cfg = load_config(None, ["--vision-lora-r", "4", "--model.img-size", "98"])
+    assert cfg.model.vision_lora_r == 4 and cfg.model.img_size == 98
+
+
+def test_an_override_keeps_the_files_other_keys_in_that_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"img_size": 98, "hidden_dim": 64}, "train": {"epochs": 3}}))
+    cfg = load_config(path, ["--img_size", "56", "--lr", "0.01"])
+    assert (cfg.model.img_size, cfg.model.hidden_dim, cfg.train.epochs, cfg.train.lr) == (56, 64, 3, 0.01)
+
+
+def test_an_empty_value_clears_an_optional_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"answer_weights": "w.json"}}))
+    assert load_config(path, ["--answer_weights="]).data.answer_weights is None
+
+
 def test_flag_followed_by_a_flag_means_true():
     assert parse_overrides(["--pretrained", "--skip_bad_rows"]) == {
         "model": {"pretrained": "true"}, "data": {"skip_bad_rows": "true"}
@@ -62,6 +80,14 @@ def test_flag_followed_by_a_flag_means_true():
         (["--type_loss_weight", "-inf"], "key 'type_loss_weight' must be a finite number"),
         (["--seed", "-1"], r"'seed' must be in \[0, 2\*\*31\), got -1"),
         (["--seed", "5000000000"], r"'seed' must be in \[0, 2\*\*31\)"),
+        (["--seed", "3000000000"], r"'seed' must be in \[0, 2\*\*31\)"),  # fits 2**32, not each process's offset
+        (["--dropout", "1.0"], r"'dropout' must be in \[0, 1\)"),
+        (["--dropout", "-0.1"], r"'dropout' must be in \[0, 1\)"),
+        (["--unfreeze_encoder_layers", "-1"], "'unfreeze_encoder_layers' must be >= 0"),
+        (["--lr", "0"], "'lr' must be > 0"),
+        (["--lr_encoder", "0"], "'lr_encoder' must be > 0"),
+        (["--checkpoint_every", "-1"], "'checkpoint_every' must be >= 0"),
+        (["--num_workers", "-1"], "'num_workers' must be >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key(args, message):

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vqa.data import VQADataset, check_images, chunks, collate, load_image, read_csv
+from vqa.data import VQADataset, build_transform, check_images, chunks, collate, load_image, read_csv, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import _worker_start_method
-from vqa.text import AnswerVocab, Tokenizer
+from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "image,question,answer\n"
@@ -286,3 +287,84 @@ def test_chunks_cover_every_index_once_in_order(n, size):
     parts = chunks(list(range(n)), size)
     assert [i for part in parts for i in part] == list(range(n))
     assert all(len(part) == size for part in parts[:-1]) and all(0 < len(part) <= size for part in parts)
+
+
+def test_a_utf8_bom_from_excel_is_not_part_of_the_first_column(folder):
+    path = write(folder, "\ufeff" + HEADER + "img/a.png,What?,red\n")
+    assert read_csv(path).rows[0].answer == "red"
+
+
+def test_spaces_around_header_names_are_ignored(folder):
+    path = write(folder, "image , question, answer\nimg/a.png,What?,red\n")
+    assert read_csv(path).rows[0].question == "What?"
+
+
+def test_answer_column_is_optional_when_not_required(folder):
+    rows = read_csv(write(folder, "image,question\nimg/a.png,What?\n"), require_answer=False).rows
+    assert [(r.question, r.answer) for r in rows] == [("What?", "")]
+
+
+def test_rows_that_differ_only_in_question_type_are_not_duplicates(folder):
+    path = write(folder, "image,question,answer,question_type\nimg/a.png,What?,red,color\nimg/a.png,What?,red,other\n")
+    assert [r.question_type for r in read_csv(path).rows] == ["color", "other"]
+
+
+def test_all_rows_bad_names_the_first_bad_row(folder):
+    with pytest.raises(VQAError, match=r"all 2 rows were bad, the first: \S*data.csv row 1 "):
+        read_csv(write(folder, HEADER + "img/a.png,,red\nimg/b.png,,blue\n"), skip_bad_rows=True)
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("F", [0.5, 0.5], [128, 128]),  # floats in [0, 1] scale by 255
+    ("I", [500, 1000], [128, 255]),  # 32-bit ints scale by their maximum
+])
+def test_32bit_and_float_images_are_scaled_not_clipped(tmp_path, mode, values, expected):
+    path = tmp_path / "x.tiff"
+    Image.fromarray(np.array([values], dtype=np.float32 if mode == "F" else np.int32), mode=mode).save(path)
+    im = load_image(path)
+    assert im.mode == "RGB" and [im.getpixel((x, 0)) for x in range(2)] == [(v, v, v) for v in expected]
+
+
+def test_skipping_when_every_image_is_bad_is_still_an_error(folder):
+    (folder / "img" / "junk.png").write_bytes(b"not an image")
+    data = read_csv(write(folder, HEADER + "img/junk.png,What?,red\n"))
+    with pytest.raises(VQAError, match="no usable rows: every image failed to decode"):
+        check_images(data, skip_bad_rows=True)
+
+
+def test_bad_images_add_to_the_rows_skipped_earlier(folder):
+    (folder / "img" / "junk.png").write_bytes(b"not an image")
+    data = read_csv(write(folder, HEADER + "img/a.png,,red\nimg/a.png,What?,red\nimg/junk.png,Which?,blue\n"),
+                    skip_bad_rows=True)
+    kept = check_images(data, skip_bad_rows=True)
+    assert len(kept.rows) == 1 and len(kept.skipped) == 2
+    assert "row 1" in kept.skipped[0] and "row 3" in kept.skipped[1]
+
+
+def test_read_split_skips_bad_images_when_asked(folder):
+    (folder / "img" / "junk.png").write_bytes(b"not an image")
+    path = write(folder, HEADER + "img/a.png,What?,red\nimg/junk.png,Which?,blue\n")
+    with pytest.raises(VQAError, match="1 bad image"):
+        read_split(path)
+    data = read_split(path, skip_bad_rows=True)
+    assert len(data.rows) == 1 and len(data.skipped) == 1
+
+
+def test_transform_keeps_the_whole_image_no_centre_crop(tmp_path):
+    backbone = timm.create_model("vit_small_patch14_dinov2", img_size=28, embed_dim=32, depth=1, num_heads=2,
+                                 num_classes=0)
+    pixels = np.zeros((28, 28, 3), dtype=np.uint8)
+    pixels[:, :, 2] = 255
+    pixels[:, 0] = (255, 0, 0)  # the image's left column: a crop would cut it away
+    out = build_transform(backbone, 28)(Image.fromarray(pixels))
+    assert out.shape == (3, 28, 28)
+    assert out[0, 14, 0] > out[0, 14, 1] + 1  # the red column is still at the left edge
+
+
+def test_collate_keeps_each_questions_type(folder):
+    path = write(folder, HEADER + "img/a.png,What color?,red\nimg/a.png,How many?,two\nimg/b.png,Is it big?,yes\n")
+    rows = read_csv(path).rows
+    data = VQADataset(rows, lambda im: torch.zeros(3, 2, 2), Tokenizer.build(r.question for r in rows),
+                      AnswerVocab.build(r.answer for r in rows))
+    batch = collate([data[0], data[1]])
+    assert batch["question_type"].tolist() == [QUESTION_TYPES.index(t) for t in ("color", "count", "yes/no")]

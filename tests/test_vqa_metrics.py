@@ -40,6 +40,27 @@ def test_answer_weights_formula_and_clipping():
     assert list(w) == ["yes", "no", "purple"]
 
 
+def test_answer_weights_are_clipped_from_below():
+    w = compute_answer_weights(["yes"] * 999 + ["no"], min_weight=0.9, max_weight=10.0)
+    assert w["yes"] == 0.9 and w["no"] == 10.0
+
+
+def test_hand_written_weight_keys_are_normalised_as_answers_are(tmp_path):
+    path = tmp_path / "w.json"
+    path.write_text('{"Two.": 2.0, "The Yes": 0.5}')
+    assert load_answer_weights(path) == {"2": 2.0, "yes": 0.5}
+
+
+def test_no_questions_is_zero_accuracy_not_perfect():
+    assert TypeAccuracy().compute() == {"accuracy": 0.0, "count": 0, "per_type": {}}
+
+
+def test_table_prints_overall_accuracy_as_a_percentage():
+    meter = TypeAccuracy()
+    meter.update(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([0, 0, 1]))
+    assert format_accuracy_table(meter.compute()).splitlines()[-1] == f"{'overall':<15}{'66.67':>9}%{3:>11}"
+
+
 def test_answer_weights_cli_round_trip(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     csv = tmp_path / "train.csv"
@@ -51,7 +72,12 @@ def test_answer_weights_cli_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [("[1, 2]", "must hold an object"), ('{"yes": -1}', "must be a number > 0"),
-                                              ('{"yes": "big"}', "must be a number > 0"), ("{", "not valid JSON")])
+                                              ('{"yes": "big"}', "must be a number > 0"), ("{", "not valid JSON"),
+                                              # 0 would drop the answer from the loss, nan or inf make it nan
+                                              ('{"yes": 0}', "weight of 'yes' must be a number > 0"),
+                                              ('{"yes": true}', "weight of 'yes' must be a number > 0"),
+                                              ('{"yes": NaN}', "weight of 'yes' must be a number > 0"),
+                                              ('{"yes": Infinity}', "weight of 'yes' must be a number > 0")])
 def test_bad_answer_weights_files(tmp_path, content, message):
     path = tmp_path / "w.json"
     path.write_text(content)

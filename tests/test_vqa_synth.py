@@ -296,3 +296,33 @@ def test_a_generation_cut_short_leaves_no_csv_to_train_on(tmp_path, monkeypatch,
     assert (tmp_path / "images" / "train_00002.png").is_file()
     assert not (tmp_path / "train.csv").exists() and not (tmp_path / "val.csv").exists()  # the demo generates again
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_yes_no_question_uses_an_before_a_vowel():
+    objects = [SceneObject("orange", "circle", 0, 0, (0, 0, 1, 1)), SceneObject("red", "square", 0, 1, (0, 0, 1, 1))]
+    asked = {make_questions(objects, random.Random(i))[4][0] for i in range(40)}
+    assert "Is there an orange circle?" in asked and not any(q.startswith("Is there a orange") for q in asked)
+
+
+def test_an_image_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    generate(tmp_path, train_images=1, val_images=0, image_size=32)
+    image = tmp_path / "images" / "train_00000.png"
+    before = image.read_bytes()
+
+    def broken_save(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")  # a full disk or a Ctrl-C part way through the file
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        generate(tmp_path, train_images=1, val_images=0, image_size=32, seed=1)
+    assert image.read_bytes() == before
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_main_reports_an_unwritable_out_with_exit_1(tmp_path, capsys):
+    out = tmp_path / "a_file"
+    out.write_text("")
+    assert main(["--out", str(out), "--train_images", "1", "--val_images", "0", "--image_size", "32"]) == 1
+    assert f"error: cannot write to {out}" in capsys.readouterr().err

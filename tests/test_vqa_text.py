@@ -13,6 +13,7 @@ from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type
         ("Top-Left", "top left"),
         ("YES!", "yes"),
         ("a red circle", "red circle"),
+        ("An orange", "orange"),
         ("twenty", "20"),
         ("", ""),
     ],
@@ -39,9 +40,14 @@ def test_normalize_answer_is_idempotent_and_never_fails(text):
         ("What shape is the red object?", "shape"),
         ("Where is the blue object?", "location"),
         ("Which object is on the left?", "location"),
+        ("Which object is at the top?", "location"),
+        ("What is in the bottom row?", "location"),
         ("Is there a green triangle?", "yes/no"),
         ("Is the cat on the left?", "yes/no"),
         ("Does the man wear a hat?", "yes/no"),
+        ("Are there two circles?", "yes/no"),
+        ("Can you see a cube?", "yes/no"),
+        ("Has the cat a hat?", "yes/no"),
         ("Is there a red shape?", "yes/no"),  # asked like "Are there two shapes?": yes or no, not a shape
         ("Is the number of circles 3?", "yes/no"),
         ("Does the square have a color?", "yes/no"),
@@ -73,6 +79,19 @@ def test_answer_vocab_orders_by_frequency_and_rejects_unseen():
     assert vocab.itos == ["2", "yes", "no"]
     assert vocab.id("TWO") == 0 and vocab.id("purple") == -1
     assert AnswerVocab.from_json(vocab.to_json()).itos == vocab.itos
+
+
+def test_every_word_seen_min_count_times_gets_its_own_id():
+    tok = Tokenizer.build(["What color is the circle?", "How many squares?"])
+    ids = tok.encode("What color is the circle?")
+    assert Tokenizer.UNK not in ids and len(set(ids)) == len(ids)
+    assert Tokenizer.build(["a b b"], min_count=2).encode("a b") == [Tokenizer.CLS, Tokenizer.UNK, 3]
+
+
+def test_answer_vocab_breaks_frequency_ties_alphabetically():
+    """Class ids must not depend on the order of the CSV's rows."""
+    assert AnswerVocab.build(["yes", "no", "blue", "no", "yes", "blue"]).itos == ["blue", "no", "yes"]
+    assert AnswerVocab.build(["no", "yes"]).itos == AnswerVocab.build(["yes", "no"]).itos
 
 
 @pytest.mark.parametrize("load, text", [
