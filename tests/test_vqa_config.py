@@ -135,6 +135,13 @@ def test_a_key_given_twice_in_a_file_is_an_error_not_a_silent_replacement(tmp_pa
     assert load_config(path).model.img_size == 28
 
 
+def test_yaml_merge_keys_work_as_in_plain_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  <<: {img_size: 98, hidden_dim: 64}\n  hidden_dim: 32\n  <<: {vision_lora_r: 4}\n")
+    cfg = load_config(path)
+    assert (cfg.model.img_size, cfg.model.hidden_dim, cfg.model.vision_lora_r) == (98, 32, 4)
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(VQAError, match="does not exist"):
         load_config(tmp_path / "none.yaml")

@@ -233,8 +233,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *anchor" merges a mapping in (the base class does it), and may repeat
                 key = self.construct_object(key_node, deep=True)
-                if key in seen and key != "<<":  # "<<" merges mappings, and may repeat
+                if key in seen:
                     raise _DuplicateKey(key, key_node.start_mark.line + 1)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
