@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import signal
 import sys
 import time
@@ -31,9 +32,9 @@ from vqa.data import VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (build_model, copy_weights, load_checkpoint, load_vocabularies, missing_backbone,
-                           never_checkpointed, check_base_file, file_sha256, random_backbone, remove_run, save_checkpoint, trained_files,
-                           write_text)
+from vqa.run_files import (build_model, check_base_file, copy_weights, file_sha256, load_checkpoint,
+                           load_vocabularies, missing_backbone, never_checkpointed, random_backbone, remove_run,
+                           save_checkpoint, trained_files, write_text)
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
 
 
@@ -105,6 +106,13 @@ RESUME_MAY_CHANGE = {
 }
 
 
+def launcher(procs: distributed.Processes) -> list[str]:
+    """The command that runs train.py as this process was run: python, or torchrun with the same process count."""
+    if procs.enabled:
+        return ["torchrun", "--nproc_per_node", str(procs.world_size), "train.py"]
+    return ["python", "train.py"]
+
+
 class _Stopped(Exception):
     """A stop every process agreed on during validation, carrying the signal."""
 
@@ -122,11 +130,14 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
                 raise VQAError(f"--resume cannot change '{key}' ({value!r} in {source}, {given!r} here): the run's "
                                f"checkpoint or batch order holds it; to change it, start a new run in another "
                                f"--output_dir")
-    if (saved.model.checkpoint_path is None) != (cfg.model.checkpoint_path is None):
-        started = "from that file" if saved.model.checkpoint_path else "without one"
-        raise VQAError(f"--resume may move the run's checkpoint_path, not add or drop it ({saved.model.checkpoint_path!r} "
-                       f"in {source}, {cfg.model.checkpoint_path!r} here): the run's base weights came {started}; "
-                       f"to train from other weights, start a new run in another --output_dir")
+    before, now = saved.model.checkpoint_path, cfg.model.checkpoint_path
+    # A pretrained run may take a local copy of the hub's weights (offline, say); a random run has its own
+    # base weights in backbone.safetensors, and a run from a file must keep to that file.
+    if (before is None) != (now is None) and not (before is None and saved.model.pretrained):
+        started = "from that file" if before else "from random weights, kept in backbone.safetensors"
+        raise VQAError(f"--resume may move the run's checkpoint_path, not {'drop' if before else 'add'} it ({before!r} "
+                       f"in {source}, {now!r} here): the run's base weights came {started}; to train from other "
+                       f"weights, start a new run in another --output_dir")
 
 
 def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
@@ -195,7 +206,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if resume:
         check_resumable(cfg, saved, run / "config.yaml")
         if not (run / "checkpoint.pt").is_file():
-            raise VQAError(never_checkpointed(run))
+            raise VQAError(never_checkpointed(run, launcher(procs), overwrite=bool(trained_files(run))))
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -276,7 +287,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         state = load_checkpoint(run / "checkpoint.pt")
         copy_weights(model, state["model"], run / "checkpoint.pt")
         if base_sha256 is not None:
-            check_base_file(cfg.model.checkpoint_path, state.get("base_sha256"), run / "checkpoint.pt")
+            check_base_file(cfg.model.checkpoint_path, state.get("base_sha256"), run / "checkpoint.pt", base_sha256)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         # The optimizer kept the old schedule's last rate (0 once a run has finished); with --epochs the
@@ -290,8 +301,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                            f"{len(rngs)}, or plain python for one) so every process continues its own random stream")
         set_rng_state(rngs[procs.rank])
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
-        if t.epochs < start_epoch:
-            raise VQAError(f"{run} has trained {start_epoch} epochs already; --epochs cannot be fewer")
+        if t.epochs < start_epoch + (start_batch > 0):  # a position inside an epoch: that epoch has begun
+            begun = f" and {start_batch} batch(es) of epoch {start_epoch + 1}" if start_batch else ""
+            raise VQAError(f"{run} has trained {start_epoch} epochs{begun} already; --epochs cannot be fewer than "
+                           f"{start_epoch + (start_batch > 0)}")
         if start_epoch == t.epochs:
             log(f"{run} has finished its {t.epochs} epochs, so there is nothing to train; to train longer, add "
                 f"--epochs N with N > {t.epochs}")
@@ -336,11 +349,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stopping.append(signum)
             checkpoint(epoch, batch)
-            launcher = "python train.py"
-            if procs.enabled:
-                launcher = f"torchrun --nproc_per_node {procs.world_size} train.py"
             log(f"\n{signal.Signals(signum).name}: checkpoint saved at step {step}; "
-                f"continue with: {launcher} --resume {run}")
+                f"continue with: {shlex.join([*launcher(procs), '--resume', str(run)])}")
             sys.exit(128 + signum)
 
     def stoppable(loader):

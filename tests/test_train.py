@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -247,29 +248,65 @@ def test_more_epochs_on_a_finished_run_step_at_the_rates_of_the_longer_schedule(
         assert [lr for lr, _ in groups] == pytest.approx([base * factor(done + i) for _, base in groups], rel=1e-12)
 
 
-def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_errors_say(trained, tmp_path, capsys):
-    """Killed during its first epoch, a run folder holds settings and vocabularies but nothing trained: resume,
-    predict, evaluate and export say so, and the command they give starts it again."""
+@pytest.mark.parametrize("killed", ["during epoch 1", "between epoch 1's weights and its checkpoint"])
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_errors_say(killed, trained, tmp_path,
+                                                                                     capsys):
+    """Killed before its first checkpoint, a run folder has nothing to resume: resume, and prediction,
+    evaluation and export where no weights were written either, say so and give a command (quoted for the
+    shell: this folder's name has a space) that starts it again, with --overwrite where weights were written."""
     sys.path.insert(0, str(ROOT))
     import train
     import vqa.evaluate
     import vqa.export
     import vqa.predict
 
+    run = tmp_path / "my run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    kept = ["config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors"]
+    if killed != "during epoch 1":
+        kept += ["metrics.jsonl", "model_best.safetensors", "model_last.safetensors", "adapter_best.safetensors",
+                 "adapter_last.safetensors"]
+    for name in set(ARTEFACTS) - set(kept):
+        (run / name).unlink()
+    assert train.cli(["--resume", str(run)]) == 2
+    advice = capsys.readouterr().err.split("start it again with ")[1].splitlines()[0]
+    command = shlex.split(advice.split(" (which replaces")[0])
+    assert command[:2] == ["python", "train.py"] and ("--overwrite" in command) == (killed != "during epoch 1")
+    if killed == "during epoch 1":
+        image = next((trained[0] / "data" / "images").iterdir())
+        for tool, args in [(vqa.predict, ["--image", str(image), "--question", "Is it red?"]),
+                           (vqa.evaluate, ["--csv", str(trained[0] / "data" / "val.csv")]),
+                           (vqa.export, ["--out", str(tmp_path / "encoder.safetensors")])]:
+            assert tool.main(["--run", str(run), *args]) == 2
+            assert f"start it again with {shlex.join(['python', 'train.py', *command[2:]])}" in capsys.readouterr().err
+    assert train.cli([*command[2:], "--epochs", "1"]) == 0 and (run / "checkpoint.pt").is_file()
+
+
+def test_a_pretrained_run_may_resume_from_a_local_copy_of_its_weights(trained, tmp_path):
+    """Offline, the hub's weights cannot be fetched and the error says to give checkpoint_path: resume takes it."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
-    for name in ARTEFACTS:
-        if name not in ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors"):
-            (run / name).unlink()
-    advice = f"start it again with python train.py --config {run / 'config.yaml'} --output_dir {run}"
-    assert train.cli(["--resume", str(run)]) == 2 and advice in capsys.readouterr().err
-    image = next((trained[0] / "data" / "images").iterdir())
-    for tool, args in [(vqa.predict, ["--image", str(image), "--question", "Is it red?"]),
-                       (vqa.evaluate, ["--csv", str(trained[0] / "data" / "val.csv")]),
-                       (vqa.export, ["--out", str(tmp_path / "encoder.safetensors")])]:
-        assert tool.main(["--run", str(run), *args]) == 2 and advice in capsys.readouterr().err, tool
-    command = advice.split("python train.py ")[1].split()
-    assert train.cli([*command, "--epochs", "1"]) == 0 and (run / "checkpoint.pt").is_file()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["pretrained"] = True  # as if from the hub; its weights are those the run saved
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert train.cli(["--resume", str(run), "--checkpoint_path", str(run / "backbone.safetensors"), "--epochs", "3"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_epochs_cannot_end_a_run_inside_an_epoch_it_has_begun(trained, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state.update(epoch=1, batch=1)  # stopped after the first batch of epoch 2
+    torch.save(state, run / "checkpoint.pt")
+    assert train.cli(["--resume", str(run), "--epochs", "1"]) == 2
+    assert "has trained 1 epochs and 1 batch(es) of epoch 2 already; --epochs cannot be fewer than 2" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, capsys):
@@ -295,7 +332,7 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, c
     (["--config", "CONFIG", "--output_dir", "CONFIG"], "is a file, not a folder"),
     # A randomly initialised run keeps its base weights in backbone.safetensors: another file would replace them.
     (["--resume", "RUN", "--checkpoint_path", "RUN/backbone.safetensors", "--epochs", "3"],
-     "--resume may move the run's checkpoint_path, not add or drop it (None in "),
+     "--resume may move the run's checkpoint_path, not add it (None in "),
 ])
 def test_resume_and_output_dir_mistakes_are_clear_errors(trained, tmp_path, capsys, args, message):
     sys.path.insert(0, str(ROOT))

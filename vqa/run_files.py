@@ -18,7 +18,8 @@ loader), and ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -103,21 +104,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_base_file(path: str | Path, expected: str | None, recorded_in: Path) -> None:
+def check_base_file(path: str | Path, expected: str | None, recorded_in: Path, digest: str | None = None) -> None:
     """Refuses a ``checkpoint_path`` whose bytes are not those the run trained on (``expected``, the SHA-256
-    recorded in ``recorded_in``; ``None``: a run from before the record, not checked). A moved copy passes."""
-    if expected is not None and file_sha256(path) != expected:
+    recorded in ``recorded_in``; ``None``: a run from before the record, not checked). A moved copy passes.
+    ``digest``: the file's SHA-256 where the caller has it already."""
+    if expected is not None and (digest or file_sha256(path)) != expected:
         raise VQAError(f"checkpoint_path '{path}' is not the file this run started from: its SHA-256 differs from "
                        f"the one recorded in {recorded_in}, so it was replaced or written over, and the run's "
                        f"adapters would sit on other base weights; point checkpoint_path at a copy of the original "
                        f"file (resume with --checkpoint_path PATH), or train a new run")
 
 
-def never_checkpointed(run: Path) -> str:
-    """The error for a run folder that has settings and vocabularies but no checkpoint: stopped before its first."""
-    return (f"run folder '{run}' holds no trained state: the run stopped before its first checkpoint (written at the end "
-            f"of each epoch, or every checkpoint_every steps), so there is nothing to resume; start it again with "
-            f"python train.py --config {run / 'config.yaml'} --output_dir {run}")
+def never_checkpointed(run: Path, launcher: Sequence[str] = ("python", "train.py"), overwrite: bool = False) -> str:
+    """The error for a run folder without a checkpoint: the run stopped before its first. ``overwrite``: the
+    folder holds trained files (the first epoch's weights, written just before the checkpoint)."""
+    command = shlex.join([*launcher, "--config", str(run / "config.yaml"), "--output_dir", str(run),
+                          *(["--overwrite"] if overwrite else [])])
+    return (f"run folder '{run}' has no checkpoint: the run stopped before its first (written at the end of each "
+            f"epoch, or every checkpoint_every steps), so there is nothing to resume; start it again with {command}"
+            f"{' (which replaces the weights it wrote)' if overwrite else ''}")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -187,7 +192,7 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
         if (run_dir / name).is_file():
             return run_dir / name
     if not (run_dir / "checkpoint.pt").is_file():
-        raise VQAError(never_checkpointed(run_dir))
+        raise VQAError(never_checkpointed(run_dir) + " (under torchrun, if that is how it was started)")
     raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
                    f"the end of each epoch; continue the run with python train.py --resume {run_dir}")
 
