@@ -1,5 +1,6 @@
 """End-to-end runs of the real command-line tools on a tiny config, plus the training loop's guarantees."""
 import json
+import math
 import os
 import re
 import shlex
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py
 ARTEFACTS = [
     "config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors", "checkpoint.pt", "metrics.jsonl",
     "model_best.safetensors", "model_last.safetensors", "adapter_best.safetensors", "adapter_last.safetensors",
@@ -884,3 +886,402 @@ def test_a_bad_device_is_a_clear_error_in_evaluate_and_predict(tool, device, mes
     code = getattr(vqa, tool).main(["--run", str(tmp_path), "--device", device, *args])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --device ") and message in err
+
+
+def test_the_schedule_warms_up_linearly_then_decays_by_a_half_cosine_to_zero():
+    import train
+
+    factor = train.warmup_cosine(100, 0.1)  # 10 warm-up steps
+    assert [factor(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factor(10) == pytest.approx(1.0)  # the peak right after warm-up, never above it
+    assert factor(55) == pytest.approx(0.5)  # half-way through the decay
+    assert factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert factor(100) == pytest.approx(0.0, abs=1e-12)
+    decay = [factor(s) for s in range(10, 101)]
+    assert decay == sorted(decay, reverse=True) and max(factor(s) for s in range(101)) <= 1.0
+    assert train.warmup_cosine(10, 0.0)(0) == 1.0  # no warm-up: at least one step of it, at the full rate
+
+
+def test_parameter_groups_give_each_part_its_rate_and_decay_only_matrices():
+    import train
+    from vqa import DeterministicVQA
+    from vqa.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.train.lr, cfg.train.lr_encoder, cfg.train.weight_decay = 1e-2, 3e-3, 0.1
+    model = DeterministicVQA(vision_model="vit_small_patch14_dinov2", img_size=28, vocab_size=20, num_answers=5,
+                             hidden_dim=32, num_heads=2, question_layers=1, vision_lora_r=4,
+                             backbone_kwargs=dict(depth=1))
+    model.freeze_pretrained()
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in train.param_groups(model, cfg) for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(where) == {id(p) for p in trainable.values()}  # each trainable parameter once, nothing else
+    for name, p in trainable.items():
+        lr = 3e-3 if name.startswith("backbone.") else 1e-2
+        decay = 0.1 if p.ndim >= 2 and name not in ("image_pos", "word_pos") else 0.0
+        assert where[id(p)] == (lr, decay), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size", "2"], "--resume cannot change 'batch_size' (4 in "),
+    (["--seed", "7"], "--resume cannot change 'seed' (0 in "),
+    (["--warmup_ratio", "0.5"], "--resume cannot change 'warmup_ratio'"),
+    (["--use_type_loss", "false"], "--resume cannot change 'use_type_loss'"),
+])
+def test_resume_refuses_what_fixes_the_batch_order_or_the_schedule(trained, tmp_path, capsys, args, message):
+    import train
+
+    run = copied_run(trained, tmp_path)
+    before = run_bytes(run)
+    assert train.cli(["--resume", str(run), "--epochs", "3", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert run_bytes(run) == before
+
+
+def recording_cross_entropy(monkeypatch, train):
+    """Records each call's ``weight`` and result; returns the list."""
+    calls, real = [], train.F.cross_entropy
+
+    def recording(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        calls.append((kwargs.get("weight"), loss.item()))
+        return loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", recording)
+    return calls
+
+
+def test_answer_weights_weigh_the_answer_loss_and_unlisted_answers_weigh_one(trained, tmp_path, monkeypatch):
+    """A file that weighs some of the answers is taken (the refusal is for one that weighs none), and each
+    answer class's weight is the file's, or 1 for an answer it does not list. Also: a run returns with the
+    signal handlers it found."""
+    import train
+    from vqa.config import load_config
+    from vqa.text import AnswerVocab
+
+    tmp, _ = trained
+    answers = AnswerVocab.from_json((tmp / "run" / "answers.json").read_text()).itos
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({answers[0]: 3.0, "zebra": 2.0}))  # one answer of the run, one of another set
+    cfg = load_config(tmp / "tiny.yaml", ["--answer_weights", str(weights), "--output_dir", str(tmp_path / "run"),
+                                          "--epochs", "1"])
+    calls = recording_cross_entropy(monkeypatch, train)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    train.main(cfg)
+    weighted = [w for w, _ in calls if w is not None]
+    assert len(weighted) == 2  # the answer loss of each of the 2 steps; the type loss unweighted
+    for w in weighted:
+        assert w.tolist() == [3.0] + [1.0] * (len(answers) - 1)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_the_step_loss_is_the_answer_loss_plus_the_weighted_type_loss_and_gradients_are_clipped(
+        trained, tmp_path, monkeypatch):
+    import train
+    from vqa.config import load_config
+
+    tmp, _ = trained
+    cfg = load_config(tmp / "tiny.yaml", ["--output_dir", str(tmp_path / "run"), "--epochs", "1",
+                                          "--type_loss_weight", "0.25", "--grad_clip", "0.5"])
+    calls = recording_cross_entropy(monkeypatch, train)
+    losses, isfinite = [], math.isfinite
+
+    def recording_isfinite(x):  # train.py calls it once a step, on the step's loss.item(); others call it too
+        if sys._getframe(1).f_code.co_filename == train.__file__:
+            losses.append(x)
+        return isfinite(x)
+
+    monkeypatch.setattr(train.math, "isfinite", recording_isfinite)
+    clips, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, *a, **k: clips.append(max_norm) or clip(params, max_norm, *a, **k))
+    train.main(cfg)
+    assert len(losses) == 2 and clips == [0.5, 0.5]
+    for step, loss in enumerate(losses):
+        (_, answer), (_, qtype) = calls[2 * step], calls[2 * step + 1]
+        assert loss == pytest.approx(answer + 0.25 * qtype, rel=1e-6)
+    clips.clear()
+    train.main(load_config(tmp / "tiny.yaml", ["--output_dir", str(tmp_path / "run0"), "--epochs", "1",
+                                                "--grad_clip", "0"]))
+    assert clips == []  # 0 disables clipping
+
+
+def test_a_repeated_sigterm_during_a_step_changes_nothing(tmp_path, monkeypatch):
+    """A scheduler and torchrun may both send SIGTERM, within one step: the run stops after that step as for
+    one signal, never as for a Ctrl-C (an abort without a checkpoint)."""
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=2, use_type_loss=False))
+    calls, loss_fn = [], train.F.cross_entropy
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before the next bytecode: a separate delivery
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", signalling)
+    try:
+        state = run_until_stopped(train, cfg)
+    except KeyboardInterrupt:
+        pytest.fail("a second SIGTERM aborted the run like a Ctrl-C")
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 2, 2)
+
+
+def test_a_signal_during_the_last_update_of_an_epoch_stops_before_any_validation(tmp_path, monkeypatch):
+    import train
+    import vqa.evaluate
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=2, use_type_loss=False))  # 4 steps an epoch
+    calls, loss_fn, updates = [], train.F.cross_entropy, []
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        loss = loss_fn(*args, **kwargs)
+        if len(calls) == 4:  # during the backward pass, after the step's stop check
+            loss.register_hook(lambda grad: os.kill(os.getpid(), signal.SIGTERM))
+        return loss
+
+    class Counting(vqa.evaluate.TypeAccuracy):
+        def update(self, *args):
+            updates.append(1)
+            super().update(*args)
+
+    monkeypatch.setattr(train.F, "cross_entropy", signalling)
+    monkeypatch.setattr(vqa.evaluate, "TypeAccuracy", Counting)
+    state = run_until_stopped(train, cfg)
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 4, 4)
+    assert updates == []  # not one validation batch
+
+
+def test_skipped_training_rows_are_counted_at_the_end(trained, tmp_path, capsys):
+    import train
+
+    tmp, _ = trained
+    data = tmp / "data"
+    csv = data / "train_one_bad.csv"  # beside the images its rows name
+    csv.write_text(data.joinpath("train.csv").read_text() + "images/missing.png,What color is it?,red,color\n")
+    assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(tmp_path / "run"), "--epochs", "1",
+                      "--train_csv", str(csv), "--skip_bad_rows", "true"]) == 0
+    assert "skipped 1 bad row(s) (--skip_bad_rows)" in capsys.readouterr().out
+
+
+def edited_config(run: Path, section: str, key: str, value) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg[section][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("model", "hidden_dim", 64, "has shape"),  # a size that differs from the weights'
+    ("model", "use_vision_lora", False, "which the model does not have"),  # weights the model has no place for
+])
+def test_weights_that_do_not_fit_the_run_config_are_a_clear_error(trained, tmp_path, capsys, section, key, value,
+                                                                   message):
+    import vqa.predict
+
+    run = copied_run(trained, tmp_path)
+    edited_config(run, section, key, value)
+    image = trained[0] / "data" / "images" / "val_00000.png"
+    assert vqa.predict.main(["--run", str(run), "--image", str(image), "--question", "How many circles?"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model_best.safetensors" in err and message in err
+
+
+def test_tools_name_a_folder_that_is_no_run(tmp_path, capsys):
+    import vqa.predict
+
+    assert vqa.predict.main(["--run", str(tmp_path), "--image", str(tmp_path / "a.png"), "--question", "Is it?"]) == 2
+    assert f"'{tmp_path}' is not a run folder: it has no config.yaml" in capsys.readouterr().err
+
+
+def test_export_which_last_writes_the_last_weights_and_names_them(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    import lora
+    from vqa.export import main as export
+
+    run = copied_run(trained, tmp_path)
+    last_epoch = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+    # A best file whose adapters surely differ from the last one's.
+    weights = {k: (v + 1 if k.endswith("lora_B") else v) for k, v in load_file(str(run / "model_last.safetensors")).items()}
+    lora.save_safetensors(weights, run / "model_best.safetensors", {"epoch": "1", "val_accuracy": "0.9"})
+    for which in ("best", "last"):
+        assert export(["--run", str(run), "--out", str(tmp_path / f"{which}.safetensors"), "--which", which]) == 0
+    meta = file_metadata(tmp_path / "last.safetensors")
+    assert meta["weights"] == "model_last.safetensors" and meta["epoch"] == str(last_epoch)
+    (run / "model_best.safetensors").unlink()  # now best falls back to the last weights
+    assert export(["--run", str(run), "--out", str(tmp_path / "fallback.safetensors")]) == 0
+    last, best, fallback = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("last", "best", "fallback"))
+    assert last.keys() == fallback.keys() and all(torch.equal(last[k], fallback[k]) for k in last)
+    assert not all(torch.equal(last[k], best[k]) for k in last)
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_export_metadata_names_the_model_its_size_and_the_run(trained, tmp_path):
+    from vqa.export import main as export
+
+    tmp, _ = trained
+    out = tmp_path / "encoder.safetensors"
+    assert export(["--run", str(tmp / "run"), "--out", str(out)]) == 0
+    meta = file_metadata(out)
+    assert meta["architecture"] == "vit_small_patch14_dinov2" and meta["img_size"] == "28"
+    assert meta["run"] == str((tmp / "run").resolve())
+
+
+def test_export_to_an_unwritable_place_is_a_clear_error(trained, tmp_path, capsys):
+    from vqa.export import main as export
+
+    tmp, _ = trained
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "encoder.safetensors"  # a "folder" that is a file
+    assert export(["--run", str(tmp / "run"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write --out '{out}'")
+
+
+@pytest.fixture(scope="module")
+def started_from_export(trained, tmp_path_factory):
+    """A second run, started from the first run's exported encoder (checkpoint_path)."""
+    import train
+    from vqa.export import main as export
+
+    tmp, _ = trained
+    here = tmp_path_factory.mktemp("second")
+    encoder = here / "encoder.safetensors"
+    assert export(["--run", str(tmp / "run"), "--out", str(encoder)]) == 0
+    second = here / "second"
+    assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(second), "--epochs", "1",
+                      "--checkpoint_path", str(encoder)]) == 0
+    return here, encoder, second
+
+
+def test_export_refuses_the_starting_checkpoint_however_its_path_is_spelled(started_from_export, capsys, monkeypatch):
+    from vqa.export import main as export
+
+    here, encoder, second = started_from_export
+    before = encoder.read_bytes()
+    monkeypatch.chdir(here)
+    for spelling in ("encoder.safetensors", str(here / "second" / ".." / "encoder.safetensors")):
+        capsys.readouterr()
+        assert export(["--run", str(second), "--out", spelling]) == 2, spelling
+        assert "is the checkpoint this run started from" in capsys.readouterr().err
+    assert encoder.read_bytes() == before
+
+
+def test_a_run_from_before_the_sha256_record_still_loads_and_resumes(started_from_export, tmp_path, capsys):
+    """Runs trained before checkpoints recorded base_sha256 have nothing to compare: they are not refused."""
+    import train
+    from safetensors.torch import load_file
+
+    import lora
+    from vqa.run_files import load_run
+
+    _, _, second = started_from_export
+    run = tmp_path / "old"
+    subprocess.run(["cp", "-r", str(second), str(run)], check=True)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state.pop("base_sha256")
+    torch.save(state, run / "checkpoint.pt")
+    for name in ("model_best.safetensors", "model_last.safetensors"):
+        meta = {k: v for k, v in file_metadata(run / name).items() if k != "base_sha256"}
+        lora.save_safetensors(load_file(str(run / name)), run / name, meta)
+    load_run(run)
+    assert train.cli(["--resume", str(run), "--epochs", "2"]) == 0, capsys.readouterr().err
+
+
+def test_predict_prints_the_worded_type_for_a_run_trained_without_the_type_loss(trained, tmp_path, capsys):
+    import vqa.predict
+    from vqa.data import build_transform
+    from vqa.run_files import load_run
+    from vqa.text import infer_question_type
+
+    run = copied_run(trained, tmp_path)
+    edited_config(run, "train", "use_type_loss", False)  # as if trained without it: the head is untrained
+    model, tokenizer, answers, cfg = load_run(run)
+    transform = build_transform(model.backbone, cfg.model.img_size)
+    image = trained[0] / "data" / "images" / "val_00000.png"
+    questions = ["How many circles are there?", "Is there a red square?", "What shape is the blue object?",
+                 "What color is the circle?", "Where is the square?"]
+    # A question on which the type head and the wording disagree, so the printed type tells which one spoke.
+    question = next(q for q in questions
+                    if vqa.predict.predict(model, tokenizer, answers, transform, image, q)[1] != infer_question_type(q))
+    assert vqa.predict.main(["--run", str(run), "--image", str(image), "--question", question]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"question: {question}  (type: {infer_question_type(question)}, from its wording)"
+
+
+def test_predict_refuses_an_empty_question_and_lists_at_most_every_answer(trained, capsys):
+    import vqa.predict
+    from vqa.text import AnswerVocab
+
+    tmp, _ = trained
+    image = tmp / "data" / "images" / "val_00000.png"
+    assert vqa.predict.main(["--run", str(tmp / "run"), "--image", str(image), "--question", "   "]) == 2
+    assert "--question is empty" in capsys.readouterr().err
+    n = len(AnswerVocab.from_json((tmp / "run" / "answers.json").read_text()).itos)
+    assert vqa.predict.main(["--run", str(tmp / "run"), "--image", str(image), "--question", "How many?",
+                             "--top_k", str(n + 10)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + n
+
+
+def test_evaluate_takes_outside_paths_where_the_run_trained_with_them(trained, tmp_path, capsys):
+    import vqa.evaluate
+
+    tmp, _ = trained
+    run = copied_run(trained, tmp_path)
+    edited_config(run, "data", "allow_outside_paths", True)
+    rows = (tmp / "data" / "val.csv").read_text().splitlines()
+    csv = tmp_path / "val.csv"  # elsewhere, naming the images by their absolute paths
+    csv.write_text("\n".join([rows[0]] + [str(tmp / "data" / row) for row in rows[1:]]) + "\n")
+    assert vqa.evaluate.main(["--run", str(run), "--csv", str(csv)]) == 0, capsys.readouterr().err
+
+
+def test_evaluate_takes_the_smallest_counts_and_counts_skipped_rows(trained, tmp_path, capsys):
+    import vqa.evaluate
+
+    tmp, _ = trained
+    csv = tmp / "data" / "val_one_bad.csv"  # beside the images
+    csv.write_text((tmp / "data" / "val.csv").read_text() + "images/missing.png,What color is it?,red,color\n")
+    args = ["--run", str(tmp / "run"), "--csv", str(csv), "--skip_bad_rows"]
+    assert vqa.evaluate.main([*args, "--batch_size", "1", "--num_workers", "0"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("skipped 1 bad row(s)")
+
+
+def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monkeypatch):
+    """With N processes a step takes N batches: the cosine must span epochs x (batches // N) steps, or it would
+    end a fraction of the way down (its rate never decays)."""
+    import torch.distributed as dist
+
+    import train
+    from vqa.config import load_config
+
+    def setup(device):  # one gloo process posing as rank 0 of 2 (as in test_train's process-group test)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+        return train.distributed.Processes(0, 2), device
+
+    class Planned(Exception):
+        pass
+
+    totals = []
+
+    def recording(total_steps, warmup_ratio):
+        totals.append(total_steps)
+        raise Planned
+
+    monkeypatch.setattr(train.distributed, "setup", setup)
+    monkeypatch.setattr(train, "warmup_cosine", recording)
+    cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=2))  # 8 images: 4 batches, 2 per process
+    try:
+        with pytest.raises(Planned):
+            train.main(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert totals == [3 * 2]
