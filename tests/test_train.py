@@ -284,6 +284,20 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_error
     assert train.cli([*command[2:], "--epochs", "1"]) == 0 and (run / "checkpoint.pt").is_file()
 
 
+def test_a_run_checkpointed_inside_its_first_epoch_is_to_be_resumed_for_weights(trained, tmp_path, capsys):
+    """With checkpoint_every, a run may hold a checkpoint before the first epoch's weights: predict says to
+    resume it, in a command the shell takes as it is."""
+    import vqa.predict
+
+    run = tmp_path / "my run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    for name in ("model_best.safetensors", "model_last.safetensors"):
+        (run / name).unlink()
+    image = next((trained[0] / "data" / "images").iterdir())
+    assert vqa.predict.main(["--run", str(run), "--image", str(image), "--question", "Is it red?"]) == 2
+    assert f"continue the run with python train.py --resume '{run}'" in capsys.readouterr().err
+
+
 def test_a_pretrained_run_may_resume_from_a_local_copy_of_its_weights(trained, tmp_path):
     """Offline, the hub's weights cannot be fetched and the error says to give checkpoint_path: resume takes it."""
     sys.path.insert(0, str(ROOT))

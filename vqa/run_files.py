@@ -194,7 +194,7 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
     if not (run_dir / "checkpoint.pt").is_file():
         raise VQAError(never_checkpointed(run_dir) + " (under torchrun, if that is how it was started)")
     raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
-                   f"the end of each epoch; continue the run with python train.py --resume {run_dir}")
+                   f"the end of each epoch; continue the run with {shlex.join(['python', 'train.py', '--resume', str(run_dir)])}")
 
 
 def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
