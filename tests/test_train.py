@@ -250,7 +250,8 @@ def test_more_epochs_on_a_finished_run_step_at_the_rates_of_the_longer_schedule(
         assert [lr for lr, _ in groups] == pytest.approx([base * factor(done + i) for _, base in groups], rel=1e-12)
 
 
-@pytest.mark.parametrize("killed", ["during epoch 1", "between epoch 1's weights and its checkpoint"])
+@pytest.mark.parametrize("killed", ["before its random backbone was written", "during epoch 1",
+                                    "between epoch 1's metrics and weights", "between epoch 1's weights and its checkpoint"])
 def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_errors_say(killed, trained, tmp_path,
                                                                                      capsys):
     """Killed before its first checkpoint, a run folder has nothing to resume: resume, and prediction,
@@ -264,17 +265,17 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_error
 
     run = tmp_path / "my run"
     subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
-    kept = ["config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors"]
-    if killed != "during epoch 1":
-        kept += ["metrics.jsonl", "model_best.safetensors", "model_last.safetensors", "adapter_best.safetensors",
-                 "adapter_last.safetensors"]
+    written = ["config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors", "metrics.jsonl",
+               "model_best.safetensors", "model_last.safetensors", "adapter_best.safetensors", "adapter_last.safetensors"]
+    kept = written[:{"before its random backbone was written": 3, "during epoch 1": 4,
+                     "between epoch 1's metrics and weights": 5}.get(killed, len(written))]
     for name in set(ARTEFACTS) - set(kept):
         (run / name).unlink()
     assert train.cli(["--resume", str(run)]) == 2
     advice = capsys.readouterr().err.split("start it again with ")[1].splitlines()[0]
     command = shlex.split(advice.split(" (which replaces")[0])
-    assert command[:2] == ["python", "train.py"] and ("--overwrite" in command) == (killed != "during epoch 1")
-    if killed == "during epoch 1":
+    assert command[:2] == ["python", "train.py"] and ("--overwrite" in command) == ("metrics.jsonl" in kept)
+    if "model_last.safetensors" not in kept:
         image = next((trained[0] / "data" / "images").iterdir())
         for tool, args in [(vqa.predict, ["--image", str(image), "--question", "Is it red?"]),
                            (vqa.evaluate, ["--csv", str(trained[0] / "data" / "val.csv")]),

@@ -142,6 +142,13 @@ def test_yaml_merge_keys_work_as_in_plain_yaml(tmp_path):
     assert (cfg.model.img_size, cfg.model.hidden_dim, cfg.model.vision_lora_r) == (98, 32, 4)
 
 
+def test_a_mapping_as_a_key_is_an_error_not_a_traceback(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  ? {a: 1}\n  : 2\n")
+    with pytest.raises(VQAError, match=r"is not valid YAML: a dict cannot be a key\s+in \"<unicode string>\", line 2"):
+        load_config(path)
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(VQAError, match="does not exist"):
         load_config(tmp_path / "none.yaml")

@@ -192,7 +192,8 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
         if (run_dir / name).is_file():
             return run_dir / name
     if not (run_dir / "checkpoint.pt").is_file():
-        raise VQAError(never_checkpointed(run_dir) + " (under torchrun, if that is how it was started)")
+        raise VQAError(never_checkpointed(run_dir, overwrite=bool(trained_files(run_dir)))
+                       + " (under torchrun, if that is how it was started)")
     raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
                    f"the end of each epoch; continue the run with {shlex.join(['python', 'train.py', '--resume', str(run_dir)])}")
 
@@ -214,12 +215,12 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
         raise VQAError(f"'{run}' is not a run folder: it has no config.yaml (train one with train.py)")
     cfg = load_config(run / "config.yaml")
     tokenizer, answers = load_vocabularies(run)
+    weights = weights_file(run, which)  # first: a run killed before its backbone file has none to load either
     backbone = run / "backbone.safetensors"
     from_random = random_backbone(cfg)
     if from_random and not backbone.is_file():
         raise VQAError(missing_backbone(backbone))
     model = build_model(cfg, len(tokenizer), len(answers), str(backbone) if from_random else None)
-    weights = weights_file(run, which)
     metadata = load_weights(model, weights)
     if cfg.model.checkpoint_path:
         check_base_file(cfg.model.checkpoint_path, metadata.get("base_sha256"), weights)
