@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import random
-import shlex
 import signal
 import sys
 import time
@@ -34,7 +33,7 @@ from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.run_files import (build_model, check_base_file, copy_weights, file_sha256, load_checkpoint,
                            load_vocabularies, missing_backbone, never_checkpointed, random_backbone, remove_run,
-                           save_checkpoint, trained_files, write_text)
+                           save_checkpoint, train_command, trained_files, write_text)
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
 
 
@@ -104,13 +103,6 @@ RESUME_MAY_CHANGE = {
     "skip_bad_rows", "allow_outside_paths", "checkpoint_path", "grad_checkpointing", "output_dir", "epochs",
     "grad_clip", "type_loss_weight", "device", "checkpoint_every", "num_workers", "progress",
 }
-
-
-def launcher(procs: distributed.Processes) -> list[str]:
-    """The command that runs train.py as this process was run: python, or torchrun with the same process count."""
-    if procs.enabled:
-        return ["torchrun", "--nproc_per_node", str(procs.world_size), "train.py"]
-    return ["python", "train.py"]
 
 
 class _Stopped(Exception):
@@ -206,7 +198,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if resume:
         check_resumable(cfg, saved, run / "config.yaml")
         if not (run / "checkpoint.pt").is_file():
-            raise VQAError(never_checkpointed(run, launcher(procs), overwrite=bool(trained_files(run))))
+            raise VQAError(never_checkpointed(run, procs.world_size, overwrite=bool(trained_files(run))))
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -350,20 +342,18 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             stopping.append(signum)
             checkpoint(epoch, batch)
             log(f"\n{signal.Signals(signum).name}: checkpoint saved at step {step}; "
-                f"continue with: {shlex.join([*launcher(procs), '--resume', str(run)])}")
+                f"continue with: {train_command('--resume', str(run), processes=procs.world_size)}")
             sys.exit(128 + signum)
 
     def stoppable(loader):
         """The validation batches, with a training step's stop check after each: a long validation must not
         outlast the grace a launcher gives after its SIGTERM (torchrun's --shutdown_timeout, 30 s by default)
         before it sends SIGKILL. Every process checks ``val_rounds`` times, so the collectives pair up."""
-        checked = 0
-        for batch in loader:
-            yield batch
-            checked += 1
-            if signum := agreed_signal():
-                raise _Stopped(signum)
-        for _ in range(val_rounds - checked):  # a process with fewer batches still answers the others' checks
+        batches = iter(loader)
+        for _ in range(val_rounds):
+            batch = next(batches, None)  # None: this process has fewer batches, but answers the others' checks
+            if batch is not None:
+                yield batch
             if signum := agreed_signal():
                 raise _Stopped(signum)
 

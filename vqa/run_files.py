@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "random_backbone",
     "missing_backbone",
     "never_checkpointed",
+    "train_command",
     "file_sha256",
     "check_base_file",
 ]
@@ -115,11 +116,17 @@ def check_base_file(path: str | Path, expected: str | None, recorded_in: Path, d
                        f"file (resume with --checkpoint_path PATH), or train a new run")
 
 
-def never_checkpointed(run: Path, launcher: Sequence[str] = ("python", "train.py"), overwrite: bool = False) -> str:
+def train_command(*args: str, processes: int = 1) -> str:
+    """The shell command that runs train.py with ``args`` in ``processes`` processes (torchrun for more than one)."""
+    launcher = ["torchrun", "--nproc_per_node", str(processes)] if processes > 1 else ["python"]
+    return shlex.join([*launcher, "train.py", *args])
+
+
+def never_checkpointed(run: Path, processes: int = 1, overwrite: bool = False) -> str:
     """The error for a run folder without a checkpoint: the run stopped before its first. ``overwrite``: the
     folder holds trained files (the first epoch's weights, written just before the checkpoint)."""
-    command = shlex.join([*launcher, "--config", str(run / "config.yaml"), "--output_dir", str(run),
-                          *(["--overwrite"] if overwrite else [])])
+    command = train_command("--config", str(run / "config.yaml"), "--output_dir", str(run),
+                            *(["--overwrite"] if overwrite else []), processes=processes)
     return (f"run folder '{run}' has no checkpoint: the run stopped before its first (written at the end of each "
             f"epoch, or every checkpoint_every steps), so there is nothing to resume; start it again with {command}"
             f"{' (which replaces the weights it wrote)' if overwrite else ''}")
@@ -195,7 +202,7 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
         raise VQAError(never_checkpointed(run_dir, overwrite=bool(trained_files(run_dir)))
                        + " (under torchrun, if that is how it was started)")
     raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
-                   f"the end of each epoch; continue the run with {shlex.join(['python', 'train.py', '--resume', str(run_dir)])}")
+                   f"the end of each epoch; continue the run with {train_command('--resume', str(run_dir))}")
 
 
 def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
