@@ -7,6 +7,7 @@ Metadata keys: ``lora_version``, and JSON under ``targets`` (layer names), ``r``
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .atomic import save_safetensors
-from .surgery import inject_lora, lora_layers, merged_state_dict, remove_lora
+from .surgery import _replace, inject_lora, lora_layers, merged_state_dict, unwrapped
 
 __all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
            "save_merged"]
@@ -26,9 +27,10 @@ _PARAMS = ("lora_A", "lora_B")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` for every LoRALinear, detached (no base weights)."""
+    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` for every LoRALinear, detached (no base weights); the names of
+    a compiled or DDP-wrapped model's inner model."""
     state = {}
-    for name, layer in lora_layers(model):
+    for name, layer in lora_layers(unwrapped(model)):
         state[f"{name}.lora_A"] = layer.lora_A.detach()
         state[f"{name}.lora_B"] = layer.lora_B.detach()
     return state
@@ -41,6 +43,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
     ``strict`` makes a layer the state dict lacks, or one the model lacks, an error. A shape that does
     not fit is always an error naming the layer and both shapes.
     """
+    model = unwrapped(model)
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError(
@@ -95,6 +98,7 @@ def _preview(names, limit: int = 4) -> str:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Writes only the adapters (and their r, alpha, splits, target layers) to a safetensors file, atomically."""
+    model = unwrapped(model)
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save; call inject_lora(model, ...) first")
@@ -119,6 +123,9 @@ def save_merged(model: nn.Module, path: str | os.PathLike, metadata: dict[str, s
 def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
     """Returns ``({layer: {"r", "alpha", "splits"}}, raw metadata)`` from an adapter file, without its tensors."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"'{path}' is a folder, not an adapter file; give the file inside it "
+                                f"(a training run's is RUN/adapter_best.safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"adapter file '{path}' does not exist; save one with lora.save_adapter(model, path)")
     try:
@@ -131,23 +138,34 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[
     try:
         targets = json.loads(meta["targets"])
         r, alpha, splits = (json.loads(meta[k]) for k in ("r", "alpha", "splits"))
-        config = {n: {"r": int(r[n]), "alpha": float(alpha[n]), "splits": int(splits[n])} for n in targets}
+        config = {n: {"r": r[n], "alpha": alpha[n], "splits": splits[n]} for n in targets}
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"adapter file '{path}' has damaged metadata ({e!r}); save it again") from None
+    for name, cfg in config.items():
+        for key, value in cfg.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value <= 0 or (key != "alpha" and not isinstance(value, int)):
+                kind = "a finite number > 0" if key == "alpha" else "a positive integer"
+                raise ValueError(f"adapter file '{path}' has damaged metadata: layer '{name}' has {key}={value!r}, "
+                                 f"which must be {kind}; save it again")
+        cfg["alpha"] = float(cfg["alpha"])
     return config, meta
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
-    """Loads an adapter file into ``model``, injecting LoRA from the file's config if the model has none.
+def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True, dropout: float = 0.0) -> list[str]:
+    """Loads an adapter file into ``model``, injecting LoRA from the file's config if the model has none, with
+    ``dropout`` (files do not record it: it is a training setting).
 
     Returns the layers loaded. A file whose layers, r, alpha, splits or widths do not fit the model is an
     error that names the first layer that does not fit, and leaves the model as it was.
     """
+    model = unwrapped(model)
     config, _ = read_adapter_config(path)
     tensors = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
+    _check_shapes(path, config, tensors)
     layers = dict(lora_layers(model))
     injected = not layers
     if injected:
@@ -161,17 +179,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                     f"adapter '{path}' targets layer '{name}', which is not an nn.Linear in "
                     f"{type(model).__name__}; the adapter was trained on a different architecture"
                 )
+    originals = {name: model.get_submodule(name) for name in config} if injected else {}
     try:
         if injected:
             for name, cfg in config.items():  # the whole name: a bare target would also match 'sub.<name>'
                 inject_lora(model, [re.compile(re.escape(name))], r=cfg["r"], alpha=cfg["alpha"],
-                            splits=cfg["splits"])
+                            dropout=dropout, splits=cfg["splits"])
             layers = dict(lora_layers(model))
         return _load_checked(model, path, config, layers, tensors, strict)
     except BaseException:
-        if injected:
-            remove_lora(model, merge=False)  # the adapters this call put in, and only those
+        for name, linear in originals.items():  # the very layers this call replaced, hooks and all
+            _replace(model, name, linear)
         raise
+
+
+def _check_shapes(path, config: dict[str, dict], tensors: dict[str, Tensor]) -> None:
+    """The file's tensors against its own metadata, before anything is built from either: A is (splits * r, in),
+    B is (out, r) with out a multiple of splits."""
+    for name, cfg in config.items():
+        a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+        fits = ((a is None or (a.dim() == 2 and a.shape[0] == cfg["splits"] * cfg["r"]))
+                and (b is None or (b.dim() == 2 and b.shape[1] == cfg["r"] and b.shape[0] % cfg["splits"] == 0)))
+        if not fits:
+            shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in (("lora_A", a), ("lora_B", b)) if t is not None)
+            raise ValueError(f"adapter '{path}' is damaged: layer '{name}' has r={cfg['r']}, splits={cfg['splits']} "
+                             f"in its metadata but {shapes} (A is (splits * r, in), B is (out, r)); save it again")
 
 
 def _load_checked(model: nn.Module, path, config: dict[str, dict], layers: dict[str, nn.Module],
@@ -194,11 +226,7 @@ def _load_checked(model: nn.Module, path, config: dict[str, dict], layers: dict[
 
 def _check_width(path, name: str, layer: nn.Linear, tensors: dict[str, Tensor]) -> None:
     """A layer of another width than the adapter's (A is (r, in), B is (out, r)) means another model size."""
-    a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
-    for key, t in ((f"{name}.lora_A", a), (f"{name}.lora_B", b)):
-        if t is not None and t.dim() != 2:
-            raise ValueError(f"adapter '{path}' is damaged: '{key}' has shape {tuple(t.shape)}, not a matrix; "
-                             f"save it again")
+    a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")  # matrices: see _check_shapes
     have = (a.shape[-1] if a is not None else layer.in_features, b.shape[0] if b is not None else layer.out_features)
     if have != (layer.in_features, layer.out_features):
         raise ValueError(

@@ -21,9 +21,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fsyncs that file and renames it over ``path``.
 
     The rename is atomic on POSIX and Windows when both names are on one file system, which the
-    same folder guarantees. On an exception the temporary file is removed and ``path`` is untouched.
+    same folder guarantees. On an exception the temporary file is removed and ``path`` is untouched. A
+    symbolic link is written through, as ``open(path, "w")`` would: its target gets the new file.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -53,9 +54,20 @@ def _plain_open_mode(path: Path) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)  # reading the umask means setting it; put back at once
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere reading it means setting it and putting it back,
+    a moment in which another thread's new files would get mode 0666."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +41,31 @@ _MERGE_CHUNK_ROWS = 256
 _FOLD_MIN_ACTIVATIONS_PER_WEIGHT = 4
 
 
+def _is_integer(value) -> bool:
+    """An int, numpy's integers included, and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A real number, numpy's scalars included, and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    """``value`` for an error message, with its type where the type is what is wrong."""
+    return repr(value) if _is_number(value) else f"{value!r} of type {type(value).__name__}"
+
+
 def check_lora_args(r: int, alpha: float, dropout: float, splits: int, out_features: int) -> None:
     """Raises ValueError naming the bad LoRA argument and how to fix it."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"lora r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"lora alpha must be a finite number > 0, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits <= 0:
-        raise ValueError(f"lora splits must be a positive integer, got {splits!r}")
+    if not _is_integer(r) or r <= 0:
+        raise ValueError(f"lora r must be a positive integer, got {_shown(r)}")
+    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"lora alpha must be a finite number > 0, got {_shown(alpha)}")
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora dropout must be a number in [0, 1), got {_shown(dropout)}")
+    if not _is_integer(splits) or splits <= 0:
+        raise ValueError(f"lora splits must be a positive integer, got {_shown(splits)}")
     if out_features % splits:
         raise ValueError(
             f"lora splits={splits} must divide out_features={out_features}; use splits=1 "
@@ -70,9 +86,9 @@ class LoRADropout(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-            raise ValueError(f"LoRADropout p must be in [0, 1), got {p!r}")
-        self.p = p
+        if not _is_number(p) or not 0.0 <= p < 1.0:
+            raise ValueError(f"LoRADropout p must be a number in [0, 1), got {_shown(p)}")
+        self.p = p = float(p)
         dropped = min(round(p * 65536), 65535)  # of 65,536 equally likely int16 values; one is always kept
         self.threshold = dropped - 32768  # keep where a uniform int16 is >= this
         self.keep_probability = (65536 - dropped) / 65536  # exact in float32
@@ -210,6 +226,21 @@ class _LoRAUpdate(torch.autograd.Function):
         return grad_y, grad_x, grad_A, grad_B, None, None
 
 
+# nn.Module's hook registries (those this torch has are moved; see take_hooks).
+_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                    "_backward_hooks", "_is_full_backward_hook", "_state_dict_pre_hooks", "_state_dict_hooks",
+                    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def take_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Gives ``new`` the hooks registered on ``old``, the layer it replaces: the registries themselves, so the
+    handles the user holds still remove them."""
+    for registry in _HOOK_REGISTRIES:
+        if registry in old.__dict__:
+            setattr(new, registry, old.__dict__[registry])
+
+
 def _reusable(buffer: Tensor, base: Tensor) -> bool:
     """Whether ``merge`` may overwrite ``buffer``: it fits ``base`` and no other tensor shares its memory
     (a tensor taken from ``weight`` while merged, a graph that saved the merged weight, a view)."""
@@ -254,17 +285,18 @@ class LoRALinear(nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.register_parameter("bias", linear.bias)
+        take_hooks(layer, linear)
         layer._add_adapter(r, alpha, dropout, splits)
         return layer.train(linear.training)  # after the adapter: its dropout takes the mode too
 
     def _add_adapter(self, r: int, alpha: float, dropout: float, splits: int) -> None:
-        self.r, self.alpha, self.splits = r, float(alpha), splits
-        self.scaling = self.alpha / r
+        self.r, self.alpha, self.splits = int(r), float(alpha), int(splits)
+        self.scaling = self.alpha / self.r
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(splits * r, self.in_features, **factory))  # s stacked (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))  # s stacked (out / s, r)
+        self.lora_A = nn.Parameter(torch.empty(self.splits * self.r, self.in_features, **factory))  # s stacked (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **factory))  # s stacked (out / s, r)
         # Disabled dropout is an Identity so forward has no branch on it.
-        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(float(dropout)) if dropout > 0 else nn.Identity()
         self.merged = False
         self._unmerged_weight: Tensor | None = None  # the pre-merge weight, kept for an exact unmerge
         self._merge_buffer: Tensor | None = None  # the last merged weight's memory, reused by the next merge
@@ -273,14 +305,22 @@ class LoRALinear(nn.Linear):
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation of ``weight`` and ``bias``, and the adapter's (B = 0): the whole layer,
         as after ``to_empty()`` on a model built on the meta device."""
+        if "lora_A" not in self._parameters:  # nn.Linear.__init__ calls this before the adapter exists
+            return super().reset_parameters()
+        self._refuse_if_merged("reset_parameters()")
         super().reset_parameters()
-        if "lora_A" in self._parameters:  # nn.Linear.__init__ calls this before the adapter exists
-            self.reset_lora_parameters()
+        self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         """A: Kaiming-uniform as ``nn.Linear`` does (fan-in = in_features); B: zero, so the delta starts at 0."""
+        self._refuse_if_merged("reset_lora_parameters()")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    def _refuse_if_merged(self, what: str) -> None:
+        if self.merged:  # the weight holds the old delta, which unmerge could no longer take out
+            raise RuntimeError(f"{what} on a merged LoRA layer would leave the old adapter in its weight; "
+                               f"call unmerge() (or unmerge_lora(model)) first")
 
     def extra_repr(self) -> str:
         return (
@@ -290,7 +330,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 # The silent failure this library exists to prevent: adapters that train without being used.
                 raise RuntimeError("LoRA layer is merged, so its adapters would get no gradient; "
                                    "call unmerge_lora(model) (or leave lora.merged(...)) before training")
@@ -411,6 +451,9 @@ class LoRALinear(nn.Linear):
         try:
             super()._load_from_state_dict(state_dict, prefix, *args)
         finally:
+            if not kept and args[0].get("assign_to_params_buffers", False):
+                # assign=True made the weight the caller's tensor: merge into a copy, not into it
+                self.weight.data = self.weight.data.clone()
             self.merge(keep_unmerged=kept)
 
     def _apply(self, fn, recurse: bool = True):

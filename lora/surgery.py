@@ -6,13 +6,15 @@ adapters are part of the module tree, show up in ``named_modules()``, and cannot
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from .layer import LoRALinear
+from .layer import LoRALinear, take_hooks
 
 __all__ = [
     "inject_lora",
@@ -32,6 +34,18 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and DDP's wrappers, whose layer names carry no ``_orig_mod.`` or
+    ``module.`` prefix: the names adapter files and exported state dicts use."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def _matches(name: str, targets: Sequence[Target]) -> bool:
@@ -65,11 +79,17 @@ def inject_lora(
     if isinstance(model, nn.Linear):
         raise ValueError(f"inject_lora replaces layers inside a model, and this is a single {type(model).__name__}; "
                          f"use LoRALinear.from_linear(layer, r=...) for one layer")
-    targets = [targets] if isinstance(targets, (str, re.Pattern)) else list(targets)
+    single = isinstance(targets, (str, re.Pattern)) or not _iterable(targets)
+    targets = [targets] if single else list(targets)
     if not targets:
         raise ValueError("inject_lora needs at least one target, e.g. targets=('qkv',)")
+    for target in targets:
+        if not isinstance(target, (str, re.Pattern)):
+            raise TypeError(f"inject_lora targets are layer names (str) or compiled regexes (re.compile(...)), "
+                            f"got {target!r} of type {type(target).__name__}")
     names = []
-    for name, module in model.named_modules():
+    shared = _shared_modules(model)
+    for name, module in model.named_modules(remove_duplicate=False):  # every name: a shared layer's second too
         if not name or not _matches(name, targets):
             continue
         if isinstance(module, LoRALinear):
@@ -79,6 +99,12 @@ def inject_lora(
             )
         if isinstance(module, nn.Linear):
             _check_replaceable(model, name, module)
+            if module in shared:
+                raise ValueError(
+                    f"layer '{name}' is one module registered under several names ({', '.join(shared[module])}): "
+                    f"an adapter replaces it under one name only, and the others would run it without the adapter; "
+                    f"give each place a layer of its own, or target a layer that is not shared"
+                )
             names.append(name)
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -102,15 +128,51 @@ def inject_lora(
     return names
 
 
+def _iterable(value) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _shared_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Modules registered under more than one name in ``model``, with all their names."""
+    names: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, []).append(name)
+    return {module: found for module, found in names.items() if len(found) > 1}
+
+
 def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
-    """Refuses a layer whose adapter would never run: one whose parent reads its weight without calling it,
-    or one with its own ``forward``, which a LoRALinear would silently replace."""
-    parent = model.get_submodule(name.rpartition(".")[0])
+    """Refuses a layer whose adapter would never run (its parent reads its weight without calling it), one with
+    its own ``forward`` or a parametrized weight, which a LoRALinear would silently replace, and one not yet built."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
     if isinstance(parent, nn.MultiheadAttention):
         raise ValueError(
             f"layer '{name}' belongs to an nn.MultiheadAttention, whose forward reads its weight directly "
             f"(F.multi_head_attention_forward) without calling it: an adapter there would never be used; "
             f"adapt a model whose attention calls its projections (timm's Attention does)"
+        )
+    if _reads_weight(parent, child):
+        raise ValueError(
+            f"layer '{name}': the forward of its parent, {type(parent).__name__}, reads self.{child}.weight "
+            f"directly (as in F.linear(x, self.{child}.weight, bias)), at least in some configurations, instead of "
+            f"calling the layer: an adapter there would not be used; adapt a model whose attention calls its "
+            f"projections (timm's Attention, as in the DINOv2 ViTs, does; timm's EVA, BEiT and Swin V2 "
+            f"attention with q/v biases do not)"
+        )
+    if parametrize.is_parametrized(linear):
+        raise ValueError(
+            f"layer '{name}' has a parametrized weight ({type(linear).__name__}, e.g. from weight_norm or "
+            f"spectral_norm), which a LoRALinear would replace by its current value; remove the "
+            f"parametrization first (torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+    if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"layer '{name}' is an nn.LazyLinear whose size is not known yet; run one forward pass through "
+            f"the model before inject_lora"
         )
     if type(linear).forward is not nn.Linear.forward:
         raise ValueError(
@@ -119,12 +181,26 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
         )
 
 
+def _reads_weight(parent: nn.Module, child: str) -> bool:
+    """Whether ``parent``'s forward source reads ``self.<child>.weight`` for more than its dtype, device or shape
+    (timm's EVA attention: ``F.linear(x, weight=self.qkv.weight, bias=qkv_bias)``). A class whose source
+    cannot be read is not refused."""
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return False
+    metadata = r"(?!\s*\.\s*(?:dtype|device|shape|size|ndim|is_cuda|requires_grad)\b)"
+    return re.search(rf"self\.{re.escape(child)}\.weight\b{metadata}", source) is not None
+
+
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model``'s state dict as ``remove_lora(model, merge=True)`` would leave it, with ``model`` left as it
     is: each adapter folded into its weight by ``merge``'s own arithmetic (the same bits), and no
     ``lora_`` keys. It loads into the plain model (timm's) with ``strict=True``. Costs one new tensor per
-    adapted weight; every other entry is the model's own."""
+    adapted weight; every other entry is the model's own. A compiled or DDP-wrapped model gives its inner
+    model's names."""
+    model = unwrapped(model)
     state = model.state_dict()
     for name, layer in lora_layers(model):
         prefix = f"{name}." if name else ""
@@ -156,6 +232,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
         linear.weight = layer.weight
         linear.register_parameter("bias", layer.bias)
         linear.train(layer.training)
+        take_hooks(linear, layer)
         _replace(model, name, linear)
         names.append(name)
     return names

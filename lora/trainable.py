@@ -10,8 +10,14 @@ from .layer import LoRALinear
 __all__ = ["mark_only_lora_as_trainable", "count_parameters", "print_trainable_parameters"]
 
 
-def mark_only_lora_as_trainable(model: nn.Module, extra: Iterable[nn.Module] = ()) -> None:
-    """Freezes everything except ``lora_A``/``lora_B`` of each LoRALinear and all parameters of ``extra``."""
+def mark_only_lora_as_trainable(model: nn.Module, extra: nn.Module | Iterable[nn.Module] = ()) -> None:
+    """Freezes everything except ``lora_A``/``lora_B`` of each LoRALinear and all parameters of ``extra`` (a
+    module or several)."""
+    extra = [extra] if isinstance(extra, nn.Module) else list(extra)
+    for module in extra:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"mark_only_lora_as_trainable: extra holds modules to train in full, and got "
+                            f"{module!r} of type {type(module).__name__}; pass e.g. extra=[model.head]")
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, LoRALinear):

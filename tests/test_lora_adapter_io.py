@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import re
@@ -169,11 +170,66 @@ def test_a_file_failing_after_injection_leaves_the_model_as_it_came(tmp_path):
     save_file(kept, str(path), metadata=meta)  # one tensor gone: found only once the layers are injected
     model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = [block.attn.qkv for block in model.blocks]
     with pytest.raises(ValueError, match=r"no 'blocks\.1\.attn\.qkv\.lora_B'"):
         lora.load_adapter(model, path)
     assert not list(lora.lora_layers(model))
+    assert all(block.attn.qkv is layer for block, layer in zip(model.blocks, layers))  # the very modules, hooks and all
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel])
+def test_adapters_of_a_compiled_or_wrapped_model_carry_the_inner_models_names(tmp_path, wrap):
+    base = tiny_vit().eval()
+    source, target = copy.deepcopy(base), copy.deepcopy(base)
+    lora.inject_lora(source, r=4)
+    for _, layer in lora.lora_layers(source):
+        nn.init.normal_(layer.lora_B, std=0.3)
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(wrap(source), path)
+    config, _ = lora.read_adapter_config(path)
+    assert list(config) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert lora.lora_state_dict(wrap(source)).keys() == lora.lora_state_dict(source).keys()
+    assert lora.load_adapter(wrap(target), path) == list(config)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    plain = tiny_vit()
+    plain.load_state_dict(lora.merged_state_dict(wrap(source)))  # strict: no _orig_mod. or module. prefix
+
+
+def test_an_adapter_loaded_into_a_fresh_model_takes_the_dropout_asked_for(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(adapted(), path)
+    for dropout, kind in ((0.0, nn.Identity), (0.25, lora.LoRADropout)):
+        model = tiny_vit()
+        lora.load_adapter(model, path, dropout=dropout)
+        assert all(isinstance(layer.lora_dropout, kind) for _, layer in lora.lora_layers(model))
+    assert model.blocks[1].attn.qkv.lora_dropout.p == 0.25
+
+
+def test_a_symbolic_link_is_written_through_as_open_would(tmp_path):
+    target = tmp_path / "store" / "adapter.safetensors"
+    target.parent.mkdir()
+    link = tmp_path / "adapter.safetensors"
+    link.symlink_to(target)
+    lora.save_adapter(adapted(), link)
+    assert link.is_symlink() and lora.read_adapter_config(target)[0]
+
+
+def test_reading_the_umask_does_not_change_it_on_linux(tmp_path, monkeypatch):
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc here: the umask can only be read by setting it")
+    old_umask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask changes the whole process's umask"))
+        path = tmp_path / "adapter.safetensors"
+        lora.save_adapter(adapted(), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old_umask)
 
 
 @pytest.mark.parametrize("covered", [("q",), ("q", "sub.q")])
@@ -201,16 +257,41 @@ def test_a_layer_that_does_not_fit_leaves_every_layer_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(target).items())  # layer 0 too
 
 
-def test_a_damaged_adapter_tensor_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("damage", ["a scalar A", "an r its tensors do not have"])
+def test_a_damaged_adapter_is_a_clear_error_before_anything_is_built(tmp_path, damage):
     path = tmp_path / "adapter.safetensors"
     lora.save_adapter(adapted(), path)
     config, meta = lora.read_adapter_config(path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["blocks.0.attn.qkv.lora_A"] = torch.tensor(1.0)
+    if damage == "a scalar A":
+        tensors["blocks.0.attn.qkv.lora_A"] = torch.tensor(1.0)
+    else:  # built from the metadata, A would take 2**40 * 3 * 32 floats
+        meta["r"] = json.dumps({name: 2**40 for name in config})
     lora.save_safetensors(tensors, path, meta)
-    with pytest.raises(ValueError, match=r"damaged: 'blocks\.0\.attn\.qkv\.lora_A' has shape \(\), not a matrix"):
-        lora.load_adapter(tiny_vit().eval(), path)
+    model = tiny_vit().eval()
+    with pytest.raises(ValueError, match=r"is damaged: layer 'blocks\.0\.attn\.qkv' has r=\d+, splits=3 in its "
+                                         r"metadata but lora_A \((12, 32)?\), lora_B \(96, 4\)"):
+        lora.load_adapter(model, path)
+    assert not list(lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("key, value", [("r", 2.7), ("r", 0), ("splits", True), ("alpha", float("inf")),
+                                        ("alpha", "16")])
+def test_metadata_values_that_are_no_lora_setting_are_damage(tmp_path, key, value):
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(adapted(), path)
+    config, meta = lora.read_adapter_config(path)
+    meta[key] = json.dumps({name: value for name in config})
+    with safe_open(str(path), framework="pt") as f:
+        lora.save_safetensors({k: f.get_tensor(k) for k in f.keys()}, path, meta)
+    with pytest.raises(ValueError, match=rf"damaged metadata: layer 'blocks\.0\.attn\.qkv' has {key}="):
+        lora.read_adapter_config(path)
+
+
+def test_a_folder_given_as_the_adapter_file_is_named_as_such(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not an adapter file.*adapter_best\.safetensors"):
+        lora.load_adapter(tiny_vit(), tmp_path)
 
 
 def test_saved_files_get_the_permissions_a_plain_open_gives(tmp_path):

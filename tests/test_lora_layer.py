@@ -1,6 +1,7 @@
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,7 @@ def test_lora_dropout_near_one_still_keeps_something_and_stays_unbiased():
 
 @pytest.mark.parametrize("p", [-0.5, 1.0, 1.5, True, "0.1"])
 def test_lora_dropout_refuses_a_probability_outside_zero_to_one(p):
-    with pytest.raises(ValueError, match=r"LoRADropout p must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"LoRADropout p must be a number in \[0, 1\)"):
         LoRADropout(p)
 
 
@@ -382,9 +383,22 @@ def test_bad_arguments_are_clear_errors(kwargs, word):
         LoRALinear.from_linear(nn.Linear(8, 24), **kwargs)
 
 
-def test_training_through_a_merged_layer_is_an_error():
+def test_numpy_scalars_are_lora_arguments_and_other_types_are_named():
+    layer = LoRALinear(8, 24, r=np.int64(2), alpha=np.float32(4.0), dropout=np.float64(0.25), splits=np.int32(3))
+    assert (layer.r, layer.alpha, layer.splits, layer.lora_dropout.p) == (2, 4.0, 3, 0.25)
+    assert type(layer.r) is int and type(layer.splits) is int and layer.lora_A.shape == (6, 8)
+    with pytest.raises(ValueError, match=r"lora dropout must be a number in \[0, 1\), got '0\.1' of type str"):
+        LoRALinear(8, 24, dropout="0.1")
+    with pytest.raises(ValueError, match=r"lora r must be a positive integer, got True of type bool"):
+        LoRALinear(8, 24, r=True)
+
+
+@pytest.mark.parametrize("trainable", ["lora_A", "lora_B"])
+def test_training_through_a_merged_layer_is_an_error(trainable):
     layer = make_layer(3).train()
     layer.merge()
+    other = "lora_B" if trainable == "lora_A" else "lora_A"
+    getattr(layer, other).requires_grad_(False)  # LoRA-FA trains B alone: the guard must see either
     with pytest.raises(RuntimeError, match="merged, so its adapters would get no gradient"):
         layer(torch.randn(2, 12))
     with torch.no_grad():
@@ -624,3 +638,29 @@ def test_a_merge_under_inference_mode_does_not_break_later_merges():
     torch.testing.assert_close(layer.weight.detach(), w0 + layer.delta_weight(), rtol=0, atol=1e-6)
     layer.unmerge()
     assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("reset", ["reset_lora_parameters", "reset_parameters"])
+@pytest.mark.parametrize("keep_unmerged", [True, False])
+def test_resetting_a_merged_layer_is_refused_and_changes_nothing(reset, keep_unmerged):
+    layer = make_layer(3)
+    nn.init.normal_(layer.lora_B)
+    layer.merge(keep_unmerged=keep_unmerged)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=rf"{reset}\(\) on a merged LoRA layer.*call unmerge\(\)"):
+        getattr(layer, reset)()
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+def test_an_assigned_state_dict_is_not_written_into_by_a_merged_layer():
+    layer = make_layer(3).eval()
+    nn.init.normal_(layer.lora_B)
+    layer.merge(keep_unmerged=False)
+    source = make_layer(3)
+    state = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    values = {k: v.clone() for k, v in state.items()}
+    layer.load_state_dict(state, assign=True)
+    assert all(torch.equal(v, values[k]) for k, v in state.items())  # the caller's tensors: unchanged
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(source, x), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_vit
 from safetensors import safe_open
 from safetensors.torch import load_file
+import torch.nn.functional as F
 from torch import nn
 
 import lora
@@ -57,6 +58,99 @@ def test_inject_refuses_layers_whose_adapter_would_never_run():
     with pytest.raises(ValueError, match=r"'1' is a Doubled with its own forward"):
         lora.inject_lora(model, targets=("0", "1"))
     assert not list(lora.lora_layers(encoder)) and not list(lora.lora_layers(model))  # nothing replaced
+
+
+class _DirectQKV(nn.Module):
+    """An attention-like module whose forward uses its qkv's weight without calling qkv, as timm's EVA does."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        return F.linear(x, self.qkv.weight, torch.cat([self.q_bias, self.qkv.bias[8:]]))
+
+
+class _CastsForQKV(nn.Module):
+    """Reads only its qkv weight's dtype, then calls qkv: nothing to refuse."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x):
+        return self.qkv(x.to(self.qkv.weight.dtype))
+
+
+def test_inject_refuses_a_layer_whose_parent_uses_its_weight_without_calling_it():
+    eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=1, embed_dim=32, num_heads=2, num_classes=0)
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv': the forward of its parent, EvaAttention, reads "
+                                         r"self\.qkv\.weight directly"):
+        lora.inject_lora(eva)
+    model = nn.Sequential(_DirectQKV())
+    with pytest.raises(ValueError, match=r"'0\.qkv': the forward of its parent, _DirectQKV, reads self\.qkv\.weight"):
+        lora.inject_lora(model)
+    assert not list(lora.lora_layers(eva)) and not list(lora.lora_layers(model))
+    model = nn.Sequential(_CastsForQKV())
+    assert lora.inject_lora(model, r=2) == ["0.qkv"]
+    nn.init.normal_(model[0].qkv.lora_B)
+    x = torch.randn(3, 8)
+    assert not torch.allclose(model(x), F.linear(x, model[0].qkv.weight, model[0].qkv.bias))  # the adapter runs
+
+
+def test_inject_refuses_layers_it_would_silently_change():
+    weight_normed = nn.Sequential(nn.Linear(8, 8))
+    torch.nn.utils.parametrizations.weight_norm(weight_normed[0])
+    with pytest.raises(ValueError, match=r"layer '0' has a parametrized weight.*remove_parametrizations"):
+        lora.inject_lora(weight_normed, targets="0")
+    lazy = nn.Sequential(nn.LazyLinear(8))
+    with pytest.raises(ValueError, match=r"layer '0' is an nn\.LazyLinear.*run one forward pass"):
+        lora.inject_lora(lazy, targets="0")
+    shared = nn.Linear(8, 8)
+    tied = nn.ModuleDict({"a": shared, "b": shared})
+    with pytest.raises(ValueError, match=r"layer 'a' is one module registered under several names \(a, b\)"):
+        lora.inject_lora(tied, targets=("a", "b"))
+    with pytest.raises(ValueError, match=r"layer 'b' is one module registered under several names \(a, b\)"):
+        lora.inject_lora(tied, targets="b")  # named_modules() lists it under 'a' only
+    for model in (weight_normed, lazy, tied):
+        assert not list(lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("targets", [None, [1], ("qkv", 3.0)])
+def test_targets_that_are_no_names_are_a_clear_error(vit, targets):
+    with pytest.raises(TypeError, match=r"targets are layer names \(str\) or compiled regexes"):
+        lora.inject_lora(vit, targets=targets)
+
+
+def test_hooks_on_a_replaced_layer_keep_running_and_stay_removable(vit):
+    qkv = vit.blocks[0].attn.qkv
+    seen = []
+    handle = qkv.register_forward_hook(lambda module, args, out: seen.append((type(module), args[0], out)))
+    lora.inject_lora(vit, r=2)
+    randomise_adapters(vit)
+    layer = vit.blocks[0].attn.qkv
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        vit(x)
+        kind, inputs, out = seen[-1]
+        assert kind is LoRALinear and torch.equal(out, layer(inputs))  # the hook sees the adapted output
+        assert not torch.allclose(out, F.linear(inputs, layer.weight, layer.bias))
+    lora.remove_lora(vit, merge=True)
+    calls = len(seen)
+    vit(x)
+    assert len(seen) == calls + 1 and seen[-1][0] is nn.Linear
+    handle.remove()  # the handle taken before the surgery still reaches the hook
+    vit(x)
+    assert len(seen) == calls + 1
+
+
+def test_mark_only_lora_as_trainable_takes_one_module_or_says_what_it_wants(vit):
+    lora.inject_lora(vit, r=2)
+    lora.mark_only_lora_as_trainable(vit, extra=vit.norm)
+    assert vit.norm.weight.requires_grad and not vit.blocks[0].attn.qkv.weight.requires_grad
+    with pytest.raises(TypeError, match=r"extra holds modules to train in full, and got 'norm' of type str"):
+        lora.mark_only_lora_as_trainable(vit, extra=["norm"])
 
 
 def test_a_failed_inject_leaves_the_model_untouched():
