@@ -389,6 +389,41 @@ def test_resume_refuses_training_answers_the_run_has_no_class_for(trained, tmp_p
     assert run_bytes(run) == before
 
 
+@pytest.mark.parametrize("csv", ["4 of the 8 images", "a moved copy", "4 of 8, a checkpoint from before the record"])
+def test_resume_trains_on_as_many_images_as_the_run_did(csv, trained, tmp_path, capsys):
+    """train_csv may move, not change the image count: the schedule (its length in steps) and the saved position
+    in the epoch's shuffled batches count the images. With half of them, the third epoch ran at rate 0."""
+    import train
+
+    run = copied_run(trained, tmp_path)
+    data = tmp_path / "moved data"
+    subprocess.run(["cp", "-r", str(trained[0] / "data"), str(data)], check=True)
+    header, *rows = (data / "train.csv").read_text().splitlines()
+    images = sorted({row.split(",")[0] for row in rows})
+    assert len(images) == 8 == torch.load(run / "checkpoint.pt", weights_only=True)["train_images"]
+    new_csv = data / "renamed.csv"
+    kept = rows if csv == "a moved copy" else [row for row in rows if row.split(",")[0] in images[:4]]
+    new_csv.write_text("\n".join([header, *kept]) + "\n")
+    if "before the record" in csv:  # older runs have nothing to compare: not checked, as before
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        del state["train_images"]
+        torch.save(state, run / "checkpoint.pt")
+    before = run_bytes(run)
+    code = train.cli(["--resume", str(run), "--epochs", "3", "--train_csv", str(new_csv)])
+    err = capsys.readouterr().err
+    if csv == "4 of the 8 images":
+        assert code == 2 and run_bytes(run) == before
+        assert (f"train_csv '{new_csv}' holds 4 training image(s), but the run trained on 8 ({run / 'checkpoint.pt'}): "
+                f"resume continues training on the same data, which may have moved or been renamed") in err
+        assert "To train on other data, start a new run, e.g. from this one's encoder: python -m vqa.export" in err
+        assert "--checkpoint_path" in err and "NEW_RUN" in err
+    else:
+        assert code == 0, err
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+        assert torch.load(run / "checkpoint.pt", weights_only=True)["train_images"] == len(
+            {row.split(",")[0] for row in kept})
+
+
 @pytest.mark.parametrize("damage, message", [
     ("backbone.safetensors", "backbone.safetensors' is missing: the run's backbone was randomly initialised"),
     ("tokenizer.json", "has a missing or damaged vocabulary file"),
