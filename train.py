@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ import lora
 from vqa import distributed
 from vqa.answer_weights import load_answer_weights
 from vqa.config import RunConfig, load_config
-from vqa.data import VQADataset, build_transform, chunks, read_split
+from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
@@ -142,6 +143,25 @@ def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
                        f"train on these answers in a new run (another --output_dir)")
 
 
+def check_same_images(images: int, recorded: int | None, train_data: CSVData, run: Path, processes: int) -> None:
+    """A resumed run trains on the images it started on (``recorded`` in its checkpoint; ``None``: a run from
+    before the record, not checked), which may have moved or been renamed: the cosine schedule's length and
+    the saved position in the epoch's shuffled batches both count them. Under torchrun every process reads
+    the whole CSV, so the count is the data set's, whatever the number of processes."""
+    if recorded is None or images == recorded:
+        return
+    skipped = f" (after {len(train_data.skipped)} skipped bad row(s))" if train_data.skipped else ""
+    encoder = run / "encoder.safetensors"
+    export = shlex.join(["python", "-m", "vqa.export", "--run", str(run), "--out", str(encoder)])
+    new_run = train_command("--config", str(run / "config.yaml"), "--output_dir", "NEW_RUN", "--train_csv",
+                            str(train_data.path), "--checkpoint_path", str(encoder), processes=processes)
+    raise VQAError(f"train_csv '{train_data.path}' holds {images} training image(s){skipped}, but the run trained on "
+                   f"{recorded} ({run / 'checkpoint.pt'}): resume continues training on the same data, which may "
+                   f"have moved or been renamed (point --train_csv at it), since the learning-rate schedule and the "
+                   f"saved position in the epoch's shuffled batches count its images. To train on other data, start "
+                   f"a new run, e.g. from this one's encoder: {export}, then {new_run}")
+
+
 def _preview(items, limit: int = 3) -> str:
     items = list(items)
     return ", ".join(repr(i) for i in items[:limit]) + (", ..." if len(items) > limit else "")
@@ -244,6 +264,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     transform = build_transform(model.backbone, cfg.model.img_size)
     train_set = VQADataset(train_data.rows, transform, tokenizer, answers)
     val_set = VQADataset(val_data.rows, transform, tokenizer, answers)
+    state = load_checkpoint(run / "checkpoint.pt") if resume else {}
+    check_same_images(len(train_set), state.get("train_images"), train_data, run, procs.world_size)
     all_val_batches = chunks(list(range(len(val_set))), t.batch_size)
     val_batches = all_val_batches[procs.rank::procs.world_size]  # counts summed below
     val_rounds = math.ceil(len(all_val_batches) / procs.world_size)  # the most batches any process validates
@@ -276,7 +298,6 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                                   backbone_file)
     start_epoch, start_batch, best, step = 0, 0, -1.0, 0
     if resume:
-        state = load_checkpoint(run / "checkpoint.pt")
         copy_weights(model, state["model"], run / "checkpoint.pt")
         if base_sha256 is not None:
             check_base_file(cfg.model.checkpoint_path, state.get("base_sha256"), run / "checkpoint.pt", base_sha256)
@@ -312,6 +333,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng_per_process": rngs,
                 "epoch": epoch, "batch": batch, "step": step, "best": best, "base_sha256": base_sha256,
+                "train_images": len(train_set),  # resume refuses another count: the schedule and order hold it
             }, run / "checkpoint.pt")
         distributed.barrier(procs)  # no process leaves (a stop) before the file is complete
 

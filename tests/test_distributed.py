@@ -181,6 +181,7 @@ def test_train_under_torchrun_writes_one_run_and_evaluates_every_question(ddp_ru
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     first, second = state["rng_per_process"]
     assert not torch.equal(first["torch"], second["torch"])  # each process draws its own dropout masks
+    assert state["train_images"] == 8  # the data set's, which resume checks, not a process's share (4)
 
 
 def test_a_torchrun_checkpoint_resumes_under_torchrun_only(ddp_run, tmp_path):

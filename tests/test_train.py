@@ -389,6 +389,41 @@ def test_resume_refuses_training_answers_the_run_has_no_class_for(trained, tmp_p
     assert run_bytes(run) == before
 
 
+@pytest.mark.parametrize("csv", ["4 of the 8 images", "a moved copy", "4 of 8, a checkpoint from before the record"])
+def test_resume_trains_on_as_many_images_as_the_run_did(csv, trained, tmp_path, capsys):
+    """train_csv may move, not change the image count: the schedule (its length in steps) and the saved position
+    in the epoch's shuffled batches count the images. With half of them, the third epoch ran at rate 0."""
+    import train
+
+    run = copied_run(trained, tmp_path)
+    data = tmp_path / "moved data"
+    subprocess.run(["cp", "-r", str(trained[0] / "data"), str(data)], check=True)
+    header, *rows = (data / "train.csv").read_text().splitlines()
+    images = sorted({row.split(",")[0] for row in rows})
+    assert len(images) == 8 == torch.load(run / "checkpoint.pt", weights_only=True)["train_images"]
+    new_csv = data / "renamed.csv"
+    kept = rows if csv == "a moved copy" else [row for row in rows if row.split(",")[0] in images[:4]]
+    new_csv.write_text("\n".join([header, *kept]) + "\n")
+    if "before the record" in csv:  # older runs have nothing to compare: not checked, as before
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        del state["train_images"]
+        torch.save(state, run / "checkpoint.pt")
+    before = run_bytes(run)
+    code = train.cli(["--resume", str(run), "--epochs", "3", "--train_csv", str(new_csv)])
+    err = capsys.readouterr().err
+    if csv == "4 of the 8 images":
+        assert code == 2 and run_bytes(run) == before
+        assert (f"train_csv '{new_csv}' holds 4 training image(s), but the run trained on 8 ({run / 'checkpoint.pt'}): "
+                f"resume continues training on the same data, which may have moved or been renamed") in err
+        assert "To train on other data, start a new run, e.g. from this one's encoder: python -m vqa.export" in err
+        assert "--checkpoint_path" in err and "NEW_RUN" in err
+    else:
+        assert code == 0, err
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+        assert torch.load(run / "checkpoint.pt", weights_only=True)["train_images"] == len(
+            {row.split(",")[0] for row in kept})
+
+
 @pytest.mark.parametrize("damage, message", [
     ("backbone.safetensors", "backbone.safetensors' is missing: the run's backbone was randomly initialised"),
     ("tokenizer.json", "has a missing or damaged vocabulary file"),
@@ -1300,3 +1335,104 @@ def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monke
         if dist.is_initialized():
             dist.destroy_process_group()
     assert totals == [3 * 2]
+
+
+def offline_hub(monkeypatch) -> None:
+    """timm as on a machine with no network and nothing cached: asking for pretrained weights fails, as timm does."""
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    build = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        return build(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+
+
+def tool_runs(trained, tmp_path) -> dict:
+    """Each tool and its arguments but --run; export writes to a new file each call."""
+    import vqa.evaluate
+    import vqa.export
+    import vqa.predict
+
+    outs = iter(range(100))
+    image = trained[0] / "data" / "images" / "val_00000.png"
+    return {"predict": (vqa.predict, lambda: ["--image", str(image), "--question", "How many circles are there?"]),
+            "evaluate": (vqa.evaluate, lambda: ["--csv", str(trained[0] / "data" / "val.csv")]),
+            "export": (vqa.export, lambda: ["--out", str(tmp_path / f"encoder{next(outs)}.safetensors")])}
+
+
+def test_tools_take_a_local_copy_of_a_pretrained_run_s_weights_offline(trained, tmp_path, monkeypatch, capsys):
+    """Offline, a pretrained run's backbone cannot come from the hub: prediction, evaluation and export say to give
+    their own --checkpoint_path and take it (a copy no SHA-256 was recorded for: the hub's is not kept), where
+    resume keeps advising its checkpoint_path."""
+    import train
+
+    run = copied_run(trained, tmp_path)
+    edited_config(run, "model", "pretrained", True)  # as if from the hub: its weights are those the run saved
+    local = tmp_path / "local copy.safetensors"
+    (run / "backbone.safetensors").rename(local)  # nowhere in the run folder: only the option can bring them
+    offline_hub(monkeypatch)
+    tools = tool_runs(trained, tmp_path)
+    for name, (tool, args) in tools.items():
+        assert tool.main(["--run", str(run), *args()]) == 2, name
+        err = capsys.readouterr().err
+        assert "cannot get the pretrained weights of 'vit_small_patch14_dinov2' through timm's download" in err
+        assert f"give a local copy of them, a .safetensors or .pth of this model: python -m vqa.{name} " \
+               f"--checkpoint_path PATH" in err, err
+        assert tool.main(["--run", str(run), *args(), "--checkpoint_path", str(local)]) == 0, capsys.readouterr().err
+    # The copy's weights are the ones used: the encoder is the one the run that saved them exports.
+    assert tools["export"][0].main(["--run", str(trained[0] / "run"), *tools["export"][1]()]) == 0
+    first, second = (load_file(str(tmp_path / f"encoder{i}.safetensors")) for i in (1, 2))  # 0: the refused call
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "on a machine without network, give checkpoint_path" in err and "vqa." not in err
+
+
+def test_tools_refuse_a_starting_file_with_other_bytes_where_the_run_recorded_its_sha256(started_from_export, trained,
+                                                                                       tmp_path, capsys):
+    """A run from a checkpoint_path file that has moved: each tool takes a copy with the same bytes through its
+    --checkpoint_path, refuses one with other bytes, and export will not write over the copy."""
+    from safetensors.torch import save_file
+
+    here, encoder, second = started_from_export
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(second), str(run)], check=True)
+    edited_config(run, "model", "checkpoint_path", str(tmp_path / "gone" / "encoder.safetensors"))  # moved away
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(encoder.read_bytes())
+    other = tmp_path / "other.safetensors"  # the same model, one weight changed: it loads
+    weights = load_file(str(encoder))
+    weights["norm.weight"] = weights["norm.weight"] + 1
+    save_file(weights, str(other))
+    tools = tool_runs(trained, tmp_path)
+    for name, (tool, args) in tools.items():
+        option = f"python -m vqa.{name} --checkpoint_path PATH"
+        assert tool.main(["--run", str(run), *args()]) == 2
+        assert f"does not exist; if the file moved, give where it is now: {option}" in capsys.readouterr().err
+        assert tool.main(["--run", str(run), *args(), "--checkpoint_path", str(moved)]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert tool.main(["--run", str(run), *args(), "--checkpoint_path", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint_path '{other}' is not the file this run started from" in err
+        assert f"point checkpoint_path at a copy of the original file ({option})" in err
+    before = moved.read_bytes()
+    assert tools["export"][0].main(["--run", str(run), "--out", str(moved), "--checkpoint_path", str(moved)]) == 2
+    assert "is the checkpoint this run started from" in capsys.readouterr().err and moved.read_bytes() == before
+
+
+def test_tools_refuse_a_starting_file_for_a_run_from_random_weights(trained, tmp_path, capsys):
+    """A randomly initialised run's base weights are its backbone.safetensors: another file would replace them."""
+    run = trained[0] / "run"
+    copy = tmp_path / "backbone copy.safetensors"
+    copy.write_bytes((run / "backbone.safetensors").read_bytes())
+    for name, (tool, args) in tool_runs(trained, tmp_path).items():
+        assert tool.main(["--run", str(run), *args(), "--checkpoint_path", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert (f"--checkpoint_path '{copy}' was given, but run '{run}' started from random weights, which its own "
+                f"{run / 'backbone.safetensors'} holds") in err and "drop --checkpoint_path" in err, name
+    assert not list(tmp_path.glob("encoder*"))

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vqa.config import RunConfig, load_config, parse_overrides
+from vqa.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config, parse_overrides
 from vqa.errors import VQAError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +189,26 @@ def test_any_override_list_gives_a_config_or_our_error(args):
         load_config(None, args)
     except VQAError:
         pass
+
+
+SECTION_KEYS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+@pytest.mark.parametrize("where", ["file", "--key", "--section.key"])
+@pytest.mark.parametrize("key, closest", [("vision_lora_rank", "vision_lora_r"), ("zzz_qqq", None)])
+def test_an_unknown_key_lists_the_valid_keys_and_the_closest_one(tmp_path, where, key, closest):
+    """Every valid key of the section (demo.yaml sets only some of them), and a suggestion where one is close."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {key: 8}} if where == "file" else {}))
+    flag = {"file": [], "--key": [f"--{key}", "8"], "--section.key": [f"--model.{key}", "8"]}[where]
+    with pytest.raises(VQAError) as error:
+        load_config(path, flag)
+    message = str(error.value)
+    assert ("did you mean" in message) == (closest is not None)
+    if closest:
+        assert f"(did you mean '{'--' if flag else ''}{closest}'?)" in message
+    sections = ["data", "model", "train"] if where == "--key" else ["model"]  # a --key alone may be any section's
+    for name, section in SECTION_KEYS.items():
+        keys = ", ".join(f.name for f in dataclasses.fields(section))
+        assert (keys in message) == (name in sections), name
+    assert "demo.yaml" not in message

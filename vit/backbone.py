@@ -15,7 +15,20 @@ from torch import Tensor, nn
 
 import lora
 
-__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_backbone", "torch_load_failure"]
+__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_backbone", "torch_load_failure",
+           "PretrainedWeightsUnavailable"]
+
+
+class PretrainedWeightsUnavailable(FileNotFoundError):
+    """timm could not download ``model_name``'s pretrained weights (no network and nothing cached, say): ``reason``."""
+
+    def __init__(self, model_name: str, reason: str) -> None:
+        super().__init__(
+            f"cannot get the pretrained weights of '{model_name}' through timm's download ({reason}); on a machine "
+            f"without network, give checkpoint_path (a local .safetensors or .pth of this model), or fill the "
+            f"Hugging Face cache (HF_HOME) where there is network; pretrained: false builds random weights"
+        )
+        self.model_name, self.reason = model_name, reason
 
 
 def create_backbone(
@@ -58,11 +71,7 @@ def create_backbone(
         if not pretrained:
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FileNotFoundError(
-            f"cannot get the pretrained weights of '{name}' through timm's download ({reason}); on a machine "
-            f"without network, give checkpoint_path (a local .safetensors or .pth of this model), or fill the "
-            f"Hugging Face cache (HF_HOME) where there is network; pretrained: false builds random weights"
-        ) from None
+        raise PretrainedWeightsUnavailable(name, reason) from None
     if checkpoint_path is not None:
         load_backbone_checkpoint(model, checkpoint_path)
     return model

@@ -4,12 +4,14 @@ A YAML file has the sections ``data``, ``model`` and ``train``. Every key is uni
 ``--vision_lora_r 4`` and ``--model.vision_lora_r 4`` both work; a yes/no key alone (``--use_type_loss``)
 means true. An unknown key, a value of the wrong type, out of range or not finite, and a key given twice in one YAML
 mapping are ``VQAError``s naming the key (an unknown key, a wrong type or a non-finite number also names
-where the value came from: the file or the command line).
+where the value came from: the file or the command line; an unknown key's error also lists the valid keys,
+of its section where it has one, and the closest of them).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -119,11 +121,11 @@ class RunConfig:
         if not isinstance(raw, dict):
             raise VQAError(f"{source} must be a mapping with sections data, model, train; got {type(raw).__name__}")
         sections = {}
-        for name, section_cls in _SECTIONS.items():
+        for name in _SECTIONS:
             values = raw.get(name) or {}
             if not isinstance(values, dict):
                 raise VQAError(f"{source}: section '{name}' must be a mapping of keys to values")
-            sections[name] = _build(section_cls, values, f"{source}: {name}")
+            sections[name] = _build(name, values, f"{source}: {name}")
         unknown = sorted(set(raw) - set(_SECTIONS))
         if unknown:
             hint = f"; put '{unknown[0]}' under '{_KEY_SECTION[unknown[0]]}:'" if unknown[0] in _KEY_SECTION else ""
@@ -135,6 +137,18 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 _KEY_SECTION = {f.name: s for s, c in _SECTIONS.items() for f in dataclasses.fields(c)}
 _KEY_TYPE = {name: hint for c in _SECTIONS.values() for name, hint in typing.get_type_hints(c).items()}
 assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTIONS.values()), "config keys must be unique"
+
+
+def _unknown_key(key: str, section: str | None, flag: bool) -> str:
+    """What an error about the unknown ``key`` adds: the closest valid key, where one is close, and the valid
+    keys of ``section`` (of every section where none is known: a ``--key`` alone). ``flag``: spelled ``--key``."""
+    sections = [section] if section in _SECTIONS else list(_SECTIONS)
+    names = {s: [f.name for f in dataclasses.fields(_SECTIONS[s])] for s in sections}
+    close = difflib.get_close_matches(key, [name for s in sections for name in names[s]], n=1)
+    hint = f" (did you mean '{'--' if flag else ''}{close[0]}'?)" if close else ""
+    if section in _SECTIONS:
+        return f"{hint}; section '{section}' has the keys: {', '.join(names[section])}"
+    return f"{hint}; the keys are, in " + "; in ".join(f"{s}: {', '.join(names[s])}" for s in sections)
 
 
 def _positive(cfg, *keys: str) -> None:
@@ -174,14 +188,16 @@ def _coerce(key: str, value, annotation, where: str):
     raise VQAError(f"{where}: key '{key}' must be {name}, got {value!r} ({type(value).__name__})")
 
 
-def _build(section_cls, values: dict, where: str):
+def _build(section: str, values: dict, where: str):
+    section_cls = _SECTIONS[section]
     hints = typing.get_type_hints(section_cls)
     known = {f.name for f in dataclasses.fields(section_cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            elsewhere = f"; it belongs in section '{_KEY_SECTION[key]}'" if key in _KEY_SECTION else ""
-            raise VQAError(f"{where}: unknown key '{key}'{elsewhere}")
+            if key in _KEY_SECTION:
+                raise VQAError(f"{where}: unknown key '{key}'; it belongs in section '{_KEY_SECTION[key]}'")
+            raise VQAError(f"{where}: unknown key '{key}'{_unknown_key(str(key), section, flag=False)}")
         kwargs[key] = _coerce(key, value, hints[key], where)
     return section_cls(**kwargs)
 
@@ -203,7 +219,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
         section, _, name = key.rpartition(".")
         name = name.replace("-", "_")
         if name not in _KEY_SECTION:
-            raise VQAError(f"unknown config key '--{key}'; see configs/demo.yaml for the keys")
+            raise VQAError(f"unknown config key '--{key}'{_unknown_key(name, section, flag=True)}")
         if section and _KEY_SECTION[name] != section:
             raise VQAError(f"'{name}' is a key of section '{_KEY_SECTION[name]}', not '{section}': "
                            f"--{_KEY_SECTION[name]}.{name} or --{name}")

@@ -146,7 +146,7 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run_files import load_run
+    from .run_files import CHECKPOINT_HELP, load_run
 
     parser = argparse.ArgumentParser(prog="python -m vqa.evaluate",
                                      description="Per-question-type accuracy of a trained run on a CSV.")
@@ -161,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="let image paths leave the CSV's folder (absolute or ../); also on where the run "
                              "trained with it")
     parser.add_argument("--which", choices=("best", "last"), default="best")
+    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, metavar="PATH", help=CHECKPOINT_HELP)
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
-        model, tokenizer, answers, cfg = load_run(args.run, device, args.which)
+        model, tokenizer, answers, cfg = load_run(args.run, device, args.which, args.checkpoint_path, parser.prog)
         data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows,
                           allow_outside_paths=args.allow_outside_paths or cfg.data.allow_outside_paths)
         dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)

@@ -21,8 +21,12 @@ from .errors import VQAError
 __all__ = ["export_encoder"]
 
 
-def export_encoder(run_dir: Path, out: Path, which: str = "best") -> str:
-    """Writes the run's encoder to ``out``; returns the timm call that loads it."""
+PROG = "python -m vqa.export"
+
+
+def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_path: Path | None = None) -> str:
+    """Writes the run's encoder to ``out``; returns the timm call that loads it. ``checkpoint_path``: a local
+    copy of the weights the run started from (``load_run``)."""
     from .run_files import RUN_FILES, load_run, weights_file
 
     if out.suffix != ".safetensors":
@@ -30,12 +34,12 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best") -> str:
     if out.resolve() in {(run_dir / name).resolve() for name in RUN_FILES}:
         raise VQAError(f"--out '{out}' is a file of the run itself; write the export beside it, e.g. "
                        f"--out {run_dir / 'encoder.safetensors'}")
-    model, _, _, cfg = load_run(run_dir, "cpu", which)
-    base = cfg.model.checkpoint_path
-    if base and Path(base).resolve() == out.resolve():
-        raise VQAError(f"--out '{out}' is the checkpoint this run started from (checkpoint_path): written over, the "
-                       f"run's base weights would hold its adapters, which it would then add a second time; "
-                       f"write the export to another file")
+    model, _, _, cfg = load_run(run_dir, "cpu", which, checkpoint_path, PROG)
+    for base in (cfg.model.checkpoint_path, checkpoint_path):
+        if base and Path(base).resolve() == out.resolve():
+            raise VQAError(f"--out '{out}' is the checkpoint this run started from (checkpoint_path): written over, "
+                           f"the run's base weights would hold its adapters, which it would then add a second time; "
+                           f"write the export to another file")
     weights = weights_file(run_dir, which)  # the file load_run took, for the record
     with safe_open(str(weights), framework="pt") as f:
         trained = f.metadata() or {}
@@ -50,13 +54,16 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vqa.export", description=__doc__.splitlines()[0])
+    from .run_files import CHECKPOINT_HELP
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="the run's weights to export")
+    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, metavar="PATH", help=CHECKPOINT_HELP)
     args = parser.parse_args(argv)
     try:
-        call = export_encoder(args.run, args.out, args.which)
+        call = export_encoder(args.run, args.out, args.which, args.checkpoint_path)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ def predict(model, tokenizer, answers, transform, image: Path, question: str, to
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run_files import load_run
+    from .run_files import CHECKPOINT_HELP, load_run
 
     parser = argparse.ArgumentParser(prog="python -m vqa.predict",
                                      description="Answer a question about an image with a trained run.")
@@ -49,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", required=True)
     parser.add_argument("--top_k", "--top-k", type=at_least(1), default=5, help="answers to list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, metavar="PATH", help=CHECKPOINT_HELP)
     args = parser.parse_args(argv)
     try:
         if not args.question.strip():
             raise VQAError("--question is empty; ask something, e.g. --question 'What color is the circle?'")
-        model, tokenizer, answers, cfg = load_run(args.run, pick_device(args.device))
+        model, tokenizer, answers, cfg = load_run(args.run, pick_device(args.device),
+                                                  checkpoint_path=args.checkpoint_path, tool=parser.prog)
         transform = build_transform(model.backbone, cfg.model.img_size)
         ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k,
                                 type_head=cfg.train.use_type_loss)

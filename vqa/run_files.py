@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lora import atomic_path, atomic_write
-from vit import torch_load_failure
+from vit import PretrainedWeightsUnavailable, torch_load_failure
 
 from .config import RunConfig, load_config
 from .errors import VQAError
@@ -54,6 +54,10 @@ __all__ = [
     "check_base_file",
 ]
 
+# The --checkpoint_path of prediction, evaluation and export (load_run's checkpoint_path).
+CHECKPOINT_HELP = ("a local copy of the weights the run started from, in place of its own source: a pretrained run's "
+                   "(offline, say), or its checkpoint_path file, moved; checked against the SHA-256 the run recorded")
+
 # What a run has trained, resume state first: a new run will not start over these unless told to.
 TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "model_best.safetensors", "model_last.safetensors",
                  "adapter_best.safetensors", "adapter_last.safetensors")
@@ -61,7 +65,11 @@ TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "model_best.safetensors", "mo
 RUN_FILES = TRAINED_FILES + ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors")
 
 
-def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_path: str | None = None) -> DeterministicVQA:
+def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_path: str | None = None,
+                offline: str | None = None) -> DeterministicVQA:
+    """The run's model, its backbone from ``checkpoint_path`` where given (else from the config's source).
+    ``offline``: what to advise when the hub's pretrained weights cannot be had (default: the config's
+    ``checkpoint_path``, as for train.py)."""
     m = cfg.model
     try:
         return DeterministicVQA(
@@ -81,6 +89,11 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
             question_layers=m.question_layers,
             dropout=m.dropout,
         )
+    except PretrainedWeightsUnavailable as e:
+        if offline is None:
+            raise VQAError(str(e)) from None
+        raise VQAError(f"cannot get the pretrained weights of '{e.model_name}' through timm's download "
+                       f"({e.reason}); {offline}") from None
     except (ValueError, FileNotFoundError) as e:  # backbone name, img_size, checkpoint problems
         raise VQAError(str(e)) from None
 
@@ -105,15 +118,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_base_file(path: str | Path, expected: str | None, recorded_in: Path, digest: str | None = None) -> None:
+def check_base_file(path: str | Path, expected: str | None, recorded_in: Path, digest: str | None = None,
+                    option: str = "resume with --checkpoint_path PATH") -> None:
     """Refuses a ``checkpoint_path`` whose bytes are not those the run trained on (``expected``, the SHA-256
     recorded in ``recorded_in``; ``None``: a run from before the record, not checked). A moved copy passes.
-    ``digest``: the file's SHA-256 where the caller has it already."""
+    ``digest``: the file's SHA-256 where the caller has it already; ``option``: how the user gives another file."""
     if expected is not None and (digest or file_sha256(path)) != expected:
         raise VQAError(f"checkpoint_path '{path}' is not the file this run started from: its SHA-256 differs from "
                        f"the one recorded in {recorded_in}, so it was replaced or written over, and the run's "
                        f"adapters would sit on other base weights; point checkpoint_path at a copy of the original "
-                       f"file (resume with --checkpoint_path PATH), or train a new run")
+                       f"file ({option}), or train a new run")
 
 
 def train_command(*args: str, processes: int = 1) -> str:
@@ -150,13 +164,14 @@ def copy_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: 
         params[key].copy_(value)
 
 
-def load_weights(model: nn.Module, path: Path) -> dict[str, str]:
-    """Copies a weights file into ``model``; returns the file's metadata."""
+def load_weights(model: nn.Module | None, path: Path) -> dict[str, str]:
+    """Copies a weights file into ``model`` (``None``: reads nothing but the metadata); returns the file's metadata."""
     if not path.is_file():
         raise VQAError(f"weights file '{path}' does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            copy_weights(model, {key: f.get_tensor(key) for key in f.keys()}, path)
+            if model is not None:
+                copy_weights(model, {key: f.get_tensor(key) for key in f.keys()}, path)
             return f.metadata() or {}
     except SafetensorError as e:
         raise VQAError(f"'{path}' is not a readable safetensors file ({e})") from None
@@ -215,20 +230,46 @@ def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
     return tokenizer, answers
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "best"):
-    """Rebuilds a trained model from a run folder for inference; returns ``(model, tokenizer, answers, cfg)``."""
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "best",
+             checkpoint_path: str | Path | None = None, tool: str | None = None):
+    """Rebuilds a trained model from a run folder for inference; returns ``(model, tokenizer, answers, cfg)``.
+
+    ``checkpoint_path``: a local copy of the weights the run started from, in place of its own source (the
+    hub for a pretrained run, offline say, or its checkpoint_path file, moved); where the run recorded the
+    file's SHA-256 the copy must match it. ``tool``: the command the user ran (``python -m vqa.predict``),
+    whose ``--checkpoint_path`` the errors then name."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise VQAError(f"'{run}' is not a run folder: it has no config.yaml (train one with train.py)")
     cfg = load_config(run / "config.yaml")
     tokenizer, answers = load_vocabularies(run)
     weights = weights_file(run, which)  # first: a run killed before its backbone file has none to load either
+    name, option = "checkpoint_path", "checkpoint_path=PATH"  # load_run's own argument
+    if tool:
+        name, option = "--checkpoint_path", f"{tool} --checkpoint_path PATH"
     backbone = run / "backbone.safetensors"
-    from_random = random_backbone(cfg)
-    if from_random and not backbone.is_file():
-        raise VQAError(missing_backbone(backbone))
-    model = build_model(cfg, len(tokenizer), len(answers), str(backbone) if from_random else None)
-    metadata = load_weights(model, weights)
-    if cfg.model.checkpoint_path:
-        check_base_file(cfg.model.checkpoint_path, metadata.get("base_sha256"), weights)
+    if random_backbone(cfg):
+        if checkpoint_path is not None:
+            raise VQAError(f"{name} '{checkpoint_path}' was given, but run '{run}' started from random weights, "
+                           f"which its own {backbone} holds (pretrained: false and no checkpoint_path in its "
+                           f"config.yaml): any other file would be other weights; drop {name}")
+        if not backbone.is_file():
+            raise VQAError(missing_backbone(backbone))
+        source, base = backbone, None  # the run's own base weights, no file to check
+    else:
+        base = checkpoint_path if checkpoint_path is not None else cfg.model.checkpoint_path
+        if checkpoint_path is not None and not Path(checkpoint_path).is_file():
+            raise VQAError(f"{name} '{checkpoint_path}' does not exist; give the path of a local copy of the weights "
+                           f"run '{run}' started from")
+        if base is not None and not Path(base).is_file():
+            raise VQAError(f"'{base}', the checkpoint_path that run '{run}' started from (in its config.yaml), does "
+                           f"not exist; if the file moved, give where it is now: {option}")
+        source = base  # None: the hub's pretrained weights
+    offline = (f"run '{run}' started from them (pretrained: true in its config.yaml); on a machine without "
+               f"network, give a local copy of them, a .safetensors or .pth of this model: {option}, or fill the "
+               f"Hugging Face cache (HF_HOME) where there is network")
+    if base is not None:  # before the model is built: the weights file's metadata holds the record
+        check_base_file(base, load_weights(None, weights).get("base_sha256"), weights, option=option)
+    model = build_model(cfg, len(tokenizer), len(answers), str(source) if source else None, offline=offline)
+    load_weights(model, weights)
     return model.to(device).eval(), tokenizer, answers, cfg
