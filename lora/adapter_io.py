@@ -7,7 +7,6 @@ Metadata keys: ``lora_version``, and JSON under ``targets`` (layer names), ``r``
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .atomic import save_safetensors
+from .layer import _finite
 from .surgery import _replace, inject_lora, lora_layers, merged_state_dict, unwrapped
 
 __all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
@@ -43,7 +43,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
     ``strict`` makes a layer the state dict lacks, or one the model lacks, an error. A shape that does
     not fit is always an error naming the layer and both shapes.
     """
-    model = unwrapped(model)
+    model, state_dict = unwrapped(model), _inner_names(state_dict)
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError(
@@ -143,13 +143,19 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[
         raise ValueError(f"adapter file '{path}' has damaged metadata ({e!r}); save it again") from None
     for name, cfg in config.items():
         for key, value in cfg.items():
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not number or value <= 0 or (key != "alpha" and not isinstance(value, int)):
+            number = isinstance(value, int) if key != "alpha" else isinstance(value, (int, float)) and _finite(value)
+            if isinstance(value, bool) or not number or value <= 0:
                 kind = "a finite number > 0" if key == "alpha" else "a positive integer"
                 raise ValueError(f"adapter file '{path}' has damaged metadata: layer '{name}' has {key}={value!r}, "
                                  f"which must be {kind}; save it again")
         cfg["alpha"] = float(cfg["alpha"])
     return config, meta
+
+
+def _inner_names(names: dict) -> dict:
+    """``names``' keys without the ``_orig_mod.`` that torch.compile's wrapper put in front of files saved from
+    a compiled model before ``save_adapter`` unwrapped it."""
+    return {re.sub(r"^(_orig_mod\.)+", "", key): value for key, value in names.items()}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True, dropout: float = 0.0) -> list[str]:
@@ -165,7 +171,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
-    _check_shapes(path, config, tensors)
+    config, tensors = _inner_names(config), _inner_names(tensors)
+    _check_shapes(path, config, tensors, strict)
+    config = {name: cfg for name, cfg in config.items() if any(f"{name}.{p}" in tensors for p in _PARAMS)}
     layers = dict(lora_layers(model))
     injected = not layers
     if injected:
@@ -193,11 +201,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
         raise
 
 
-def _check_shapes(path, config: dict[str, dict], tensors: dict[str, Tensor]) -> None:
+def _check_shapes(path, config: dict[str, dict], tensors: dict[str, Tensor], strict: bool) -> None:
     """The file's tensors against its own metadata, before anything is built from either: A is (splits * r, in),
-    B is (out, r) with out a multiple of splits."""
+    B is (out, r) with out a multiple of splits; with ``strict``, every layer listed has both."""
     for name, cfg in config.items():
         a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+        missing = [f"{name}.{p}" for p, t in zip(_PARAMS, (a, b)) if t is None]
+        if strict and missing:
+            raise ValueError(f"adapter '{path}' lists layer '{name}' but has no '{missing[0]}': it is damaged (save "
+                             f"it again); strict=False loads what it has")
         fits = ((a is None or (a.dim() == 2 and a.shape[0] == cfg["splits"] * cfg["r"]))
                 and (b is None or (b.dim() == 2 and b.shape[1] == cfg["r"] and b.shape[0] % cfg["splits"] == 0)))
         if not fits:

@@ -25,6 +25,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     symbolic link is written through, as ``open(path, "w")`` would: its target gets the new file.
     """
     path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    if path.exists() and not path.is_file():  # a folder, a device such as /dev/null, a pipe: not ours to replace
+        raise ValueError(f"'{path}' exists and is not a regular file; the file is written beside it and renamed "
+                         f"over it, which would replace it: give a file's path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -51,6 +51,13 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _shown(value) -> str:
     """``value`` for an error message, with its type where the type is what is wrong."""
     return repr(value) if _is_number(value) else f"{value!r} of type {type(value).__name__}"
@@ -60,7 +67,7 @@ def check_lora_args(r: int, alpha: float, dropout: float, splits: int, out_featu
     """Raises ValueError naming the bad LoRA argument and how to fix it."""
     if not _is_integer(r) or r <= 0:
         raise ValueError(f"lora r must be a positive integer, got {_shown(r)}")
-    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+    if not _is_number(alpha) or not _finite(alpha) or alpha <= 0:
         raise ValueError(f"lora alpha must be a finite number > 0, got {_shown(alpha)}")
     if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora dropout must be a number in [0, 1), got {_shown(dropout)}")
@@ -226,19 +233,16 @@ class _LoRAUpdate(torch.autograd.Function):
         return grad_y, grad_x, grad_A, grad_B, None, None
 
 
-# nn.Module's hook registries (those this torch has are moved; see take_hooks).
-_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
-                    "_backward_hooks", "_is_full_backward_hook", "_state_dict_pre_hooks", "_state_dict_hooks",
-                    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+# nn.Module's hook registries: a layer with any hook in them is not swapped (see registered_hooks).
+_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+                    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                    "_load_state_dict_post_hooks")
 
 
-def take_hooks(new: nn.Module, old: nn.Module) -> None:
-    """Gives ``new`` the hooks registered on ``old``, the layer it replaces: the registries themselves, so the
-    handles the user holds still remove them."""
-    for registry in _HOOK_REGISTRIES:
-        if registry in old.__dict__:
-            setattr(new, registry, old.__dict__[registry])
+def registered_hooks(module: nn.Module) -> list[str]:
+    """The kinds of hook registered on ``module`` itself (``forward_pre_hooks``, ...): a module swapped for
+    another would leave them behind, and moving them is not safe (some hold a reference to their module)."""
+    return [registry.lstrip("_") for registry in _HOOK_REGISTRIES if getattr(module, registry, None)]
 
 
 def _reusable(buffer: Tensor, base: Tensor) -> bool:
@@ -285,7 +289,6 @@ class LoRALinear(nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.register_parameter("bias", linear.bias)
-        take_hooks(layer, linear)
         layer._add_adapter(r, alpha, dropout, splits)
         return layer.train(linear.training)  # after the adapter: its dropout takes the mode too
 

@@ -6,6 +6,7 @@ adapters are part of the module tree, show up in ``named_modules()``, and cannot
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layer import LoRALinear, take_hooks
+from .layer import LoRALinear, registered_hooks
 
 __all__ = [
     "inject_lora",
@@ -40,12 +41,12 @@ def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile``'s and DDP's wrappers, whose layer names carry no ``_orig_mod.`` or
     ``module.`` prefix: the names adapter files and exported state dicts use."""
     while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
+        if type(model).__name__ == "OptimizedModule" and type(model).__module__.startswith("torch._dynamo"):
+            model = model._orig_mod  # torch.compile's wrapper (named, not imported: importing dynamo is slow)
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
             return model
-        model = inner
 
 
 def _matches(name: str, targets: Sequence[Target]) -> bool:
@@ -88,8 +89,8 @@ def inject_lora(
             raise TypeError(f"inject_lora targets are layer names (str) or compiled regexes (re.compile(...)), "
                             f"got {target!r} of type {type(target).__name__}")
     names = []
-    shared = _shared_modules(model)
-    for name, module in model.named_modules(remove_duplicate=False):  # every name: a shared layer's second too
+    slots = _slots(model)
+    for name, module in model.named_modules():
         if not name or not _matches(name, targets):
             continue
         if isinstance(module, LoRALinear):
@@ -99,11 +100,11 @@ def inject_lora(
             )
         if isinstance(module, nn.Linear):
             _check_replaceable(model, name, module)
-            if module in shared:
+            if len(slots[module]) > 1:
                 raise ValueError(
-                    f"layer '{name}' is one module registered under several names ({', '.join(shared[module])}): "
-                    f"an adapter replaces it under one name only, and the others would run it without the adapter; "
-                    f"give each place a layer of its own, or target a layer that is not shared"
+                    f"layer '{name}' is one module held by several parents ({', '.join(slots[module])}): an adapter "
+                    f"replaces it in one of them only, and the others would run it without the adapter; give each "
+                    f"place a layer of its own, or target a layer that is not shared"
                 )
             names.append(name)
     if not names:
@@ -136,17 +137,23 @@ def _iterable(value) -> bool:
     return True
 
 
-def _shared_modules(model: nn.Module) -> dict[nn.Module, list[str]]:
-    """Modules registered under more than one name in ``model``, with all their names."""
-    names: dict[nn.Module, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(module, []).append(name)
-    return {module: found for module, found in names.items() if len(found) > 1}
+def _slots(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every module's places in ``model``: the attributes of parent modules that hold it, as ``parent.attr``.
+    A module with two places is replaced in one only; one place in a parent shared under two names (timm's
+    CoaT: ``mlp2 = mlp3 = mlp4``) is one place, and replacing it there changes every path."""
+    first_name = {module: name for name, module in model.named_modules()}
+    slots: dict[nn.Module, list[str]] = {}
+    for parent in first_name:
+        for attr, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(child, []).append(f"{first_name[parent]}.{attr}".lstrip("."))
+    return slots
 
 
 def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
     """Refuses a layer whose adapter would never run (its parent reads its weight without calling it), one with
-    its own ``forward`` or a parametrized weight, which a LoRALinear would silently replace, and one not yet built."""
+    a parametrized weight, hooks or its own ``forward``, which a LoRALinear would silently drop, and one not yet
+    built."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     if isinstance(parent, nn.MultiheadAttention):
@@ -155,13 +162,12 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
             f"(F.multi_head_attention_forward) without calling it: an adapter there would never be used; "
             f"adapt a model whose attention calls its projections (timm's Attention does)"
         )
-    if _reads_weight(parent, child):
+    if _bypassed(parent, child):
         raise ValueError(
             f"layer '{name}': the forward of its parent, {type(parent).__name__}, reads self.{child}.weight "
-            f"directly (as in F.linear(x, self.{child}.weight, bias)), at least in some configurations, instead of "
-            f"calling the layer: an adapter there would not be used; adapt a model whose attention calls its "
-            f"projections (timm's Attention, as in the DINOv2 ViTs, does; timm's EVA, BEiT and Swin V2 "
-            f"attention with q/v biases do not)"
+            f"directly (as in F.linear(x, self.{child}.weight, bias)) instead of calling the layer: an adapter there "
+            f"would not be used; adapt a model whose attention calls its projections (timm's Attention, as in the "
+            f"DINOv2 ViTs, does; timm's BEiT, and EVA and Swin V2 attention with q/v biases, do not)"
         )
     if parametrize.is_parametrized(linear):
         raise ValueError(
@@ -174,6 +180,13 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
             f"layer '{name}' is an nn.LazyLinear whose size is not known yet; run one forward pass through "
             f"the model before inject_lora"
         )
+    hooks = registered_hooks(linear)
+    if hooks:
+        raise ValueError(
+            f"layer '{name}' has hooks registered on it ({', '.join(hooks)}; old-style weight_norm and "
+            f"spectral_norm are such hooks), which would not move to the LoRALinear that replaces it; remove them "
+            f"(handle.remove()) and register them again after inject_lora"
+        )
     if type(linear).forward is not nn.Linear.forward:
         raise ValueError(
             f"layer '{name}' is a {type(linear).__name__} with its own forward, which a LoRALinear would "
@@ -181,16 +194,32 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
         )
 
 
-def _reads_weight(parent: nn.Module, child: str) -> bool:
-    """Whether ``parent``'s forward source reads ``self.<child>.weight`` for more than its dtype, device or shape
-    (timm's EVA attention: ``F.linear(x, weight=self.qkv.weight, bias=qkv_bias)``). A class whose source
-    cannot be read is not refused."""
-    try:
-        source = inspect.getsource(type(parent).forward)
-    except (OSError, TypeError):
+def _bypassed(parent: nn.Module, child: str) -> bool:
+    """Whether ``parent``'s forward would skip its layer ``child``, read from the source of its class: it reads
+    ``self.<child>.weight`` (for more than its dtype, device or shape) and never calls ``self.<child>(...)``
+    (timm's BEiT), or does both, in branches, and takes timm's q/v-bias branch, which reads the weight: a
+    ``q_bias`` set and not ``qkv_bias_separate`` (timm's EVA and Swin V2; DINOv3, without the biases, calls
+    the layer). A forward that hands the layer to a helper, and a class whose source cannot be read, pass."""
+    reads, calls = _uses_in_forward(type(parent), child)
+    if not reads:
         return False
+    if not calls:
+        return True
+    return getattr(parent, "q_bias", None) is not None and not getattr(parent, "qkv_bias_separate", False)
+
+
+@functools.lru_cache(maxsize=None)
+def _uses_in_forward(cls: type, child: str) -> tuple[bool, bool]:
+    """Whether the source of ``cls.forward`` reads ``self.<child>.weight`` and whether it calls ``self.<child>``."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False, False
+    code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())  # comments do not count
+    attr = rf"self\.{re.escape(child)}"
     metadata = r"(?!\s*\.\s*(?:dtype|device|shape|size|ndim|is_cuda|requires_grad)\b)"
-    return re.search(rf"self\.{re.escape(child)}\.weight\b{metadata}", source) is not None
+    reads = re.search(rf"{attr}\.weight\b{metadata}", code) is not None
+    return reads, re.search(rf"{attr}\s*\(", code) is not None
 
 
 @torch.no_grad()
@@ -222,6 +251,11 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
         raise ValueError("remove_lora replaces layers inside a model, and this is a single LoRALinear; for one "
                          "layer: nn.Linear(...).load_state_dict(lora.merged_state_dict(layer))")
     names = []
+    for name, layer in lora_layers(model):
+        hooks = registered_hooks(layer)
+        if hooks:  # checked for every layer before any is replaced
+            raise ValueError(f"layer '{name}' has hooks registered on it ({', '.join(hooks)}), which the plain "
+                             f"nn.Linear replacing it would not have; remove them (handle.remove()) first")
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge(keep_unmerged=False)  # final weights: no copy of the old ones is kept
@@ -232,7 +266,6 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
         linear.weight = layer.weight
         linear.register_parameter("bias", layer.bias)
         linear.train(layer.training)
-        take_hooks(linear, layer)
         _replace(model, name, linear)
         names.append(name)
     return names

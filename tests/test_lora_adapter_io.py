@@ -166,17 +166,68 @@ def test_a_file_failing_after_injection_leaves_the_model_as_it_came(tmp_path):
     lora.save_adapter(adapted(), path)
     _, meta = lora.read_adapter_config(path)
     with safe_open(str(path), framework="pt") as f:
-        kept = {k: f.get_tensor(k) for k in f.keys() if k != "blocks.1.attn.qkv.lora_B"}
-    save_file(kept, str(path), metadata=meta)  # one tensor gone: found only once the layers are injected
+        kept = {k: f.get_tensor(k) for k in f.keys()}
+    kept["blocks.1.attn.qkv.lora_A"] = torch.zeros(12, 16)  # another width: found once the layers are injected
+    save_file(kept, str(path), metadata=meta)
     model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layers = [block.attn.qkv for block in model.blocks]
-    with pytest.raises(ValueError, match=r"no 'blocks\.1\.attn\.qkv\.lora_B'"):
+    with pytest.raises(ValueError, match=r"layer 'blocks\.1\.attn\.qkv' maps 32 -> 96 features in the model but 16"):
         lora.load_adapter(model, path)
     assert not list(lora.lora_layers(model))
     assert all(block.attn.qkv is layer for block, layer in zip(model.blocks, layers))  # the very modules, hooks and all
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_layer_the_file_lists_without_tensors_is_not_built_from_its_metadata(tmp_path, strict):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(adapted(), path)
+    config, meta = lora.read_adapter_config(path)
+    meta["r"] = json.dumps({"blocks.0.attn.qkv": 4, "blocks.1.attn.qkv": 2**40})  # built, A would not fit in memory
+    with safe_open(str(path), framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if k.startswith("blocks.0.")}, str(path), metadata=meta)
+    model = tiny_vit()
+    if strict:
+        with pytest.raises(ValueError, match=r"lists layer 'blocks\.1\.attn\.qkv' but has no "
+                                             r"'blocks\.1\.attn\.qkv\.lora_A': it is damaged"):
+            lora.load_adapter(model, path)
+        assert not list(lora.lora_layers(model))
+    else:
+        assert lora.load_adapter(model, path, strict=False) == ["blocks.0.attn.qkv"]
+        assert [name for name, _ in lora.lora_layers(model)] == ["blocks.0.attn.qkv"]
+
+
+def test_adapter_weights_with_torch_compiles_prefix_still_load(tmp_path):
+    source = adapted()
+    state = {f"_orig_mod.{k}": v for k, v in lora.lora_state_dict(source).items()}  # as older versions saved them
+    target = adapted()
+    assert lora.load_lora_state_dict(target, state) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert all(torch.equal(v, lora.lora_state_dict(source)[k]) for k, v in lora.lora_state_dict(target).items())
+    config, meta = lora.read_adapter_config(_saved(source, tmp_path / "a.safetensors"))
+    meta["targets"] = json.dumps([f"_orig_mod.{n}" for n in config])
+    for key in ("r", "alpha", "splits"):
+        meta[key] = json.dumps({f"_orig_mod.{n}": v for n, v in json.loads(meta[key]).items()})
+    lora.save_safetensors(state, tmp_path / "old.safetensors", meta)
+    fresh = tiny_vit()
+    assert lora.load_adapter(fresh, tmp_path / "old.safetensors") == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+
+
+def _saved(model, path):
+    lora.save_adapter(model, path)
+    return path
+
+
+def test_a_child_named_like_a_wrappers_is_not_unwrapped():
+    model = nn.Sequential()
+    model.add_module("_orig_mod", adapted())
+    model.add_module("module", nn.Linear(2, 2))
+    expected = {f"_orig_mod.blocks.{i}.attn.qkv.lora_{p}" for i in (0, 1) for p in "AB"}
+    assert lora.lora_state_dict(model).keys() == expected
+    assert "module.weight" in lora.merged_state_dict(model)
 
 
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel])
@@ -192,6 +243,7 @@ def test_adapters_of_a_compiled_or_wrapped_model_carry_the_inner_models_names(tm
     assert list(config) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     assert lora.lora_state_dict(wrap(source)).keys() == lora.lora_state_dict(source).keys()
     assert lora.load_adapter(wrap(target), path) == list(config)
+    assert lora.load_lora_state_dict(wrap(target), lora.lora_state_dict(source)) == list(config)
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
@@ -216,6 +268,18 @@ def test_a_symbolic_link_is_written_through_as_open_would(tmp_path):
     link.symlink_to(target)
     lora.save_adapter(adapted(), link)
     assert link.is_symlink() and lora.read_adapter_config(target)[0]
+
+
+def test_a_path_that_is_no_regular_file_is_refused_not_replaced(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(fifo)
+    for path in (fifo, link, tmp_path):
+        with pytest.raises(ValueError, match=r"exists and is not a regular file"):
+            lora.save_adapter(adapted(), path)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and link.is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_reading_the_umask_does_not_change_it_on_linux(tmp_path, monkeypatch):
@@ -277,7 +341,7 @@ def test_a_damaged_adapter_is_a_clear_error_before_anything_is_built(tmp_path, d
 
 
 @pytest.mark.parametrize("key, value", [("r", 2.7), ("r", 0), ("splits", True), ("alpha", float("inf")),
-                                        ("alpha", "16")])
+                                        ("alpha", "16"), pytest.param("alpha", 10**400, id="alpha-10**400")])
 def test_metadata_values_that_are_no_lora_setting_are_damage(tmp_path, key, value):
     path = tmp_path / "adapter.safetensors"
     lora.save_adapter(adapted(), path)

@@ -88,10 +88,24 @@ def test_inject_refuses_a_layer_whose_parent_uses_its_weight_without_calling_it(
     with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv': the forward of its parent, EvaAttention, reads "
                                          r"self\.qkv\.weight directly"):
         lora.inject_lora(eva)
+    beit = timm.create_model("beit_base_patch16_224", img_size=32, depth=1, embed_dim=32, num_heads=2, num_classes=0)
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv': the forward of its parent, Attention, reads"):
+        lora.inject_lora(beit)  # BEiT reads the weight with or without q/v biases
     model = nn.Sequential(_DirectQKV())
     with pytest.raises(ValueError, match=r"'0\.qkv': the forward of its parent, _DirectQKV, reads self\.qkv\.weight"):
         lora.inject_lora(model)
-    assert not list(lora.lora_layers(eva)) and not list(lora.lora_layers(model))
+    assert not any(list(lora.lora_layers(m)) for m in (eva, beit, model))
+
+
+def test_a_parent_that_calls_the_layer_in_the_configuration_built_is_adapted():
+    # DINOv3 is timm's EVA attention without q/v biases, whose forward takes the branch that calls qkv.
+    dinov3 = timm.create_model("vit_small_patch16_dinov3", img_size=32, depth=1, embed_dim=32, num_heads=2,
+                               num_classes=0).eval()
+    assert lora.inject_lora(dinov3) == ["blocks.0.attn.qkv"]
+    x = torch.randn(1, 3, 32, 32)
+    before = dinov3(x)
+    nn.init.normal_(dinov3.blocks[0].attn.qkv.lora_B)
+    assert not torch.allclose(dinov3(x), before)  # the adapter runs
     model = nn.Sequential(_CastsForQKV())
     assert lora.inject_lora(model, r=2) == ["0.qkv"]
     nn.init.normal_(model[0].qkv.lora_B)
@@ -107,14 +121,23 @@ def test_inject_refuses_layers_it_would_silently_change():
     lazy = nn.Sequential(nn.LazyLinear(8))
     with pytest.raises(ValueError, match=r"layer '0' is an nn\.LazyLinear.*run one forward pass"):
         lora.inject_lora(lazy, targets="0")
+    old_style = nn.Sequential(nn.Linear(8, 8))
+    torch.nn.utils.weight_norm(old_style[0])  # a forward pre-hook computing weight from weight_g and weight_v
+    with pytest.raises(ValueError, match=r"layer '0' has hooks registered on it \(forward_pre_hooks.*weight_norm"):
+        lora.inject_lora(old_style, targets="0")
     shared = nn.Linear(8, 8)
     tied = nn.ModuleDict({"a": shared, "b": shared})
-    with pytest.raises(ValueError, match=r"layer 'a' is one module registered under several names \(a, b\)"):
+    with pytest.raises(ValueError, match=r"layer 'a' is one module held by several parents \(a, b\)"):
         lora.inject_lora(tied, targets=("a", "b"))
-    with pytest.raises(ValueError, match=r"layer 'b' is one module registered under several names \(a, b\)"):
-        lora.inject_lora(tied, targets="b")  # named_modules() lists it under 'a' only
-    for model in (weight_normed, lazy, tied):
+    for model in (weight_normed, lazy, old_style, tied):
         assert not list(lora.lora_layers(model))
+
+
+def test_a_layer_in_a_parent_shared_under_two_names_is_adapted_on_every_path():
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    model = nn.ModuleDict({"first": mlp, "second": mlp})  # as timm's CoaT: mlp2 = mlp3 = mlp4
+    assert lora.inject_lora(model, targets="0", r=2) == ["first.0"]
+    assert isinstance(model["second"][0], LoRALinear)  # one attribute of one parent: both paths see it
 
 
 @pytest.mark.parametrize("targets", [None, [1], ("qkv", 3.0)])
@@ -123,26 +146,19 @@ def test_targets_that_are_no_names_are_a_clear_error(vit, targets):
         lora.inject_lora(vit, targets=targets)
 
 
-def test_hooks_on_a_replaced_layer_keep_running_and_stay_removable(vit):
-    qkv = vit.blocks[0].attn.qkv
-    seen = []
-    handle = qkv.register_forward_hook(lambda module, args, out: seen.append((type(module), args[0], out)))
-    lora.inject_lora(vit, r=2)
-    randomise_adapters(vit)
-    layer = vit.blocks[0].attn.qkv
-    x = torch.randn(1, 3, 28, 28)
-    with torch.no_grad():
-        vit(x)
-        kind, inputs, out = seen[-1]
-        assert kind is LoRALinear and torch.equal(out, layer(inputs))  # the hook sees the adapted output
-        assert not torch.allclose(out, F.linear(inputs, layer.weight, layer.bias))
-    lora.remove_lora(vit, merge=True)
-    calls = len(seen)
-    vit(x)
-    assert len(seen) == calls + 1 and seen[-1][0] is nn.Linear
-    handle.remove()  # the handle taken before the surgery still reaches the hook
-    vit(x)
-    assert len(seen) == calls + 1
+def test_hooks_on_a_layer_to_replace_are_a_clear_error_both_ways(vit):
+    handle = vit.blocks[1].attn.qkv.register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(ValueError, match=r"layer 'blocks\.1\.attn\.qkv' has hooks registered on it \(forward_hooks"):
+        lora.inject_lora(vit)  # the swap would leave the hook on a module no longer in the model
+    assert not list(lora.lora_layers(vit))
+    handle.remove()
+    lora.inject_lora(vit)
+    handle = vit.blocks[1].attn.qkv.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match=r"layer 'blocks\.1\.attn\.qkv' has hooks registered on it \(forward_pre"):
+        lora.remove_lora(vit)
+    assert len(list(lora.lora_layers(vit))) == 2  # none removed, block 0's neither
+    handle.remove()
+    assert lora.remove_lora(vit) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
 
 
 def test_mark_only_lora_as_trainable_takes_one_module_or_says_what_it_wants(vit):
