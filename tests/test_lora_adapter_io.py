@@ -244,7 +244,7 @@ def test_adapters_of_a_compiled_or_wrapped_model_carry_the_inner_models_names(tm
     assert lora.lora_state_dict(wrap(source)).keys() == lora.lora_state_dict(source).keys()
     assert lora.load_adapter(wrap(target), path) == list(config)
     assert lora.load_lora_state_dict(wrap(target), lora.lora_state_dict(source)) == list(config)
-    x = torch.randn(2, 3, 28, 28)
+    x = torch.randn(2, 3, 28, 28, device=target.cls_token.device)  # DataParallel moves a model to a GPU if any
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
     plain = tiny_vit()
