@@ -43,8 +43,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
     ``strict`` makes a layer the state dict lacks, or one the model lacks, an error. A shape that does
     not fit is always an error naming the layer and both shapes.
     """
-    model, state_dict = unwrapped(model), _inner_names(state_dict)
+    model = unwrapped(model)
     layers = dict(lora_layers(model))
+    state_dict = _inner_names(state_dict, set(layers))
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no LoRA layers to load into; call inject_lora(model, ...) "
@@ -152,10 +153,18 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[
     return config, meta
 
 
-def _inner_names(names: dict) -> dict:
-    """``names``' keys without the ``_orig_mod.`` that torch.compile's wrapper put in front of files saved from
-    a compiled model before ``save_adapter`` unwrapped it."""
-    return {re.sub(r"^(_orig_mod\.)+", "", key): value for key, value in names.items()}
+def _inner_names(entries: dict, layers: set[str]) -> dict:
+    """``entries`` (keyed by layer name, or ``<layer>.lora_A``/``.lora_B``) with the ``_orig_mod.`` taken off that
+    torch.compile's wrapper put in front of the names in files saved from a compiled model before ``save_adapter``
+    unwrapped it: only where the name without it is one of ``layers`` and the name with it is not."""
+    renamed = {}
+    for key, value in entries.items():
+        name, dot, param = key.rpartition(".") if key.endswith(_PARAMS) else (key, "", "")
+        inner = re.sub(r"^(_orig_mod\.)+", "", name)
+        if name not in layers and inner in layers and f"{inner}{dot}{param}" not in entries:
+            key = f"{inner}{dot}{param}"
+        renamed[key] = value
+    return renamed
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True, dropout: float = 0.0) -> list[str]:
@@ -171,9 +180,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
-    config, tensors = _inner_names(config), _inner_names(tensors)
+    modules = {name for name, _ in model.named_modules()}
+    config, tensors = _inner_names(config, modules), _inner_names(tensors, modules)
     _check_shapes(path, config, tensors, strict)
     config = {name: cfg for name, cfg in config.items() if any(f"{name}.{p}" in tensors for p in _PARAMS)}
+    if not config:
+        raise ValueError(f"adapter '{path}' holds no tensors for the layers it lists: it is damaged; save it again")
     layers = dict(lora_layers(model))
     injected = not layers
     if injected:
@@ -196,7 +208,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
             layers = dict(lora_layers(model))
         return _load_checked(model, path, config, layers, tensors, strict)
     except BaseException:
-        for name, linear in originals.items():  # the very layers this call replaced, hooks and all
+        for name, linear in originals.items():  # the very layers this call replaced
             _replace(model, name, linear)
         raise
 

@@ -6,9 +6,9 @@ adapters are part of the module tree, show up in ``named_modules()``, and cannot
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -102,7 +102,7 @@ def inject_lora(
             _check_replaceable(model, name, module)
             if len(slots[module]) > 1:
                 raise ValueError(
-                    f"layer '{name}' is one module held by several parents ({', '.join(slots[module])}): an adapter "
+                    f"layer '{name}' is one module held in several places ({', '.join(slots[module])}): an adapter "
                     f"replaces it in one of them only, and the others would run it without the adapter; give each "
                     f"place a layer of its own, or target a layer that is not shared"
                 )
@@ -167,7 +167,7 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
             f"layer '{name}': the forward of its parent, {type(parent).__name__}, reads self.{child}.weight "
             f"directly (as in F.linear(x, self.{child}.weight, bias)) instead of calling the layer: an adapter there "
             f"would not be used; adapt a model whose attention calls its projections (timm's Attention, as in the "
-            f"DINOv2 ViTs, does; timm's BEiT, and EVA and Swin V2 attention with q/v biases, do not)"
+            f"DINOv2 ViTs, does; timm's EVA, BEiT and Swin V2 attention with q/v biases do not)"
         )
     if parametrize.is_parametrized(linear):
         raise ValueError(
@@ -196,10 +196,11 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
 
 def _bypassed(parent: nn.Module, child: str) -> bool:
     """Whether ``parent``'s forward would skip its layer ``child``, read from the source of its class: it reads
-    ``self.<child>.weight`` (for more than its dtype, device or shape) and never calls ``self.<child>(...)``
-    (timm's BEiT), or does both, in branches, and takes timm's q/v-bias branch, which reads the weight: a
-    ``q_bias`` set and not ``qkv_bias_separate`` (timm's EVA and Swin V2; DINOv3, without the biases, calls
-    the layer). A forward that hands the layer to a helper, and a class whose source cannot be read, pass."""
+    ``self.<child>.weight`` (for more than its dtype, device or shape) and never calls ``self.<child>(...)``,
+    or does both, in branches, and takes timm's q/v-bias branch, which reads the weight: a ``q_bias`` set and
+    not ``qkv_bias_separate`` (timm's EVA, BEiT and Swin V2; DINOv3, without the biases, calls the layer).
+    Other forwards that do both pass (the source cannot say which branch runs), as do a forward that hands
+    the layer to a helper and a class whose source cannot be read."""
     reads, calls = _uses_in_forward(type(parent), child)
     if not reads:
         return False
@@ -208,18 +209,29 @@ def _bypassed(parent: nn.Module, child: str) -> bool:
     return getattr(parent, "q_bias", None) is not None and not getattr(parent, "qkv_bias_separate", False)
 
 
-@functools.lru_cache(maxsize=None)
+# Per class: (the forward read, {child: (reads, calls)}). Weak: classes made per instance or per trace go.
+_FORWARD_USES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _uses_in_forward(cls: type, child: str) -> tuple[bool, bool]:
-    """Whether the source of ``cls.forward`` reads ``self.<child>.weight`` and whether it calls ``self.<child>``."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False, False
-    code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())  # comments do not count
-    attr = rf"self\.{re.escape(child)}"
-    metadata = r"(?!\s*\.\s*(?:dtype|device|shape|size|ndim|is_cuda|requires_grad)\b)"
-    reads = re.search(rf"{attr}\.weight\b{metadata}", code) is not None
-    return reads, re.search(rf"{attr}\s*\(", code) is not None
+    """Whether the source of ``cls.forward`` reads ``self.<child>.weight`` and whether it calls ``self.<child>``;
+    read once per class and forward (a forward patched later is read again)."""
+    forward, uses = _FORWARD_USES.get(cls, (None, {}))
+    if forward is not cls.forward:
+        forward, uses = cls.forward, {}
+        _FORWARD_USES[cls] = (forward, uses)
+    if child not in uses:
+        try:
+            source = inspect.getsource(forward)
+        except (OSError, TypeError):
+            uses[child] = (False, False)
+            return uses[child]
+        code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())  # comments do not count
+        attr = rf"self\.{re.escape(child)}"
+        metadata = r"(?!\s*\.\s*(?:dtype|device|shape|size|ndim|is_cuda|requires_grad)\b)"
+        reads = re.search(rf"{attr}\.weight\b{metadata}", code) is not None
+        uses[child] = (reads, re.search(rf"{attr}\s*\(", code) is not None)
+    return uses[child]
 
 
 @torch.no_grad()

@@ -221,13 +221,26 @@ def _saved(model, path):
     return path
 
 
-def test_a_child_named_like_a_wrappers_is_not_unwrapped():
+def test_a_child_named_like_a_wrappers_is_not_unwrapped(tmp_path):
     model = nn.Sequential()
     model.add_module("_orig_mod", adapted())
     model.add_module("module", nn.Linear(2, 2))
     expected = {f"_orig_mod.blocks.{i}.attn.qkv.lora_{p}" for i in (0, 1) for p in "AB"}
     assert lora.lora_state_dict(model).keys() == expected
     assert "module.weight" in lora.merged_state_dict(model)
+    assert lora.load_lora_state_dict(model, lora.lora_state_dict(model)) == ["_orig_mod.blocks.0.attn.qkv",
+                                                                           "_orig_mod.blocks.1.attn.qkv"]
+    fresh = nn.Sequential()
+    fresh.add_module("_orig_mod", tiny_vit())
+    assert lora.load_adapter(fresh, _saved(model, tmp_path / "a.safetensors"))[0] == "_orig_mod.blocks.0.attn.qkv"
+
+
+def test_a_file_without_any_tensor_is_damaged_even_when_not_strict(tmp_path):
+    path = _saved(adapted(), tmp_path / "a.safetensors")
+    _, meta = lora.read_adapter_config(path)
+    lora.save_safetensors({}, path, meta)
+    with pytest.raises(ValueError, match=r"holds no tensors for the layers it lists: it is damaged"):
+        lora.load_adapter(tiny_vit(), path, strict=False)
 
 
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel])

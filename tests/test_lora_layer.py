@@ -391,6 +391,8 @@ def test_numpy_scalars_are_lora_arguments_and_other_types_are_named():
         LoRALinear(8, 24, dropout="0.1")
     with pytest.raises(ValueError, match=r"lora r must be a positive integer, got True of type bool"):
         LoRALinear(8, 24, r=True)
+    with pytest.raises(ValueError, match=r"lora alpha must be a finite number > 0, got 1000"):
+        LoRALinear(8, 24, alpha=10**400)  # too large for a float: an error of its own, not an OverflowError
 
 
 @pytest.mark.parametrize("trainable", ["lora_A", "lora_B"])

@@ -90,11 +90,27 @@ def test_inject_refuses_a_layer_whose_parent_uses_its_weight_without_calling_it(
         lora.inject_lora(eva)
     beit = timm.create_model("beit_base_patch16_224", img_size=32, depth=1, embed_dim=32, num_heads=2, num_classes=0)
     with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv': the forward of its parent, Attention, reads"):
-        lora.inject_lora(beit)  # BEiT reads the weight with or without q/v biases
+        lora.inject_lora(beit)  # with its default q/v biases, BEiT reads the weight
     model = nn.Sequential(_DirectQKV())
     with pytest.raises(ValueError, match=r"'0\.qkv': the forward of its parent, _DirectQKV, reads self\.qkv\.weight"):
         lora.inject_lora(model)
     assert not any(list(lora.lora_layers(m)) for m in (eva, beit, model))
+
+
+def test_the_bypass_check_reads_code_not_comments_and_a_forward_patched_later():
+    class Commented(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            qkv = self.qkv  # called below, not read as in F.linear(x, self.qkv.weight)
+            return qkv(x)
+
+    assert lora.inject_lora(nn.Sequential(Commented()), r=2) == ["0.qkv"]
+    Commented.forward = _DirectQKV.forward  # the class changed after a first check: read again
+    with pytest.raises(ValueError, match=r"'0\.qkv': the forward of its parent, Commented, reads self\.qkv\.weight"):
+        lora.inject_lora(nn.Sequential(Commented()), r=2)
 
 
 def test_a_parent_that_calls_the_layer_in_the_configuration_built_is_adapted():
@@ -113,6 +129,7 @@ def test_a_parent_that_calls_the_layer_in_the_configuration_built_is_adapted():
     assert not torch.allclose(model(x), F.linear(x, model[0].qkv.weight, model[0].qkv.bias))  # the adapter runs
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # still in use
 def test_inject_refuses_layers_it_would_silently_change():
     weight_normed = nn.Sequential(nn.Linear(8, 8))
     torch.nn.utils.parametrizations.weight_norm(weight_normed[0])
@@ -127,7 +144,7 @@ def test_inject_refuses_layers_it_would_silently_change():
         lora.inject_lora(old_style, targets="0")
     shared = nn.Linear(8, 8)
     tied = nn.ModuleDict({"a": shared, "b": shared})
-    with pytest.raises(ValueError, match=r"layer 'a' is one module held by several parents \(a, b\)"):
+    with pytest.raises(ValueError, match=r"layer 'a' is one module held in several places \(a, b\)"):
         lora.inject_lora(tied, targets=("a", "b"))
     for model in (weight_normed, lazy, old_style, tied):
         assert not list(lora.lora_layers(model))
