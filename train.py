@@ -326,6 +326,13 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if procs.is_main and cfg != saved:
             write_text(run / "config.yaml", cfg.to_yaml())  # the settings resumed with (--epochs, say) are the run's now
 
+    # The current epoch's training seconds: those before a resume (or the epoch's end), and since when they
+    # count on (None: stopped, for validation).
+    clock: list = [0.0, None]
+
+    def epoch_seconds() -> float:
+        return clock[0] + (time.perf_counter() - clock[1] if clock[1] is not None else 0.0)
+
     def checkpoint(epoch: int, batch: int) -> None:
         rngs = distributed.gather(rng_state(), procs)  # every process's generators, in rank order
         if procs.is_main:
@@ -334,6 +341,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 "scheduler": scheduler.state_dict(), "rng_per_process": rngs,
                 "epoch": epoch, "batch": batch, "step": step, "best": best, "base_sha256": base_sha256,
                 "train_images": len(train_set),  # resume refuses another count: the schedule and order hold it
+                "epoch_seconds": epoch_seconds() if batch else 0.0,  # the epoch's training so far, for its log
             }, run / "checkpoint.pt")
         distributed.barrier(procs)  # no process leaves (a stop) before the file is complete
 
@@ -390,6 +398,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                        desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or not procs.is_main,
                        dynamic_ncols=True)
             tic, seen = time.perf_counter(), 0
+            clock[:] = [state.get("epoch_seconds", 0.0) if resume and epoch == start_epoch else 0.0, tic]
             for i, batch in enumerate(bar, start=done):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device):
@@ -422,7 +431,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                     checkpoint(epoch, i + 1)
                 stop_on(signum, epoch, i + 1)
             bar.close()
-            seconds = time.perf_counter() - tic
+            seconds = epoch_seconds()  # with the part trained before a resume
+            clock[:] = [seconds, None]
             # A signal that came during the epoch's last update stops here, not after the whole validation.
             stop_on(agreed_signal(), epoch, len(batches))
             # Each process evaluates its share of the validation batches, with the main process's BatchNorm

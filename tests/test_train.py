@@ -787,6 +787,8 @@ def test_a_signal_during_validation_stops_after_the_batch_in_progress(tmp_path, 
     train.main(load_config(run / "config.yaml"), resume=True)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in logged] == [1, 2] and all(m["count"] == logged[0]["count"] > 0 for m in logged)
+    # The epoch validated again logs the training it had before the stop, not the moment the resume spent.
+    assert state["epoch_seconds"] > 0 and logged[0]["train_seconds"] == round(state["epoch_seconds"], 2)
 
 
 def test_loss_goes_down_on_a_batch_it_overfits():
