@@ -10,6 +10,7 @@ Any config key can be overridden on the command line (``--vision_lora_r 4``, ``-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -143,18 +144,28 @@ def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
                        f"train on these answers in a new run (another --output_dir)")
 
 
-def check_same_images(images: int, recorded: int | None, train_data: CSVData, run: Path, processes: int) -> None:
+def check_same_images(images: int, recorded: int | None, train_data: CSVData, run: Path, processes: int,
+                      cfg: RunConfig, saved: RunConfig) -> None:
     """A resumed run trains on the images it started on (``recorded`` in its checkpoint; ``None``: a run from
     before the record, not checked), which may have moved or been renamed: the cosine schedule's length and
     the saved position in the epoch's shuffled batches both count them. Under torchrun every process reads
-    the whole CSV, so the count is the data set's, whatever the number of processes."""
+    the whole CSV, so the count is the data set's, whatever the number of processes. The advice carries the
+    data settings this resume changed (``cfg`` against the run's ``saved`` config) into its commands."""
     if recorded is None or images == recorded:
         return
     skipped = f" (after {len(train_data.skipped)} skipped bad row(s))" if train_data.skipped else ""
     encoder = run / "encoder.safetensors"
-    export = shlex.join(["python", "-m", "vqa.export", "--run", str(run), "--out", str(encoder)])
+    export = ["python", "-m", "vqa.export", "--run", str(run), "--out", str(encoder)]
+    if cfg.model.checkpoint_path and cfg.model.checkpoint_path != saved.model.checkpoint_path:
+        export += ["--checkpoint_path", cfg.model.checkpoint_path]  # where the starting weights are now
+    changed = []
+    for f in dataclasses.fields(cfg.data):
+        value = getattr(cfg.data, f.name)
+        if f.name != "train_csv" and value is not None and value != getattr(saved.data, f.name):
+            changed += [f"--{f.name}", str(value).lower() if isinstance(value, bool) else str(value)]
     new_run = train_command("--config", str(run / "config.yaml"), "--output_dir", "NEW_RUN", "--train_csv",
-                            str(train_data.path), "--checkpoint_path", str(encoder), processes=processes)
+                            str(train_data.path), *changed, "--checkpoint_path", str(encoder), processes=processes)
+    export = shlex.join(export)
     raise VQAError(f"train_csv '{train_data.path}' holds {images} training image(s){skipped}, but the run trained on "
                    f"{recorded} ({run / 'checkpoint.pt'}): resume continues training on the same data, which may "
                    f"have moved or been renamed (point --train_csv at it), since the learning-rate schedule and the "
@@ -180,10 +191,18 @@ def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
                        f"generating the data set would overwrite it; check the train_csv path, or {how}")
 
 
-def prepare_data(cfg: RunConfig, procs: distributed.Processes):
+def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | None = None):
+    """The training and validation data, the synthetic set generated first where it is on and missing.
+    ``images``: the training images a resumed run trained on (``None``: not known), which a set generated
+    anew must have."""
     d = cfg.data
     if d.synthetic and not Path(d.train_csv).is_file():
         check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))  # in every process: all refuse alike
+        if images is not None and d.synthetic_train_images != images:
+            raise VQAError(f"resume would generate the synthetic data set in {Path(d.train_csv).parent} with "
+                           f"{d.synthetic_train_images} training images (synthetic_train_images), but the run "
+                           f"trained on {images}; give --synthetic_train_images {images} to generate its data set "
+                           f"again (the run's seed draws the same images)")
         if procs.is_main:
             from vqa.synth import generate
 
@@ -219,6 +238,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         check_resumable(cfg, saved, run / "config.yaml")
         if not (run / "checkpoint.pt").is_file():
             raise VQAError(never_checkpointed(run, procs.world_size, overwrite=bool(trained_files(run))))
+    state = load_checkpoint(run / "checkpoint.pt") if resume else {}
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -230,7 +250,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         raise VQAError(f"{run} holds a run already ({', '.join(replaced)}); continue it with --resume {run}, "
                        f"replace it with --overwrite, or choose another --output_dir")
     # Data first: a bad row or image stops the run before any training time is spent.
-    train_data, val_data = prepare_data(cfg, procs)
+    train_data, val_data = prepare_data(cfg, procs, state.get("train_images"))
     if resume:
         tokenizer, answers = load_vocabularies(run)
         check_answers_known(train_data.rows, answers, run)
@@ -264,8 +284,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     transform = build_transform(model.backbone, cfg.model.img_size)
     train_set = VQADataset(train_data.rows, transform, tokenizer, answers)
     val_set = VQADataset(val_data.rows, transform, tokenizer, answers)
-    state = load_checkpoint(run / "checkpoint.pt") if resume else {}
-    check_same_images(len(train_set), state.get("train_images"), train_data, run, procs.world_size)
+    if resume:
+        check_same_images(len(train_set), state.get("train_images"), train_data, run, procs.world_size, cfg, saved)
     all_val_batches = chunks(list(range(len(val_set))), t.batch_size)
     val_batches = all_val_batches[procs.rank::procs.world_size]  # counts summed below
     val_rounds = math.ceil(len(all_val_batches) / procs.world_size)  # the most batches any process validates

@@ -409,7 +409,8 @@ def test_resume_trains_on_as_many_images_as_the_run_did(csv, trained, tmp_path, 
         del state["train_images"]
         torch.save(state, run / "checkpoint.pt")
     before = run_bytes(run)
-    code = train.cli(["--resume", str(run), "--epochs", "3", "--train_csv", str(new_csv)])
+    code = train.cli(["--resume", str(run), "--epochs", "3", "--train_csv", str(new_csv),
+                      "--val_csv", str(data / "val.csv")])
     err = capsys.readouterr().err
     if csv == "4 of the 8 images":
         assert code == 2 and run_bytes(run) == before
@@ -417,11 +418,33 @@ def test_resume_trains_on_as_many_images_as_the_run_did(csv, trained, tmp_path, 
                 f"resume continues training on the same data, which may have moved or been renamed") in err
         assert "To train on other data, start a new run, e.g. from this one's encoder: python -m vqa.export" in err
         assert "--checkpoint_path" in err and "NEW_RUN" in err
+        # The new run's command keeps where this resume said the data is: pasted, it finds the moved val.csv.
+        assert f"--val_csv {shlex.quote(str(data / 'val.csv'))}" in err
     else:
         assert code == 0, err
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
         assert torch.load(run / "checkpoint.pt", weights_only=True)["train_images"] == len(
             {row.split(",")[0] for row in kept})
+
+
+def test_a_resume_refuses_to_generate_a_synthetic_set_of_another_size_before_writing_it(trained, tmp_path, capsys):
+    import train
+
+    run = copied_run(trained, tmp_path)
+    gen = tmp_path / "gen"
+    code = train.cli(["--resume", str(run), "--epochs", "3", "--train_csv", str(gen / "train.csv"), "--val_csv",
+                      str(gen / "val.csv"), "--synthetic", "true", "--synthetic_train_images", "6"])
+    assert code == 2 and not gen.exists()  # refused before a data set it could not use was written
+    assert ("with 6 training images (synthetic_train_images), but the run trained on 8; give "
+            "--synthetic_train_images 8 to generate its data set again") in capsys.readouterr().err
+
+
+def test_an_unreadable_starting_file_is_an_error_of_ours(tmp_path):
+    from vqa.errors import VQAError
+    from vqa.run_files import file_sha256
+
+    with pytest.raises(VQAError, match=r"cannot read checkpoint_path '.*' \(Is a directory\); check the path"):
+        file_sha256(tmp_path)
 
 
 @pytest.mark.parametrize("damage, message", [

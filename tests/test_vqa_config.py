@@ -195,9 +195,11 @@ SECTION_KEYS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 @pytest.mark.parametrize("where", ["file", "--key", "--section.key"])
-@pytest.mark.parametrize("key, closest", [("vision_lora_rank", "vision_lora_r"), ("zzz_qqq", None)])
-def test_an_unknown_key_lists_the_valid_keys_and_the_closest_one(tmp_path, where, key, closest):
-    """Every valid key of the section (demo.yaml sets only some of them), and a suggestion where one is close."""
+@pytest.mark.parametrize("key, closest, home", [("vision_lora_rank", "vision_lora_r", "model"), ("zzz_qqq", None, None),
+                                               ("batchsize", "batch_size", "train")])
+def test_an_unknown_key_lists_the_valid_keys_and_the_closest_one(tmp_path, where, key, closest, home):
+    """Every valid key of the section (demo.yaml sets only some of them), and a suggestion where one is close,
+    in the form the user wrote, in its own section where it belongs to another."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"model": {key: 8}} if where == "file" else {}))
     flag = {"file": [], "--key": [f"--{key}", "8"], "--section.key": [f"--model.{key}", "8"]}[where]
@@ -206,7 +208,9 @@ def test_an_unknown_key_lists_the_valid_keys_and_the_closest_one(tmp_path, where
     message = str(error.value)
     assert ("did you mean" in message) == (closest is not None)
     if closest:
-        assert f"(did you mean '{'--' if flag else ''}{closest}'?)" in message
+        suggested = {"file": f"'{closest}'" + (f" under {home}:" if home != "model" else ""),
+                     "--key": f"'--{closest}'", "--section.key": f"'--{home}.{closest}'"}[where]
+        assert f"(did you mean {suggested}?)" in message
     sections = ["data", "model", "train"] if where == "--key" else ["model"]  # a --key alone may be any section's
     for name, section in SECTION_KEYS.items():
         keys = ", ".join(f.name for f in dataclasses.fields(section))

@@ -145,7 +145,15 @@ def _unknown_key(key: str, section: str | None, flag: bool) -> str:
     sections = [section] if section in _SECTIONS else list(_SECTIONS)
     names = {s: [f.name for f in dataclasses.fields(_SECTIONS[s])] for s in sections}
     close = difflib.get_close_matches(key, [name for s in sections for name in names[s]], n=1)
-    hint = f" (did you mean '{'--' if flag else ''}{close[0]}'?)" if close else ""
+    if not close and section in _SECTIONS:  # a misspelt key of another section: say where it is
+        close = difflib.get_close_matches(key, list(_KEY_SECTION), n=1)
+    hint = ""
+    if close:
+        home = _KEY_SECTION[close[0]]
+        if flag:
+            hint = f" (did you mean '--{f'{home}.' if section else ''}{close[0]}'?)"
+        else:
+            hint = f" (did you mean '{close[0]}'{f' under {home}:' if home != section else ''}?)"
     if section in _SECTIONS:
         return f"{hint}; section '{section}' has the keys: {', '.join(names[section])}"
     return f"{hint}; the keys are, in " + "; in ".join(f"{s}: {', '.join(names[s])}" for s in sections)

@@ -112,9 +112,13 @@ def missing_backbone(path: Path) -> str:
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, read in 1 MiB pieces: a fingerprint of the base weights a run started from."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 20):
-            digest.update(piece)
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(1 << 20):
+                digest.update(piece)
+    except OSError as e:
+        raise VQAError(f"cannot read checkpoint_path '{path}' ({e.strerror or e}); check the path and its "
+                       f"permissions") from None
     return digest.hexdigest()
 
 
@@ -125,9 +129,10 @@ def check_base_file(path: str | Path, expected: str | None, recorded_in: Path, d
     ``digest``: the file's SHA-256 where the caller has it already; ``option``: how the user gives another file."""
     if expected is not None and (digest or file_sha256(path)) != expected:
         raise VQAError(f"checkpoint_path '{path}' is not the file this run started from: its SHA-256 differs from "
-                       f"the one recorded in {recorded_in}, so it was replaced or written over, and the run's "
-                       f"adapters would sit on other base weights; point checkpoint_path at a copy of the original "
-                       f"file ({option}), or train a new run")
+                       f"the one recorded in {recorded_in} (another file, or the same one replaced or written over "
+                       f"since; the same weights in another format count as another file), and the run's adapters "
+                       f"would sit on other base weights; point checkpoint_path at a copy of the original file "
+                       f"({option}), or train a new run")
 
 
 def train_command(*args: str, processes: int = 1) -> str:
@@ -259,7 +264,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
     else:
         base = checkpoint_path if checkpoint_path is not None else cfg.model.checkpoint_path
         if checkpoint_path is not None and not Path(checkpoint_path).is_file():
-            raise VQAError(f"{name} '{checkpoint_path}' does not exist; give the path of a local copy of the weights "
+            raise VQAError(f"{name} '{checkpoint_path}' is not a file; give the path of a local copy of the weights "
                            f"run '{run}' started from")
         if base is not None and not Path(base).is_file():
             raise VQAError(f"'{base}', the checkpoint_path that run '{run}' started from (in its config.yaml), does "
