@@ -161,8 +161,8 @@ def check_same_images(images: int, recorded: int | None, train_data: CSVData, ru
     changed = []
     for f in dataclasses.fields(cfg.data):
         value = getattr(cfg.data, f.name)
-        if f.name != "train_csv" and value is not None and value != getattr(saved.data, f.name):
-            changed += [f"--{f.name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        if f.name != "train_csv" and value != getattr(saved.data, f.name):  # "none": a file the resume dropped
+            changed += [f"--{f.name}", str(value).lower() if isinstance(value, bool) or value is None else str(value)]
     new_run = train_command("--config", str(run / "config.yaml"), "--output_dir", "NEW_RUN", "--train_csv",
                             str(train_data.path), *changed, "--checkpoint_path", str(encoder), processes=processes)
     export = shlex.join(export)
@@ -191,13 +191,18 @@ def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
                        f"generating the data set would overwrite it; check the train_csv path, or {how}")
 
 
-def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | None = None):
+def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | None = None,
+                 saved: RunConfig | None = None):
     """The training and validation data, the synthetic set generated first where it is on and missing.
-    ``images``: the training images a resumed run trained on (``None``: not known), which a set generated
-    anew must have."""
+    A resumed run (its ``saved`` config) generates only the set it trained on: one, of its ``images`` (the
+    training images it recorded; ``None``: not known)."""
     d = cfg.data
     if d.synthetic and not Path(d.train_csv).is_file():
         check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))  # in every process: all refuse alike
+        if saved is not None and not saved.data.synthetic:
+            raise VQAError(f"resume would generate a synthetic data set in {Path(d.train_csv).parent}, but the run "
+                           f"did not train on one (synthetic is off in its config.yaml); point --train_csv and "
+                           f"--val_csv at the data it trained on")
         if images is not None and d.synthetic_train_images != images:
             raise VQAError(f"resume would generate the synthetic data set in {Path(d.train_csv).parent} with "
                            f"{d.synthetic_train_images} training images (synthetic_train_images), but the run "
@@ -250,7 +255,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         raise VQAError(f"{run} holds a run already ({', '.join(replaced)}); continue it with --resume {run}, "
                        f"replace it with --overwrite, or choose another --output_dir")
     # Data first: a bad row or image stops the run before any training time is spent.
-    train_data, val_data = prepare_data(cfg, procs, state.get("train_images"))
+    train_data, val_data = prepare_data(cfg, procs, state.get("train_images"), saved)
     if resume:
         tokenizer, answers = load_vocabularies(run)
         check_answers_known(train_data.rows, answers, run)

@@ -196,7 +196,8 @@ SECTION_KEYS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 @pytest.mark.parametrize("where", ["file", "--key", "--section.key"])
 @pytest.mark.parametrize("key, closest, home", [("vision_lora_rank", "vision_lora_r", "model"), ("zzz_qqq", None, None),
-                                               ("batchsize", "batch_size", "train")])
+                                               ("batchsize", "batch_size", "train"),
+                                               ("checkpoint_everx", "checkpoint_every", "train")])
 def test_an_unknown_key_lists_the_valid_keys_and_the_closest_one(tmp_path, where, key, closest, home):
     """Every valid key of the section (demo.yaml sets only some of them), and a suggestion where one is close,
     in the form the user wrote, in its own section where it belongs to another."""

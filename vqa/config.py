@@ -144,9 +144,10 @@ def _unknown_key(key: str, section: str | None, flag: bool) -> str:
     keys of ``section`` (of every section where none is known: a ``--key`` alone). ``flag``: spelled ``--key``."""
     sections = [section] if section in _SECTIONS else list(_SECTIONS)
     names = {s: [f.name for f in dataclasses.fields(_SECTIONS[s])] for s in sections}
-    close = difflib.get_close_matches(key, [name for s in sections for name in names[s]], n=1)
-    if not close and section in _SECTIONS:  # a misspelt key of another section: say where it is
-        close = difflib.get_close_matches(key, list(_KEY_SECTION), n=1)
+    # The closest key of any section (a misspelt key may be another section's), the section typed on a tie.
+    scores = {name: difflib.SequenceMatcher(None, key, name).ratio() for name in _KEY_SECTION}
+    best = max(_KEY_SECTION, key=lambda name: (scores[name], _KEY_SECTION[name] == section))
+    close = [best] if scores[best] >= 0.6 else []  # difflib.get_close_matches's cutoff
     hint = ""
     if close:
         home = _KEY_SECTION[close[0]]
