@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .atomic import save_safetensors
-from .layer import _finite
+from .layer import _finite, _is_integer, _is_number
 from .surgery import _replace, inject_lora, lora_layers, merged_state_dict, unwrapped
 
 __all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
@@ -144,8 +144,8 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[
         raise ValueError(f"adapter file '{path}' has damaged metadata ({e!r}); save it again") from None
     for name, cfg in config.items():
         for key, value in cfg.items():
-            number = isinstance(value, int) if key != "alpha" else isinstance(value, (int, float)) and _finite(value)
-            if isinstance(value, bool) or not number or value <= 0:
+            number = _is_integer(value) if key != "alpha" else _is_number(value) and _finite(value)
+            if not number or value <= 0:
                 kind = "a finite number > 0" if key == "alpha" else "a positive integer"
                 raise ValueError(f"adapter file '{path}' has damaged metadata: layer '{name}' has {key}={value!r}, "
                                  f"which must be {kind}; save it again")

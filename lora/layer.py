@@ -233,18 +233,6 @@ class _LoRAUpdate(torch.autograd.Function):
         return grad_y, grad_x, grad_A, grad_B, None, None
 
 
-# nn.Module's hook registries: a layer with any hook in them is not swapped (see registered_hooks).
-_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-                    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
-                    "_load_state_dict_post_hooks")
-
-
-def registered_hooks(module: nn.Module) -> list[str]:
-    """The kinds of hook registered on ``module`` itself (``forward_pre_hooks``, ...): a module swapped for
-    another would leave them behind, and moving them is not safe (some hold a reference to their module)."""
-    return [registry.lstrip("_") for registry in _HOOK_REGISTRIES if getattr(module, registry, None)]
-
-
 def _reusable(buffer: Tensor, base: Tensor) -> bool:
     """Whether ``merge`` may overwrite ``buffer``: it fits ``base`` and no other tensor shares its memory
     (a tensor taken from ``weight`` while merged, a graph that saved the merged weight, a view)."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layer import LoRALinear, registered_hooks
+from .layer import LoRALinear
 
 __all__ = [
     "inject_lora",
@@ -148,6 +148,18 @@ def _slots(model: nn.Module) -> dict[nn.Module, list[str]]:
             if child is not None:
                 slots.setdefault(child, []).append(f"{first_name[parent]}.{attr}".lstrip("."))
     return slots
+
+
+# nn.Module's hook registries: a layer with any hook in them is not swapped (see registered_hooks).
+_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+                    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                    "_load_state_dict_post_hooks")
+
+
+def registered_hooks(module: nn.Module) -> list[str]:
+    """The kinds of hook registered on ``module`` itself (``forward_pre_hooks``, ...): a module swapped for
+    another would leave them behind, and moving them is not safe (some hold a reference to their module)."""
+    return [registry.lstrip("_") for registry in _HOOK_REGISTRIES if getattr(module, registry, None)]
 
 
 def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:

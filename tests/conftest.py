@@ -43,3 +43,18 @@ def mask_kind(request, monkeypatch):
         draw = LoRADropout.keep_mask
         monkeypatch.setattr(LoRADropout, "keep_mask", lambda self, x: None if (m := draw(self, x)) is None else m.bool())
     return request.param
+
+
+def offline_hub(monkeypatch) -> None:
+    """timm as on a machine with no network and nothing cached: asking for pretrained weights fails with what timm
+    raises there, and nothing is downloaded."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    build = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        return build(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)

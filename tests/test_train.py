@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
+from conftest import offline_hub
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1369,21 +1370,6 @@ def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monke
         if dist.is_initialized():
             dist.destroy_process_group()
     assert totals == [3 * 2]
-
-
-def offline_hub(monkeypatch) -> None:
-    """timm as on a machine with no network and nothing cached: asking for pretrained weights fails, as timm does."""
-    import timm
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    build = timm.create_model
-
-    def offline(name, pretrained=False, **kwargs):
-        if pretrained:
-            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
-        return build(name, **kwargs)
-
-    monkeypatch.setattr(timm, "create_model", offline)
 
 
 def tool_runs(trained, tmp_path) -> dict:

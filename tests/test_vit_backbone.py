@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import offline_hub
 from safetensors.torch import save_file
 from timm.layers import set_reentrant_ckpt
 
@@ -68,18 +69,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_pretrained_weights_out_of_reach_is_a_clear_error(monkeypatch):
-    import timm
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    build = timm.create_model
-
-    def offline(name, pretrained=False, **kwargs):
-        # What timm raises on a machine with no network and nothing cached; nothing is downloaded here.
-        if pretrained:
-            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
-        return build(name, **kwargs)
-
-    monkeypatch.setattr(timm, "create_model", offline)
+    offline_hub(monkeypatch)
     with pytest.raises(FileNotFoundError, match="pretrained weights of 'vit_small_patch14_dinov2'.*checkpoint_path"):
         tiny_backbone(pretrained=True)
 

@@ -20,15 +20,16 @@ __all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_ba
 
 
 class PretrainedWeightsUnavailable(FileNotFoundError):
-    """timm could not download ``model_name``'s pretrained weights (no network and nothing cached, say): ``reason``."""
+    """timm could not download ``model_name``'s pretrained weights (no network and nothing cached, say): ``reason``.
+    ``problem`` says so without the advice, for callers that advise otherwise."""
 
     def __init__(self, model_name: str, reason: str) -> None:
+        self.problem = f"cannot get the pretrained weights of '{model_name}' through timm's download ({reason})"
         super().__init__(
-            f"cannot get the pretrained weights of '{model_name}' through timm's download ({reason}); on a machine "
-            f"without network, give checkpoint_path (a local .safetensors or .pth of this model), or fill the "
-            f"Hugging Face cache (HF_HOME) where there is network; pretrained: false builds random weights"
+            f"{self.problem}; on a machine without network, give checkpoint_path (a local .safetensors or .pth of "
+            f"this model), or fill the Hugging Face cache (HF_HOME) where there is network; pretrained: false "
+            f"builds random weights"
         )
-        self.model_name, self.reason = model_name, reason
 
 
 def create_backbone(

@@ -92,8 +92,7 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
     except PretrainedWeightsUnavailable as e:
         if offline is None:
             raise VQAError(str(e)) from None
-        raise VQAError(f"cannot get the pretrained weights of '{e.model_name}' through timm's download "
-                       f"({e.reason}); {offline}") from None
+        raise VQAError(f"{e.problem}; {offline}") from None
     except (ValueError, FileNotFoundError) as e:  # backbone name, img_size, checkpoint problems
         raise VQAError(str(e)) from None
 
