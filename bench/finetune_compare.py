@@ -31,7 +31,10 @@ TYPES = ("color", "shape", "location", "count", "yes/no")
 def run_variant(config: Path, out: Path, args: list[str]) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--output_dir", str(out),
            "--progress", "false", "--overwrite", *args]  # a rerun replaces this benchmark's own runs
-    text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: train.py exited {result.returncode} for {out.name}:\n{result.stderr[-3000:]}")
+    text = result.stdout
     trainable = int(re.search(r"Trainable: ([\d,]+)", text).group(1).replace(",", ""))
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = epochs[-1]
@@ -52,6 +55,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per variant and seed")
     args = parser.parse_args()
+    # train.py runs in the project's folder: paths given relative to the caller's must reach it whole.
+    args.config, args.out = args.config.resolve(), args.out.resolve()
     results = {}
     for name in args.only or VARIANTS:
         for seed in args.seeds:

@@ -1,10 +1,10 @@
 """Inference and training throughput of LoRA variants against their references, measured in one process.
 
     python bench/throughput.py [--model vit_small_patch14_dinov2] [--img-size 98] [--batch-size 16]
-                               [--rounds 20] [--device auto] [--json OUT]
+                               [--rounds 24] [--device auto] [--json OUT]
 
-Variants run interleaved in a rotating order, so drift of the machine (heat, other load) hits them
-alike; each number is the median over rounds of a per-round ratio, printed with the interquartile range
+Variants run interleaved, each round in another order, so drift of the machine (heat, other load) hits
+them alike, and each variant runs after every other equally often (``balanced_orders``); each number is the median over rounds of a per-round ratio, printed with the interquartile range
 of those ratios (how far the machine's noise reaches within the run). References: inference against the
 base timm model, training steps (forward + backward + AdamW) against full fine-tuning, with a frozen
 model's backward pass through every block (``frozen_floor``) as the floor adapters could reach. Every
@@ -94,7 +94,8 @@ def training_setup(base: nn.Module, variant: str, copy_base: bool = True):
 
 
 def train_step(model: nn.Module, optimizer, x: torch.Tensor) -> None:
-    loss = model(x).float().pow(2).mean()
+    with autocast(x.device):  # the forward and the loss, as train.py runs them; backward and step outside
+        loss = model(x).float().pow(2).mean()
     if optimizer is None:  # frozen_floor: the backward pass alone
         loss.backward()
         return
@@ -103,18 +104,32 @@ def train_step(model: nn.Module, optimizer, x: torch.Tensor) -> None:
     optimizer.step()
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` variants in which each follows every other equally often (a Williams design: the
+    first order 0, 1, n-1, 2, n-2, ..., then its rotations, and for odd ``n`` their reverses too). A plain
+    rotation keeps one cyclic order, so each variant always runs right after the same one; on this CPU a
+    step runs slower just after some others (after a large GEMM), which would tilt that variant's ratio."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low if len(first) % 2 else high)
+        low, high = (low + 1, high) if len(first) % 2 == 0 else (low, high - 1)
+    orders = [[(v + shift) % n for v in first] for shift in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
+
+
 def interleaved(fns: dict[str, callable], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each fn, per round, the order rotating every round."""
+    """Seconds per call of each fn, per round, each round in the next of ``balanced_orders`` (balanced
+    over every ``len(balanced_orders(len(fns)))`` rounds)."""
     names = list(fns)
+    orders = balanced_orders(len(names))
     times = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
+        for i in orders[r % len(orders)]:
             sync(device)
             t0 = time.perf_counter()
-            fns[n]()
+            fns[names[i]]()
             sync(device)
-            times[n].append(time.perf_counter() - t0)
+            times[names[i]].append(time.perf_counter() - t0)
     return times
 
 
@@ -159,13 +174,7 @@ def bench_training(args, device) -> dict:
     setups = {v: training_setup(base, v) for v in TRAINING}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
-    def run(model, optimizer):
-        def call():
-            with autocast(device):
-                train_step(model, optimizer, x)
-        return call
-
-    fns = {v: run(*setups[v]) for v in TRAINING}
+    fns = {v: (lambda v=v: train_step(*setups[v], x)) for v in TRAINING}
     interleaved(fns, args.warmup, device)
     times = interleaved(fns, args.rounds, device)
     rel = ratios(times, "full_finetune")
@@ -195,8 +204,7 @@ def memory_growth(args, variant: str, device: torch.device) -> float:
             f.write("5")
         start = _status_bytes("VmRSS")
     for _ in range(3):
-        with autocast(device):
-            train_step(model, optimizer, x)
+        train_step(model, optimizer, x)
     if device.type == "cuda":
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - start)
@@ -220,7 +228,11 @@ def bench_memory(args, device) -> dict:
         else:  # a fresh process per variant: max RSS never goes down within one
             cmd = [sys.executable, __file__, "--memory-child", variant, "--model", args.model,
                    "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--device", "cpu"]
-            growth[variant] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+            child = subprocess.run(cmd, capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"error: the memory measurement of {variant} failed (exit {child.returncode}):\n"
+                         f"{child.stderr[-3000:]}")
+            growth[variant] = float(child.stdout.split()[-1])
     full = growth["full_finetune"]
     return {v: {"growth_mib": g / 2**20, "ratio_to_full": g / full if full > 0 else float("nan")}
             for v, g in growth.items()}
@@ -252,8 +264,9 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=98)
     parser.add_argument("--batch-size", type=int, default=16, help="training batch")
     parser.add_argument("--infer-batch-size", type=int, default=None, help="default: the training batch")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=positive, default=24,
+                        help="timed rounds; a multiple of 12 balances the orders of every section")
+    parser.add_argument("--warmup", type=positive, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", choices=("inference", "training", "memory", "merge"), action="append")
     parser.add_argument("--json", type=Path)
@@ -297,6 +310,17 @@ def main() -> None:
               f"(first merge, allocating: {m['first_merge_ms']:.2f} ms)")
     if args.json:
         write_text(args.json, json.dumps(report, indent=2) + "\n")
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def device_name(device: torch.device) -> str:

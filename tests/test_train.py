@@ -86,7 +86,7 @@ def test_predict_and_evaluate_from_the_run(trained, monkeypatch, capsys):
     import vqa.evaluate
     import vqa.predict
 
-    # In-process: a `python -m` process spends seconds importing (test_distributed runs vqa.evaluate that way).
+    # In-process: a `python -m` process spends seconds importing.
     assert vqa.predict.main(["--run", str(run), "--image", str(image), "--question", "How many circles are there?",
                              "--top_k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -677,8 +677,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     proc.wait()
     before = torch.load(run / "checkpoint.pt", weights_only=True)
     assert before["batch"] > 0 and before["step"] < 12  # killed mid-epoch, before the end
-    cli("train.py", "--resume", str(run))
-    # The uninterrupted run, in this process (a process of its own would spend seconds on imports).
+    # The resume and the uninterrupted run, in this process (a process of its own spends seconds on imports).
+    assert train.cli(["--resume", str(run)]) == 0
     assert train.cli(["--config", str(tiny_config(tmp_path / "a", checkpoint_every=1, epochs=3, batch_size=2))]) == 0
     a = read_adapter(tmp_path / "a" / "run" / "adapter_last.safetensors")
     b = read_adapter(run / "adapter_last.safetensors")
@@ -691,10 +691,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("times", [1, 2])
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(times, tmp_path):
-    """Also when SIGTERM comes twice (a cluster scheduler signals every process and torchrun passes its
-    own on): only a Ctrl-C after the first signal means "stop now"."""
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """In a process of its own, and with SIGTERM coming twice (a cluster scheduler signals every process and
+    torchrun passes its own on): only a Ctrl-C after the first signal means "stop now". (One signal: the
+    in-process tests below, and the torchrun tests.)"""
     config = tiny_config(tmp_path, epochs=50, batch_size=2)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT,
@@ -702,7 +702,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(times, tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
         time.sleep(0.05)
-    for _ in range(times):
+    for _ in range(2):
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.05)  # separate deliveries: pending signals of one kind merge into one
     out, err = proc.communicate(timeout=120)

@@ -95,11 +95,25 @@ def test_pickle_payload_in_checkpoint_is_refused(tmp_path):
     assert "weights_only" not in str(refused.value)  # torch's advice to load it unsafely is not passed on
 
 
-def test_a_checkpoint_of_another_patch_size_is_refused_not_resampled(tmp_path):
+@pytest.mark.parametrize("layout, named", [
+    ("flat", "'patch_embed.proj.weight'"),
+    ("model", r"'patch_embed\.proj\.weight' \(in the file's \['model'\]\)"),
+    ("state_dict", r"'patch_embed\.proj\.weight' \(in the file's \['state_dict'\]\)"),
+    ("model.state_dict", r"'patch_embed\.proj\.weight' \(in the file's \['model'\]\['state_dict'\]\)"),
+    ("visual.trunk.", r"'visual\.trunk\.patch_embed\.proj\.weight'"),  # OpenCLIP's prefix, which timm strips
+], ids=lambda v: v if "'" not in v else "")
+def test_a_checkpoint_of_another_patch_size_is_refused_not_resampled(layout, named, tmp_path):
+    """In every layout timm's filter unwraps: the kernel is found wherever the filter would resample it."""
     source = vit.create_backbone("vit_small_patch14_dinov2", img_size=32, patch_size=16, **TINY)
-    path = tmp_path / "patch16.safetensors"
-    save_file(source.state_dict(), path)
-    with pytest.raises(ValueError, match=r"'patch_embed\.proj\.weight' has shape \(32, 3, 16, 16\), the model "
+    state = source.state_dict()
+    if layout == "visual.trunk.":
+        state = {f"visual.trunk.{k}": v for k, v in state.items()}
+    elif layout != "flat":
+        for wrapper in reversed(layout.split(".")):
+            state = {wrapper: state}
+    path = tmp_path / "patch16.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"layer {named} has shape \(32, 3, 16, 16\), the model "
                                          r"expects \(32, 3, 14, 14\)"):
         tiny_backbone(checkpoint_path=path)  # timm's filter would resample the kernel: other features
 

@@ -77,7 +77,12 @@ def test_answer_weights_cli_round_trip(tmp_path):
                                               ('{"yes": 0}', "weight of 'yes' must be a number > 0"),
                                               ('{"yes": true}', "weight of 'yes' must be a number > 0"),
                                               ('{"yes": NaN}', "weight of 'yes' must be a number > 0"),
-                                              ('{"yes": Infinity}', "weight of 'yes' must be a number > 0")])
+                                              ('{"yes": Infinity}', "weight of 'yes' must be a number > 0"),
+                                              # one key would replace the other, the file's order deciding
+                                              ('{"two": 5, "2": 0.2}', "'two' and '2' are both the answer '2' once "
+                                                                       r"normalised \(weights 5 and 0\.2\)"),
+                                              ('{"yes": 1, "yes": 2}', r"'yes' is given twice \(weights 1 and 2\)"),
+                                              ('{"a": {"b": 1}}', r"weight of 'a' must be a number > 0, got \{'b': 1\}")])
 def test_bad_answer_weights_files(tmp_path, content, message):
     path = tmp_path / "w.json"
     path.write_text(content)

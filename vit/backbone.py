@@ -110,6 +110,17 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def _patch_kernels(state: dict, within: str = "", depth: int = 3):
+    """``(key, tensor, within)`` for every patch-embedding kernel in ``state`` and the dicts it nests, ``within``
+    naming the entry that holds it: timm's filter unwraps ``model``, ``state_dict`` and ``encoder`` and strips
+    prefixes such as ``visual.trunk.``, and OpenAI CLIP names its kernel ``visual.conv1.weight``."""
+    for key, value in state.items():
+        if isinstance(value, dict) and depth > 1:
+            yield from _patch_kernels(value, f"{within}['{key}']", depth - 1)
+        elif isinstance(value, Tensor) and ("patch_embed.proj.weight" in key or key.endswith("visual.conv1.weight")):
+            yield key, value, within
+
+
 def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) -> None:
     """Loads a timm- or DINOv2-format state dict into ``model`` (strict), resampling position embeddings.
 
@@ -117,12 +128,14 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
     """
     path = Path(path)
     raw = _read_state_dict(path)
-    kernel, want = raw.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
-    if kernel is not None and kernel.shape != want.shape:  # timm's filter would resample the kernel silently
-        raise ValueError(
-            f"checkpoint '{path}': layer 'patch_embed.proj.weight' has shape {tuple(kernel.shape)}, the model "
-            f"expects {tuple(want.shape)}; the checkpoint is for another patch size or width"
-        )
+    want = model.patch_embed.proj.weight
+    for key, kernel, within in _patch_kernels(raw):
+        if kernel.ndim == 4 and kernel.shape != want.shape:  # timm's filter would resample it silently
+            where = f" (in the file's {within})" if within else ""
+            raise ValueError(
+                f"checkpoint '{path}': layer '{key}'{where} has shape {tuple(kernel.shape)}, the model expects "
+                f"{tuple(want.shape)}; the checkpoint is for another patch size or width"
+            )
     state = checkpoint_filter_fn(raw, model)
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}

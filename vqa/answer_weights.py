@@ -45,17 +45,30 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
     if not path.is_file():
         raise VQAError(f"answer weights file '{path}' does not exist; make one with python -m vqa.answer_weights")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_Pairs)  # keeps repeated keys
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VQAError(f"answer weights file '{path}' is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
+    if not isinstance(raw, _Pairs):
         raise VQAError(f"answer weights file '{path}' must hold an object of answer: weight")
-    weights = {}
-    for answer, weight in raw.items():
+    weights, spelt = {}, {}
+    for answer, weight in raw:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise VQAError(f"answer weights file '{path}': weight of '{answer}' must be a number > 0, got {weight!r}")
-        weights[normalize_answer(answer)] = float(weight)
+        key = normalize_answer(answer)
+        if key in weights:  # one would silently replace the other, the file's order deciding which
+            both = (f"'{answer}' is given twice" if spelt[key] == answer
+                    else f"'{spelt[key]}' and '{answer}' are both the answer '{key}' once normalised")
+            raise VQAError(f"answer weights file '{path}': {both} (weights {weights[key]:g} and {float(weight):g}); "
+                           f"keep one of them")
+        weights[key], spelt[key] = float(weight), answer
     return weights
+
+
+class _Pairs(list):
+    """A JSON object's (key, value) pairs in file order, repeated keys included."""
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def main(argv: list[str] | None = None) -> int:
