@@ -113,6 +113,19 @@ def test_skip_bad_rows_skips_and_counts(folder):
     assert "row 2" in data.skipped[0] and "row 3" in data.skipped[1]
 
 
+@pytest.mark.parametrize("closed", [True, False])
+def test_a_quote_left_open_is_an_error_naming_its_lines_even_when_skipping(folder, closed):
+    """A stray quote makes the rows after it part of one field: they would be lost, not skipped."""
+    rows = ['img/a.png,What color?,red', 'img/a.png,"What shape?,square', 'img/b.png,Is there one?,yes',
+            'img/b.png,"How many?",2' if closed else 'img/b.png,How many?,2', 'img/b.png,Where?,left']
+    path = write(folder, HEADER + "\n".join(rows) + "\n")
+    end = 5 if closed else 6  # the quote on line 5 closes it; else the file's end
+    for skip in (False, True):
+        with pytest.raises(VQAError, match=rf"row 2 runs from line 3 to line {end}: a quote \(\"\) opened on line 3 "
+                                           rf"is not closed on it"):
+            read_csv(path, skip_bad_rows=skip)
+
+
 def test_all_rows_bad_is_an_error_even_when_skipping(folder):
     with pytest.raises(VQAError, match="all 1 rows were bad, the first: .*row 1 .* has an empty 'question'"):
         read_csv(write(folder, HEADER + "img/a.png,,red\n"), skip_bad_rows=True)

@@ -92,8 +92,18 @@ def read_csv(
     root = path.parent.resolve()
     data = CSVData(path, [])
     seen: dict[tuple, str] = {}
+    lines, end = text.splitlines(), reader.line_num  # the line the header ends on
     for number, record in enumerate(reader, start=1):
         where = f"{path} row {number} (line {reader.line_num})"
+        start, end = end + 1, reader.line_num
+        if _holds_rows(record, len(columns)):
+            # A quote left open swallows the lines after it: the rows there would be lost, not just bad.
+            while start < end and not lines[start - 1].strip():
+                start += 1  # blank lines between rows
+            raise VQAError(
+                f"{path} row {number} runs from line {start} to line {end}: a quote (\") opened on line {start} is "
+                f"not closed on it, so the lines up to {end} are read as one row, the rows there inside one field; "
+                f"close or remove the quote (--skip_bad_rows cannot tell where the rows inside begin)")
         try:
             row = _parse_row(record, where, root, require_answer, allow_outside_paths)
             key = (row.image, row.question, row.answer, row.question_type)
@@ -112,6 +122,14 @@ def read_csv(
             detail = f"all {len(data.skipped)} rows were bad, the first: {data.skipped[0]}"
         raise VQAError(f"{path} has no usable rows: {detail}")
     return data
+
+
+def _holds_rows(record: dict, columns: int) -> bool:
+    """Whether a quoted field of ``record`` runs over lines that look like rows of their own (as many commas as
+    a row has): a quote left open. A question wrapped over lines in a quoted field is fine (its line breaks
+    become spaces)."""
+    values = [v for k, v in record.items() if k is not None and isinstance(v, str)] + (record.get(None) or [])
+    return any(line.count(",") >= columns - 1 for v in values for line in v.splitlines()[1:])
 
 
 def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow_outside: bool) -> Row:
