@@ -33,7 +33,7 @@ from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (build_model, check_base_file, copy_weights, file_sha256, load_checkpoint,
+from vqa.run_files import (RUN_FILES, build_model, check_base_file, copy_weights, file_sha256, load_checkpoint,
                            load_vocabularies, missing_backbone, never_checkpointed, random_backbone, remove_run,
                            save_checkpoint, train_command, trained_files, write_text)
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
@@ -154,7 +154,10 @@ def check_same_images(images: int, recorded: int | None, train_data: CSVData, ru
     if recorded is None or images == recorded:
         return
     skipped = f" (after {len(train_data.skipped)} skipped bad row(s))" if train_data.skipped else ""
-    encoder = run / "encoder.safetensors"
+    encoder, n = run / "encoder.safetensors", 1
+    while encoder.exists():  # perhaps the start of a new run already: export refuses to write over it
+        n += 1
+        encoder = run / f"encoder-{n}.safetensors"
     export = ["python", "-m", "vqa.export", "--run", str(run), "--out", str(encoder)]
     if cfg.model.checkpoint_path and cfg.model.checkpoint_path != saved.model.checkpoint_path:
         export += ["--checkpoint_path", cfg.model.checkpoint_path]  # where the starting weights are now
@@ -256,6 +259,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                        f"replace it with --overwrite, or choose another --output_dir")
     # Data first: a bad row or image stops the run before any training time is spent.
     train_data, val_data = prepare_data(cfg, procs, state.get("train_images"), saved)
+    for split, data in (("train_csv", train_data), ("val_csv", val_data)):
+        if data.skipped:  # said now, not only at the end, which a stopped run never reaches
+            log(f"{split}: skipped {len(data.skipped)} bad row(s) (--skip_bad_rows), the first: {data.skipped[0]}")
     if resume:
         tokenizer, answers = load_vocabularies(run)
         check_answers_known(train_data.rows, answers, run)
@@ -267,7 +273,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     from_random = random_backbone(cfg)
     if resume and from_random and not backbone_file.is_file():
         raise VQAError(missing_backbone(backbone_file))
-    model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and from_random else None)
+    offline = ("on a machine without network, resume with --checkpoint_path PATH, a local copy of the hub's weights "
+               "of this model, or fill the Hugging Face cache (HF_HOME) where there is network") if resume else None
+    model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and from_random else None,
+                        offline=offline)
     # The base weights' fingerprint: resume and prediction refuse a checkpoint_path since replaced or written over.
     base_sha256 = file_sha256(cfg.model.checkpoint_path) if cfg.model.checkpoint_path else None
     try:
@@ -277,7 +286,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
     model.to(device)
     if procs.is_main:
-        lora.print_trainable_parameters(model)
+        lora.print_trainable_parameters(model, "LoRA" if any(True for _ in lora.lora_layers(model)) else "no LoRA")
     # What the training step calls; evaluation and saving use the model itself. Under torchrun every
     # process starts from the main one's weights (DDP broadcasts them) and draws its own dropout masks.
     net = distributed.wrap(model, procs, device, unused=[] if t.use_type_loss else [model.type_head])
@@ -528,9 +537,23 @@ def cli(argv: list[str] | None = None) -> int:
             cfg = load_config(args.resume / "config.yaml", overrides + ["--output_dir", str(args.resume)])
         else:
             cfg = load_config(args.config, overrides)
+            written = Path(cfg.train.output_dir) / "config.yaml"  # the run's own, resolved, which replaces it
+            others = [name for name in RUN_FILES if name != "config.yaml" and (written.parent / name).is_file()]
+            if args.config and written.resolve() == args.config.resolve() and not others:  # not a run's own
+                raise VQAError(f"--config '{args.config}' is where the run in output_dir '{written.parent}' writes "
+                               f"its own config.yaml, which would replace yours (comments and all); keep your config "
+                               f"outside the run folder, e.g. configs/, or choose another --output_dir")
         main(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except VQAError as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = "" if args.config or args.resume else (
+            " (no --config was given, so every setting is its default; the demo runs with --config "
+            "configs/demo.yaml)")
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be made or written to (output_dir, a synthetic set's), a full disk
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror or e}; check that output_dir (and, with synthetic on, the "
+              f"data folder) can be made and written to, or choose other ones", file=sys.stderr)
         return 2
     return 0
 

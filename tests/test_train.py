@@ -409,12 +409,14 @@ def test_resume_trains_on_as_many_images_as_the_run_did(csv, trained, tmp_path, 
         state = torch.load(run / "checkpoint.pt", weights_only=True)
         del state["train_images"]
         torch.save(state, run / "checkpoint.pt")
+    (run / "encoder.safetensors").write_bytes(b"exported by an earlier refusal's advice")
     before = run_bytes(run)
     code = train.cli(["--resume", str(run), "--epochs", "3", "--train_csv", str(new_csv),
                       "--val_csv", str(data / "val.csv")])
     err = capsys.readouterr().err
     if csv == "4 of the 8 images":
         assert code == 2 and run_bytes(run) == before
+        assert f"--out {shlex.quote(str(run / 'encoder-2.safetensors'))}" in err  # not the file there
         assert (f"train_csv '{new_csv}' holds 4 training image(s), but the run trained on 8 ({run / 'checkpoint.pt'}): "
                 f"resume continues training on the same data, which may have moved or been renamed") in err
         assert "To train on other data, start a new run, e.g. from this one's encoder: python -m vqa.export" in err
@@ -563,7 +565,8 @@ def test_overwrite_replaces_the_run_only_once_the_data_is_good(trained, tmp_path
         assert message in capsys.readouterr().err
         assert run_bytes(run) == before, mistake  # a mistake, in the data or a setting, deletes nothing
     assert train.cli([*config, "--epochs", "1", "--use_vision_lora", "false"]) == 0
-    assert "note: replacing the run in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: replacing the run in" in out and "[no LoRA] Trainable: " in out and "[LoRA]" not in out
     assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (run / "adapter_last.safetensors").exists()  # the old run's adapters, not left beside the new model
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are deleted
@@ -1142,7 +1145,7 @@ def test_a_signal_during_the_last_update_of_an_epoch_stops_before_any_validation
     assert updates == []  # not one validation batch
 
 
-def test_skipped_training_rows_are_counted_at_the_end(trained, tmp_path, capsys):
+def test_skipped_training_rows_are_counted_at_the_start_and_at_the_end(trained, tmp_path, capsys):
     import train
 
     tmp, _ = trained
@@ -1151,7 +1154,10 @@ def test_skipped_training_rows_are_counted_at_the_end(trained, tmp_path, capsys)
     csv.write_text(data.joinpath("train.csv").read_text() + "images/missing.png,What color is it?,red,color\n")
     assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(tmp_path / "run"), "--epochs", "1",
                       "--train_csv", str(csv), "--skip_bad_rows", "true"]) == 0
-    assert "skipped 1 bad row(s) (--skip_bad_rows)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    first = out.index("train_csv: skipped 1 bad row(s) (--skip_bad_rows), the first: ")
+    assert "images/missing.png" in out[first:].splitlines()[0] and first < out.index("epoch 1:")
+    assert "\nskipped 1 bad row(s) (--skip_bad_rows)\n" in out[out.index("epoch 1:"):]  # the summary again
 
 
 def edited_config(run: Path, section: str, key: str, value) -> None:
@@ -1219,6 +1225,57 @@ def test_export_metadata_names_the_model_its_size_and_the_run(trained, tmp_path)
     meta = file_metadata(out)
     assert meta["architecture"] == "vit_small_patch14_dinov2" and meta["img_size"] == "28"
     assert meta["run"] == str((tmp / "run").resolve())
+
+
+def test_a_config_kept_where_the_run_writes_its_own_is_refused_not_replaced(tmp_path, capsys):
+    import train
+
+    mine = tiny_config(tmp_path / "run")  # run/tiny.yaml, output_dir run/run; moved to run/config.yaml, alone
+    cfg = yaml.safe_load(mine.read_text())
+    cfg["train"]["output_dir"] = str(tmp_path / "run")
+    written = "# my notes\n" + yaml.safe_dump(cfg)
+    (tmp_path / "run" / "config.yaml").write_text(written)
+    assert train.cli(["--config", str(tmp_path / "run" / "config.yaml"), "--lr", "5e-4"]) == 2
+    assert "is where the run in output_dir" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_text() == written
+
+
+def test_no_config_says_the_defaults_applied(tmp_path, capsys, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert train.cli([]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(
+        "(no --config was given, so every setting is its default; the demo runs with --config configs/demo.yaml)")
+
+
+@pytest.mark.parametrize("where", ["output_dir", "train_csv"])
+def test_a_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, capsys, where):
+    """An output_dir, or a synthetic data set's folder, under a file (as a read-only place would be)."""
+    import train
+
+    (tmp_path / "a_file").write_text("")
+    inside = tmp_path / "a_file"
+    args = (["--output_dir", str(inside / "run")] if where == "output_dir"
+            else ["--train_csv", str(inside / "train.csv"), "--val_csv", str(inside / "val.csv")])
+    assert train.cli(["--config", str(tiny_config(tmp_path)), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write '{tmp_path / 'a_file'}") and "can be made and written to" in err
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(trained, tmp_path, capsys):
+    """A run started from an export records its SHA-256: an export pasted again over it would orphan that run."""
+    from vqa.export import main as export
+
+    tmp, _ = trained
+    out = tmp_path / "encoder.safetensors"
+    out.write_bytes(b"a new run's starting weights")
+    assert export(["--run", str(tmp / "run"), "--out", str(out)]) == 2
+    assert f"--out '{out}' exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"a new run's starting weights"
+    assert export(["--run", str(tmp / "run"), "--out", str(out), "--overwrite"]) == 0
+    assert file_metadata(out)["architecture"] == "vit_small_patch14_dinov2"
 
 
 def test_export_to_an_unwritable_place_is_a_clear_error(trained, tmp_path, capsys):
@@ -1387,8 +1444,8 @@ def tool_runs(trained, tmp_path) -> dict:
 
 def test_tools_take_a_local_copy_of_a_pretrained_run_s_weights_offline(trained, tmp_path, monkeypatch, capsys):
     """Offline, a pretrained run's backbone cannot come from the hub: prediction, evaluation and export say to give
-    their own --checkpoint_path and take it (a copy no SHA-256 was recorded for: the hub's is not kept), where
-    resume keeps advising its checkpoint_path."""
+    their own --checkpoint_path and take it (a copy no SHA-256 was recorded for: the hub's is not kept), as
+    resume does."""
     import train
 
     run = copied_run(trained, tmp_path)
@@ -1410,7 +1467,9 @@ def test_tools_take_a_local_copy_of_a_pretrained_run_s_weights_offline(trained, 
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
-    assert "on a machine without network, give checkpoint_path" in err and "vqa." not in err
+    assert "on a machine without network, resume with --checkpoint_path PATH" in err and "vqa." not in err
+    assert "pretrained: false" not in err  # which resume would refuse
+    assert train.cli(["--resume", str(run), "--epochs", "3", "--checkpoint_path", str(local)]) == 0
 
 
 def test_tools_refuse_a_starting_file_with_other_bytes_where_the_run_recorded_its_sha256(started_from_export, trained,

@@ -1,5 +1,7 @@
 import copy
+import os
 import pickle
+import shlex
 
 import pytest
 import torch
@@ -84,15 +86,26 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def test_pickle_payload_in_checkpoint_is_refused(tmp_path):
+class ShellPayload(Payload):
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))  # torch names its module blocked
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save", "torch.save, a shell command"])
+def test_pickle_payload_in_checkpoint_is_refused(tmp_path, writer):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"model": Payload(str(marker))}, f)
+    if writer == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"model": Payload(str(marker))}, f)
+    else:
+        torch.save({"model": (ShellPayload if "shell" in writer else Payload)(str(marker))}, path)
     with pytest.raises(ValueError, match="safely") as refused:
         tiny_backbone(checkpoint_path=path)
     assert not marker.exists()
     assert "weights_only" not in str(refused.value)  # torch's advice to load it unsafely is not passed on
+    if writer != "pickle":  # torch's diagnosis names the function the file would have called
+        assert "GLOBAL" in str(refused.value) and "allowlist" not in str(refused.value)
 
 
 @pytest.mark.parametrize("layout, named", [
@@ -223,3 +236,10 @@ def test_freeze_backbone_keeps_lora_and_last_blocks_trainable(unfreeze_last):
 def test_freeze_backbone_rejects_too_many_blocks():
     with pytest.raises(ValueError, match=r"unfreeze_last must be an integer in \[0, 2\]"):
         vit.freeze_backbone(tiny_backbone(), unfreeze_last=3)
+
+
+def test_a_misspelt_model_name_suggests_each_close_name_once():
+    with pytest.raises(ValueError, match="unknown timm model 'vit_smal_patch14_dinov2'; did you mean ") as err:
+        vit.create_backbone("vit_smal_patch14_dinov2")
+    close = str(err.value).split("did you mean ")[1].rstrip("?").split(", ")
+    assert close[0] == "vit_small_patch14_dinov2" and len(close) == len(set(close))

@@ -106,6 +106,18 @@ def test_absolute_paths_need_the_option(folder, tmp_path_factory):
     assert read_csv(path, allow_outside_paths=True).rows[0].image == outside.resolve()
 
 
+def test_a_symbolic_link_out_of_the_folder_is_named_as_such(folder, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    png(elsewhere / "c.png")
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    path = write(folder, HEADER + "linked/c.png,What?,red\n")
+    with pytest.raises(VQAError, match=rf"'linked/c\.png' points outside the CSV's folder .* through a symbolic link "
+                                       rf"\(to {elsewhere.resolve() / 'c.png'}\); .*--allow_outside_paths"):
+        read_csv(path)
+    with pytest.raises(VQAError, match=r"'\.\./c\.png' points outside the CSV's folder [^;]*; move"):  # no link
+        read_csv(write(folder, HEADER + "../c.png,What?,red\n"))
+
+
 def test_skip_bad_rows_skips_and_counts(folder):
     path = write(folder, HEADER + "img/a.png,What?,red\nimg/a.png,,red\nimg/a.png,What?,red\nimg/b.png,Which?,blue\n")
     data = read_csv(path, skip_bad_rows=True)

@@ -69,6 +69,26 @@ def test_answer_weights_cli_round_trip(tmp_path):
     assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 0
     weights = load_answer_weights(out)
     assert set(weights) == {"yes", "2"} and weights["2"] > weights["yes"]
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out), "--max_weight", "1"]) == 0  # replaced
+    assert max(load_answer_weights(out).values()) == 1
+
+
+@pytest.mark.parametrize("target", ["the CSV", "a run's answers.json", "a path under a file"])
+def test_answer_weights_out_never_writes_over_another_file(tmp_path, capsys, target):
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "train.csv"
+    csv.write_text("image,question,answer\na.png,Is it?,yes\n")
+    (tmp_path / "answers.json").write_text('{"answers": ["yes"]}')
+    out = {"the CSV": csv, "a run's answers.json": tmp_path / "answers.json",
+           "a path under a file": csv / "w.json"}[target]
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    if target == "a path under a file":
+        assert err.startswith(f"error: cannot write --out '{out}' (") and "writable" in err
+    else:
+        assert f"--out '{out}' exists and is not an answer weights file, so it is not written over" in err
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
 
 
 @pytest.mark.parametrize("content, message", [("[1, 2]", "must hold an object"), ('{"yes": -1}', "must be a number > 0"),

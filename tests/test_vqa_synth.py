@@ -321,8 +321,8 @@ def test_an_image_write_that_fails_midway_keeps_the_old_file_and_leaves_no_tempo
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
-def test_main_reports_an_unwritable_out_with_exit_1(tmp_path, capsys):
+def test_main_reports_an_unwritable_out_with_exit_2(tmp_path, capsys):
     out = tmp_path / "a_file"
     out.write_text("")
-    assert main(["--out", str(out), "--train_images", "1", "--val_images", "0", "--image_size", "32"]) == 1
+    assert main(["--out", str(out), "--train_images", "1", "--val_images", "0", "--image_size", "32"]) == 2
     assert f"error: cannot write to {out}" in capsys.readouterr().err

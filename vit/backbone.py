@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 import timm
@@ -47,7 +48,8 @@ def create_backbone(
     multiple of the patch size; position embeddings of a checkpoint are resampled to it.
     """
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models("*dinov2*") + timm.list_models("vit_*"), n=3)
+        names = list(dict.fromkeys(timm.list_models("*dinov2*") + timm.list_models("vit_*")))  # each once
+        close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown timm model '{name}'{hint}")
     if img_size is not None:
@@ -80,13 +82,18 @@ def create_backbone(
 
 def torch_load_failure(e: Exception) -> str:
     """What ``torch.load(weights_only=True)`` found wrong, without its advice to load with
-    ``weights_only=False``, which would run whatever code the file holds."""
+    ``weights_only=False``, which would run whatever code the file holds: the first paragraph of torch's
+    message that is not that advice (e.g. "Trying to load unsupported GLOBAL posix.system ..."), else the
+    error's type."""
     message = str(e)
-    diagnosis = message.partition("WeightsUnpickler error:")[2].strip() or message.strip()
-    reason = diagnosis.splitlines()[0].split(". ")[0] if diagnosis else ""
-    if not reason or reason.startswith("Weights only load failed"):
-        reason = type(e).__name__
-    return reason
+    if "WeightsUnpickler error:" in message:
+        message = message.partition("WeightsUnpickler error:")[2]
+    boilerplate = ("weights_only", "Weights only load failed", "Check the documentation")
+    for paragraph in re.split(r"\n\s*\n", message):
+        paragraph = paragraph.strip()
+        if paragraph and not any(b in paragraph for b in boilerplate):
+            return paragraph.splitlines()[0].split(". ")[0]  # not the advice after it (to allowlist the global)
+    return type(e).__name__
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

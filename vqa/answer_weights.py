@@ -91,13 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.is_dir():
             raise VQAError(f"--out '{args.out}' is a folder; give the JSON file to write, "
                            f"e.g. {args.out / 'answer_weights.json'}")
+        if args.out.exists():
+            try:  # an earlier weights file is replaced; anything else (the CSV, a run's answers.json) is kept
+                load_answer_weights(args.out)
+            except VQAError:
+                raise VQAError(f"--out '{args.out}' exists and is not an answer weights file, so it is not written "
+                               f"over; give another path, e.g. {args.out.with_name('answer_weights.json')}") from None
         data = read_csv(args.train_csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=args.allow_outside_paths)
         weights = compute_answer_weights((r.answer for r in data.rows), args.min_weight, args.max_weight)
+        try:
+            with atomic_write(args.out, "w") as f:
+                f.write(json.dumps(weights, indent=1) + "\n")
+        except OSError as e:
+            raise VQAError(f"cannot write --out '{args.out}' ({e.strerror or e}); check that its folder exists and "
+                           f"is writable") from None
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with atomic_write(args.out, "w") as f:
-        f.write(json.dumps(weights, indent=1) + "\n")
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")
     low, high = min(weights.values()), max(weights.values())

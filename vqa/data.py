@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +151,10 @@ def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow
     candidate = Path(image)
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if not allow_outside and not resolved.is_relative_to(root):
+        spelt = Path(os.path.normpath(candidate if candidate.is_absolute() else root / candidate))
+        link = f" through a symbolic link (to {resolved})" if spelt.is_relative_to(root) else ""
         raise VQAError(
-            f"{where}: image path '{image}' points outside the CSV's folder {root}; "
+            f"{where}: image path '{image}' points outside the CSV's folder {root}{link}; "
             f"move the image under it or pass --allow_outside_paths"
         )
     return Row(resolved, question, answer, qtype, where)

@@ -24,9 +24,11 @@ __all__ = ["export_encoder"]
 PROG = "python -m vqa.export"
 
 
-def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_path: Path | None = None) -> str:
+def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_path: Path | None = None,
+                   overwrite: bool = False) -> str:
     """Writes the run's encoder to ``out``; returns the timm call that loads it. ``checkpoint_path``: a local
-    copy of the weights the run started from (``load_run``)."""
+    copy of the weights the run started from (``load_run``). An existing ``out`` is replaced only with
+    ``overwrite``: a run that started from it records its SHA-256 and would refuse the new bytes."""
     from .run_files import RUN_FILES, load_run, weights_file
 
     if out.suffix != ".safetensors":
@@ -40,6 +42,10 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_pat
             raise VQAError(f"--out '{out}' is the checkpoint this run started from (checkpoint_path): written over, "
                            f"the run's base weights would hold its adapters, which it would then add a second time; "
                            f"write the export to another file")
+    if out.exists() and not overwrite:
+        raise VQAError(f"--out '{out}' exists; pass --overwrite to replace it (a run started from it, "
+                       f"--checkpoint_path, would then refuse it: it records the file's SHA-256), or write to "
+                       f"another file")
     weights = weights_file(run_dir, which)  # the file load_run took, for the record
     with safe_open(str(weights), framework="pt") as f:
         trained = f.metadata() or {}
@@ -61,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="the run's weights to export")
     parser.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, metavar="PATH", help=CHECKPOINT_HELP)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out where it exists")
     args = parser.parse_args(argv)
     try:
-        call = export_encoder(args.run, args.out, args.which, args.checkpoint_path)
+        call = export_encoder(args.run, args.out, args.which, args.checkpoint_path, args.overwrite)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

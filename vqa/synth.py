@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as e:  # e.g. --out names a file or a read-only folder
         print(f"error: cannot write to {args.out}: {e}", file=sys.stderr)
-        return 1
+        return 2
     num_images = args.train_images + args.val_images
     print(
         f"wrote {num_images} images ({args.train_images} train, {args.val_images} val) and "
