@@ -33,7 +33,7 @@ from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (RUN_FILES, build_model, check_base_file, copy_weights, file_sha256, load_checkpoint,
+from vqa.run_files import (build_model, check_base_file, copy_weights, file_sha256, load_checkpoint,
                            load_vocabularies, missing_backbone, never_checkpointed, random_backbone, remove_run,
                            save_checkpoint, train_command, trained_files, write_text)
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
@@ -514,6 +514,25 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     return metrics
 
 
+def argv_given(argv: list[str] | None) -> bool:
+    """Whether the command line holds any argument (``None``: the process's own)."""
+    return bool(sys.argv[1:] if argv is None else argv)
+
+
+def check_config_outside_run(config: Path | None, run: Path) -> None:
+    """Refuses a hand-written ``--config`` kept where the run writes its own config.yaml, which would replace it.
+    A run's own file (its text the config it resolves to: the restart advice's --config RUN/config.yaml) may
+    be given."""
+    written = run / "config.yaml"
+    if config is None or written.resolve() != config.resolve():
+        return
+    if config.read_text(encoding="utf-8") == load_config(config, []).to_yaml():
+        return  # a run's own config.yaml, written by train.py: rewriting it changes nothing the user wrote
+    raise VQAError(f"--config '{config}' is where the run in output_dir '{run}' writes its own config.yaml, which "
+                   f"would replace yours (comments and all); keep your config outside the run folder, e.g. "
+                   f"configs/, or choose another --output_dir")
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other --key value pairs override the config.")
     parser.add_argument("--config", type=Path, help="YAML config, e.g. configs/demo.yaml")
@@ -529,6 +548,7 @@ def cli(argv: list[str] | None = None) -> int:
     if args.resume and "output_dir" in keys:  # any spelling: the --output_dir appended below would win
         parser.error(f"--resume continues the run in {args.resume}, so --output_dir cannot be given with it; to "
                      f"continue a copy elsewhere, copy the folder and resume the copy")
+    cfg = None
     try:
         if args.resume:
             if not (args.resume / "config.yaml").is_file():
@@ -537,23 +557,24 @@ def cli(argv: list[str] | None = None) -> int:
             cfg = load_config(args.resume / "config.yaml", overrides + ["--output_dir", str(args.resume)])
         else:
             cfg = load_config(args.config, overrides)
-            written = Path(cfg.train.output_dir) / "config.yaml"  # the run's own, resolved, which replaces it
-            others = [name for name in RUN_FILES if name != "config.yaml" and (written.parent / name).is_file()]
-            if args.config and written.resolve() == args.config.resolve() and not others:  # not a run's own
-                raise VQAError(f"--config '{args.config}' is where the run in output_dir '{written.parent}' writes "
-                               f"its own config.yaml, which would replace yours (comments and all); keep your config "
-                               f"outside the run folder, e.g. configs/, or choose another --output_dir")
+            check_config_outside_run(args.config, Path(cfg.train.output_dir))
         main(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except VQAError as e:
-        hint = "" if args.config or args.resume else (
+        hint = "" if argv_given(argv) else (
             " (no --config was given, so every setting is its default; the demo runs with --config "
             "configs/demo.yaml)")
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
-    except OSError as e:  # a folder that cannot be made or written to (output_dir, a synthetic set's), a full disk
-        where = f" '{e.filename}'" if e.filename else ""
-        print(f"error: cannot write{where}: {e.strerror or e}; check that output_dir (and, with synthetic on, the "
-              f"data folder) can be made and written to, or choose other ones", file=sys.stderr)
+    except OSError as e:
+        if not e.filename or cfg is None:
+            raise  # no file named, or the config itself: not the folders below
+        name = Path(e.filename).resolve()
+        folders = [Path(cfg.train.output_dir)] + ([Path(cfg.data.train_csv).parent] if cfg.data.synthetic else [])
+        if not any(name.is_relative_to(folder.resolve()) for folder in folders):
+            raise  # a file read elsewhere: its own error says what it is
+        # A folder the run writes that cannot be made or written to (read-only, under a file), a full disk.
+        print(f"error: cannot write '{e.filename}': {e.strerror or e}; check that output_dir (and, with synthetic "
+              f"on, the data folder) can be made and written to, or choose other ones", file=sys.stderr)
         return 2
     return 0
 

@@ -1,6 +1,6 @@
 """One adapted qkv layer without autograd: the plain layer, the adapter update and the fold, interleaved.
 
-    python bench/layer_paths.py [--width 384] [--rows 800 1152 2056 4112] [--rounds 20] [--device auto]
+    python bench/layer_paths.py [--width 384] [--rows 800 1152 2056 4112] [--rounds 24] [--device auto]
 
 For each row count, prints the speed of each way to run the layer as a ratio to the plain ``nn.Linear``
 (the median of per-round ratios, with their interquartile range) and the way ``LoRALinear`` picks by
@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=384, help="in_features; the qkv output is 3 x this")
     parser.add_argument("--rows", type=int, nargs="+", default=[800, 1152, 2056, 4112])
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=24, help="a multiple of 6 balances the orders of 3 variants")
     parser.add_argument("--reps", type=int, default=10, help="calls timed together in one round")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Where a training step's time goes: wall time against the time the GPU is busy, per training variant.
 
     python bench/step_profile.py [--model vit_base_patch14_dinov2] [--img-size 224] [--batch-size 64]
-                                 [--rounds 15] [--steps 5] [--device auto] [--table 25]
+                                 [--rounds 16] [--steps 5] [--device auto] [--table 25]
 
 Times the variants of ``bench/throughput.py`` (frozen floor, LoRA with and without dropout, full
 fine-tuning) interleaved, then profiles a few steps of each with ``torch.profiler``. On CUDA it prints,
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_base_patch14_dinov2")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=16, help="interleaved timing rounds (a multiple of 4)")
     parser.add_argument("--steps", type=int, default=5, help="steps profiled per variant")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--table", type=int, default=0, help="rows of the profiler's table per variant")

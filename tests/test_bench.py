@@ -11,7 +11,7 @@ import throughput  # noqa: E402
 
 
 @pytest.mark.parametrize("n", range(1, 9))
-def test_each_variant_runs_after_every_other_equally_often_and_in_every_place(n):
+def test_within_a_round_each_variant_runs_after_every_other_equally_often_and_in_every_place(n):
     orders = throughput.balanced_orders(n)
     assert all(sorted(order) == list(range(n)) for order in orders)
     followers = Counter((a, b) for order in orders for a, b in zip(order, order[1:]))

@@ -1238,6 +1238,12 @@ def test_a_config_kept_where_the_run_writes_its_own_is_refused_not_replaced(tmp_
     assert train.cli(["--config", str(tmp_path / "run" / "config.yaml"), "--lr", "5e-4"]) == 2
     assert "is where the run in output_dir" in capsys.readouterr().err
     assert (tmp_path / "run" / "config.yaml").read_text() == written
+    # A run's own config.yaml, alone in its folder (a run cut short after writing it): the restart advice works.
+    from vqa.config import load_config
+
+    (tmp_path / "run" / "config.yaml").write_text(load_config(tmp_path / "run" / "config.yaml").to_yaml())
+    (tmp_path / "run" / "tiny.yaml").unlink()
+    assert train.cli(["--config", str(tmp_path / "run" / "config.yaml"), "--epochs", "1"]) == 0
 
 
 def test_no_config_says_the_defaults_applied(tmp_path, capsys, monkeypatch):
@@ -1247,6 +1253,28 @@ def test_no_config_says_the_defaults_applied(tmp_path, capsys, monkeypatch):
     assert train.cli([]) == 2
     assert capsys.readouterr().err.rstrip().endswith(
         "(no --config was given, so every setting is its default; the demo runs with --config configs/demo.yaml)")
+    assert train.cli(["--train_csv", "mine/train.csv"]) == 2  # settings given: not every one is a default
+    assert "no --config was given" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["config file", "CSV file", "answer weights file"])
+def test_an_unreadable_input_is_an_error_naming_it(tmp_path, capsys, monkeypatch, kind):
+    """Permission denied on a file the run reads (simulated: as root every file is readable)."""
+    import train
+
+    config = tiny_config(tmp_path)
+    weights = tmp_path / "w.json"
+    weights.write_text('{"yes": 1.0}')
+    target = {"config file": config, "CSV file": tmp_path / "data" / "train.csv", "answer weights file": weights}[kind]
+    for method in ("read_text", "read_bytes"):
+        def refusing(self, *args, _real=getattr(Path, method), **kwargs):
+            if self == target:
+                raise PermissionError(13, "Permission denied", str(self))
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(Path, method, refusing)
+    assert train.cli(["--config", str(config), "--answer_weights", str(weights)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot read {kind} '{target}' (Permission denied); check its "
+                                              f"permissions")
 
 
 @pytest.mark.parametrize("where", ["output_dir", "train_csv"])

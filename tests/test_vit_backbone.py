@@ -131,6 +131,16 @@ def test_a_checkpoint_of_another_patch_size_is_refused_not_resampled(layout, nam
         tiny_backbone(checkpoint_path=path)  # timm's filter would resample the kernel: other features
 
 
+def test_only_the_weights_timm_loads_are_checked_for_their_patch_size(tmp_path):
+    """A distillation checkpoint: the student under 'model', a teacher of another patch size beside it."""
+    teacher = vit.create_backbone("vit_small_patch14_dinov2", img_size=32, patch_size=16, **TINY)
+    student = tiny_backbone()
+    path = tmp_path / "distilled.pth"
+    torch.save({"model": student.state_dict(), "teacher": teacher.state_dict()}, path)
+    loaded = tiny_backbone(checkpoint_path=path)
+    assert torch.equal(loaded.patch_embed.proj.weight, student.patch_embed.proj.weight)
+
+
 def test_a_checkpoint_with_weights_the_model_lacks_names_one(tmp_path):
     state = dict(tiny_backbone().state_dict())
     state["blocks.9.extra"] = torch.zeros(1)

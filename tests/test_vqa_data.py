@@ -106,6 +106,14 @@ def test_absolute_paths_need_the_option(folder, tmp_path_factory):
     assert read_csv(path, allow_outside_paths=True).rows[0].image == outside.resolve()
 
 
+def test_a_question_wrapped_over_lines_with_commas_is_read_as_one_question(folder):
+    path = write(folder, HEADER + 'img/a.png,"Which colour is it:\nred, green, or blue?",red\n'
+                                  'img/b.png,"Is the\nimg/a.png one, or this, red?",no\n')
+    data = read_csv(path)
+    assert [r.question for r in data.rows] == ["Which colour is it: red, green, or blue?",
+                                               "Is the img/a.png one, or this, red?"]
+
+
 def test_a_symbolic_link_out_of_the_folder_is_named_as_such(folder, tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     png(elsewhere / "c.png")
@@ -125,13 +133,15 @@ def test_skip_bad_rows_skips_and_counts(folder):
     assert "row 2" in data.skipped[0] and "row 3" in data.skipped[1]
 
 
-@pytest.mark.parametrize("closed", [True, False])
+@pytest.mark.parametrize("closed", ["by a quoted field", "by a quote inside a field", "never"])
 def test_a_quote_left_open_is_an_error_naming_its_lines_even_when_skipping(folder, closed):
     """A stray quote makes the rows after it part of one field: they would be lost, not skipped."""
-    rows = ['img/a.png,What color?,red', 'img/a.png,"What shape?,square', 'img/b.png,Is there one?,yes',
-            'img/b.png,"How many?",2' if closed else 'img/b.png,How many?,2', 'img/b.png,Where?,left']
+    fifth = {"by a quoted field": 'img/b.png,"How many?",2', "by a quote inside a field": 'img/b.png,"Is it, one?",yes',
+             "never": 'img/b.png,How many?,2'}[closed]
+    rows = ['img/a.png,What color?,red', 'img/a.png,"What shape?,square', 'img/b.png,Is there one?,yes', fifth,
+            'img/b.png,Where?,left']
     path = write(folder, HEADER + "\n".join(rows) + "\n")
-    end = 5 if closed else 6  # the quote on line 5 closes it; else the file's end
+    end = 6 if closed == "never" else 5  # the quote on line 5 closes it; else the file's end
     for skip in (False, True):
         with pytest.raises(VQAError, match=rf"row 2 runs from line 3 to line {end}: a quote \(\"\) opened on line 3 "
                                            rf"is not closed on it"):

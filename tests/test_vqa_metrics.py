@@ -71,6 +71,9 @@ def test_answer_weights_cli_round_trip(tmp_path):
     assert set(weights) == {"yes", "2"} and weights["2"] > weights["yes"]
     assert answer_weights_main(["--train_csv", str(csv), "--out", str(out), "--max_weight", "1"]) == 0  # replaced
     assert max(load_answer_weights(out).values()) == 1
+    out.write_text('{"two": 2, "2": 1.5}')  # an older weights file, refused now: regenerating it is the fix
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 0
+    assert load_answer_weights(out) == weights
 
 
 @pytest.mark.parametrize("target", ["the CSV", "a run's answers.json", "a path under a file"])
@@ -87,7 +90,8 @@ def test_answer_weights_out_never_writes_over_another_file(tmp_path, capsys, tar
     if target == "a path under a file":
         assert err.startswith(f"error: cannot write --out '{out}' (") and "writable" in err
     else:
-        assert f"--out '{out}' exists and is not an answer weights file, so it is not written over" in err
+        assert f"--out '{out}' exists and is not an answer weights file (a JSON object of answer: number), so it " \
+               f"is not written over" in err
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
 
 

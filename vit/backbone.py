@@ -117,14 +117,17 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _patch_kernels(state: dict, within: str = "", depth: int = 3):
-    """``(key, tensor, within)`` for every patch-embedding kernel in ``state`` and the dicts it nests, ``within``
-    naming the entry that holds it: timm's filter unwraps ``model``, ``state_dict`` and ``encoder`` and strips
-    prefixes such as ``visual.trunk.``, and OpenAI CLIP names its kernel ``visual.conv1.weight``."""
+def _patch_kernels(state: dict):
+    """``(key, tensor, within)`` for each patch-embedding kernel of the dict timm's filter loads from ``state``,
+    found as the filter finds it: ``model``, then ``state_dict``, then an IJEPA ``encoder`` unwrapped (``within``
+    names them), any key holding ``patch_embed.proj.weight`` (prefixes such as ``visual.trunk.`` included) and
+    OpenAI CLIP's ``visual.conv1.weight``. Other entries (a distillation teacher, say) are not loaded."""
+    within = ""
+    for wrapper in ("model", "state_dict", "encoder"):
+        if isinstance(state.get(wrapper), dict):
+            state, within = state[wrapper], f"{within}['{wrapper}']"
     for key, value in state.items():
-        if isinstance(value, dict) and depth > 1:
-            yield from _patch_kernels(value, f"{within}['{key}']", depth - 1)
-        elif isinstance(value, Tensor) and ("patch_embed.proj.weight" in key or key.endswith("visual.conv1.weight")):
+        if isinstance(value, Tensor) and ("patch_embed.proj.weight" in key or key.endswith("visual.conv1.weight")):
             yield key, value, within
 
 

@@ -48,6 +48,8 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
         raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_Pairs)  # keeps repeated keys
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VQAError(f"answer weights file '{path}' is not valid JSON: {e}") from None
+    except OSError as e:
+        raise VQAError(f"cannot read answer weights file '{path}' ({e.strerror or e}); check its permissions") from None
     if not isinstance(raw, _Pairs):
         raise VQAError(f"answer weights file '{path}' must hold an object of answer: weight")
     weights, spelt = {}, {}
@@ -62,6 +64,16 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
                            f"keep one of them")
         weights[key], spelt[key] = float(weight), answer
     return weights
+
+
+def _weights_like(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object of numbers: an earlier weights file, perhaps one this module now
+    refuses (two keys for one answer), which a new one may replace."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: JSON's and the decoder's errors
+        return False
+    return isinstance(raw, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values())
 
 
 class _Pairs(list):
@@ -91,12 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.is_dir():
             raise VQAError(f"--out '{args.out}' is a folder; give the JSON file to write, "
                            f"e.g. {args.out / 'answer_weights.json'}")
-        if args.out.exists():
-            try:  # an earlier weights file is replaced; anything else (the CSV, a run's answers.json) is kept
-                load_answer_weights(args.out)
-            except VQAError:
-                raise VQAError(f"--out '{args.out}' exists and is not an answer weights file, so it is not written "
-                               f"over; give another path, e.g. {args.out.with_name('answer_weights.json')}") from None
+        if args.out.exists() and not _weights_like(args.out):  # the CSV, a run's answers.json: kept
+            other = args.out.with_name("answer_weights.json")
+            raise VQAError(f"--out '{args.out}' exists and is not an answer weights file (a JSON object of answer: "
+                           f"number), so it is not written over; give another path"
+                           f"{f', e.g. {other}' if other != args.out else ''}")
         data = read_csv(args.train_csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=args.allow_outside_paths)
         weights = compute_answer_weights((r.answer for r in data.rows), args.min_weight, args.max_weight)
         try:

@@ -283,6 +283,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise VQAError(f"config file '{path}' does not exist")
         try:
             raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except OSError as e:
+            raise VQAError(f"cannot read config file '{path}' ({e.strerror or e}); check its permissions") from None
         except _DuplicateKey as e:
             raise VQAError(f"config file '{path}', line {e.line}: key '{e.key}' appears a second time in its "
                            f"mapping, which would silently replace the first; merge the two into one") from None

@@ -77,7 +77,10 @@ def read_csv(
         raise VQAError(f"CSV file '{path}' is a folder; give the CSV file itself")
     if not path.is_file():
         raise VQAError(f"CSV file '{path}' does not exist; check the path")
-    text = _decode(path, path.read_bytes())
+    try:
+        text = _decode(path, path.read_bytes())
+    except OSError as e:
+        raise VQAError(f"cannot read CSV file '{path}' ({e.strerror or e}); check its permissions") from None
     if not text.strip():
         raise VQAError(f"{path} is empty; it needs a header row '{','.join(REQUIRED_COLUMNS)}' and one row per question")
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -97,7 +100,7 @@ def read_csv(
     for number, record in enumerate(reader, start=1):
         where = f"{path} row {number} (line {reader.line_num})"
         start, end = end + 1, reader.line_num
-        if _holds_rows(record, len(columns)):
+        if _holds_rows(record, root):
             # A quote left open swallows the lines after it: the rows there would be lost, not just bad.
             while start < end and not lines[start - 1].strip():
                 start += 1  # blank lines between rows
@@ -125,12 +128,23 @@ def read_csv(
     return data
 
 
-def _holds_rows(record: dict, columns: int) -> bool:
-    """Whether a quoted field of ``record`` runs over lines that look like rows of their own (as many commas as
-    a row has): a quote left open. A question wrapped over lines in a quoted field is fine (its line breaks
-    become spaces)."""
+def _holds_rows(record: dict, root: Path) -> bool:
+    """Whether a quoted field of ``record`` runs over lines and swallowed rows on the way: a quote left open.
+    Told by the row having more fields than the header (the open quote closed by a later row's quote), or
+    by a swallowed line naming an image file that exists. A question wrapped over lines in a quoted field,
+    commas and all, is fine (its line breaks become spaces)."""
     values = [v for k, v in record.items() if k is not None and isinstance(v, str)] + (record.get(None) or [])
-    return any(line.count(",") >= columns - 1 for v in values for line in v.splitlines()[1:])
+    swallowed = [line for v in values for line in v.splitlines()[1:]]
+    if not swallowed:
+        return False
+    if None in record:
+        return True
+    for line in swallowed:
+        for field in next(csv.reader([line]), []):
+            field = field.strip()
+            if field and len(field) < 4096 and (root / field).is_file():
+                return True
+    return False
 
 
 def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow_outside: bool) -> Row:
