@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import shlex
 import signal
@@ -572,8 +573,10 @@ def cli(argv: list[str] | None = None) -> int:
         folders = [Path(cfg.train.output_dir)] + ([Path(cfg.data.train_csv).parent] if cfg.data.synthetic else [])
         if not any(name.is_relative_to(folder.resolve()) for folder in folders):
             raise  # a file read elsewhere: its own error says what it is
-        # A folder the run writes that cannot be made or written to (read-only, under a file), a full disk.
-        print(f"error: cannot write '{e.filename}': {e.strerror or e}; check that output_dir (and, with synthetic "
+        # A folder the run writes that cannot be made or written to (read-only, under a file), a full disk. The
+        # files read there raise their own errors; one that exists may still be a read this did not foresee.
+        verb = "read or write" if os.path.exists(e.filename) else "write"
+        print(f"error: cannot {verb} '{e.filename}': {e.strerror or e}; check that output_dir (and, with synthetic "
               f"on, the data folder) can be made and written to, or choose other ones", file=sys.stderr)
         return 2
     return 0

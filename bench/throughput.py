@@ -110,7 +110,8 @@ def balanced_orders(n: int) -> list[list[int]]:
     rotation keeps one cyclic order, so each variant always runs right after the same one; on this CPU a
     step runs slower just after some others (after a large GEMM), which would tilt that variant's ratio."""
     # Balanced within rounds; the junction between two rounds (one round's last, the next one's first) adds
-    # one pair a round, the same n pairs every n rounds: a carry-over effect 1/n of the rotation's.
+    # one pair a round, for even n the same n pairs every n rounds (a carry-over 1/n of the rotation's); for
+    # odd n the cycle is 2n rounds and a junction may repeat a variant.
     first, low, high = [0], 1, n - 1
     while len(first) < n:
         first.append(low if len(first) % 2 else high)

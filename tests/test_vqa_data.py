@@ -106,6 +106,31 @@ def test_absolute_paths_need_the_option(folder, tmp_path_factory):
     assert read_csv(path, allow_outside_paths=True).rows[0].image == outside.resolve()
 
 
+def test_a_quote_left_open_before_rows_whose_images_are_missing_is_still_found(folder):
+    """vqa.answer_weights reads answers only, often without the images: the rows' shape tells."""
+    rows = ['img/a.png,What color?,"red', *(f'img/gone{i}.png,Is it {i}?,yes' for i in range(50))]
+    with pytest.raises(VQAError, match="row 1 runs from line 2 to line 52: a quote"):
+        read_csv(write(folder, HEADER + "\n".join(rows) + "\n"), skip_bad_rows=True)
+
+
+def test_a_quote_left_open_in_a_large_file_is_our_error(folder):
+    rows = ['img/a.png,What color?,"red'] + [f"img/gone{i}.png,Is it {i}?,yes" for i in range(8000)]
+    with pytest.raises(VQAError, match=r"field larger than field limit .*a quote \(\"\) left open"):
+        read_csv(write(folder, HEADER + "\n".join(rows) + "\n"))
+
+
+def test_a_wrapped_question_in_a_row_with_a_field_too_many_is_skipped_as_such(folder):
+    path = write(folder, HEADER + 'img/a.png,"What is\nthis?",red,extra\nimg/b.png,Which?,blue\n')
+    data = read_csv(path, skip_bad_rows=True)
+    assert len(data.rows) == 1 and "more fields than the header" in data.skipped[0]
+
+
+def test_a_wrapped_line_too_long_for_a_file_name_is_no_crash(folder):
+    question = "What is\n" + "猫" * 300 + "?"
+    assert read_csv(write(folder, HEADER + f'img/a.png,"{question}",cat\n')).rows[0].question == \
+        "What is " + "猫" * 300 + "?"
+
+
 def test_a_question_wrapped_over_lines_with_commas_is_read_as_one_question(folder):
     path = write(folder, HEADER + 'img/a.png,"Which colour is it:\nred, green, or blue?",red\n'
                                   'img/b.png,"Is the\nimg/a.png one, or this, red?",no\n')

@@ -97,10 +97,10 @@ def read_csv(
     data = CSVData(path, [])
     seen: dict[tuple, str] = {}
     lines, end = text.splitlines(), reader.line_num  # the line the header ends on
-    for number, record in enumerate(reader, start=1):
+    for number, record in enumerate(_records(reader, path), start=1):
         where = f"{path} row {number} (line {reader.line_num})"
         start, end = end + 1, reader.line_num
-        if _holds_rows(record, root):
+        if _holds_rows(record, columns, root):
             # A quote left open swallows the lines after it: the rows there would be lost, not just bad.
             while start < end and not lines[start - 1].strip():
                 start += 1  # blank lines between rows
@@ -128,22 +128,36 @@ def read_csv(
     return data
 
 
-def _holds_rows(record: dict, root: Path) -> bool:
+def _records(reader: csv.DictReader, path: Path):
+    """The reader's rows; the csv module's own error (a field over its size limit: a quote left open in a
+    large file) as ours."""
+    try:
+        yield from reader
+    except csv.Error as e:
+        raise VQAError(f"{path} line {reader.line_num}: {e}; a quote (\") left open makes a field run on to the "
+                       f"end of the file: close or remove it") from None
+
+
+# Suffixes that mark a swallowed line's field as an image path, as a row of its own begins.
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def _holds_rows(record: dict, columns: list[str], root: Path) -> bool:
     """Whether a quoted field of ``record`` runs over lines and swallowed rows on the way: a quote left open.
-    Told by the row having more fields than the header (the open quote closed by a later row's quote), or
-    by a swallowed line naming an image file that exists. A question wrapped over lines in a quoted field,
-    commas and all, is fine (its line breaks become spaces)."""
+    A swallowed line is a row where it has a row's fields with an image path in the image column, or names
+    an image file that exists; with surplus fields in the record (the open quote closed by a later row's
+    quote), an image path in the image column alone will do. A question wrapped over lines in a quoted
+    field, commas and all, is fine (its line breaks become spaces)."""
     values = [v for k, v in record.items() if k is not None and isinstance(v, str)] + (record.get(None) or [])
     swallowed = [line for v in values for line in v.splitlines()[1:]]
-    if not swallowed:
-        return False
-    if None in record:
-        return True
+    at = columns.index("image")
     for line in swallowed:
-        for field in next(csv.reader([line]), []):
-            field = field.strip()
-            if field and len(field) < 4096 and (root / field).is_file():
-                return True
+        fields = [f.strip() for f in next(csv.reader([line]), [])]
+        image_like = len(fields) > at and Path(fields[at]).suffix.lower() in _IMAGE_SUFFIXES
+        if image_like and (len(fields) >= len(columns) or None in record):
+            return True
+        if any(f and os.path.isfile(root / f) for f in fields):  # False on any error (a name too long, say)
+            return True
     return False
 
 
