@@ -113,9 +113,24 @@ def test_a_quote_left_open_before_rows_whose_images_are_missing_is_still_found(f
         read_csv(write(folder, HEADER + "\n".join(rows) + "\n"), skip_bad_rows=True)
 
 
-def test_a_quote_left_open_in_a_large_file_is_our_error(folder):
-    rows = ['img/a.png,What color?,"red'] + [f"img/gone{i}.png,Is it {i}?,yes" for i in range(8000)]
-    with pytest.raises(VQAError, match=r"field larger than field limit .*a quote \(\"\) left open"):
+@pytest.mark.parametrize("csv_text", [
+    # Every field quoted (a spreadsheet's export), the last quote of row 1 deleted: row 2's first quote closes it.
+    '"img/a.png","What color?","red\n"img/b.png","Which?","blue"\n"img/a.png","Where?","left"\n',
+    # Closed by the next row's quote in the same column, the images not there.
+    'img/a.png,"What color?,red\nimg/x.png,"Is it big?",yes\nimg/y.png,Where?,left\n',
+    # Rows leaving out the trailing optional column, the images not there.
+    'img/a.png,What color?,"red\nimg/x.png,Which?,blue\nimg/y.png,Where?,left\n',
+], ids=["all quoted", "closed by the next quote", "short rows"])
+def test_a_quote_left_open_loses_no_row_silently(folder, csv_text):
+    path = write(folder, "image,question,answer,question_type\n" + csv_text)
+    with pytest.raises(VQAError, match="row 1 runs from line 2 to line [34]: a quote"):
+        read_csv(path, skip_bad_rows=True)
+
+
+def test_a_quote_left_open_in_a_large_file_is_our_error_naming_its_line(folder):
+    rows = ['img/a.png,What color?,red', '', 'img/a.png,Which?,"red'] + [f"img/gone{i}.png,Is it {i}?,yes"
+                                                                         for i in range(8000)]
+    with pytest.raises(VQAError, match=r"line 4: field larger than field limit .*a quote \(\"\) opened on line 4"):
         read_csv(write(folder, HEADER + "\n".join(rows) + "\n"))
 
 

@@ -96,14 +96,14 @@ def read_csv(
     root = path.parent.resolve()
     data = CSVData(path, [])
     seen: dict[tuple, str] = {}
-    lines, end = text.splitlines(), reader.line_num  # the line the header ends on
-    for number, record in enumerate(_records(reader, path), start=1):
+    lines = io.StringIO(text, newline="").readlines()  # the lines as the csv reader counts them
+    need = max(columns.index(c) for c in required) + 1  # fields a row gives (trailing optional ones may be left out)
+    end = reader.line_num  # the line the header ends on
+    for number, record in enumerate(_records(reader, path, lines), start=1):
         where = f"{path} row {number} (line {reader.line_num})"
-        start, end = end + 1, reader.line_num
-        if _holds_rows(record, columns, root):
+        start, end = _first_line(lines, end + 1, reader.line_num), reader.line_num
+        if end > start and _holds_rows(lines[start:end], columns.index("image"), need, root):
             # A quote left open swallows the lines after it: the rows there would be lost, not just bad.
-            while start < end and not lines[start - 1].strip():
-                start += 1  # blank lines between rows
             raise VQAError(
                 f"{path} row {number} runs from line {start} to line {end}: a quote (\") opened on line {start} is "
                 f"not closed on it, so the lines up to {end} are read as one row, the rows there inside one field; "
@@ -128,33 +128,39 @@ def read_csv(
     return data
 
 
-def _records(reader: csv.DictReader, path: Path):
+def _first_line(lines: list[str], line: int, last: int) -> int:
+    """The first of lines ``line`` to ``last`` (numbered from 1) that is not blank: where a row begins."""
+    while line < last and not lines[line - 1].strip():
+        line += 1
+    return line
+
+
+def _records(reader: csv.DictReader, path: Path, lines: list[str]):
     """The reader's rows; the csv module's own error (a field over its size limit: a quote left open in a
-    large file) as ours."""
+    large file) as ours, naming the line the failed row began on."""
+    end = reader.line_num
     try:
-        yield from reader
+        for record in reader:
+            yield record
+            end = reader.line_num
     except csv.Error as e:
-        raise VQAError(f"{path} line {reader.line_num}: {e}; a quote (\") left open makes a field run on to the "
-                       f"end of the file: close or remove it") from None
+        start = _first_line(lines, end + 1, len(lines))
+        raise VQAError(f"{path} line {start}: {e}; a quote (\") opened on line {start} and left open makes a field "
+                       f"run on to the end of the file: close or remove it") from None
 
 
-# Suffixes that mark a swallowed line's field as an image path, as a row of its own begins.
+# Suffixes that mark a line's image field as an image path, as a row of its own begins.
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-def _holds_rows(record: dict, columns: list[str], root: Path) -> bool:
-    """Whether a quoted field of ``record`` runs over lines and swallowed rows on the way: a quote left open.
-    A swallowed line is a row where it has a row's fields with an image path in the image column, or names
-    an image file that exists; with surplus fields in the record (the open quote closed by a later row's
-    quote), an image path in the image column alone will do. A question wrapped over lines in a quoted
-    field, commas and all, is fine (its line breaks become spaces)."""
-    values = [v for k, v in record.items() if k is not None and isinstance(v, str)] + (record.get(None) or [])
-    swallowed = [line for v in values for line in v.splitlines()[1:]]
-    at = columns.index("image")
+def _holds_rows(swallowed: list[str], image_at: int, need: int, root: Path) -> bool:
+    """Whether the lines a multi-line row ran on to (each read as a row of its own) hold rows: a quote left
+    open. A line is a row where it gives a row's fields with an image path in the image column, or names an
+    image file that exists. A question wrapped over lines in a quoted field, commas and all, is fine (its line
+    breaks become spaces)."""
     for line in swallowed:
-        fields = [f.strip() for f in next(csv.reader([line]), [])]
-        image_like = len(fields) > at and Path(fields[at]).suffix.lower() in _IMAGE_SUFFIXES
-        if image_like and (len(fields) >= len(columns) or None in record):
+        fields = [f.strip() for f in next(csv.reader([line.rstrip("\r\n")]), [])]
+        if len(fields) >= need and Path(fields[image_at]).suffix.lower() in _IMAGE_SUFFIXES:
             return True
         if any(f and os.path.isfile(root / f) for f in fields):  # False on any error (a name too long, say)
             return True
