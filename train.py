@@ -286,15 +286,15 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         raise VQAError(f"config key 'unfreeze_encoder_layers': {e}") from None
     model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
     model.to(device)
+    has_lora = any(True for _ in lora.lora_layers(model))
     if procs.is_main:
-        lora.print_trainable_parameters(model, "LoRA" if any(True for _ in lora.lora_layers(model)) else "no LoRA")
+        lora.print_trainable_parameters(model, "LoRA" if has_lora else "no LoRA")
     # What the training step calls; evaluation and saving use the model itself. Under torchrun every
     # process starts from the main one's weights (DDP broadcasts them) and draws its own dropout masks.
     net = distributed.wrap(model, procs, device, unused=[] if t.use_type_loss else [model.type_head])
     if procs.enabled:
         for seed in (random.seed, np.random.seed, torch.manual_seed):
             seed(t.seed + 1_000_003 * procs.rank)
-    has_lora = any(True for _ in lora.lora_layers(model))
 
     transform = build_transform(model.backbone, cfg.model.img_size)
     train_set = VQADataset(train_data.rows, transform, tokenizer, answers)

@@ -4,8 +4,8 @@
                                [--rounds 24] [--device auto] [--json OUT]
 
 Variants run interleaved, each round in another order, so drift of the machine (heat, other load) hits
-them alike, and each variant runs after every other equally often (``balanced_orders``); each number is the median over rounds of a per-round ratio, printed with the interquartile range
-of those ratios (how far the machine's noise reaches within the run). References: inference against the
+them alike, and each variant runs after every other equally often (``balanced_orders``); each number is
+the median over rounds of a per-round ratio, printed with the interquartile range of those ratios (how far the machine's noise reaches within the run). References: inference against the
 base timm model, training steps (forward + backward + AdamW) against full fine-tuning, with a frozen
 model's backward pass through every block (``frozen_floor``) as the floor adapters could reach. Every
 variant uses torch's default AdamW but ``full_finetune_fused``: full fine-tuning with
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import lora
-from vqa.evaluate import autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
+from vqa.evaluate import at_least, autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
 from vqa.run_files import write_text
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
@@ -267,9 +267,9 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=98)
     parser.add_argument("--batch-size", type=int, default=16, help="training batch")
     parser.add_argument("--infer-batch-size", type=int, default=None, help="default: the training batch")
-    parser.add_argument("--rounds", type=positive, default=24,
+    parser.add_argument("--rounds", type=at_least(1), default=24,
                         help="timed rounds; a multiple of 12 balances the orders of every section")
-    parser.add_argument("--warmup", type=positive, default=3)
+    parser.add_argument("--warmup", type=at_least(1), default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", choices=("inference", "training", "memory", "merge"), action="append")
     parser.add_argument("--json", type=Path)
@@ -313,17 +313,6 @@ def main() -> None:
               f"(first merge, allocating: {m['first_merge_ms']:.2f} ms)")
     if args.json:
         write_text(args.json, json.dumps(report, indent=2) + "\n")
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def device_name(device: torch.device) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lora import atomic_write
 
-from .errors import VQAError
+from .errors import VQAError, unreadable
 from .text import normalize_answer
 
 __all__ = ["compute_answer_weights", "load_answer_weights"]
@@ -49,7 +49,7 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VQAError(f"answer weights file '{path}' is not valid JSON: {e}") from None
     except OSError as e:
-        raise VQAError(f"cannot read answer weights file '{path}' ({e.strerror or e}); check its permissions") from None
+        raise unreadable("answer weights file", path, e) from None
     if not isinstance(raw, _Pairs):
         raise VQAError(f"answer weights file '{path}' must hold an object of answer: weight")
     weights, spelt = {}, {}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import VQAError
+from .errors import VQAError, unreadable
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides"]
 
@@ -284,7 +284,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except OSError as e:
-            raise VQAError(f"cannot read config file '{path}' ({e.strerror or e}); check its permissions") from None
+            raise unreadable("config file", path, e) from None
         except _DuplicateKey as e:
             raise VQAError(f"config file '{path}', line {e.line}: key '{e.key}' appears a second time in its "
                            f"mapping, which would silently replace the first; merge the two into one") from None

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
-from .errors import VQAError
+from .errors import VQAError, unreadable
 from .text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type, normalize_answer
 
 __all__ = [
@@ -80,10 +80,11 @@ def read_csv(
     try:
         text = _decode(path, path.read_bytes())
     except OSError as e:
-        raise VQAError(f"cannot read CSV file '{path}' ({e.strerror or e}); check its permissions") from None
+        raise unreadable("CSV file", path, e) from None
     if not text.strip():
         raise VQAError(f"{path} is empty; it needs a header row '{','.join(REQUIRED_COLUMNS)}' and one row per question")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    lines = io.StringIO(text, newline="").readlines()  # read by the csv reader, numbered by the quote check
+    reader = csv.DictReader(lines)
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns
     required = REQUIRED_COLUMNS if require_answer else REQUIRED_COLUMNS[:2]
@@ -96,13 +97,13 @@ def read_csv(
     root = path.parent.resolve()
     data = CSVData(path, [])
     seen: dict[tuple, str] = {}
-    lines = io.StringIO(text, newline="").readlines()  # the lines as the csv reader counts them
+    image_at = columns.index("image")
     need = max(columns.index(c) for c in required) + 1  # fields a row gives (trailing optional ones may be left out)
     end = reader.line_num  # the line the header ends on
     for number, record in enumerate(_records(reader, path, lines), start=1):
         where = f"{path} row {number} (line {reader.line_num})"
         start, end = _first_line(lines, end + 1, reader.line_num), reader.line_num
-        if end > start and _holds_rows(lines[start:end], columns.index("image"), need, root):
+        if end > start and _holds_rows(lines[start:end], image_at, need, root):
             # A quote left open swallows the lines after it: the rows there would be lost, not just bad.
             raise VQAError(
                 f"{path} row {number} runs from line {start} to line {end}: a quote (\") opened on line {start} is "

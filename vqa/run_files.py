@@ -30,7 +30,7 @@ from lora import atomic_path, atomic_write
 from vit import PretrainedWeightsUnavailable, torch_load_failure
 
 from .config import RunConfig, load_config
-from .errors import VQAError
+from .errors import VQAError, unreadable
 from .model import DeterministicVQA
 from .text import AnswerVocab, Tokenizer
 
@@ -116,8 +116,7 @@ def file_sha256(path: str | Path) -> str:
             while piece := f.read(1 << 20):
                 digest.update(piece)
     except OSError as e:
-        raise VQAError(f"cannot read checkpoint_path '{path}' ({e.strerror or e}); check the path and its "
-                       f"permissions") from None
+        raise unreadable("checkpoint_path", path, e, "check the path and its permissions") from None
     return digest.hexdigest()
 
 
