@@ -172,7 +172,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     ``dropout`` (files do not record it: it is a training setting).
 
     Returns the layers loaded. A file whose layers, r, alpha, splits or widths do not fit the model is an
-    error that names the first layer that does not fit, and leaves the model as it was.
+    error that names the first layer that does not fit, and leaves the model as it was; with ``strict=False``
+    the file's layers the model lacks are skipped, whether the model has adapters yet or not.
     """
     model = unwrapped(model)
     config, _ = read_adapter_config(path)
@@ -189,16 +190,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     layers = dict(lora_layers(model))
     injected = not layers
     if injected:
-        for name in config:
+        for name in list(config):
             try:
                 module = model.get_submodule(name)
             except AttributeError:
+                if not strict:  # as for a model with adapters: a layer it lacks is skipped
+                    del config[name]
+                    continue
                 module = None
             if not isinstance(module, nn.Linear):
                 raise ValueError(
                     f"adapter '{path}' targets layer '{name}', which is not an nn.Linear in "
                     f"{type(model).__name__}; the adapter was trained on a different architecture"
                 )
+        if not config:
+            raise ValueError(f"adapter '{path}' targets no layer {type(model).__name__} has; the adapter was trained "
+                             f"on a different architecture")
     originals = {name: model.get_submodule(name) for name in config} if injected else {}
     try:
         if injected:

@@ -33,6 +33,7 @@ __all__ = ["LoRALinear", "LoRADropout"]
 
 # The input dtypes autocast casts (it leaves float64 alone).
 _AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+_WIDE_FLOATS = (torch.float32, torch.float64)  # what promote_types(dtype, float32) leaves as it is
 # Rows of a low-precision weight merged per step: bounds the fp32 temporary to rows x in_features.
 _MERGE_CHUNK_ROWS = 256
 # A forward without autograd folds the adapter into a weight made for the call once the input and output
@@ -136,10 +137,19 @@ def _under_vmap() -> bool:
 
 
 def _no_autocast(device: torch.device):
-    """Autocast switched off on ``device``: the sums inside run in the dtypes given. A no-op on the meta
+    """Autocast switched off on ``device``: the sums inside run in the dtypes given. A no-op where autocast is
+    off already (entering ``torch.autocast`` costs microseconds of host time per layer) and on the meta
     device, which has no autocast (``torch.autocast`` would raise; ``torch.amp.is_autocast_available``
     would say so, but torch 2.11's compiler cannot trace it)."""
-    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where ``t`` has that dtype already (``to`` would return ``t`` itself):
+    the layer runs once per block, and on a GPU its host time can decide the speed (README)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _dropped(x: Tensor, keep: Tensor | None, scale: float = 1.0) -> Tensor:
@@ -340,7 +350,7 @@ class LoRALinear(nn.Linear):
         # can accumulate into it in place instead of allocating a second output-sized tensor.
         y = F.linear(x, self.weight, self.bias)  # (M, out)
         # Autocast does not reach in-place ops or custom functions: the adapter runs in y's dtype.
-        x, lora_A, lora_B = x.to(y.dtype), self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        x, lora_A, lora_B = _cast(x, y.dtype), _cast(self.lora_A, y.dtype), _cast(self.lora_B, y.dtype)
         keep = self.lora_dropout.keep_mask(x) if isinstance(self.lora_dropout, LoRADropout) else None
         alpha = self.scaling * (1.0 if keep is None else self.lora_dropout.scale)  # dropout's 1/(1-p) too
         # The masked input, once: autograd's product saves only the mask, and the adapter saves this input
@@ -372,12 +382,13 @@ class LoRALinear(nn.Linear):
         low-precision weight, rounded once. Autocast is kept out of the sum: it would round the weight to
         bf16 before the small delta is added. ``F.linear`` then rounds the sum as it rounds a merged weight."""
         w = self.weight
-        dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 summed in fp32, fp64 stays fp64
+        # bf16/fp16 summed in fp32, fp64 stays fp64 (promote_types is a dispatched call: skipped where it is known)
+        dtype = w.dtype if w.dtype in _WIDE_FLOATS else torch.promote_types(w.dtype, torch.float32)
         s, o, r = self.splits, self.out_features // self.splits, self.r
         with _no_autocast(w.device):
-            folded = torch.baddbmm(w.to(dtype).view(s, o, self.in_features), self.lora_B.to(dtype).view(s, o, r),
-                                   self.lora_A.to(dtype).view(s, r, self.in_features), alpha=self.scaling)
-        return folded.view(self.out_features, self.in_features).to(w.dtype)
+            folded = torch.baddbmm(_cast(w, dtype).view(s, o, self.in_features), _cast(self.lora_B, dtype).view(s, o, r),
+                                   _cast(self.lora_A, dtype).view(s, r, self.in_features), alpha=self.scaling)
+        return _cast(folded.view(self.out_features, self.in_features), w.dtype)
 
     def _traceable_update(self, y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: float) -> Tensor:
         """The update in plain out-of-place autograd ops, for compilers (which cannot replay an in-place

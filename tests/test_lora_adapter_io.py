@@ -87,9 +87,16 @@ def test_architecture_mismatch_names_the_layer_and_changes_nothing(tmp_path):
     path = tmp_path / "a.safetensors"
     lora.save_adapter(adapted(depth=3), path)
     model = tiny_vit()
-    with pytest.raises(ValueError, match=r"blocks\.2\.attn\.qkv"):
+    with pytest.raises(ValueError, match=r"targets layer 'blocks\.2\.attn\.qkv', which is not an nn\.Linear"):
         lora.load_adapter(model, path)
     assert not list(lora.lora_layers(model))  # blocks 0 and 1 fit, but nothing was injected
+    # strict=False skips the layers the model lacks, as it does for a model with adapters already
+    assert lora.load_adapter(model, path, strict=False) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert [n for n, _ in lora.lora_layers(model)] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="targets no layer Sequential has"):
+        lora.load_adapter(other, path, strict=False)
+    assert type(other[0]) is nn.Linear
 
 
 @pytest.mark.parametrize("target_has_lora", [False, True])
@@ -407,3 +414,67 @@ def test_loading_adapter_weights_into_a_merged_layer_is_refused():
     with pytest.raises(RuntimeError, match=r"layer 'blocks\.0\.attn\.qkv' is merged; call unmerge_lora"):
         lora.load_lora_state_dict(target, lora.lora_state_dict(source))
     assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(target).items())
+
+
+def test_strict_loading_refuses_weights_for_a_layer_the_model_does_not_adapt():
+    model = adapted()
+    before = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+    state = lora.lora_state_dict(adapted(depth=3))
+    with pytest.raises(ValueError, match=r"adapter weight 'blocks\.2\.attn\.qkv\.lora_A' is for layer "
+                                         r"'blocks\.2\.attn\.qkv', which has no LoRA adapter.*strict=False"):
+        lora.load_lora_state_dict(model, state)
+    assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(model).items())
+    assert lora.load_lora_state_dict(model, state, strict=False) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+
+
+def test_strict_loading_refuses_a_layer_that_lacks_only_its_b():
+    model = adapted()
+    state = lora.lora_state_dict(model)
+    del state["blocks.1.attn.qkv.lora_B"]
+    with pytest.raises(ValueError, match=r"adapter has no 'blocks\.1\.attn\.qkv\.lora_B' for the model's LoRA layer"):
+        lora.load_lora_state_dict(model, state)
+
+
+def test_a_b_that_would_broadcast_is_a_shape_error_and_changes_nothing():
+    source, target = adapted(), adapted()
+    before = {k: v.clone() for k, v in lora.lora_state_dict(target).items()}
+    state = lora.lora_state_dict(source)
+    state["blocks.1.attn.qkv.lora_B"] = torch.ones(96, 1)  # copy_ would broadcast it over r silently
+    with pytest.raises(ValueError, match=r"layer 'blocks\.1\.attn\.qkv': lora_B has shape \(96, 1\) in the adapter "
+                                         r"but \(96, 4\) in the model"):
+        lora.load_lora_state_dict(target, state)
+    assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(target).items())
+
+
+def test_weights_under_both_a_prefixed_and_a_plain_name_are_not_merged_into_one():
+    model = adapted()
+    state = lora.lora_state_dict(model)
+    state.update({f"_orig_mod.{k}": torch.ones_like(v) for k, v in lora.lora_state_dict(model).items()})
+    with pytest.raises(ValueError, match=r"is for layer '_orig_mod\.blocks\.0\.attn\.qkv', which has no LoRA adapter"):
+        lora.load_lora_state_dict(model, state)
+
+
+def test_metadata_cannot_overwrite_the_adapters_own_config(tmp_path):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(adapted(), path, metadata={"r": "{}", "targets": "[]", "lora_version": "0", "note": "kept"})
+    config, meta = lora.read_adapter_config(path)
+    assert config["blocks.0.attn.qkv"] == {"r": 4, "alpha": 8.0, "splits": 3} and meta["note"] == "kept"
+
+
+def test_a_safetensors_file_that_is_no_adapter_is_named_as_such(tmp_path):
+    path = tmp_path / "merged.safetensors"
+    lora.save_merged(adapted(), path, {"note": "a whole model"})
+    with pytest.raises(ValueError, match=r"is a safetensors file but not a LoRA adapter written by lora\.save_adapter"):
+        lora.load_adapter(tiny_vit(), path)
+
+
+def test_a_strict_load_into_an_adapted_model_names_the_file_and_the_layer_it_lacks(tmp_path):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(adapted(depth=3), path)
+    model = adapted()
+    before = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"adapter '.*a\.safetensors' has layer 'blocks\.2\.attn\.qkv', which has no "
+                                         r"LoRA adapter in the model"):
+        lora.load_adapter(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(model).items())
+    assert lora.load_adapter(model, path, strict=False) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]

@@ -666,3 +666,46 @@ def test_an_assigned_state_dict_is_not_written_into_by_a_merged_layer():
     x = torch.randn(5, 12)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(source, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_state_dict_loaded_into_a_layer_merged_for_good_leaves_it_merged_for_good(assign):
+    layer = make_layer(3).eval()
+    layer.merge(keep_unmerged=False)  # deployment: no copy of the old weight held
+    source = make_layer(3)
+    layer.load_state_dict({k: v.detach().clone() for k, v in source.state_dict().items()}, assign=assign)
+    assert layer.merged and layer._unmerged_weight is None  # the load did not start holding a second weight
+    torch.testing.assert_close(layer.weight.detach(), source.weight + source.delta_weight(), rtol=1e-6, atol=1e-6)
+
+
+def test_converting_a_layer_frees_the_memory_kept_for_the_next_merge():
+    layer = make_layer(3)
+    layer.merge()
+    layer.unmerge()
+    assert layer._merge_buffer is not None
+    layer.to(torch.bfloat16)  # the float32 buffer can never be reused now: keeping it would only hold memory
+    assert layer._merge_buffer is None
+
+
+def test_a_kept_buffer_is_not_reused_for_a_weight_of_another_dtype_loaded_by_assignment():
+    layer = make_layer(3)
+    layer.merge()
+    layer.unmerge()  # keeps a float32 buffer
+    layer.load_state_dict({k: v.detach().double() for k, v in layer.state_dict().items()}, assign=True)  # no _apply
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    assert layer.weight.dtype == torch.float64
+    torch.testing.assert_close(layer.weight.detach(), w0 + layer.delta_weight(), rtol=0, atol=1e-12)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_layer_merged_for_good_saves_its_weight_in_its_own_dtype(dtype):
+    layer = make_layer(3, dtype=dtype)
+    assert layer.delta_weight().dtype == dtype
+    w0 = layer.weight.detach().clone()
+    layer.merge(keep_unmerged=False)
+    saved = layer.state_dict()["weight"]  # the delta subtracted again: a float32 delta would promote it
+    assert saved.dtype == dtype
+    assert relative_error(saved.float(), w0.float()) < 1e-2

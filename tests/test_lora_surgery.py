@@ -443,3 +443,52 @@ def test_merge_states_combine_with_remove_and_the_context_manager(vit):
     for name, weight in base.items():
         assert type(vit.get_submodule(name)) is nn.Linear and torch.equal(vit.get_submodule(name).weight, weight)
         assert not vit.get_submodule(name).training  # the mode carries over
+
+
+def test_splits_default_to_three_only_where_out_is_three_times_in():
+    model = nn.Sequential(nn.Linear(8, 12), nn.Linear(4, 12))  # both widths divide by 3; only the second is a qkv
+    lora.inject_lora(model, targets=("0", "1"), r=2)
+    assert (model[0].splits, model[1].splits) == (1, 3)
+
+
+class _SeparateQVBiases(nn.Module):
+    """timm's EVA attention with qkv_bias_separate=True: q/v biases, and the branch taken calls qkv."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.qkv_bias_separate = True
+
+    def forward(self, x):
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        if self.qkv_bias_separate:
+            return self.qkv(x) + bias
+        return F.linear(x, self.qkv.weight, bias)
+
+
+def test_a_parent_with_q_v_biases_added_separately_calls_the_layer_and_is_adapted():
+    model = nn.Sequential(_SeparateQVBiases())
+    assert lora.inject_lora(model, r=2) == ["0.qkv"]
+    nn.init.normal_(model[0].qkv.lora_B)
+    x = torch.randn(3, 8)
+    assert not torch.allclose(model(x), F.linear(x, model[0].qkv.weight))  # the adapter runs
+
+
+def test_merge_lora_for_good_keeps_no_copy_of_the_old_weights(vit):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    lora.merge_lora(vit, keep_unmerged=False)
+    assert all(layer.merged and layer._unmerged_weight is None for _, layer in lora.lora_layers(vit))
+
+
+def test_the_merged_context_unmerges_when_its_block_raises(vit):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    weights = {n: l.weight.detach().clone() for n, l in lora.lora_layers(vit)}
+    with pytest.raises(KeyError, match="boom"):
+        with lora.merged(vit):
+            raise KeyError("boom")
+    for n, l in lora.lora_layers(vit):
+        assert not l.merged and torch.equal(l.weight, weights[n])  # training can go on after the failed eval

@@ -1543,3 +1543,32 @@ def test_tools_refuse_a_starting_file_for_a_run_from_random_weights(trained, tmp
         assert (f"--checkpoint_path '{copy}' was given, but run '{run}' started from random weights, which its own "
                 f"{run / 'backbone.safetensors'} holds") in err and "drop --checkpoint_path" in err, name
     assert not list(tmp_path.glob("encoder*"))
+
+
+def test_remove_run_keeps_an_input_given_by_a_relative_path(tmp_path, monkeypatch):
+    from vqa.run_files import remove_run
+
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    for name in ("checkpoint.pt", "config.yaml", "backbone.safetensors"):
+        (run / name).write_bytes(b"old")
+    (run / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    remove_run(run, keep=[Path("runs") / "x" / "backbone.safetensors", None])  # --checkpoint_path as typed
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "notes.txt"]
+
+
+def test_a_failed_checkpoint_or_text_write_keeps_the_previous_file(tmp_path):
+    from vqa.run_files import load_checkpoint, save_checkpoint, write_text
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": torch.tensor(3)}, path)
+    with pytest.raises(Exception):
+        save_checkpoint({"step": torch.tensor(4), "bad": lambda: 0}, path)  # fails while being written
+    assert load_checkpoint(path)["step"] == 3
+    text = tmp_path / "answers.json"
+    write_text(text, '{"answers": ["yes"]}')
+    with pytest.raises(UnicodeEncodeError):
+        write_text(text, '{"answers": ["\ud800"]}')  # no UTF-8 for a lone surrogate, found mid-write
+    assert text.read_text() == '{"answers": ["yes"]}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.json", "checkpoint.pt"]  # no temporary left

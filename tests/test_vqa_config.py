@@ -89,6 +89,16 @@ def test_flag_followed_by_a_flag_means_true():
         (["--lr_encoder", "0"], "'lr_encoder' must be > 0"),
         (["--checkpoint_every", "-1"], "'checkpoint_every' must be >= 0"),
         (["--num_workers", "-1"], "'num_workers' must be >= 0"),
+        (["--question_layers", "-1"], "'question_layers' must be >= 0"),
+        (["--epochs", "0"], "'epochs' must be > 0"),
+        (["--batch_size", "0"], "'batch_size' must be > 0"),
+        (["--max_question_length", "0"], "'max_question_length' must be > 0"),
+        (["--synthetic_train_images", "0"], "'synthetic_train_images' must be > 0"),
+        (["--warmup_ratio", "-0.1"], r"'warmup_ratio' must be in \[0, 1\)"),
+        (["--weight_decay", "-0.01"], "'weight_decay' must be >= 0"),
+        (["--grad_clip", "-1"], "'grad_clip' must be >= 0"),
+        (["--type_loss_weight", "-0.5"], "'type_loss_weight' must be >= 0"),
+        (["--vision_lora_alpha", "0"], "'vision_lora_alpha' must be > 0"),  # scaling 0: the adapters do nothing
     ],
 )
 def test_bad_overrides_name_the_key(args, message):
@@ -217,3 +227,39 @@ def test_an_unknown_key_lists_the_valid_keys_and_the_closest_one(tmp_path, where
         keys = ", ".join(f.name for f in dataclasses.fields(section))
         assert (keys in message) == (name in sections), name
     assert "demo.yaml" not in message
+
+
+def test_an_empty_section_or_file_gives_the_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\nmodel:\n  img_size: 98\ntrain:\n  # epochs: 3\n")
+    cfg = load_config(path)
+    assert (cfg.data, cfg.model.img_size, cfg.train) == (DataConfig(), 98, TrainConfig())
+    path.write_text("# nothing set yet\n")
+    assert load_config(path, ["--epochs", "3"]) == RunConfig(train=TrainConfig(epochs=3))
+
+
+@pytest.mark.parametrize("text", ["- model\n- train\n", "just words\n", "42\n"])
+def test_a_file_holding_no_mapping_is_an_error(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(VQAError, match="must hold a mapping with sections data, model, train"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("word, value", [("yes", True), ("YES", True), ("1", True), ("True", True),
+                                         ("no", False), ("No", False), ("0", False), ("FALSE", False)])
+def test_yes_no_words_set_a_yes_no_key(word, value):
+    assert load_config(None, ["--skip_bad_rows", word]).data.skip_bad_rows is value
+    assert load_config(None, [f"--progress={word}"]).train.progress is value
+
+
+def test_a_number_for_a_text_key_is_that_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  output_dir: 2024\n  device: 0\n")
+    cfg = load_config(path)
+    assert (cfg.train.output_dir, cfg.train.device) == ("2024", "0")
+
+
+def test_the_last_of_a_repeated_override_wins():
+    assert load_config(None, ["--lr", "0.1", "--lr", "0.2"]).train.lr == 0.2
+    assert load_config(None, ["--model.img_size", "56", "--img_size=98"]).model.img_size == 98

@@ -98,12 +98,13 @@ def test_non_utf8_names_the_line(folder):
         read_csv(path)
 
 
-def test_absolute_paths_need_the_option(folder, tmp_path_factory):
+@pytest.mark.parametrize("read", [read_csv, read_split])
+def test_absolute_paths_need_the_option(folder, tmp_path_factory, read):
     outside = png(tmp_path_factory.mktemp("elsewhere") / "c.png")
     path = write(folder, HEADER + f"{outside},What?,red\n")
     with pytest.raises(VQAError, match="--allow_outside_paths"):
-        read_csv(path)
-    assert read_csv(path, allow_outside_paths=True).rows[0].image == outside.resolve()
+        read(path)
+    assert read(path, allow_outside_paths=True).rows[0].image == outside.resolve()
 
 
 def test_a_quote_left_open_before_rows_whose_images_are_missing_is_still_found(folder):
@@ -443,3 +444,55 @@ def test_collate_keeps_each_questions_type(folder):
                       AnswerVocab.build(r.answer for r in rows))
     batch = collate([data[0], data[1]])
     assert batch["question_type"].tolist() == [QUESTION_TYPES.index(t) for t in ("color", "count", "yes/no")]
+
+
+def test_blank_lines_between_rows_are_no_quote_left_open(folder):
+    path = write(folder, HEADER + "img/a.png,What?,red\n\n\nimg/b.png,Which?,blue\n\n")
+    data = read_csv(path)
+    assert [r.answer for r in data.rows] == ["red", "blue"] and not data.skipped
+    assert "row 2 (line 5)" in data.rows[1].where
+
+
+def test_a_quote_left_open_before_rows_with_upper_case_suffixes_is_found(folder):
+    """Cameras name files IMG_0001.JPG; the images are not there (vqa.answer_weights reads answers only)."""
+    rows = ['img/a.png,What color?,"red', 'img/X.JPG,Is it big?,yes', 'img/Y.PNG,Where?,left']
+    with pytest.raises(VQAError, match="row 1 runs from line 2 to line 4: a quote"):
+        read_csv(write(folder, HEADER + "\n".join(rows) + "\n"), skip_bad_rows=True)
+
+
+def test_a_quote_left_open_before_rows_naming_existing_images_of_another_suffix_is_found(folder):
+    png(folder / "img" / "c.jfif")  # a suffix outside the list of image suffixes, the file there
+    rows = ['img/a.png,What color?,"red', 'img/c.jfif,Is it big?,yes', 'img/c.jfif,Where?,left']
+    with pytest.raises(VQAError, match="row 1 runs from line 2 to line 4: a quote"):
+        read_csv(write(folder, HEADER + "\n".join(rows) + "\n"), skip_bad_rows=True)
+
+
+def test_a_csv_given_by_a_relative_path_resolves_its_images(folder, monkeypatch):
+    write(folder, HEADER + "img/a.png,What?,red\n")
+    monkeypatch.chdir(folder / "img")
+    for given in ("../data.csv", "../img/../data.csv"):
+        assert read_csv(given).rows[0].image == (folder / "img" / "a.png").resolve()
+    monkeypatch.chdir(folder)
+    assert read_csv("data.csv").rows[0].image == (folder / "img" / "a.png").resolve()
+
+
+def test_skipping_bad_images_skips_and_counts_every_row_that_uses_them(folder):
+    (folder / "img" / "junk.png").write_bytes(b"not an image")
+    (folder / "img" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    path = write(folder, HEADER + "img/junk.png,What?,red\nimg/a.png,What?,red\nimg/junk.png,Which?,blue\n"
+                                  "img/b.png,Which?,blue\nimg/cut.png,Where?,left\n")
+    data = read_csv(path)
+    with pytest.raises(VQAError, match=r"row 1 .*\(2 bad image\(s\) in all"):
+        check_images(data)
+    kept = check_images(data, skip_bad_rows=True)
+    assert [r.where.split(" row ")[1] for r in kept.rows] == ["2 (line 3)", "4 (line 5)"]
+    assert [s.split(" row ")[1][:1] for s in kept.skipped] == ["1", "3", "5"]
+
+
+@pytest.mark.parametrize("empty", [" ", "\t ", ",,", " , ,", ",,,,"])
+def test_a_line_of_spaces_or_empty_fields_is_no_row(folder, empty):
+    """Editors and spreadsheets leave such lines; like a blank line, they are neither counted nor skipped."""
+    path = write(folder, HEADER + f"img/a.png,What?,red\n{empty}\nimg/b.png,Which?,blue\n{empty}\n")
+    data = read_csv(path)
+    assert [r.answer for r in data.rows] == ["red", "blue"] and not data.skipped
+    assert "row 2 (line 4)" in data.rows[1].where

@@ -142,3 +142,43 @@ def test_answer_weights_cli_takes_the_csv_options_its_errors_suggest(tmp_path, c
     assert answer_weights_main(["--train_csv", str(csv), "--out", str(out), "--skip_bad_rows",
                                 "--allow_outside_paths"]) == 0
     assert "skipped 1 bad row(s)" in capsys.readouterr().out and set(load_answer_weights(out)) == {"yes"}
+
+
+def test_answer_weights_cli_applies_the_min_weight(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "train.csv"
+    csv.write_text("image,question,answer\n" + "".join(f"a.png,Is it {i}?,yes\n" for i in range(9)) + "a.png,Is it?,no\n")
+    out = tmp_path / "w.json"
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out), "--min_weight", "0.9"]) == 0
+    assert load_answer_weights(out) == {"yes": 0.9, "no": pytest.approx(math.sqrt(10 / 2))}  # yes: sqrt(10/18) = 0.75
+
+
+def test_answer_weights_from_no_answers_is_an_error():
+    with pytest.raises(VQAError, match="from no answers"):
+        compute_answer_weights([])
+
+
+def test_answer_weights_of_equal_counts_are_listed_alphabetically():
+    """The file does not depend on the CSV's row order."""
+    assert list(compute_answer_weights(["red", "no", "yes", "blue", "no"])) == ["no", "blue", "red", "yes"]
+
+
+@pytest.mark.parametrize("content", ['{"epochs": 3, "name": "tiny"}', "[1, 2]", '{"yes": true}', "3"])
+def test_answer_weights_out_never_writes_over_json_that_is_no_weights_file(tmp_path, capsys, content):
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "train.csv"
+    csv.write_text("image,question,answer\na.png,Is it?,yes\n")
+    out = tmp_path / "other.json"
+    out.write_text(content)
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 2
+    assert "exists and is not an answer weights file" in capsys.readouterr().err
+    assert out.read_text() == content
+
+
+@pytest.mark.parametrize("answer", ["the", "a", ".", " "])
+def test_a_weight_for_an_answer_empty_once_normalised_is_an_error(tmp_path, answer):
+    """Training refuses such answers, so the weight would silently go unused."""
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"yes": 1, answer: 3}))
+    with pytest.raises(VQAError, match=f"the answer '{answer}' is empty once normalised"):
+        load_answer_weights(path)

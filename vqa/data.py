@@ -100,9 +100,13 @@ def read_csv(
     image_at = columns.index("image")
     need = max(columns.index(c) for c in required) + 1  # fields a row gives (trailing optional ones may be left out)
     end = reader.line_num  # the line the header ends on
-    for number, record in enumerate(_records(reader, path, lines), start=1):
-        where = f"{path} row {number} (line {reader.line_num})"
+    number = 0
+    for record in _records(reader, path, lines):
         start, end = _first_line(lines, end + 1, reader.line_num), reader.line_num
+        if _empty(record):  # no row, as a blank line is none: not counted, not skipped
+            continue
+        number += 1
+        where = f"{path} row {number} (line {reader.line_num})"
         if end > start and _holds_rows(lines[start:end], image_at, need, root):
             # A quote left open swallows the lines after it: the rows there would be lost, not just bad.
             raise VQAError(
@@ -127,6 +131,12 @@ def read_csv(
             detail = f"all {len(data.skipped)} rows were bad, the first: {data.skipped[0]}"
         raise VQAError(f"{path} has no usable rows: {detail}")
     return data
+
+
+def _empty(record: dict) -> bool:
+    """A line of spaces, or of empty fields only (``,,``, as spreadsheets write an empty row)."""
+    values = [v for k, v in record.items() if k is not None] + record.get(None, [])
+    return not any(v and v.strip() for v in values)
 
 
 def _first_line(lines: list[str], line: int, last: int) -> int:
