@@ -34,9 +34,9 @@ from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (build_model, check_base_file, copy_weights, file_sha256, load_checkpoint,
-                           load_vocabularies, missing_backbone, never_checkpointed, random_backbone, remove_run,
-                           save_checkpoint, train_command, trained_files, write_text)
+from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
+                           load_checkpoint, load_vocabularies, missing_backbone, never_checkpointed, random_backbone,
+                           remove_run, save_checkpoint, train_command, trained_files, weights_sha256, write_text)
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
 
 
@@ -278,8 +278,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                "of this model, or fill the Hugging Face cache (HF_HOME) where there is network") if resume else None
     model = build_model(cfg, len(tokenizer), len(answers), str(backbone_file) if resume and from_random else None,
                         offline=offline)
-    # The base weights' fingerprint: resume and prediction refuse a checkpoint_path since replaced or written over.
+    # The base weights' fingerprints: resume and prediction refuse a checkpoint_path since replaced or written over,
+    # and weights other than those the run started from, wherever they come from (the hub's may change).
     base_sha256 = file_sha256(cfg.model.checkpoint_path) if cfg.model.checkpoint_path else None
+    base_weights_sha256 = None if from_random else weights_sha256(model.backbone)  # before any training
     try:
         model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
     except ValueError as e:
@@ -336,6 +338,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         copy_weights(model, state["model"], run / "checkpoint.pt")
         if base_sha256 is not None:
             check_base_file(cfg.model.checkpoint_path, state.get("base_sha256"), run / "checkpoint.pt", base_sha256)
+        if base_weights_sha256 is not None:
+            check_base_weights(base_weights_sha256, state.get("base_weights_sha256"), run / "checkpoint.pt",
+                               "resume with --checkpoint_path PATH")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         # The optimizer kept the old schedule's last rate (0 once a run has finished); with --epochs the
@@ -375,6 +380,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng_per_process": rngs,
                 "epoch": epoch, "batch": batch, "step": step, "best": best, "base_sha256": base_sha256,
+                "base_weights_sha256": base_weights_sha256,
                 "train_images": len(train_set),  # resume refuses another count: the schedule and order hold it
                 "epoch_seconds": epoch_seconds() if batch else 0.0,  # the epoch's training so far, for its log
             }, run / "checkpoint.pt")
@@ -489,7 +495,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 write_text(history, "".join(line + "\n" for line in lines + [json.dumps(metrics)]))
                 print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
                 meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}",
-                        **({"base_sha256": base_sha256} if base_sha256 else {})}
+                        **({"base_sha256": base_sha256} if base_sha256 else {}),
+                        **({"base_weights_sha256": base_weights_sha256} if base_weights_sha256 else {})}
                 weights = model.trainable_state_dict()
                 for tag in ("last", "best") if is_best else ("last",):
                     lora.save_safetensors(weights, run / f"model_{tag}.safetensors", meta)

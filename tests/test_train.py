@@ -962,6 +962,128 @@ def test_predict_refuses_a_top_k_below_one():
         predict(None, None, None, None, Path("a.png"), "What color?", top_k=0)  # checked before anything is read
 
 
+class _Scripted(torch.nn.Module):
+    """A model whose answer and type logits are given per batch; it records whether it ran in training mode."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.outputs, self.modes = iter(outputs), []
+
+    def forward(self, pixel_values, input_ids, attention_mask, image_index):
+        from vqa.model import VQAOutput
+        self.modes.append(self.training)
+        answers, types = next(self.outputs)
+        return VQAOutput(F.one_hot(torch.tensor(answers), 4).float(), F.one_hot(torch.tensor(types), 6).float())
+
+
+def _batch(answer, question_type):
+    n = len(answer)
+    return {"pixel_values": torch.zeros(n, 3, 2, 2), "input_ids": torch.ones(n, 2, dtype=torch.long),
+            "attention_mask": torch.ones(n, 2, dtype=torch.long), "image_index": torch.arange(n),
+            "answer": torch.tensor(answer), "question_type": torch.tensor(question_type)}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_counts_each_question_under_its_csv_type_in_eval_mode_and_restores_the_mode(training):
+    from vqa.evaluate import evaluate
+    from vqa.text import QUESTION_TYPES
+
+    count, color = QUESTION_TYPES.index("count"), QUESTION_TYPES.index("color")
+    # The type head says "color" for every question: the CSV's types, not the head's guesses, are counted.
+    model = _Scripted([([1, 2, 3], [color] * 3), ([0], [color])]).train(training)
+    loader = [_batch([1, 2, 0], [count, count, color]), _batch([0], [color])]
+    m = evaluate(model, loader, torch.device("cpu"))
+    assert m == {"accuracy": 0.75, "count": 4, "per_type": {"count": {"accuracy": 1.0, "count": 2},
+                                                             "color": {"accuracy": 0.5, "count": 2}}}
+    assert model.modes == [False, False] and model.training is training
+
+
+def test_evaluate_reduces_both_the_hits_and_the_questions():
+    """Under torchrun each process scores a share: accuracy is the summed hits over the summed questions."""
+    from vqa.evaluate import evaluate
+
+    model = _Scripted([([1, 0], [0, 0])])
+    seen = []
+
+    def other_rank_scored_all_of_its_3(t):  # another process: 3 questions of type 0, every one right
+        seen.append(t.clone())
+        return t + F.one_hot(torch.tensor(0), len(t)) * 3
+
+    m = evaluate(model, [_batch([1, 2], [0, 0])], torch.device("cpu"), reduce=other_rank_scored_all_of_its_3)
+    assert len(seen) == 2 and m["count"] == 5 and m["accuracy"] == pytest.approx(4 / 5)
+
+
+def test_auto_picks_cuda_where_there_is_one_and_a_cuda_index_must_exist(monkeypatch):
+    from vqa.errors import VQAError
+    from vqa.evaluate import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(VQAError, match=r"--device asks for 'cuda:2' but this machine has 2 CUDA device\(s\)"):
+        pick_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+
+
+def test_autocast_is_bf16_on_cuda_and_off_on_the_cpu():
+    from contextlib import nullcontext
+
+    from vqa.evaluate import autocast
+
+    assert isinstance(autocast(torch.device("cpu")), nullcontext)
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():  # "CUDA is not available"
+        cuda = autocast(torch.device("cuda"))
+    assert isinstance(cuda, torch.autocast) and (cuda.device, cuda.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+def test_predict_gives_the_answers_and_type_the_model_gives_the_question_in_a_batch(trained):
+    """predict's probabilities are the model's for that image and question, as evaluation batches them."""
+    from vqa.data import VQADataset, build_transform, collate, read_split
+    from vqa.predict import predict
+    from vqa.run_files import load_run
+    from vqa.text import QUESTION_TYPES
+
+    tmp, _ = trained
+    model, tokenizer, answers, cfg = load_run(tmp / "run")
+    transform = build_transform(model.backbone, cfg.model.img_size)
+    rows = [r for r in read_split(tmp / "data" / "val.csv").rows if r.image.name == "val_00001.png"][:3]  # 3 types
+    batch = collate([VQADataset(rows, transform, tokenizer, answers)[0]])
+    with torch.no_grad():
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
+    for q, row in enumerate(rows):
+        ranked, qtype = predict(model, tokenizer, answers, transform, row.image, row.question, top_k=len(answers))
+        expected = dict(zip(answers.itos, out.logits[q].softmax(-1).tolist()))
+        assert dict(ranked) == pytest.approx(expected, abs=1e-5) and ranked[0][0] == max(expected, key=expected.get)
+        assert qtype == QUESTION_TYPES[int(out.type_logits[q].argmax())]
+
+
+def test_evaluate_which_last_scores_the_last_epoch_s_weights_and_pins_memory_only_for_cuda(trained, monkeypatch, capsys):
+    import vqa.evaluate
+    import vqa.run_files
+
+    tmp, _ = trained
+    asked, real = [], vqa.run_files.load_run
+
+    def recording(run, device, which, *args):
+        asked.append(which)
+        return real(run, device, which, *args)
+
+    monkeypatch.setattr(vqa.run_files, "load_run", recording)
+    pinned, make_loader = [], vqa.evaluate.make_loader
+    monkeypatch.setattr(vqa.evaluate, "make_loader",
+                        lambda *args, pin_memory: pinned.append(pin_memory) or make_loader(*args, pin_memory=pin_memory))
+    csv = tmp / "data" / "val.csv"
+    assert vqa.evaluate.main(["--run", str(tmp / "run"), "--csv", str(csv), "--which", "last"]) == 0
+    assert vqa.evaluate.main(["--run", str(tmp / "run"), "--csv", str(csv)]) == 0
+    assert asked == ["last", "best"]
+    assert pinned == [torch.cuda.is_available()] * 2  # pinned memory only for copies to a GPU
+    last = json.loads((tmp / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    overall = [line for line in capsys.readouterr().out.splitlines() if line.startswith("overall")]
+    assert overall[0].split()[-2] == f"{100 * last['accuracy']:.2f}%"
+
+
 @pytest.mark.parametrize("tool", ["evaluate", "predict"])
 @pytest.mark.parametrize("device, message", [("gpu0", "unknown device 'gpu0'"), ("cuda", "CUDA is not available"),
                                              ("meta", "a device this project does not run on")])
@@ -1225,6 +1347,36 @@ def test_export_metadata_names_the_model_its_size_and_the_run(trained, tmp_path)
     meta = file_metadata(out)
     assert meta["architecture"] == "vit_small_patch14_dinov2" and meta["img_size"] == "28"
     assert meta["run"] == str((tmp / "run").resolve())
+
+
+def test_export_metadata_records_the_run_resolved_and_the_epoch_and_accuracy_of_its_weights(trained, tmp_path,
+                                                                                         monkeypatch):
+    from vqa.export import main as export
+
+    tmp, _ = trained
+    monkeypatch.chdir(tmp)
+    out = tmp_path / "encoder.safetensors"
+    assert export(["--run", "run", "--out", str(out)]) == 0  # a relative --run: the file records where it is
+    meta, weights = file_metadata(out), file_metadata(tmp / "run" / "model_best.safetensors")
+    assert meta["run"] == str((tmp / "run").resolve())
+    assert (meta["epoch"], meta["val_accuracy"]) == (weights["epoch"], weights["val_accuracy"])
+
+
+def test_export_never_writes_over_a_file_of_the_run_even_with_overwrite(trained, tmp_path, capsys, monkeypatch):
+    """Told the file exists, a user adds --overwrite: a file of the run itself is still refused, however spelt."""
+    from vqa.export import main as export
+    from vqa.run_files import RUN_FILES
+
+    run = copied_run(trained, tmp_path)
+    monkeypatch.chdir(run)
+    names = [name for name in RUN_FILES if name.endswith(".safetensors")]
+    assert len(names) == 5
+    for name in names:
+        before = (run / name).read_bytes()
+        for spelling in (str(run / name), name, f"../run/{name}"):
+            assert export(["--run", str(run), "--out", spelling, "--overwrite"]) == 2, spelling
+            assert "is a file of the run itself" in capsys.readouterr().err
+        assert (run / name).read_bytes() == before, name
 
 
 def test_a_config_kept_where_the_run_writes_its_own_is_refused_not_replaced(tmp_path, capsys):
@@ -1499,6 +1651,46 @@ def test_tools_take_a_local_copy_of_a_pretrained_run_s_weights_offline(trained, 
     assert "pretrained: false" not in err  # which resume would refuse
     assert train.cli(["--resume", str(run), "--epochs", "3", "--checkpoint_path", str(local)]) == 0
 
+
+def test_a_hub_run_records_its_weights_and_refuses_others_however_they_come(trained, tmp_path, monkeypatch, capsys):
+    """The hub's weights under a model's name may change: a run records the SHA-256 of the weights it loaded, and
+    resume and the tools refuse others, from the hub or a local copy, where a copy of the same weights serves."""
+    import timm
+    from safetensors.torch import save_file
+
+    import train
+
+    tmp, _ = trained
+    hub = load_file(str(tmp / "run" / "backbone.safetensors"))  # what the hub serves for the model here
+    build = timm.create_model
+
+    def from_hub(name, pretrained=False, **kwargs):
+        model = build(name, **kwargs)
+        if pretrained:
+            model.load_state_dict(hub)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", from_hub)
+    run = tmp_path / "run"
+    assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
+                      "--pretrained", "true"]) == 0
+    copy, other = tmp_path / "copy.safetensors", tmp_path / "other.safetensors"
+    save_file(hub, str(copy))
+    hub = {k: v + 1 if k == "norm.weight" else v for k, v in hub.items()}  # the hub's weights change
+    save_file(hub, str(other))
+    tools = tool_runs(trained, tmp_path)
+    capsys.readouterr()
+    for name, (tool, args) in tools.items():
+        option = f"python -m vqa.{name} --checkpoint_path PATH"
+        for given in ([], ["--checkpoint_path", str(other)]):
+            assert tool.main(["--run", str(run), *args(), *given]) == 2, name
+            err = capsys.readouterr().err
+            assert "the base weights loaded now are not those this run started from" in err, err
+            assert f"give a local copy of the weights the run started from ({option})" in err
+        assert tool.main(["--run", str(run), *args(), "--checkpoint_path", str(copy)]) == 0, capsys.readouterr().err
+    assert train.cli(["--resume", str(run), "--epochs", "2"]) == 2
+    assert "(resume with --checkpoint_path PATH)" in capsys.readouterr().err
+    assert train.cli(["--resume", str(run), "--epochs", "2", "--checkpoint_path", str(copy)]) == 0
 
 def test_tools_refuse_a_starting_file_with_other_bytes_where_the_run_recorded_its_sha256(started_from_export, trained,
                                                                                        tmp_path, capsys):

@@ -114,6 +114,7 @@ def test_pickle_payload_in_checkpoint_is_refused(tmp_path, writer):
     ("state_dict", r"'patch_embed\.proj\.weight' \(in the file's \['state_dict'\]\)"),
     ("model.state_dict", r"'patch_embed\.proj\.weight' \(in the file's \['model'\]\['state_dict'\]\)"),
     ("visual.trunk.", r"'visual\.trunk\.patch_embed\.proj\.weight'"),  # OpenCLIP's prefix, which timm strips
+    ("encoder", r"'module\.patch_embed\.proj\.weight' \(in the file's \['encoder'\]\)"),  # IJEPA's, unwrapped
 ], ids=lambda v: v if "'" not in v else "")
 def test_a_checkpoint_of_another_patch_size_is_refused_not_resampled(layout, named, tmp_path):
     """In every layout timm's filter unwraps: the kernel is found wherever the filter would resample it."""
@@ -121,6 +122,8 @@ def test_a_checkpoint_of_another_patch_size_is_refused_not_resampled(layout, nam
     state = source.state_dict()
     if layout == "visual.trunk.":
         state = {f"visual.trunk.{k}": v for k, v in state.items()}
+    elif layout == "encoder":
+        state = {"encoder": {f"module.{k}": v for k, v in state.items()}}
     elif layout != "flat":
         for wrapper in reversed(layout.split(".")):
             state = {wrapper: state}
@@ -169,11 +172,13 @@ def backward_under_checkpointing(model, reentrant: bool) -> None:
         set_reentrant_ckpt(False)
 
 
+@pytest.mark.parametrize("freeze", ["vit.freeze_backbone", "lora.mark_only_lora_as_trainable"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_lora_gets_gradients_under_gradient_checkpointing(reentrant):
+def test_lora_gets_gradients_under_gradient_checkpointing(reentrant, freeze):
+    """add_lora itself makes the blocks' input require grad: the adapters train however the rest is frozen."""
     model = tiny_backbone()
     vit.add_lora(model, r=4)
-    vit.freeze_backbone(model)
+    (vit.freeze_backbone if freeze == "vit.freeze_backbone" else lora.mark_only_lora_as_trainable)(model)
     for _, layer in lora.lora_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.2)
     backward_under_checkpointing(model, reentrant)
@@ -203,6 +208,18 @@ def test_a_frozen_backbone_is_not_back_propagated_through_under_checkpointing():
     model.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0].requires_grad))
     model(torch.randn(2, 3, 28, 28))
     assert seen == [False]
+
+
+def test_without_checkpointing_the_blocks_input_is_left_as_it_is():
+    """Adapters train, but with checkpointing off nothing needs the gradient of the patch embedding's output."""
+    model = tiny_backbone().train()
+    vit.add_lora(model, r=4)
+    vit.freeze_backbone(model)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0].requires_grad))
+    model(torch.randn(2, 3, 28, 28)).sum().backward()
+    assert seen == [False]
+    assert all(layer.lora_A.grad is not None for _, layer in lora.lora_layers(model))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -243,9 +260,10 @@ def test_freeze_backbone_keeps_lora_and_last_blocks_trainable(unfreeze_last):
     assert trainable == expected
 
 
-def test_freeze_backbone_rejects_too_many_blocks():
-    with pytest.raises(ValueError, match=r"unfreeze_last must be an integer in \[0, 2\]"):
-        vit.freeze_backbone(tiny_backbone(), unfreeze_last=3)
+@pytest.mark.parametrize("unfreeze_last", [3, -1, True, 1.0])
+def test_freeze_backbone_rejects_too_many_blocks(unfreeze_last):
+    with pytest.raises(ValueError, match=rf"unfreeze_last must be an integer in \[0, 2\] .*got {unfreeze_last!r}"):
+        vit.freeze_backbone(tiny_backbone(), unfreeze_last=unfreeze_last)
 
 
 def test_a_misspelt_model_name_suggests_each_close_name_once():
@@ -253,3 +271,97 @@ def test_a_misspelt_model_name_suggests_each_close_name_once():
         vit.create_backbone("vit_smal_patch14_dinov2")
     close = str(err.value).split("did you mean ")[1].rstrip("?").split(", ")
     assert close[0] == "vit_small_patch14_dinov2" and len(close) == len(set(close))
+
+
+@pytest.mark.parametrize("img_size", [0, -14, True, 28.0])
+def test_img_size_must_be_a_positive_integer(img_size):
+    with pytest.raises(ValueError, match=rf"img_size must be a positive integer, got {img_size!r}$"):
+        vit.create_backbone("vit_small_patch14_dinov2", img_size=img_size, **TINY)
+
+
+def test_an_img_size_below_one_patch_suggests_a_size_of_at_least_one_patch():
+    with pytest.raises(ValueError, match=r"img_size=10 is not divisible .* patch size 14; use 14$"):
+        vit.create_backbone("vit_small_patch14_dinov2", img_size=10, **TINY)  # not "use 0 or 14", nor "14 or 14"
+    with pytest.raises(ValueError, match=r"img_size=30 is not divisible .* patch size 14; use 28 or 42$"):
+        vit.create_backbone("vit_small_patch14_dinov2", img_size=30, **TINY)
+
+
+def test_a_local_checkpoint_replaces_the_download_of_pretrained_weights(tmp_path, monkeypatch):
+    offline_hub(monkeypatch)  # asking timm for pretrained weights would fail: the file must be used instead
+    source = tiny_backbone()
+    path = tmp_path / "b.safetensors"
+    save_file(source.state_dict(), str(path))
+    loaded = tiny_backbone(pretrained=True, checkpoint_path=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_checkpoint_holding_no_dict_is_a_clear_error(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(3)], path)
+    with pytest.raises(ValueError, match=r"list\.pth' holds a list, not a state dict"):
+        tiny_backbone(checkpoint_path=path)
+
+
+def test_an_unreadable_safetensors_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    """Permission denied (simulated: as root every file is readable) is our ValueError, not a traceback."""
+    path = tmp_path / "backbone.safetensors"
+    save_file(tiny_backbone().state_dict(), str(path))
+
+    def refusing(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr("vit.backbone.load_file", refusing)
+    with pytest.raises(ValueError, match=r"backbone\.safetensors' is not a readable safetensors file.*Permission denied"):
+        tiny_backbone(checkpoint_path=path)
+
+
+def test_an_openai_clip_kernel_of_another_patch_size_is_refused(tmp_path):
+    """OpenAI CLIP names its patch kernel visual.conv1.weight; timm's filter would resample it too."""
+    path = tmp_path / "clip.pth"
+    torch.save({"visual.class_embedding": torch.zeros(32), "visual.conv1.weight": torch.zeros(32, 3, 16, 16)}, path)
+    with pytest.raises(ValueError, match=r"layer 'visual\.conv1\.weight' has shape \(32, 3, 16, 16\), the model "
+                                         r"expects \(32, 3, 14, 14\)"):
+        tiny_backbone(checkpoint_path=path)
+
+
+def test_a_classifier_head_in_the_checkpoint_is_dropped_or_loaded_as_the_model_has_one(tmp_path):
+    """A timm checkpoint with its ImageNet head loads into the headless backbone, and into one with a head."""
+    source = tiny_backbone(num_classes=10)
+    path = tmp_path / "classifier.safetensors"
+    save_file(source.state_dict(), str(path))
+    headless = tiny_backbone(checkpoint_path=path)
+    assert torch.equal(headless.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    headed = tiny_backbone(num_classes=10, checkpoint_path=path)
+    assert torch.equal(headed.head.weight, source.head.weight) and torch.equal(headed.head.bias, source.head.bias)
+
+
+def test_a_checkpoint_missing_a_weight_names_it(tmp_path):
+    state = dict(tiny_backbone().state_dict())
+    del state["blocks.1.mlp.fc2.bias"]
+    path = tmp_path / "missing.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"has no weight for layer 'blocks\.1\.mlp\.fc2\.bias' of VisionTransformer"):
+        tiny_backbone(checkpoint_path=path)
+
+
+def test_a_checkpoint_whose_inner_layer_does_not_fit_names_it_and_both_shapes(tmp_path):
+    """The same width and patch size, another MLP width: not the patch kernel, a block's layer is named."""
+    path = tmp_path / "mlp2.safetensors"
+    save_file(tiny_backbone(mlp_ratio=2).state_dict(), str(path))
+    with pytest.raises(ValueError, match=r"layer 'blocks\.0\.mlp\.fc1\.weight' has shape \(64, 32\), the model "
+                                         r"expects \(128, 32\)"):
+        tiny_backbone(checkpoint_path=path)
+
+
+@pytest.mark.parametrize("layout", ["beside the weights", "beside a state_dict"])
+def test_a_model_entry_that_holds_no_weights_is_passed_over(tmp_path, layout):
+    """Some trainers save the model's name under "model"; timm's filter would take it for the weights and fail."""
+    source = tiny_backbone()
+    state = dict(source.state_dict())
+    saved = {"model": "vit_small_patch14_dinov2", **state} if layout == "beside the weights" else \
+        {"model": "vit_small_patch14_dinov2", "state_dict": state}
+    path = tmp_path / "named.pth"
+    torch.save(saved, path)
+    loaded = tiny_backbone(checkpoint_path=path)
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -182,3 +182,19 @@ def test_a_weight_for_an_answer_empty_once_normalised_is_an_error(tmp_path, answ
     path.write_text(json.dumps({"yes": 1, answer: 3}))
     with pytest.raises(VQAError, match=f"the answer '{answer}' is empty once normalised"):
         load_answer_weights(path)
+
+
+def test_table_lists_the_types_in_their_fixed_order_with_each_type_s_own_count():
+    meter = TypeAccuracy()
+    # Seen in the order yes/no, color, count: the table still follows QUESTION_TYPES (count before color).
+    meter.update(torch.tensor([1, 0, 2, 2, 5]), torch.tensor([1, 0, 2, 3, 5]),
+                 torch.tensor([YESNO, COLOR, COUNT, COUNT, YESNO]))
+    assert format_accuracy_table(meter.compute()).splitlines() == [
+        "question type    accuracy  questions",
+        "-" * 36,
+        "count              50.00%          2",
+        "color             100.00%          1",
+        "yes/no            100.00%          2",
+        "-" * 36,
+        "overall            80.00%          5",
+    ]

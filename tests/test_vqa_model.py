@@ -133,3 +133,70 @@ def test_gated_attention_computes_its_formula():
     gate = torch.sigmoid((q * k).sum(-1) / 4 ** 0.5 - 2.0)  # (3, 6 tokens, 2 heads), the fixed offset -2
     want = torch.cat([(gate.unsqueeze(-1) * v).sum(1).reshape(3, 8), gate.sum(1)], dim=-1)  # sums: soft counts
     torch.testing.assert_close(attention(question, tokens), want)
+
+
+def test_the_backbone_comes_from_checkpoint_path(tmp_path):
+    from safetensors.torch import save_file
+
+    import vit
+
+    source = vit.create_backbone("vit_small_patch14_dinov2", img_size=28, embed_dim=32, depth=2, num_heads=2,
+                                 init_values=0.5)
+    path = tmp_path / "backbone.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = tiny_model(checkpoint_path=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+def test_lora_settings_reach_every_qkv_adapter():
+    model = tiny_model(vision_lora_r=2, vision_lora_alpha=5.0, vision_lora_dropout=0.25)
+    layers = list(lora.lora_layers(model))
+    assert [name for name, _ in layers] == ["backbone.blocks.0.attn.qkv", "backbone.blocks.1.attn.qkv"]
+    for _, layer in layers:
+        assert (layer.r, layer.splits, layer.scaling, layer.lora_dropout.p) == (2, 3, 2.5, 0.25)
+
+
+def test_forward_computes_its_formula():
+    """Image: standardised backbone tokens through the MLP, then the learned position and the patch coordinates;
+    question: masked mean of word plus position embeddings (tokens 0 are padding where no mask is given),
+    layer-normed; answer from the gated attention and the question, type from the question alone."""
+    import torch.nn.functional as F
+
+    model = tiny_model(question_layers=0).eval()
+    norm = model.image_norm  # statistics and affine far from the identity, so that leaving it out shows
+    norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2.0)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    pixels, index = torch.randn(2, 3, 28, 28), torch.tensor([1, 0, 1])
+    ids = torch.tensor([[4, 9, 2, 0, 0], [7, 3, 3, 8, 5], [2, 9, 4, 0, 0]])
+    with torch.no_grad():
+        tokens = model.backbone.forward_features(pixels)
+        tokens = (tokens - norm.running_mean) / (norm.running_var + norm.eps).sqrt() * norm.weight + norm.bias
+        image = torch.cat([model.image_mlp(tokens), model.image_pos.expand(2, -1, -1), model.coords.expand(2, -1, -1)],
+                          dim=-1)
+        keep = (ids != 0).unsqueeze(-1).float()
+        words = model.word_embed(ids) + model.word_pos[:, :5]
+        question = F.layer_norm((words * keep).sum(1) / keep.sum(1), (16,), model.question_norm.weight,
+                                model.question_norm.bias)
+        want = model.answer_head(torch.cat([model.fusion(question, image[index]), question], dim=-1))
+        out = model(pixels, ids, image_index=index)
+    torch.testing.assert_close(out.logits, want)
+    torch.testing.assert_close(out.type_logits, model.type_head(question))
+
+
+def test_the_heads_give_fp32_logits_under_autocast():
+    """bf16 logits would tie answers a few hundredths apart, and argmax would take the first of them."""
+    model = tiny_model().eval()
+    seen = {}
+    model.answer_head.register_forward_hook(lambda m, args, out: seen.update(answer=args[0]))
+    model.type_head.register_forward_hook(lambda m, args, out: seen.update(type=args[0]))
+    pixels, ids = torch.randn(3, 3, 28, 28), torch.randint(1, 30, (3, 5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pixels, ids, torch.ones(3, 5))
+    assert out.logits.dtype == out.type_logits.dtype == torch.float32
+    assert seen["answer"].dtype == seen["type"].dtype == torch.float32
+    with torch.no_grad():  # the same inputs through the heads with autocast off: the same numbers, exactly
+        assert torch.equal(out.logits, model.answer_head(seen["answer"]))
+        assert torch.equal(out.type_logits, model.type_head(seen["type"]))

@@ -326,3 +326,41 @@ def test_main_reports_an_unwritable_out_with_exit_2(tmp_path, capsys):
     out.write_text("")
     assert main(["--out", str(out), "--train_images", "1", "--val_images", "0", "--image_size", "32"]) == 2
     assert f"error: cannot write to {out}" in capsys.readouterr().err
+
+
+def test_render_refuses_an_unknown_shape():
+    """A shape it cannot draw would leave an object out of the picture that its questions still ask about."""
+    objects = [SceneObject("red", "hexagon", 0, 0, (2, 2, 6, 6))]
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        render_scene(objects, 32)
+
+
+@pytest.mark.parametrize("seed", ["0", True, 1.0])
+def test_generate_refuses_a_seed_that_is_not_an_int(tmp_path, seed):
+    with pytest.raises(TypeError, match="seed must be an int"):
+        generate(tmp_path, train_images=1, val_images=0, image_size=32, seed=seed)
+    assert not (tmp_path / "train.csv").exists()
+
+
+def test_count_questions_also_ask_about_shapes_the_scene_lacks():
+    """'How many triangles are there?' with none has the answer 0, which the data set must teach too."""
+    rng = random.Random(0)
+    answers = Counter(make_questions(make_scene(rng, 32), rng)[3][1] for _ in range(200))
+    assert answers["0"] >= 10 and set(answers) <= {"0", "1", "2", "3", "4", "5"}
+
+
+def test_shape_and_location_questions_draw_their_objects_independently():
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(200):
+        _, (shape_q, _, _), (location_q, _, _), _, _ = make_questions(make_scene(rng, 32), rng)
+        pairs.append(shape_q.removeprefix("What shape is the ") == location_q.removeprefix("Where is the "))
+    assert 0.1 < sum(pairs) / len(pairs) < 0.5  # the same object about 1 time in 4 (3 to 5 objects)
+
+
+@pytest.mark.parametrize("present", ["train.csv", "val.csv"])
+def test_main_refuses_a_folder_holding_either_csv_without_overwrite(tmp_path, capsys, present):
+    (tmp_path / present).write_text("mine")
+    assert main(["--out", str(tmp_path), "--train_images", "1", "--val_images", "1", "--image_size", "32"]) == 2
+    assert f"holds a data set already ({present}); add --overwrite" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [present] and (tmp_path / present).read_text() == "mine"

@@ -102,3 +102,30 @@ def test_answer_vocab_breaks_frequency_ties_alphabetically():
 def test_vocabulary_files_of_the_wrong_shape_are_a_value_error_saying_what_is_expected(load, text):
     with pytest.raises(ValueError, match=r"holds \{"):
         load(text)
+
+
+@pytest.mark.parametrize(
+    "question, qtype",
+    [
+        ("Was there a dog?", "yes/no"),  # every auxiliary verb opens a yes/no question, not only the common ones
+        ("Were the circles on the left?", "yes/no"),
+        ("Did the cat move left?", "yes/no"),
+        ("Will the square fall?", "yes/no"),
+        ("What shape is at the top left?", "shape"),  # the thing asked for decides, not the place named
+        ("What color is the shape?", "color"),
+        ("What color is the object on the right?", "color"),
+        ("How many color pencils are there?", "count"),
+        ("Which star is the brightest?", "other"),  # "right" inside a word names no place
+        ("What is topmost?", "other"),
+    ],
+)
+def test_infer_question_type_when_the_wording_names_two_types(question, qtype):
+    assert infer_question_type(question) == qtype
+
+
+def test_a_tokenizer_file_keeps_its_max_length():
+    """A run's tokenizer.json must encode at prediction time as training did, cut at the configured length."""
+    tok = Tokenizer.build(["what is the colour of the big round thing"], max_length=4)
+    again = Tokenizer.from_json(tok.to_json())
+    assert again.max_length == 4
+    assert again.encode("what is the colour of it") == tok.encode("what is the colour of it") == [2, 10, 5, 8]

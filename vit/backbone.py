@@ -64,9 +64,8 @@ def create_backbone(
     patch = probe.patch_embed.patch_size[0]
     if img_size is not None and img_size % patch:
         lo, hi = img_size // patch * patch, (img_size // patch + 1) * patch
-        raise ValueError(
-            f"img_size={img_size} is not divisible by {name}'s patch size {patch}; use {lo or hi} or {hi}"
-        )
+        sizes = f"{lo} or {hi}" if lo else f"{hi}"  # at least one patch
+        raise ValueError(f"img_size={img_size} is not divisible by {name}'s patch size {patch}; use {sizes}")
     del probe
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -117,6 +116,16 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def _weights_within(state: dict) -> dict:
+    """``state`` unwrapped as timm's filter unwraps it (``model``, then ``state_dict``), where an entry of that name
+    that holds no dict (the model's name, say) is left out rather than taken for the weights: the filter would
+    fail on it with an AttributeError."""
+    for wrapper in ("model", "state_dict"):
+        inner = state.get(wrapper)
+        state = inner if isinstance(inner, dict) else {k: v for k, v in state.items() if k != wrapper}
+    return state
+
+
 def _patch_kernels(state: dict):
     """``(key, tensor, within)`` for each patch-embedding kernel of the dict timm's filter loads from ``state``,
     found as the filter finds it: ``model``, then ``state_dict``, then an IJEPA ``encoder`` unwrapped (``within``
@@ -146,7 +155,7 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
                 f"checkpoint '{path}': layer '{key}'{where} has shape {tuple(kernel.shape)}, the model expects "
                 f"{tuple(want.shape)}; the checkpoint is for another patch size or width"
             )
-    state = checkpoint_filter_fn(raw, model)
+    state = checkpoint_filter_fn(_weights_within(raw), model)
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}
     for key, value in expected.items():

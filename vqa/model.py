@@ -9,6 +9,7 @@ scratch sat on a plateau for thousands (see the README's accuracy table).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -20,6 +21,13 @@ import vit
 from .text import QUESTION_TYPES
 
 __all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention"]
+
+
+def _autocast_off(device: torch.device):
+    """Autocast switched off on ``device`` where it is on (entering it elsewhere would cost time for nothing)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class VQAOutput(NamedTuple):
@@ -163,7 +171,10 @@ class DeterministicVQA(nn.Module):
             image = image[image_index]  # (B_q, N, ...)
         question = self.encode_question(input_ids, attention_mask)  # (B_q, d)
         fused = torch.cat([self.fusion(question, image), question], dim=-1)
-        return VQAOutput(self.answer_head(fused), self.type_head(question))
+        # The heads in fp32, also under autocast: a bf16 logit keeps 8 bits, so answers a few hundredths apart
+        # would tie and argmax would take the first of them. The heads are a sliver of the model's work.
+        with _autocast_off(fused.device):
+            return VQAOutput(self.answer_head(fused.float()), self.type_head(question.float()))
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """What training changes: trainable parameters (LoRA, unfrozen blocks, decoder) and decoder buffers."""

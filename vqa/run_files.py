@@ -52,6 +52,8 @@ __all__ = [
     "train_command",
     "file_sha256",
     "check_base_file",
+    "weights_sha256",
+    "check_base_weights",
 ]
 
 # The --checkpoint_path of prediction, evaluation and export (load_run's checkpoint_path).
@@ -223,6 +225,31 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
                    f"the end of each epoch; continue the run with {train_command('--resume', str(run_dir))}")
 
 
+def weights_sha256(backbone: nn.Module) -> str:
+    """The SHA-256 of a backbone's base weights as loaded (adapters left out): each tensor's name, dtype, shape
+    and bytes, in name order. A fingerprint of what a run started from, whatever brought it: the hub, whose
+    weights under a model's name may change, or a local copy in any format."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_base_weights(digest: str, expected: str | None, recorded_in: Path, option: str) -> None:
+    """Refuses base weights other than those the run started from: ``digest`` (``weights_sha256`` of the backbone
+    as built now) against ``expected``, recorded in ``recorded_in`` (``None``: a run from before the record, or
+    from random weights, not checked); ``option``: how the user gives a local copy."""
+    if expected is not None and digest != expected:
+        raise VQAError(f"the base weights loaded now are not those this run started from: their SHA-256 differs "
+                       f"from the one recorded in {recorded_in} (the hub's weights for this model may have changed "
+                       f"since, or a local copy holds other weights), and the run's adapters would sit on other "
+                       f"base weights; give a local copy of the weights the run started from ({option}), or train "
+                       f"a new run")
+
 def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
     """The run's question and answer vocabularies (tokenizer.json, answers.json)."""
     try:
@@ -239,7 +266,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
 
     ``checkpoint_path``: a local copy of the weights the run started from, in place of its own source (the
     hub for a pretrained run, offline say, or its checkpoint_path file, moved); where the run recorded the
-    file's SHA-256 the copy must match it. ``tool``: the command the user ran (``python -m vqa.predict``),
+    file's SHA-256, or that of the weights it loaded, the copy must match them. ``tool``: the command the user ran (``python -m vqa.predict``),
     whose ``--checkpoint_path`` the errors then name."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -274,5 +301,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
     if base is not None:  # before the model is built: the weights file's metadata holds the record
         check_base_file(base, load_weights(None, weights).get("base_sha256"), weights, option=option)
     model = build_model(cfg, len(tokenizer), len(answers), str(source) if source else None, offline=offline)
+    if not random_backbone(cfg):  # before the trained weights go in: unfrozen blocks were base weights once
+        recorded = load_weights(None, weights).get("base_weights_sha256")
+        check_base_weights(weights_sha256(model.backbone), recorded, weights, option)
     load_weights(model, weights)
     return model.to(device).eval(), tokenizer, answers, cfg
