@@ -200,3 +200,11 @@ def test_the_heads_give_fp32_logits_under_autocast():
     with torch.no_grad():  # the same inputs through the heads with autocast off: the same numbers, exactly
         assert torch.equal(out.logits, model.answer_head(seen["answer"]))
         assert torch.equal(out.type_logits, model.type_head(seen["type"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_cast_to_another_dtype_runs_its_heads_in_that_dtype(dtype):
+    model = tiny_model().eval().to(dtype)
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 28, 28, dtype=dtype), torch.randint(1, 30, (3, 5)), torch.ones(3, 5))
+    assert out.logits.dtype == out.type_logits.dtype == dtype

@@ -117,13 +117,18 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _weights_within(state: dict) -> dict:
-    """``state`` unwrapped as timm's filter unwraps it (``model``, then ``state_dict``), where an entry of that name
-    that holds no dict (the model's name, say) is left out rather than taken for the weights: the filter would
-    fail on it with an AttributeError."""
-    for wrapper in ("model", "state_dict"):
-        inner = state.get(wrapper)
-        state = inner if isinstance(inner, dict) else {k: v for k, v in state.items() if k != wrapper}
-    return state
+    """``state`` less any ``model`` or ``state_dict`` entry that holds no dict (the model's name, say), at the levels
+    timm's filter unwraps (``model``, then ``state_dict`` within it): the filter would take that entry for the
+    weights and fail with an AttributeError. The unwrapping itself is left to the filter, once."""
+    state = _without_entry(state, "model")
+    if isinstance(state.get("model"), dict):
+        return {**state, "model": _without_entry(state["model"], "state_dict")}
+    return _without_entry(state, "state_dict")
+
+
+def _without_entry(state: dict, key: str) -> dict:
+    """``state`` without ``key`` where that holds no dict."""
+    return {k: v for k, v in state.items() if k != key} if key in state and not isinstance(state[key], dict) else state
 
 
 def _patch_kernels(state: dict):

@@ -171,10 +171,12 @@ class DeterministicVQA(nn.Module):
             image = image[image_index]  # (B_q, N, ...)
         question = self.encode_question(input_ids, attention_mask)  # (B_q, d)
         fused = torch.cat([self.fusion(question, image), question], dim=-1)
-        # The heads in fp32, also under autocast: a bf16 logit keeps 8 bits, so answers a few hundredths apart
-        # would tie and argmax would take the first of them. The heads are a sliver of the model's work.
+        # The heads in their own dtype (fp32 for a model trained under autocast), autocast off: a bf16 logit keeps
+        # 8 bits, so answers a few hundredths apart would tie and argmax would take the first of them. The heads
+        # are a sliver of the model's work.
+        dtype = self.type_head.weight.dtype
         with _autocast_off(fused.device):
-            return VQAOutput(self.answer_head(fused.float()), self.type_head(question.float()))
+            return VQAOutput(self.answer_head(fused.to(dtype)), self.type_head(question.to(dtype)))
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """What training changes: trainable parameters (LoRA, unfrozen blocks, decoder) and decoder buffers."""
