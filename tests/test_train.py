@@ -210,7 +210,10 @@ def test_the_checkpoint_a_run_started_from_may_move_but_not_change(trained, tmp_
 
 
 @pytest.mark.parametrize("layout", ["current", "before torchrun support"])
-def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_path):
+def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
     tmp, _ = trained
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(tmp / "run"), str(run)], check=True)
@@ -218,8 +221,10 @@ def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_pa
         state = torch.load(run / "checkpoint.pt", weights_only=True)
         (state["rng"],) = state.pop("rng_per_process")
         torch.save(state, run / "checkpoint.pt")
-    result = cli("train.py", "--resume", str(run), "--epochs", "3")
-    assert "resuming" in result.stdout and "epoch 3:" in result.stdout and "epoch 1:" not in result.stdout
+    capsys.readouterr()
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "epoch 3:" in out and "epoch 1:" not in out
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3  # the run's setting now
 
