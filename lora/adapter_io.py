@@ -173,7 +173,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
 
     Returns the layers loaded. A file whose layers, r, alpha, splits or widths do not fit the model is an
     error that names the first layer that does not fit, and leaves the model as it was; with ``strict=False``
-    the file's layers the model lacks are skipped, whether the model has adapters yet or not.
+    the file's layers the model lacks are skipped, whether the model has adapters yet or not (a file with none
+    of them is still an error).
     """
     model = unwrapped(model)
     config, _ = read_adapter_config(path)
@@ -252,6 +253,9 @@ def _load_checked(model: nn.Module, path, config: dict[str, dict], layers: dict[
                     f"{key}={getattr(layer, key)}; build the model with the adapter's LoRA settings"
                 )
         _check_width(path, name, layer, tensors)
+    if not any(name in layers for name in config):  # strict=False: a load of nothing would pass for a load
+        raise ValueError(f"adapter '{path}' has none of the model's LoRA layers (it has e.g. '{next(iter(config))}'); "
+                         f"the adapter was trained on a different architecture")
     return load_lora_state_dict(model, tensors, strict=strict)
 
 

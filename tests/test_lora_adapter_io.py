@@ -478,3 +478,16 @@ def test_a_strict_load_into_an_adapted_model_names_the_file_and_the_layer_it_lac
         lora.load_adapter(model, path)
     assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(model).items())
     assert lora.load_adapter(model, path, strict=False) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+
+
+def test_a_file_with_none_of_an_adapted_model_s_layers_is_an_error_also_when_not_strict(tmp_path):
+    """strict=False skips layers the model lacks, but a load of nothing at all would pass for a load."""
+    source = nn.Sequential(nn.Linear(4, 12))
+    lora.inject_lora(source, targets=("0",), r=2)
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(source, path)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 12))
+    lora.inject_lora(model, targets=("1",), r=2)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="has layer '0'" if strict else r"has none of the model's LoRA layers"):
+            lora.load_adapter(model, path, strict=strict)
