@@ -250,6 +250,7 @@ def check_base_weights(digest: str, expected: str | None, recorded_in: Path, opt
                        f"base weights; give a local copy of the weights the run started from ({option}), or train "
                        f"a new run")
 
+
 def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
     """The run's question and answer vocabularies (tokenizer.json, answers.json)."""
     try:
@@ -298,11 +299,12 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
     offline = (f"run '{run}' started from them (pretrained: true in its config.yaml); on a machine without "
                f"network, give a local copy of them, a .safetensors or .pth of this model: {option}, or fill the "
                f"Hugging Face cache (HF_HOME) where there is network")
-    if base is not None:  # before the model is built: the weights file's metadata holds the record
-        check_base_file(base, load_weights(None, weights).get("base_sha256"), weights, option=option)
+    record = load_weights(None, weights)  # the metadata: the base weights' fingerprints the run recorded
+    if base is not None:  # before the model is built
+        check_base_file(base, record.get("base_sha256"), weights, option=option)
     model = build_model(cfg, len(tokenizer), len(answers), str(source) if source else None, offline=offline)
-    if not random_backbone(cfg):  # before the trained weights go in: unfrozen blocks were base weights once
-        recorded = load_weights(None, weights).get("base_weights_sha256")
-        check_base_weights(weights_sha256(model.backbone), recorded, weights, option)
+    if record.get("base_weights_sha256") is not None:  # none for random weights or older runs: nothing to hash
+        # Before the trained weights go in: unfrozen blocks were base weights once.
+        check_base_weights(weights_sha256(model.backbone), record["base_weights_sha256"], weights, option)
     load_weights(model, weights)
     return model.to(device).eval(), tokenizer, answers, cfg
