@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -10,6 +11,14 @@ from hypothesis import HealthCheck, settings
 # on 2 busy cores generating an example can exceed hypothesis's default time checks.
 settings.register_profile("project", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("project")
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Each of pytest-xdist's worker processes takes its share of torch's threads, and so do the processes its
+    # tests start (train.py runs): torch's default in every process, a thread per core, would oversubscribe the
+    # machine, its threads spinning while they wait for cores another process holds.
+    threads = max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -663,6 +663,26 @@ def read_adapter(path):
     return {k: v for k, v in load_file(str(path)).items()}
 
 
+# train.py's command line in a process that stops for good after its ``argv[1]``-th checkpoint, so that the test
+# kills it at a known step however busy the machine is (a test polling the run's checkpoint could miss the step).
+STOP_AFTER_CHECKPOINTS = """
+import sys, time
+import train
+
+save, saves = train.save_checkpoint, []
+
+def save_then_wait(*args, **kwargs):
+    save(*args, **kwargs)
+    saves.append(1)
+    if len(saves) == int(sys.argv[1]):
+        print("saved", flush=True)
+        time.sleep(300)  # where the test kills it
+
+train.save_checkpoint = save_then_wait
+sys.exit(train.cli(sys.argv[2:]))
+"""
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL mid-epoch, resume, and land on the weights of a run that was never interrupted."""
     sys.path.insert(0, str(ROOT))
@@ -670,21 +690,21 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
     killed = tiny_config(tmp_path / "b", checkpoint_every=1, epochs=3, batch_size=2)
     run = tmp_path / "b" / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "checkpoint.pt").is_file():
-            state = torch.load(run / "checkpoint.pt", weights_only=True)
-            # Mid-epoch in epoch 1 or 2 of 3 (4 batches each): a window wide enough to catch on a busy machine.
-            if state["epoch"] < 2 and state["batch"] > 0:
+    # 4 steps an epoch, each checkpointed, then the epoch's own: the 6th is epoch 2's first step, of 3 epochs.
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AFTER_CHECKPOINTS, "6", "--config", str(killed)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # up to the line it prints as it stops, or to its end
+            lines.append(line)
+            if line == "saved\n":
                 break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    finally:
+        proc.kill()  # SIGKILL
+        proc.communicate()
+    assert lines[-1:] == ["saved\n"], "".join(lines)[-3000:]
     before = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert before["batch"] > 0 and before["step"] < 12  # killed mid-epoch, before the end
+    assert (before["epoch"], before["batch"], before["step"]) == (1, 1, 5)  # killed mid-epoch, before the end
     # The resume and the uninterrupted run, in this process (a process of its own spends seconds on imports).
     assert train.cli(["--resume", str(run)]) == 0
     assert train.cli(["--config", str(tiny_config(tmp_path / "a", checkpoint_every=1, epochs=3, batch_size=2))]) == 0
