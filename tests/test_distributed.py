@@ -160,6 +160,37 @@ def test_more_processes_than_batches_is_a_clear_error():
         distributed.shard([[0], [1]], distributed.Processes(0, 4))
 
 
+def test_a_cuda_process_takes_the_gpu_of_its_local_rank_and_that_gpu_must_exist(monkeypatch):
+    """On a machine of a multi-machine run, process RANK 3 with LOCAL_RANK 1 takes cuda:1; a LOCAL_RANK with no
+    GPU of its own is a clear error. (CUDA's calls simulated: this runs without a GPU.)"""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # the group itself is not the point here
+    procs, device = distributed.setup(torch.device("cuda"))
+    assert procs == distributed.Processes(3, 4) and device == torch.device("cuda", 1) and chosen == [device]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(VQAError, match="process 3 wants GPU 2 but this machine has 2; lower torchrun's"):
+        distributed.setup(torch.device("cuda"))
+
+
+def test_processes_agree_on_the_largest_value_any_of_them_holds(monkeypatch):
+    """Each value's maximum over the processes: two that both got SIGTERM (15) stop on 15, not on a sum that
+    names another signal. (The other process's values simulated in the all-reduce.)"""
+    import torch.distributed as dist
+
+    theirs = torch.tensor([1, 15, 2])
+
+    def all_reduce(t, op=dist.ReduceOp.SUM):
+        t.copy_(torch.maximum(t, theirs) if op == dist.ReduceOp.MAX else t + theirs)
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    assert distributed.max_over_ranks([0, 15, 9], distributed.Processes(0, 2), torch.device("cpu")) == [1, 15, 9]
+
+
 # One torchrun run, checked as it ends and as the reference the stopped runs must end up equal to: gradient
 # checkpointing and no type loss (its head outside DDP), the options DDP is most particular about; dropout
 # 0.1, 2 loader workers a process, a checkpoint every step.

@@ -1162,6 +1162,8 @@ def test_parameter_groups_give_each_part_its_rate_and_decay_only_matrices():
     (["--seed", "7"], "--resume cannot change 'seed' (0 in "),
     (["--warmup_ratio", "0.5"], "--resume cannot change 'warmup_ratio'"),
     (["--use_type_loss", "false"], "--resume cannot change 'use_type_loss'"),
+    (["--lr_encoder", "0.5"], "--resume cannot change 'lr_encoder' (0.001 in "),  # the optimizer state's would win
+    (["--weight_decay", "0.5"], "--resume cannot change 'weight_decay' (0.01 in "),
 ])
 def test_resume_refuses_what_fixes_the_batch_order_or_the_schedule(trained, tmp_path, capsys, args, message):
     import train
@@ -1789,3 +1791,184 @@ def test_a_failed_checkpoint_or_text_write_keeps_the_previous_file(tmp_path):
         write_text(text, '{"answers": ["\ud800"]}')  # no UTF-8 for a lone surrogate, found mid-write
     assert text.read_text() == '{"answers": ["yes"]}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.json", "checkpoint.pt"]  # no temporary left
+
+
+@pytest.fixture
+def one_block(monkeypatch):
+    """train.py's model with a one-block backbone: the training loop's bookkeeping at a fraction of the time."""
+    import functools
+
+    import vqa.run_files
+    from vqa import DeterministicVQA
+
+    monkeypatch.setattr(vqa.run_files, "DeterministicVQA", functools.partial(DeterministicVQA,
+                                                                             backbone_kwargs=dict(depth=1)))
+
+
+def test_each_epoch_draws_another_order_of_the_images_and_the_same_again_on_resume():
+    """The shuffled batches are a pure function of (seed, epoch): each epoch's order is its own, and repeatable."""
+    import train
+
+    orders = [train.epoch_batches(8, 3, seed=0, epoch=epoch) for epoch in range(3)]
+    for batches in orders:
+        assert [len(b) for b in batches] == [3, 3, 2] and sorted(i for b in batches for i in b) == list(range(8))
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert train.epoch_batches(8, 3, seed=0, epoch=1) == orders[1]
+
+
+def test_without_warm_up_the_first_step_is_the_one_warm_up_step_at_the_full_rate():
+    """warmup_ratio 0 (or a share of the steps below one) still warms up for one step: the decay then spans the
+    other steps, from the full rate."""
+    import train
+
+    factor = train.warmup_cosine(10, 0.0)
+    want = [1.0] + [0.5 * (1 + math.cos(math.pi * (s - 1) / 9)) for s in range(1, 11)]
+    assert [factor(s) for s in range(11)] == pytest.approx(want, abs=1e-12)
+    assert [train.warmup_cosine(10, 0.05)(s) for s in range(11)] == pytest.approx(want, abs=1e-12)
+
+
+def test_a_stopped_and_resumed_run_checkpoints_logs_and_keeps_its_best_epoch_as_one_run(tmp_path, monkeypatch,
+                                                                                        one_block):
+    """Stopped mid-epoch and resumed: each checkpoint_every-th step and each epoch's end are saved at their own
+    batch and step (an epoch's end with none of the next epoch's seconds), each epoch logs its step count, and
+    model_best stays the best epoch's: the resume keeps the best accuracy, and a tie is not better."""
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=4, use_type_loss=False, checkpoint_every=2))
+    run = Path(cfg.train.output_dir)  # 2 steps an epoch
+    saved, save = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda state, path: saved.append(
+        {k: state[k] for k in ("epoch", "batch", "step", "best", "epoch_seconds")}) or save(state, path))
+    accuracies, evaluate = iter([0.5, 0.25, 0.5]), train.evaluate  # epoch 3 ties epoch 1
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "accuracy": next(accuracies)})
+    calls, loss_fn = [], train.F.cross_entropy
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # step 3: epoch 2's first
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py's handler, in this process
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", signalling)
+    run_until_stopped(train, cfg)
+    monkeypatch.setattr(train.F, "cross_entropy", loss_fn)
+    train.main(load_config(run / "config.yaml"), resume=True)
+    assert [(s["epoch"], s["batch"], s["step"]) for s in saved] == [
+        (0, 2, 2), (1, 0, 2), (1, 1, 3),  # the stop
+        (1, 2, 4), (2, 0, 4), (2, 2, 6), (3, 0, 6)]
+    assert [s["best"] for s in saved] == [-1.0] + [0.5] * 6
+    assert all((s["epoch_seconds"] == 0.0) == (s["batch"] == 0) for s in saved)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["step"], m["accuracy"]) for m in logged] == [(1, 2, 0.5), (2, 4, 0.25), (3, 6, 0.5)]
+    assert file_metadata(run / "model_best.safetensors")["epoch"] == "1"
+    assert file_metadata(run / "model_last.safetensors")["epoch"] == "3"
+
+
+def test_a_signal_while_an_epoch_s_weights_are_written_stops_at_that_epoch_s_end(tmp_path, monkeypatch, one_block):
+    """SIGTERM after the validation, while the epoch's weights are saved: the run stops with the epoch's end
+    checkpoint, before any step of the next epoch, and leaves SIGTERM ignored for its exit."""
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=2, batch_size=8, use_type_loss=False))  # 1 step an epoch
+    save = train.lora.save_safetensors
+
+    def signalling(tensors, path, *args, **kwargs):
+        if Path(path).name == "model_last.safetensors":
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py's handler, in this process
+        return save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(train.lora, "save_safetensors", signalling)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train.main(cfg)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # another SIGTERM cannot kill the exit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    state = torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 1)
+    logged = (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in logged] == [1]
+
+
+def test_a_failed_metrics_write_keeps_the_epochs_logged_before(tmp_path, monkeypatch, one_block):
+    """metrics.jsonl is replaced whole: a write that fails part-way (here an answer no UTF-8 encodes) leaves the
+    earlier epochs' lines."""
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=2, batch_size=8, use_type_loss=False))
+    dumps = train.json.dumps
+    monkeypatch.setattr(train.json, "dumps", lambda obj, *a, **k: dumps(obj, *a, **k) + (
+        "\ud800" if isinstance(obj, dict) and obj.get("epoch") == 2 and "accuracy" in obj else ""))
+    with pytest.raises(UnicodeEncodeError):
+        train.main(cfg)
+    history = (Path(cfg.train.output_dir) / "metrics.jsonl").read_text()
+    assert [json.loads(line)["epoch"] for line in history.splitlines()] == [1]
+
+
+def test_every_process_validates_with_the_main_process_s_buffers(tmp_path, monkeypatch, one_block):
+    """Before each validation the buffers (BatchNorm statistics) of the main process, those it saves, are copied
+    to every process: each process's own differ (test_distributed checks the copy)."""
+    import train
+    from vqa.config import load_config
+
+    calls, evaluate = [], train.evaluate
+    monkeypatch.setattr(train.distributed, "sync_buffers", lambda model, procs: calls.append(("sync", model)))
+    monkeypatch.setattr(train, "evaluate", lambda model, *a, **k: calls.append(("evaluate", model)) or evaluate(
+        model, *a, **k))
+    train.main(load_config(tiny_config(tmp_path, epochs=2, batch_size=8, use_type_loss=False)))
+    assert [what for what, _ in calls] == ["sync", "evaluate"] * 2
+    assert len({id(model) for _, model in calls}) == 1
+
+
+def test_resume_refuses_more_images_too_and_its_advice_exports_to_a_free_file(tmp_path):
+    """Any other image count is refused, more as well as fewer; the export in the advice names the first
+    encoder file not already in the run folder."""
+    from types import SimpleNamespace
+
+    import train
+    from vqa.config import RunConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("encoder.safetensors", "encoder-2.safetensors"):
+        (run / name).write_bytes(b"exported before")
+    data = SimpleNamespace(path=tmp_path / "train.csv", skipped=[])
+    with pytest.raises(train.VQAError, match=r"holds 8 training image\(s\), but the run trained on 4 ") as e:
+        train.check_same_images(8, 4, data, run, 1, RunConfig(), RunConfig())
+    assert f"--out {shlex.quote(str(run / 'encoder-3.safetensors'))}" in str(e.value)
+    train.check_same_images(8, 8, data, run, 1, RunConfig(), RunConfig())
+    train.check_same_images(8, None, data, run, 1, RunConfig(), RunConfig())  # a run from before the record
+
+
+def test_a_failed_write_in_the_run_folder_names_the_file_and_other_os_errors_pass_through(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A file of the run that exists but cannot be written is named as one to read or write; an OSError naming no
+    file (a full disk, say) or a file outside the run's folders keeps its own traceback."""
+    import errno
+
+    import train
+
+    config = tiny_config(tmp_path)
+    history = tmp_path / "run" / "metrics.jsonl"
+    history.parent.mkdir()
+    history.write_text("")
+    raised = []
+
+    def failing(*args, **kwargs):  # as a write in the run's training would
+        raise raised[-1]
+
+    monkeypatch.setattr(train, "main", failing)
+    raised.append(PermissionError(errno.EACCES, "Permission denied", str(history)))
+    assert train.cli(["--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot read or write '{history}': Permission denied; ")
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "elsewhere.txt"))):
+        raised.append(error)
+        with pytest.raises(OSError) as e:
+            train.cli(["--config", str(config)])
+        assert e.value is error
