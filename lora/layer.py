@@ -136,10 +136,10 @@ def _under_vmap() -> bool:
     return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
-def _no_autocast(device: torch.device):
-    """Autocast switched off on ``device``: the sums inside run in the dtypes given. A no-op where autocast is
-    off already (entering ``torch.autocast`` costs microseconds of host time per layer) and on the meta
-    device, which has no autocast (``torch.autocast`` would raise; ``torch.amp.is_autocast_available``
+def no_autocast(device: torch.device):
+    """Autocast switched off on ``device``: the ops inside run in the dtypes given (the fold's sum here, the VQA
+    model's heads). A no-op where autocast is off already (entering ``torch.autocast`` costs microseconds of
+    host time per layer) and on the meta device, which has no autocast (``torch.autocast`` would raise; ``torch.amp.is_autocast_available``
     would say so, but torch 2.11's compiler cannot trace it)."""
     if device.type == "meta" or not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()
@@ -385,7 +385,7 @@ class LoRALinear(nn.Linear):
         # bf16/fp16 summed in fp32, fp64 stays fp64 (promote_types is a dispatched call: skipped where it is known)
         dtype = w.dtype if w.dtype in _WIDE_FLOATS else torch.promote_types(w.dtype, torch.float32)
         s, o, r = self.splits, self.out_features // self.splits, self.r
-        with _no_autocast(w.device):
+        with no_autocast(w.device):
             folded = torch.baddbmm(_cast(w, dtype).view(s, o, self.in_features), _cast(self.lora_B, dtype).view(s, o, r),
                                    _cast(self.lora_A, dtype).view(s, r, self.in_features), alpha=self.scaling)
         return _cast(folded.view(self.out_features, self.in_features), w.dtype)
@@ -425,7 +425,7 @@ class LoRALinear(nn.Linear):
         lora_A, lora_B = lora_A.float(), lora_B.float()
         # An out-of-place addmm is what autocast casts (out= calls it leaves alone): under bf16 autocast, an
         # fp16 weight would be summed in bf16, with 3 fewer bits than fp16 itself.
-        with _no_autocast(base.device):
+        with no_autocast(base.device):
             for i in range(s):
                 for start in range(0, o, _MERGE_CHUNK_ROWS):
                     rows = slice(i * o + start, i * o + min(o, start + _MERGE_CHUNK_ROWS))

@@ -9,10 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import lora
+from conftest import tiny_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import throughput  # noqa: E402
@@ -64,9 +64,9 @@ CPU = torch.device("cpu")
 
 
 def tiny(name="vit_small_patch14_dinov2", img_size=28, device=CPU):
+    """A stand-in for ``throughput.build``: conftest's tiny ViT with 4 blocks (the last 3 unfrozen leave one)."""
     torch.manual_seed(0)
-    return timm.create_model("vit_small_patch14_dinov2", img_size=img_size, embed_dim=32, depth=4, num_heads=2,
-                             num_classes=0, init_values=0.5).to(device)
+    return tiny_vit(img_size=img_size, depth=4).to(device)
 
 
 def trained_names(variant, model):

@@ -780,14 +780,15 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
 
 def run_until_stopped(train, cfg) -> dict:
-    """Runs ``train.main(cfg)``, which a SIGTERM sent during it must stop with exit code 143; returns the
-    checkpoint it saved."""
+    """Runs ``train.main(cfg)``, which a SIGTERM sent during it must stop with exit code 143, leaving SIGTERM
+    ignored so that another cannot kill the exit; returns the checkpoint it saved."""
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as exit_:
             train.main(cfg)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGTERM, previous)  # a stop leaves SIGTERM ignored, for the exit
+        signal.signal(signal.SIGTERM, previous)
     assert exit_.value.code == 128 + signal.SIGTERM
     return torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
 
@@ -1719,6 +1720,7 @@ def test_a_hub_run_records_its_weights_and_refuses_others_however_they_come(trai
     assert "(resume with --checkpoint_path PATH)" in capsys.readouterr().err
     assert train.cli(["--resume", str(run), "--epochs", "2", "--checkpoint_path", str(copy)]) == 0
 
+
 def test_tools_refuse_a_starting_file_with_other_bytes_where_the_run_recorded_its_sha256(started_from_export, trained,
                                                                                        tmp_path, capsys):
     """A run from a checkpoint_path file that has moved: each tool takes a copy with the same bytes through its
@@ -1880,15 +1882,7 @@ def test_a_signal_while_an_epoch_s_weights_are_written_stops_at_that_epoch_s_end
         return save(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(train.lora, "save_safetensors", signalling)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            train.main(cfg)
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # another SIGTERM cannot kill the exit
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert exit_.value.code == 128 + signal.SIGTERM
-    state = torch.load(Path(cfg.train.output_dir) / "checkpoint.pt", weights_only=True)
+    state = run_until_stopped(train, cfg)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 1)
     logged = (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in logged] == [1]

@@ -9,7 +9,6 @@ scratch sat on a plateau for thousands (see the README's accuracy table).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import NamedTuple
 
@@ -17,17 +16,11 @@ import torch
 from torch import Tensor, nn
 
 import vit
+from lora.layer import no_autocast
 
 from .text import QUESTION_TYPES
 
 __all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention"]
-
-
-def _autocast_off(device: torch.device):
-    """Autocast switched off on ``device`` where it is on (entering it elsewhere would cost time for nothing)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class VQAOutput(NamedTuple):
@@ -175,7 +168,7 @@ class DeterministicVQA(nn.Module):
         # 8 bits, so answers a few hundredths apart would tie and argmax would take the first of them. The heads
         # are a sliver of the model's work.
         dtype = self.type_head.weight.dtype
-        with _autocast_off(fused.device):
+        with no_autocast(fused.device):
             return VQAOutput(self.answer_head(fused.to(dtype)), self.type_head(question.to(dtype)))
 
     def trainable_state_dict(self) -> dict[str, Tensor]:

@@ -247,9 +247,8 @@ def check_base_weights(digest: str, expected: str | None, recorded_in: Path, opt
         raise VQAError(f"the base weights loaded now are not those this run started from: their SHA-256 differs "
                        f"from the one recorded in {recorded_in} (the hub's weights for this model may have changed "
                        f"since, another timm version may load or resample them differently, or a local copy holds "
-                       f"other weights), and the run's adapters would sit on other "
-                       f"base weights; give a local copy of the weights the run started from ({option}), or train "
-                       f"a new run")
+                       f"other weights), and the run's adapters would sit on other base weights; give a local copy "
+                       f"of the weights the run started from ({option}), or train a new run")
 
 
 def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
