@@ -118,7 +118,15 @@ class LoRADropout(nn.Module):
             # vmap batches torch's own draws (its ``randomness`` argument), not the packed draw below.
             return torch.randint_like(x, -32768, 32768, dtype=torch.int32).ge(self.threshold).to(x.dtype)
         n = x.numel()
-        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        words = (n + 3) // 4
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace random_. randint over the whole range takes the same draws minus 2**63 (one value
+            # of 2**64 excepted): the xor gives them back, so a compiled layer draws the mask eager mode draws.
+            bits = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device) ^ -(2**63)
+        else:
+            # Each 64-bit draw as it comes: randint takes every draw modulo its range, a 64-bit division that
+            # costs 15 % of the draw here (bench/dropout_mask.py).
+            bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         halves = bits.view(torch.int16)[:n].view(x.shape)
         # The comparison writes the float mask directly: a bool mask times x would take a slow casting loop.
         return torch.ge(halves, self.threshold, out=torch.empty_like(x))

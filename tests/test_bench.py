@@ -38,6 +38,25 @@ def test_interleaved_times_every_variant_once_a_round_in_the_balanced_orders():
     assert ran == [names[i] for r in range(8) for i in throughput.balanced_orders(4)[r % 4]]
 
 
+def test_the_mask_benchmark_s_variants_each_draw_a_mask_of_the_same_kind_and_share():
+    import dropout_mask
+
+    variants = dropout_mask.masks(rows=200, width=96, p=0.25)
+    assert list(variants) == ["LoRADropout", "randint", "bernoulli"]
+    for name, draw in variants.items():
+        mask = draw()
+        assert mask.shape == (200, 96) and mask.dtype == torch.float32, name
+        assert set(mask.unique().tolist()) == {0.0, 1.0}, name
+        assert abs(mask.mean().item() - 0.75) < 0.02, name
+    torch.manual_seed(5)
+    layer_mask = variants["LoRADropout"]()
+    torch.manual_seed(5)
+    packed = variants["randint"]()
+    # The same draws, each minus 2**63: only the sign of every fourth 16-bit decision differs.
+    assert torch.equal(layer_mask.view(-1, 4)[:, :3], packed.view(-1, 4)[:, :3])
+    assert not torch.equal(layer_mask, packed)
+
+
 def test_the_host_time_benchmark_runs_each_path_it_names(monkeypatch):
     import lora.layer
     import layer_host_time
