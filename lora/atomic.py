@@ -32,13 +32,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o600)  # mkstemp's 0600 less the umask: a umask of 0o222 would leave the writer a read-only file
         yield Path(tmp)
-        os.chmod(tmp, _plain_open_mode(path))  # mkstemp made it 0600; set here, the writer may recreate it
-        fd = os.open(tmp, os.O_RDWR)  # writable: Windows commits only those
+        # Synced before its mode is set: the mode may leave even the owner no write bit (a umask of 0o222, a
+        # read-only file replaced), and Windows commits only a handle open for writing; elsewhere read-only
+        # suffices, whatever mode a writer that recreated the file gave it.
+        fd = os.open(tmp, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.chmod(tmp, _plain_open_mode(path))  # mkstemp made it 0600; set here, the writer may recreate it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

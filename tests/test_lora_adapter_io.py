@@ -3,6 +3,7 @@ import json
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,7 +148,9 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temporary left behind
 
 
-def test_a_writer_failing_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt("Ctrl-C")],
+                         ids=lambda error: type(error).__name__)
+def test_a_writer_failing_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, error):
     import lora.atomic
 
     path = tmp_path / "a.safetensors"
@@ -157,10 +160,10 @@ def test_a_writer_failing_midway_leaves_the_old_file_and_no_temporary(tmp_path, 
     def half_then_boom(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"\x00" * 100)
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(lora.atomic, "save_file", half_then_boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(type(error), match=str(error)):
         lora.save_merged(adapted(r=2), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
@@ -281,6 +284,31 @@ def test_an_adapter_loaded_into_a_fresh_model_takes_the_dropout_asked_for(tmp_pa
     assert model.blocks[1].attn.qkv.lora_dropout.p == 0.25
 
 
+def test_a_saved_file_is_written_beside_its_path_synced_renamed_over_it_and_the_rename_synced(tmp_path, monkeypatch):
+    """Durable and atomic: the new bytes reach the disk before the name points at them, the rename stays on one
+    file system (the same folder), and the folder is synced so that the rename survives a power cut."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.path.dirname(src), dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(adapted(), path)
+    renames = [i for i, event in enumerate(events) if event[0] == "replace"]
+    assert len(renames) == 1
+    _, written, folder, target = events[renames[0]]
+    assert os.path.samefile(folder, tmp_path) and os.fspath(target) == os.fspath(path)
+    assert ("fsync", written) in events[:renames[0]]  # the file's bytes, before its name
+    assert ("fsync", tmp_path.stat().st_ino) in events[renames[0] + 1:]  # the folder, after the rename
+
+
 def test_a_symbolic_link_is_written_through_as_open_would(tmp_path):
     target = tmp_path / "store" / "adapter.safetensors"
     target.parent.mkdir()
@@ -389,6 +417,49 @@ def test_saved_files_get_the_permissions_a_plain_open_gives(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
     finally:
         os.umask(old_umask)
+
+
+def test_files_are_written_under_a_umask_that_leaves_the_owner_no_write_bit():
+    """A umask of 0o222 gives read-only files, which ``open(path, "w")`` creates and writes all the same. The
+    atomic writes must too: they had made the temporary file read-only before opening it again to sync it,
+    which fails for any user but root. A root test process drops to user nobody in the child, after its imports."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o777)  # nobody's to write in; tmp_path's parents are root's alone
+    child = f"""
+import encodings.ascii, os, torch  # codecs load on first use: after the drop, root's Python may be unreadable
+from lora.atomic import atomic_write, save_safetensors
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+os.umask(0o222)
+with open({str(folder / "plain.txt")!r}, "w") as f:
+    f.write("x")
+with atomic_write({str(folder / "atomic.txt")!r}, "w") as f:
+    f.write("x")
+save_safetensors({{"w": torch.ones(2)}}, {str(folder / "w.safetensors")!r})
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert sorted(p.name for p in folder.iterdir()) == ["atomic.txt", "plain.txt", "w.safetensors"]
+        assert (folder / "atomic.txt").read_text() == "x"
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert modes == dict.fromkeys(modes, 0o444)  # what the plain open gave
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_save_safetensors_takes_a_view_that_is_not_contiguous_and_saves_its_values(tmp_path):
+    from safetensors.torch import load_file
+
+    weight = torch.randn(3, 5)
+    lora.save_safetensors({"weight_t": weight.t(), "column": weight[:, 1]}, tmp_path / "views.safetensors")
+    loaded = load_file(str(tmp_path / "views.safetensors"))
+    assert torch.equal(loaded["weight_t"], weight.t()) and torch.equal(loaded["column"], weight[:, 1])
 
 
 def test_metadata_that_is_not_text_is_a_clear_error_and_writes_nothing(tmp_path):

@@ -184,6 +184,7 @@ def test_mark_only_lora_as_trainable_takes_one_module_or_says_what_it_wants(vit)
     assert vit.norm.weight.requires_grad and not vit.blocks[0].attn.qkv.weight.requires_grad
     with pytest.raises(TypeError, match=r"extra holds modules to train in full, and got 'norm' of type str"):
         lora.mark_only_lora_as_trainable(vit, extra=["norm"])
+    assert vit.norm.weight.requires_grad and vit.blocks[0].attn.qkv.lora_A.requires_grad  # refused: nothing changed
 
 
 def test_a_failed_inject_leaves_the_model_untouched():
@@ -428,6 +429,14 @@ def test_print_trainable_parameters_format(capsys):
     lora.mark_only_lora_as_trainable(model)
     lora.print_trainable_parameters(model)
     assert capsys.readouterr().out == "[LoRA] Trainable: 8,000 (0.79%) | Total: 1,009,000\n"
+
+
+def test_count_parameters_counts_a_shared_parameter_once_and_a_model_without_any_as_none_trainable(capsys):
+    layer = nn.Linear(4, 4)
+    tied = nn.Sequential(layer, nn.ReLU(), layer)
+    assert lora.count_parameters(tied) == lora.count_parameters(layer) == (20, 20)
+    lora.print_trainable_parameters(nn.ReLU(), "no LoRA")
+    assert capsys.readouterr().out == "[no LoRA] Trainable: 0 (0.00%) | Total: 0\n"
 
 
 def test_merge_states_combine_with_remove_and_the_context_manager(vit):

@@ -281,6 +281,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_error
     advice = capsys.readouterr().err.split("start it again with ")[1].splitlines()[0]
     command = shlex.split(advice.split(" (which replaces")[0])
     assert command[:2] == ["python", "train.py"] and ("--overwrite" in command) == ("metrics.jsonl" in kept)
+    assert (" (which replaces the weights it wrote)" in advice) == ("--overwrite" in command)
     if "model_last.safetensors" not in kept:
         image = next((trained[0] / "data" / "images").iterdir())
         for tool, args in [(vqa.predict, ["--image", str(image), "--question", "Is it red?"]),
@@ -1673,6 +1674,11 @@ def test_tools_take_a_local_copy_of_a_pretrained_run_s_weights_offline(trained, 
     assert tools["export"][0].main(["--run", str(trained[0] / "run"), *tools["export"][1]()]) == 0
     first, second = (load_file(str(tmp_path / f"encoder{i}.safetensors")) for i in (1, 2))  # 0: the refused call
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    mistyped = tmp_path / "local copy.safetensor"  # a mistake in the option, not in the run's config.yaml
+    for name, (tool, args) in tools.items():
+        assert tool.main(["--run", str(run), *args(), "--checkpoint_path", str(mistyped)]) == 2, name
+        assert (f"--checkpoint_path '{mistyped}' is not a file; give the path of a local copy of the weights run "
+                f"'{run}' started from") in capsys.readouterr().err
     assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "on a machine without network, resume with --checkpoint_path PATH" in err and "vqa." not in err
@@ -1701,7 +1707,7 @@ def test_a_hub_run_records_its_weights_and_refuses_others_however_they_come(trai
     monkeypatch.setattr(timm, "create_model", from_hub)
     run = tmp_path / "run"
     assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
-                      "--pretrained", "true"]) == 0
+                      "--pretrained", "true", "--unfreeze_encoder_layers", "1"]) == 0  # a trained block: base once
     copy, other = tmp_path / "copy.safetensors", tmp_path / "other.safetensors"
     save_file(hub, str(copy))
     hub = {k: v + 1 if k == "norm.weight" else v for k, v in hub.items()}  # the hub's weights change
@@ -1766,7 +1772,8 @@ def test_tools_refuse_a_starting_file_for_a_run_from_random_weights(trained, tmp
     assert not list(tmp_path.glob("encoder*"))
 
 
-def test_remove_run_keeps_an_input_given_by_a_relative_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("relative", ["the input", "the run folder"])
+def test_remove_run_keeps_an_input_given_by_a_relative_path(tmp_path, monkeypatch, relative):
     from vqa.run_files import remove_run
 
     run = tmp_path / "runs" / "x"
@@ -1775,8 +1782,41 @@ def test_remove_run_keeps_an_input_given_by_a_relative_path(tmp_path, monkeypatc
         (run / name).write_bytes(b"old")
     (run / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
-    remove_run(run, keep=[Path("runs") / "x" / "backbone.safetensors", None])  # --checkpoint_path as typed
+    typed = Path("runs") / "x"  # --checkpoint_path or --output_dir as typed
+    if relative == "the input":
+        remove_run(run, keep=[typed / "backbone.safetensors", None])
+    else:
+        remove_run(typed, keep=[run / "backbone.safetensors", None])
     assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "notes.txt"]
+
+
+def test_a_removal_cut_short_leaves_no_trained_file_behind(tmp_path):
+    """The trained files go first: a run folder whose removal stopped midway holds nothing to resume or load."""
+    from vqa.run_files import RUN_FILES, remove_run, trained_files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in RUN_FILES:
+        (run / name).write_bytes(b"old")
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").mkdir()  # cannot be unlinked: the removal stops at it
+    with pytest.raises(OSError):
+        remove_run(run)
+    assert trained_files(run) == []
+
+
+def test_the_sha256_of_a_starting_file_covers_all_of_its_bytes(tmp_path):
+    """A checkpoint_path file changed anywhere, even past the first piece read, has another fingerprint."""
+    import hashlib
+
+    from vqa.run_files import file_sha256
+
+    data = bytes(range(256)) * ((2 << 20) // 256 + 1)  # a little over 2 MiB: three pieces of 1 MiB
+    original, changed = tmp_path / "original.safetensors", tmp_path / "changed.safetensors"
+    original.write_bytes(data)
+    changed.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last byte
+    assert file_sha256(original) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(changed) != file_sha256(original)
 
 
 def test_a_failed_checkpoint_or_text_write_keeps_the_previous_file(tmp_path):
