@@ -8,7 +8,7 @@ mask of the input's shape:
 - ``LoRADropout``: four 16-bit decisions per 64-bit draw, each draw as the generator gives it (``random_``
   over the whole int64 range);
 - ``randint``: the same packing with the draws from ``torch.randint`` over that range, which takes each
-  draw modulo the range: what the layer did before 2026-11-27, and what it does under ``torch.compile``;
+  draw modulo the range: what the layer did before 2026-11-27, and what it traces under ``torch.compile``;
 - ``bernoulli``: one draw per element, as ``nn.Dropout`` draws its mask.
 
 Printed: microseconds per mask (the median over rounds) and each variant's speed relative to

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -28,15 +29,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if path.exists() and not path.is_file():  # a folder, a device such as /dev/null, a pipe: not ours to replace
         raise ValueError(f"'{path}' exists and is not a regular file; the file is written beside it and renamed "
                          f"over it, which would replace it: give a file's path")
+    if path.exists() and not os.access(path, os.W_OK):  # the rename could replace it; open(path, "w") would not
+        raise PermissionError(errno.EACCES, "the file is read-only, and a plain open would not write it either; "
+                                            "make it writable (chmod u+w) or remove it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o600)  # mkstemp's 0600 less the umask: a umask of 0o222 would leave the writer a read-only file
         yield Path(tmp)
-        # Synced before its mode is set: the mode may leave even the owner no write bit (a umask of 0o222, a
-        # read-only file replaced), and Windows commits only a handle open for writing; elsewhere read-only
-        # suffices, whatever mode a writer that recreated the file gave it.
+        # Synced before its mode is set: under a umask of 0o222 that mode leaves even the owner no write bit.
+        # Windows commits only a handle open for writing; elsewhere a read-only one suffices, whatever mode a
+        # writer that recreated the file gave it.
         fd = os.open(tmp, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -45,7 +49,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, _plain_open_mode(path))  # mkstemp made it 0600; set here, the writer may recreate it
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: the first error is the one to see
+            os.chmod(tmp, 0o600)  # Windows removes no read-only file
             os.unlink(tmp)
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable; not possible on every OS

@@ -121,7 +121,8 @@ class LoRADropout(nn.Module):
         words = (n + 3) // 4
         if torch.compiler.is_compiling():
             # Dynamo cannot trace random_. randint over the whole range takes the same draws minus 2**63 (one value
-            # of 2**64 excepted): the xor gives them back, so a compiled layer draws the mask eager mode draws.
+            # of 2**64 excepted): the xor gives them back, so a graph that runs torch's own random numbers (aot_eager;
+            # inductor with fallback_random) draws the mask eager mode draws.
             bits = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device) ^ -(2**63)
         else:
             # Each 64-bit draw as it comes: randint takes every draw modulo its range, a 64-bit division that

@@ -1686,7 +1686,9 @@ def test_tools_take_a_local_copy_of_a_pretrained_run_s_weights_offline(trained, 
     assert train.cli(["--resume", str(run), "--epochs", "3", "--checkpoint_path", str(local)]) == 0
 
 
-def test_a_hub_run_records_its_weights_and_refuses_others_however_they_come(trained, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("unfrozen", ["0", "1"])  # 1: a trained block, so the run's weights differ from the base
+def test_a_hub_run_records_its_weights_and_refuses_others_however_they_come(trained, tmp_path, monkeypatch, capsys,
+                                                                          unfrozen):
     """The hub's weights under a model's name may change: a run records the SHA-256 of the weights it loaded, and
     resume and the tools refuse others, from the hub or a local copy, where a copy of the same weights serves."""
     import timm
@@ -1707,7 +1709,7 @@ def test_a_hub_run_records_its_weights_and_refuses_others_however_they_come(trai
     monkeypatch.setattr(timm, "create_model", from_hub)
     run = tmp_path / "run"
     assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
-                      "--pretrained", "true", "--unfreeze_encoder_layers", "1"]) == 0  # a trained block: base once
+                      "--pretrained", "true", "--unfreeze_encoder_layers", unfrozen]) == 0
     copy, other = tmp_path / "copy.safetensors", tmp_path / "other.safetensors"
     save_file(hub, str(copy))
     hub = {k: v + 1 if k == "norm.weight" else v for k, v in hub.items()}  # the hub's weights change
