@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import tempfile
@@ -23,15 +22,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The rename is atomic on POSIX and Windows when both names are on one file system, which the
     same folder guarantees. On an exception the temporary file is removed and ``path`` is untouched. A
-    symbolic link is written through, as ``open(path, "w")`` would: its target gets the new file.
+    symbolic link is written through, as ``open(path, "w")`` would: its target gets the new file. A read-only
+    file is replaced, keeping its mode, where the folder is writable (a plain open would refuse it): under a
+    umask of 0o222 every file a run writes is read-only, and the run rewrites them each epoch.
     """
     path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     if path.exists() and not path.is_file():  # a folder, a device such as /dev/null, a pipe: not ours to replace
         raise ValueError(f"'{path}' exists and is not a regular file; the file is written beside it and renamed "
                          f"over it, which would replace it: give a file's path")
-    if path.exists() and not os.access(path, os.W_OK):  # the rename could replace it; open(path, "w") would not
-        raise PermissionError(errno.EACCES, "the file is read-only, and a plain open would not write it either; "
-                                            "make it writable (chmod u+w) or remove it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -45,6 +45,12 @@ def test_answer_weights_are_clipped_from_below():
     assert w["yes"] == 0.9 and w["no"] == 10.0
 
 
+def test_a_weights_file_saved_with_a_byte_order_mark_loads_as_the_csv_and_yaml_files_do(tmp_path):
+    path = tmp_path / "w.json"
+    path.write_text('{"yes": 0.5, "no": 2}', encoding="utf-8-sig")  # Windows editors write the mark
+    assert load_answer_weights(path) == {"yes": 0.5, "no": 2.0}
+
+
 def test_hand_written_weight_keys_are_normalised_as_answers_are(tmp_path):
     path = tmp_path / "w.json"
     path.write_text('{"Two.": 2.0, "The Yes": 0.5}')

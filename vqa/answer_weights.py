@@ -45,7 +45,7 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
     if not path.is_file():
         raise VQAError(f"answer weights file '{path}' does not exist; make one with python -m vqa.answer_weights")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_Pairs)  # keeps repeated keys
+        raw = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_Pairs)  # keeps repeated keys
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VQAError(f"answer weights file '{path}' is not valid JSON: {e}") from None
     except OSError as e:
@@ -73,7 +73,7 @@ def _weights_like(path: Path) -> bool:
     """Whether ``path`` holds a JSON object of numbers: an earlier weights file, perhaps one this module now
     refuses (two keys for one answer), which a new one may replace."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):  # ValueError: JSON's and the decoder's errors
         return False
     return isinstance(raw, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values())
