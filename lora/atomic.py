@@ -31,7 +31,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise ValueError(f"'{path}' exists and is not a regular file; the file is written beside it and renamed "
                          f"over it, which would replace it: give a file's path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The name's first 40 characters (160 bytes at most in UTF-8) and 14 of its own: a name of the 255 bytes a
+    # file system allows still has a temporary file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o600)  # mkstemp's 0600 less the umask: a umask of 0o222 would leave the writer a read-only file

@@ -469,6 +469,12 @@ for opener in (lambda: open({str(folder / "plain.txt")!r}, "w"), lambda: atomic_
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_a_file_name_as_long_as_the_file_system_allows_is_written(tmp_path):
+    path = tmp_path / ("w" * 243 + ".safetensors")  # 255 bytes: open(path, "w") takes it
+    lora.save_safetensors({"w": torch.ones(2)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_save_safetensors_takes_a_view_that_is_not_contiguous_and_saves_its_values(tmp_path):
     from safetensors.torch import load_file
 
