@@ -46,7 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, _plain_open_mode(path))  # mkstemp made it 0600; set here, the writer may recreate it
+        os.chmod(tmp, _plain_open_mode(path))  # 0600 until now; set after the writer, which may recreate the file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # gone already, or not ours to remove: the first error is the one to see
