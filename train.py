@@ -31,7 +31,7 @@ from vqa import distributed
 from vqa.answer_weights import load_answer_weights
 from vqa.config import RunConfig, load_config
 from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
-from vqa.errors import VQAError
+from vqa.errors import VQAError, run_tool
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
@@ -327,7 +327,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             print(f"note: replacing the run in {run} (--overwrite)")
         inputs = [cfg.model.checkpoint_path, cfg.data.answer_weights, cfg.data.train_csv, cfg.data.val_csv]
         remove_run(run, keep=inputs)  # an input may be an earlier run's file: it stays
-        write_text(run / "config.yaml", cfg.to_yaml())
+        write_text(run / "config.yaml", cfg.with_absolute_paths().to_yaml())  # the same files from any folder
         write_text(run / "tokenizer.json", tokenizer.to_json())
         write_text(run / "answers.json", answers.to_json())
         if from_random:  # predict and resume rebuild this exact backbone from it
@@ -363,8 +363,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 f"--epochs N with N > {t.epochs}")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
-        if procs.is_main and cfg != saved:
-            write_text(run / "config.yaml", cfg.to_yaml())  # the settings resumed with (--epochs, say) are the run's now
+        resolved = cfg.with_absolute_paths()
+        if procs.is_main and resolved != saved:
+            write_text(run / "config.yaml", resolved.to_yaml())  # the settings resumed with (--epochs, say) are the run's now
 
     # The current epoch's training seconds: those before a resume (or the epoch's end), and since when they
     # count on (None: stopped, for validation).
@@ -590,4 +591,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run_tool(cli)

@@ -2008,3 +2008,31 @@ def test_a_failed_write_in_the_run_folder_names_the_file_and_other_os_errors_pas
         with pytest.raises(OSError) as e:
             train.cli(["--config", str(config)])
         assert e.value is error
+
+
+def test_a_run_started_with_relative_paths_resumes_and_predicts_from_another_folder(tmp_path, monkeypatch, capsys):
+    """The run's config.yaml keeps its paths absolute: resumed from elsewhere, a relative data path would
+    silently be another (here a synthetic set generated again in the new folder)."""
+    import train
+    from vqa.config import load_config
+    from vqa.predict import main as predict
+
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = yaml.safe_load(tiny_config(first).read_text())
+    config["data"].update(train_csv="data/train.csv", val_csv="data/val.csv")
+    config["train"].update(output_dir="run", epochs=1)
+    (first / "tiny.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(first)
+    assert train.cli(["--config", "tiny.yaml"]) == 0
+    saved = load_config(first / "run" / "config.yaml")
+    assert (saved.data.train_csv, saved.data.val_csv) == (str(first / "data/train.csv"), str(first / "data/val.csv"))
+    assert saved.train.output_dir == str(first / "run")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert train.cli(["--resume", "../first/run", "--epochs", "2"]) == 0
+    assert "epoch 2:" in capsys.readouterr().out
+    assert list(elsewhere.iterdir()) == []  # no data set generated here
+    assert load_config(first / "run" / "config.yaml").data == saved.data
+    image = next((first / "data" / "images").iterdir())
+    assert predict(["--run", "../first/run", "--image", str(image), "--question", "How many circles are there?"]) == 0

@@ -263,3 +263,31 @@ def test_a_number_for_a_text_key_is_that_text(tmp_path):
 def test_the_last_of_a_repeated_override_wins():
     assert load_config(None, ["--lr", "0.1", "--lr", "0.2"]).train.lr == 0.2
     assert load_config(None, ["--model.img_size", "56", "--img_size=98"]).model.img_size == 98
+
+
+def test_a_path_may_start_at_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train_csv": "~/data/train.csv", "val_csv": "data/~/val.csv"}}))
+    cfg = load_config(path, ["--output_dir", "~/runs/a", "--checkpoint_path=~/w.safetensors"])
+    assert cfg.data.train_csv == str(tmp_path / "home" / "data" / "train.csv")
+    assert cfg.data.val_csv == "data/~/val.csv"  # only at the start, as in a shell
+    assert cfg.train.output_dir == str(tmp_path / "home" / "runs" / "a")
+    assert cfg.model.checkpoint_path == str(tmp_path / "home" / "w.safetensors")
+    assert cfg.data.answer_weights is None
+
+
+def test_with_absolute_paths_anchors_relative_paths_at_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["--train_csv", "d/train.csv", "--val_csv", "/srv/val.csv", "--output_dir", "runs/x",
+                             "--answer_weights", "../w.json", "--lr", "0.5"])
+    resolved = cfg.with_absolute_paths()
+    assert resolved.data.train_csv == str(tmp_path / "d" / "train.csv")
+    assert resolved.data.val_csv == "/srv/val.csv"
+    assert resolved.data.answer_weights == str(tmp_path / ".." / "w.json")
+    assert resolved.train.output_dir == str(tmp_path / "runs" / "x")
+    assert resolved.model.checkpoint_path is None and resolved.train.lr == 0.5
+    assert cfg.data.train_csv == "d/train.csv"  # a copy: the config itself is as given
+    for section in ("data", "model", "train"):  # every other key is the same
+        changed = {k for k, v in getattr(cfg, section).__dict__.items() if getattr(getattr(resolved, section), k) != v}
+        assert changed <= {"train_csv", "answer_weights", "output_dir"}

@@ -1,4 +1,5 @@
 import csv
+import os
 import random
 import subprocess
 import sys
@@ -236,6 +237,18 @@ def test_cli_bad_arguments_exit_2_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "error:" in result.stderr and "multiple of 4" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_path_the_console_cannot_encode_prints_escaped_after_the_work(tmp_path):
+    """Every tool's entry point (``run_tool``) lets stdout escape what its encoding lacks, as stderr does."""
+    out = tmp_path / "données"
+    result = subprocess.run(
+        [sys.executable, "-m", "vqa.synth", "--out", str(out), "--train-images", "2", "--val-images", "1"],
+        cwd=ROOT, capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"},
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode("ascii").endswith(f"to {str(out).replace('é', chr(92) + 'xe9')}\n")
+    assert (out / "val.csv").is_file()
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lora import atomic_write
 
-from .errors import VQAError, unreadable
+from .errors import VQAError, run_tool, unreadable
 from .text import normalize_answer
 
 __all__ = ["compute_answer_weights", "load_answer_weights"]
@@ -130,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

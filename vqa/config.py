@@ -5,7 +5,7 @@ A YAML file has the sections ``data``, ``model`` and ``train``. Every key is uni
 means true. An unknown key, a value of the wrong type, out of range or not finite, and a key given twice in one YAML
 mapping are ``VQAError``s naming the key (an unknown key, a wrong type or a non-finite number also names
 where the value came from: the file or the command line; an unknown key's error also lists the valid keys,
-of its section where it has one, and the closest of them).
+of its section where it has one, and the closest of them). A path may start with ``~`` (the home folder).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "synthetic_train_images", "synthetic_val_images", "max_question_length")
+        _expand_home(self, *_PATH_KEYS["data"])
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "img_size", "vision_lora_r", "hidden_dim", "num_heads")
+        _expand_home(self, *_PATH_KEYS["model"])
         if self.question_layers < 0:
             raise VQAError(f"config key 'question_layers' must be >= 0, got {self.question_layers}")
         if not self.vision_lora_alpha > 0 or not math.isfinite(self.vision_lora_alpha):
@@ -92,6 +95,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size")
+        _expand_home(self, *_PATH_KEYS["train"])
         for key in ("lr", "lr_encoder"):
             if not getattr(self, key) > 0:
                 raise VQAError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
@@ -116,6 +120,16 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def with_absolute_paths(self) -> "RunConfig":
+        """A copy whose file and folder paths are absolute, as a run's config.yaml keeps them: a relative one
+        would mean other files to a resume or a prediction started from another working folder."""
+        sections = {}
+        for name, keys in _PATH_KEYS.items():
+            section = getattr(self, name)
+            absolute = {k: str(Path(getattr(section, k)).absolute()) for k in keys if getattr(section, k) is not None}
+            sections[name] = dataclasses.replace(section, **absolute)
+        return RunConfig(**sections)
+
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
         if not isinstance(raw, dict):
@@ -134,6 +148,7 @@ class RunConfig:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+_PATH_KEYS = {"data": ("train_csv", "val_csv", "answer_weights"), "model": ("checkpoint_path",), "train": ("output_dir",)}
 _KEY_SECTION = {f.name: s for s, c in _SECTIONS.items() for f in dataclasses.fields(c)}
 _KEY_TYPE = {name: hint for c in _SECTIONS.values() for name, hint in typing.get_type_hints(c).items()}
 assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTIONS.values()), "config keys must be unique"
@@ -164,6 +179,13 @@ def _positive(cfg, *keys: str) -> None:
     for key in keys:
         if getattr(cfg, key) <= 0:
             raise VQAError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
+
+
+def _expand_home(cfg, *keys: str) -> None:
+    """``~`` and ``~user`` at the start of a path, which no shell expands inside a YAML file."""
+    for key in keys:
+        if getattr(cfg, key) is not None:
+            setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
 
 
 def _coerce(key: str, value, annotation, where: str):

@@ -19,7 +19,7 @@ from torch import nn
 import lora
 
 from .data import VQADataset, build_transform, chunks, collate, read_split
-from .errors import VQAError
+from .errors import VQAError, run_tool
 from .metrics import TypeAccuracy, format_accuracy_table
 
 __all__ = ["evaluate", "make_loader"]
@@ -182,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

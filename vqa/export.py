@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import lora
 
-from .errors import VQAError
+from .errors import VQAError, run_tool
 
 __all__ = ["export_encoder"]
 
@@ -79,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

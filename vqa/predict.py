@@ -13,7 +13,7 @@ import torch
 import lora
 
 from .data import build_transform, load_image
-from .errors import VQAError
+from .errors import VQAError, run_tool
 from .evaluate import at_least, pick_device
 from .text import QUESTION_TYPES, infer_question_type
 
@@ -70,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -29,6 +29,8 @@ from PIL import Image, ImageDraw
 
 from lora import atomic_path
 
+from .errors import run_tool
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -300,4 +302,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)
