@@ -125,6 +125,20 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
                 raise VQAError(f"--resume cannot change '{key}' ({value!r} in {source}, {given!r} here): the run's "
                                f"checkpoint or batch order holds it; to change it, start a new run in another "
                                f"--output_dir")
+    # A run from before config.yaml kept its paths absolute: its relative paths mean files in the folder it
+    # started in, which its relative output_dir shows is not this one (a synthetic set would be generated here).
+    relative = saved.relative_paths()
+    started = relative.pop("output_dir", None)
+    kept = {k: v for k, v in relative.items() if cfg.relative_paths().get(k) == v}
+    run = Path(cfg.train.output_dir).resolve()
+    if kept and started is not None and Path(started).resolve() != run:
+        where = "the folder it started in"
+        if ".." not in Path(started).parts and run.parts[-len(Path(started).parts):] == Path(started).parts:
+            where = f"'{Path(*run.parts[:-len(Path(started).parts)])}'"  # the run's folder less its output_dir
+        raise VQAError(f"{source} is from before a run's config.yaml kept its paths absolute: its relative path(s) "
+                       f"{', '.join(f'{k} {v!r}' for k, v in kept.items())} mean files in {where}, where the run "
+                       f"started (output_dir '{started}'), not here; resume from there, or give each as an absolute "
+                       f"path (--{next(iter(kept))} /FULL/PATH)")
     before, now = saved.model.checkpoint_path, cfg.model.checkpoint_path
     # A pretrained run may take a local copy of the hub's weights (offline, say); a random run has its own
     # base weights in backbone.safetensors, and a run from a file must keep to that file.

@@ -2036,3 +2036,31 @@ def test_a_run_started_with_relative_paths_resumes_and_predicts_from_another_fol
     assert load_config(first / "run" / "config.yaml").data == saved.data
     image = next((first / "data" / "images").iterdir())
     assert predict(["--run", "../first/run", "--image", str(image), "--question", "How many circles are there?"]) == 0
+
+
+def test_an_old_run_with_relative_paths_is_not_resumed_from_another_folder(tmp_path, monkeypatch, capsys):
+    """A config.yaml from before the paths were kept absolute: from elsewhere its relative data paths would be
+    other files (a synthetic set generated there), then written into config.yaml as absolute."""
+    import train
+
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = yaml.safe_load(tiny_config(first).read_text())
+    config["data"].update(train_csv="data/train.csv", val_csv="data/val.csv")
+    config["train"].update(output_dir="run", epochs=1)
+    (first / "tiny.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(first)
+    assert train.cli(["--config", "tiny.yaml"]) == 0
+    old = yaml.safe_load((first / "run" / "config.yaml").read_text())
+    old["data"].update(train_csv="data/train.csv", val_csv="data/val.csv")
+    old["train"].update(output_dir="run")
+    (first / "run" / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert train.cli(["--resume", "../first/run", "--epochs", "2"]) == 2
+    assert (f"relative path(s) train_csv 'data/train.csv', val_csv 'data/val.csv' mean files in '{first}', where "
+            "the run started (output_dir 'run')") in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
+    monkeypatch.chdir(first)
+    assert train.cli(["--resume", "run", "--epochs", "2"]) == 0
+    assert yaml.safe_load((first / "run" / "config.yaml").read_text())["data"]["train_csv"] == str(first / "data/train.csv")

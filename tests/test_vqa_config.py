@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vqa.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config, parse_overrides
@@ -184,6 +184,8 @@ keys = st.sampled_from(["lr", "epochs", "vision_lora_r", "vision_lora_dropout", 
 
 @given(st.dictionaries(st.sampled_from(["data", "model", "train", "other"]), st.dictionaries(keys, values, max_size=3),
                        max_size=3))
+@example({"data": {"train_csv": "~\x00"}})
+@example({"data": {"answer_weights": "~\ud800"}})
 def test_any_config_mapping_gives_a_config_or_our_error(raw):
     try:
         cfg = RunConfig.from_dict(raw)

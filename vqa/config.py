@@ -120,15 +120,18 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def relative_paths(self) -> dict[str, str]:
+        """The file and folder paths (``output_dir`` too) given relative to the working folder, by key."""
+        paths = {k: getattr(getattr(self, section), k) for section, keys in _PATH_KEYS.items() for k in keys}
+        return {k: v for k, v in paths.items() if v is not None and not Path(v).is_absolute()}
+
     def with_absolute_paths(self) -> "RunConfig":
         """A copy whose file and folder paths are absolute, as a run's config.yaml keeps them: a relative one
         would mean other files to a resume or a prediction started from another working folder."""
-        sections = {}
-        for name, keys in _PATH_KEYS.items():
-            section = getattr(self, name)
-            absolute = {k: str(Path(getattr(section, k)).absolute()) for k in keys if getattr(section, k) is not None}
-            sections[name] = dataclasses.replace(section, **absolute)
-        return RunConfig(**sections)
+        relative = self.relative_paths()
+        return RunConfig(**{name: dataclasses.replace(getattr(self, name), **{k: str(Path(relative[k]).absolute())
+                                                                             for k in keys if k in relative})
+                            for name, keys in _PATH_KEYS.items()})
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
@@ -185,7 +188,8 @@ def _expand_home(cfg, *keys: str) -> None:
     """``~`` and ``~user`` at the start of a path, which no shell expands inside a YAML file."""
     for key in keys:
         if getattr(cfg, key) is not None:
-            setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
+            with contextlib.suppress(ValueError):  # a NUL or lone surrogate after '~': kept, and its file not found
+                setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
 
 
 def _coerce(key: str, value, annotation, where: str):
