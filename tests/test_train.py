@@ -2010,12 +2010,10 @@ def test_a_failed_write_in_the_run_folder_names_the_file_and_other_os_errors_pas
         assert e.value is error
 
 
-def test_a_run_started_with_relative_paths_resumes_and_predicts_from_another_folder(tmp_path, monkeypatch, capsys):
-    """The run's config.yaml keeps its paths absolute: resumed from elsewhere, a relative data path would
-    silently be another (here a synthetic set generated again in the new folder)."""
+def started_with_relative_paths(tmp_path, monkeypatch):
+    """A one-epoch run started in FIRST with relative data paths and output_dir 'run'; returns FIRST and an
+    empty folder beside it, the working folder now."""
     import train
-    from vqa.config import load_config
-    from vqa.predict import main as predict
 
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -2025,10 +2023,21 @@ def test_a_run_started_with_relative_paths_resumes_and_predicts_from_another_fol
     (first / "tiny.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(first)
     assert train.cli(["--config", "tiny.yaml"]) == 0
+    monkeypatch.chdir(elsewhere)
+    return first, elsewhere
+
+
+def test_a_run_started_with_relative_paths_resumes_and_predicts_from_another_folder(tmp_path, monkeypatch, capsys):
+    """The run's config.yaml keeps its paths absolute: resumed from elsewhere, a relative data path would
+    silently be another (here a synthetic set generated again in the new folder)."""
+    import train
+    from vqa.config import load_config
+    from vqa.predict import main as predict
+
+    first, elsewhere = started_with_relative_paths(tmp_path, monkeypatch)
     saved = load_config(first / "run" / "config.yaml")
     assert (saved.data.train_csv, saved.data.val_csv) == (str(first / "data/train.csv"), str(first / "data/val.csv"))
     assert saved.train.output_dir == str(first / "run")
-    monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert train.cli(["--resume", "../first/run", "--epochs", "2"]) == 0
     assert "epoch 2:" in capsys.readouterr().out
@@ -2043,19 +2052,11 @@ def test_an_old_run_with_relative_paths_is_not_resumed_from_another_folder(tmp_p
     other files (a synthetic set generated there), then written into config.yaml as absolute."""
     import train
 
-    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    config = yaml.safe_load(tiny_config(first).read_text())
-    config["data"].update(train_csv="data/train.csv", val_csv="data/val.csv")
-    config["train"].update(output_dir="run", epochs=1)
-    (first / "tiny.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.chdir(first)
-    assert train.cli(["--config", "tiny.yaml"]) == 0
+    first, elsewhere = started_with_relative_paths(tmp_path, monkeypatch)
     old = yaml.safe_load((first / "run" / "config.yaml").read_text())
     old["data"].update(train_csv="data/train.csv", val_csv="data/val.csv")
     old["train"].update(output_dir="run")
     (first / "run" / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert train.cli(["--resume", "../first/run", "--epochs", "2"]) == 2
     assert (f"relative path(s) train_csv 'data/train.csv', val_csv 'data/val.csv' mean files in '{first}', where "
