@@ -214,7 +214,7 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
     """The training and validation data, the synthetic set generated first where it is on and missing.
     A resumed run (its ``saved`` config) generates only the set it trained on: one, of its ``images`` (the
     training images it recorded; ``None``: not known)."""
-    d = cfg.data
+    d, generated = cfg.data, False
     if d.synthetic and not Path(d.train_csv).is_file():
         check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))  # in every process: all refuse alike
         if saved is not None and not saved.data.synthetic:
@@ -233,9 +233,16 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
             print(f"generating the synthetic shapes data set in {out} ...")
             generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images,
                      seed=cfg.train.seed)
+        generated = True
     distributed.barrier(procs)  # the other processes read what the main one generated
     options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
-    return read_split(d.train_csv, **options), read_split(d.val_csv, **options)
+    train_data, val_data = read_split(d.train_csv, **options), read_split(d.val_csv, **options)
+    found = len({row.image for row in train_data.rows})
+    if d.synthetic and not generated and saved is None and found != d.synthetic_train_images and procs.is_main:
+        # A set made before (by a smaller trial run, say) is used as it is: said, lest the run pass for another.
+        print(f"note: training on the data set already in {Path(d.train_csv).parent} ({found} training images); "
+              f"synthetic_train_images ({d.synthetic_train_images}) applies only to a set generated where none is")
+    return train_data, val_data
 
 
 def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -276,7 +283,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     train_data, val_data = prepare_data(cfg, procs, state.get("train_images"), saved)
     for split, data in (("train_csv", train_data), ("val_csv", val_data)):
         if data.skipped:  # said now, not only at the end, which a stopped run never reaches
-            log(f"{split}: skipped {len(data.skipped)} bad row(s) (--skip_bad_rows), the first: {data.skipped[0]}")
+            log(f"{split}: {data.skipped_note()}")
     if resume:
         tokenizer, answers = load_vocabularies(run)
         check_answers_known(train_data.rows, answers, run)
@@ -373,7 +380,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             raise VQAError(f"{run} has trained {start_epoch} epochs{begun} already; --epochs cannot be fewer than "
                            f"{start_epoch + (start_batch > 0)}")
         if start_epoch == t.epochs:
-            log(f"{run} has finished its {t.epochs} epochs, so there is nothing to train; to train longer, add "
+            log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to train longer, add "
                 f"--epochs N with N > {t.epochs}")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")

@@ -1602,7 +1602,9 @@ def test_evaluate_takes_the_smallest_counts_and_counts_skipped_rows(trained, tmp
     csv.write_text((tmp / "data" / "val.csv").read_text() + "images/missing.png,What color is it?,red,color\n")
     args = ["--run", str(tmp / "run"), "--csv", str(csv), "--skip_bad_rows"]
     assert vqa.evaluate.main([*args, "--batch_size", "1", "--num_workers", "0"]) == 0
-    assert capsys.readouterr().out.rstrip().endswith("skipped 1 bad row(s)")
+    out = capsys.readouterr().out
+    assert out.startswith(f"skipped 1 bad row(s) (--skip_bad_rows), the first: {csv} row ")  # before the table
+    assert "images/missing.png" in out.splitlines()[0] and out.endswith("\nskipped 1 bad row(s) (--skip_bad_rows)\n")
 
 
 def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monkeypatch):
@@ -2065,3 +2067,25 @@ def test_an_old_run_with_relative_paths_is_not_resumed_from_another_folder(tmp_p
     monkeypatch.chdir(first)
     assert train.cli(["--resume", "run", "--epochs", "2"]) == 0
     assert yaml.safe_load((first / "run" / "config.yaml").read_text())["data"]["train_csv"] == str(first / "data/train.csv")
+
+
+def test_a_synthetic_set_found_with_another_size_is_used_and_said(tmp_path, capsys):
+    """With synthetic on, a set already in the folder is trained on as it is; where its size is not
+    synthetic_train_images (a set left by a smaller trial run), the run says so instead of passing for the other."""
+    import train
+    from vqa.config import load_config
+    from vqa.distributed import Processes
+
+    cfg = load_config(tiny_config(tmp_path))  # 8 training images
+    first, _ = train.prepare_data(cfg, Processes())
+    assert "generating the synthetic shapes data set" in capsys.readouterr().out
+    again, _ = train.prepare_data(cfg, Processes())
+    assert capsys.readouterr().out == "" and again.rows == first.rows
+    larger = load_config(tiny_config(tmp_path), ["--synthetic_train_images", "12"])
+    again, _ = train.prepare_data(larger, Processes())
+    assert capsys.readouterr().out == (f"note: training on the data set already in {tmp_path / 'data'} (8 training "
+                                       f"images); synthetic_train_images (12) applies only to a set generated where "
+                                       f"none is\n")
+    assert again.rows == first.rows
+    train.prepare_data(larger, Processes(), images=8, saved=cfg)  # a resume: its own check counts the images
+    assert capsys.readouterr().out == ""

@@ -122,6 +122,8 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
         ({"model": {"vision_lora_rank": 8}}, "unknown key 'vision_lora_rank'"),
         ({"model": {"lr": 0.1}}, "unknown key 'lr'; it belongs in section 'train'"),
         ({"lr": 0.1}, "unknown section 'lr'.*put 'lr' under 'train:'"),
+        ({"modle": {"img_size": 98}}, r"unknown section 'modle' \(sections: data, model, train\) \(did you mean 'model:'\?\)$"),
+        ({"evaluation": {}}, r"unknown section 'evaluation' \(sections: data, model, train\)$"),
         ({"train": [1, 2]}, "section 'train' must be a mapping"),
         ({"train": {"epochs": True}}, "'epochs' must be int"),
         ({"train": {"epochs": 2.5}}, r"'epochs' must be int, got 2\.5 \(float\)"),  # YAML's float: never narrowed

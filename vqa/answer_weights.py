@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if data.skipped:
-        print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")
+        print(data.skipped_note())
     low, high = min(weights.values()), max(weights.values())
     print(f"wrote {len(weights)} answer weights ({low:.3g} to {high:.3g}) to {args.out}")
     return 0

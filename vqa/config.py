@@ -145,7 +145,9 @@ class RunConfig:
             sections[name] = _build(name, values, f"{source}: {name}")
         unknown = sorted(set(raw) - set(_SECTIONS))
         if unknown:
-            hint = f"; put '{unknown[0]}' under '{_KEY_SECTION[unknown[0]]}:'" if unknown[0] in _KEY_SECTION else ""
+            close = difflib.get_close_matches(str(unknown[0]), _SECTIONS, n=1)
+            hint = (f"; put '{unknown[0]}' under '{_KEY_SECTION[unknown[0]]}:'" if unknown[0] in _KEY_SECTION
+                    else f" (did you mean '{close[0]}:'?)" if close else "")
             raise VQAError(f"{source}: unknown section '{unknown[0]}' (sections: data, model, train){hint}")
         return cls(**sections)
 

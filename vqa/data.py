@@ -48,6 +48,10 @@ class CSVData:
     rows: list[Row]
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
 
+    def skipped_note(self) -> str:
+        """What ``--skip_bad_rows`` left out, as the tools say it: the count, and the first row with its fault."""
+        return f"skipped {len(self.skipped)} bad row(s) (--skip_bad_rows), the first: {self.skipped[0]}"
+
 
 def _decode(path: Path, data: bytes) -> str:
     try:

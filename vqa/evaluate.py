@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, answers, cfg = load_run(args.run, device, args.which, args.checkpoint_path, parser.prog)
         data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows,
                           allow_outside_paths=args.allow_outside_paths or cfg.data.allow_outside_paths)
+        if data.skipped:
+            print(data.skipped_note())  # now: the evaluation may take a while
         dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)
         batches = chunks(list(range(len(dataset))), args.batch_size)
         loader = make_loader(dataset, batches, args.num_workers, pin_memory=device.type == "cuda")
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_accuracy_table(metrics))
     if data.skipped:
-        print(f"skipped {len(data.skipped)} bad row(s)")
+        print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")  # again, under the table
     return 0
 
 
