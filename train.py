@@ -125,20 +125,7 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
                 raise VQAError(f"--resume cannot change '{key}' ({value!r} in {source}, {given!r} here): the run's "
                                f"checkpoint or batch order holds it; to change it, start a new run in another "
                                f"--output_dir")
-    # A run from before config.yaml kept its paths absolute: its relative paths mean files in the folder it
-    # started in, which its relative output_dir shows is not this one (a synthetic set would be generated here).
-    relative = saved.relative_paths()
-    started = relative.pop("output_dir", None)
-    kept = {k: v for k, v in relative.items() if cfg.relative_paths().get(k) == v}
-    run = Path(cfg.train.output_dir).resolve()
-    if kept and started is not None and Path(started).resolve() != run:
-        where = "the folder it started in"
-        if ".." not in Path(started).parts and run.parts[-len(Path(started).parts):] == Path(started).parts:
-            where = f"'{Path(*run.parts[:-len(Path(started).parts)])}'"  # the run's folder less its output_dir
-        raise VQAError(f"{source} is from before a run's config.yaml kept its paths absolute: its relative path(s) "
-                       f"{', '.join(f'{k} {v!r}' for k, v in kept.items())} mean files in {where}, where the run "
-                       f"started (output_dir '{started}'), not here; resume from there, or give each as an absolute "
-                       f"path (--{next(iter(kept))} /FULL/PATH)")
+    check_started_here(cfg, saved, source)
     before, now = saved.model.checkpoint_path, cfg.model.checkpoint_path
     # A pretrained run may take a local copy of the hub's weights (offline, say); a random run has its own
     # base weights in backbone.safetensors, and a run from a file must keep to that file.
@@ -147,6 +134,25 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
         raise VQAError(f"--resume may move the run's checkpoint_path, not {'drop' if before else 'add'} it ({before!r} "
                        f"in {source}, {now!r} here): the run's base weights came {started}; to train from other "
                        f"weights, start a new run in another --output_dir")
+
+
+def check_started_here(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
+    """A run from before config.yaml kept its paths absolute means by its relative paths files in the folder it
+    started in. Its relative output_dir, which no longer leads to the run from elsewhere, shows whether this is
+    that folder; from another, the files would be others (a synthetic set generated there): refused."""
+    relative = saved.relative_paths()
+    started = relative.pop("output_dir", None)
+    kept = {k: v for k, v in relative.items() if cfg.relative_paths().get(k) == v}  # not given again
+    run = Path(cfg.train.output_dir).resolve()
+    if not kept or started is None or Path(started).resolve() == run:
+        return
+    where, parts = "the folder it started in", Path(started).parts
+    if ".." not in parts and run.parts[-len(parts):] == parts:
+        where = f"'{Path(*run.parts[:-len(parts)])}'"  # the run's folder less its output_dir
+    raise VQAError(f"{source} is from before a run's config.yaml kept its paths absolute: its relative path(s) "
+                   f"{', '.join(f'{k} {v!r}' for k, v in kept.items())} mean files in {where}, where the run "
+                   f"started (output_dir '{started}'), not here; resume from there, or give each as an absolute "
+                   f"path (--{next(iter(kept))} /FULL/PATH)")
 
 
 def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
@@ -380,13 +386,13 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             raise VQAError(f"{run} has trained {start_epoch} epochs{begun} already; --epochs cannot be fewer than "
                            f"{start_epoch + (start_batch > 0)}")
         if start_epoch == t.epochs:
-            log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to train longer, add "
-                f"--epochs N with N > {t.epochs}")
+            log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
+                f"train longer, add --epochs N with N > {t.epochs}")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
         resolved = cfg.with_absolute_paths()
         if procs.is_main and resolved != saved:
-            write_text(run / "config.yaml", resolved.to_yaml())  # the settings resumed with (--epochs, say) are the run's now
+            write_text(run / "config.yaml", resolved.to_yaml())  # the settings resumed with (--epochs, say) are its own
 
     # The current epoch's training seconds: those before a resume (or the epoch's end), and since when they
     # count on (None: stopped, for validation).
