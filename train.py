@@ -138,21 +138,26 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
 
 def check_started_here(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
     """A run from before config.yaml kept its paths absolute means by its relative paths files in the folder it
-    started in. Its relative output_dir, which no longer leads to the run from elsewhere, shows whether this is
-    that folder; from another, the files would be others (a synthetic set generated there): refused."""
+    started in. Where its relative output_dir leads to the run from here, this is that folder; where it shows
+    another (the run's path ends in it), or none and the files are not all here, the files here would be
+    others (a synthetic set generated here): refused."""
     relative = saved.relative_paths()
     started = relative.pop("output_dir", None)
-    kept = {k: v for k, v in relative.items() if cfg.relative_paths().get(k) == v}  # not given again
+    given = cfg.relative_paths()
+    kept = {k: v for k, v in relative.items() if given.get(k) == v}  # not given again
     run = Path(cfg.train.output_dir).resolve()
-    if not kept or started is None or Path(started).resolve() == run:
+    if not kept or started is not None and Path(started).resolve() == run:
         return
-    where, parts = "the folder it started in", Path(started).parts
-    if ".." not in parts and run.parts[-len(parts):] == parts:
-        where = f"'{Path(*run.parts[:-len(parts)])}'"  # the run's folder less its output_dir
+    parts = Path(started).parts if started is not None else ()
+    if parts and ".." not in parts and run.parts[-len(parts):] == parts:  # the run's folder less its output_dir
+        where = f"'{Path(*run.parts[:-len(parts)])}' (where the run started, output_dir '{started}'), not here"
+    elif all(Path(v).exists() for v in kept.values()):
+        return  # an absolute output_dir, or a run copied or moved since: its files are taken to be these
+    else:
+        where = "the folder the run started in, and not all of them are here"
     raise VQAError(f"{source} is from before a run's config.yaml kept its paths absolute: its relative path(s) "
-                   f"{', '.join(f'{k} {v!r}' for k, v in kept.items())} mean files in {where}, where the run "
-                   f"started (output_dir '{started}'), not here; resume from there, or give each as an absolute "
-                   f"path (--{next(iter(kept))} /FULL/PATH)")
+                   f"{', '.join(f'{k} {v!r}' for k, v in kept.items())} mean files in {where}; resume from there, "
+                   f"or give each as an absolute path (--{next(iter(kept))} /FULL/PATH)")
 
 
 def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
@@ -244,7 +249,8 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
     options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
     train_data, val_data = read_split(d.train_csv, **options), read_split(d.val_csv, **options)
     found = len({row.image for row in train_data.rows})
-    if d.synthetic and not generated and saved is None and found != d.synthetic_train_images and procs.is_main:
+    if (d.synthetic and not generated and saved is None and not train_data.skipped  # a skipped row: its image too
+            and found != d.synthetic_train_images and procs.is_main):
         # A set made before (by a smaller trial run, say) is used as it is: said, lest the run pass for another.
         print(f"note: training on the data set already in {Path(d.train_csv).parent} ({found} training images); "
               f"synthetic_train_images ({d.synthetic_train_images}) applies only to a set generated where none is")
@@ -383,8 +389,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
         if t.epochs < start_epoch + (start_batch > 0):  # a position inside an epoch: that epoch has begun
             begun = f" and {start_batch} batch(es) of epoch {start_epoch + 1}" if start_batch else ""
-            raise VQAError(f"{run} has trained {start_epoch} epochs{begun} already; --epochs cannot be fewer than "
-                           f"{start_epoch + (start_batch > 0)}")
+            raise VQAError(f"{run} has trained {start_epoch} epoch{'s' * (start_epoch != 1)}{begun} already; --epochs "
+                           f"cannot be fewer than {start_epoch + (start_batch > 0)}")
         if start_epoch == t.epochs:
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")

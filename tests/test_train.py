@@ -4,6 +4,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,7 +331,7 @@ def test_epochs_cannot_end_a_run_inside_an_epoch_it_has_begun(trained, tmp_path,
     state.update(epoch=1, batch=1)  # stopped after the first batch of epoch 2
     torch.save(state, run / "checkpoint.pt")
     assert train.cli(["--resume", str(run), "--epochs", "1"]) == 2
-    assert "has trained 1 epochs and 1 batch(es) of epoch 2 already; --epochs cannot be fewer than 2" in capsys.readouterr().err
+    assert "has trained 1 epoch and 1 batch(es) of epoch 2 already; --epochs cannot be fewer than 2" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, capsys):
@@ -2055,18 +2056,30 @@ def test_an_old_run_with_relative_paths_is_not_resumed_from_another_folder(tmp_p
     import train
 
     first, elsewhere = started_with_relative_paths(tmp_path, monkeypatch)
-    old = yaml.safe_load((first / "run" / "config.yaml").read_text())
-    old["data"].update(train_csv="data/train.csv", val_csv="data/val.csv")
-    old["train"].update(output_dir="run")
-    (first / "run" / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    as_old_run(first / "run", output_dir="run")
     capsys.readouterr()
     assert train.cli(["--resume", "../first/run", "--epochs", "2"]) == 2
-    assert (f"relative path(s) train_csv 'data/train.csv', val_csv 'data/val.csv' mean files in '{first}', where "
-            "the run started (output_dir 'run')") in capsys.readouterr().err
+    assert (f"relative path(s) train_csv 'data/train.csv', val_csv 'data/val.csv' mean files in '{first}' (where "
+            "the run started, output_dir 'run'), not here;") in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
+    as_old_run(first / "run", output_dir=str(first / "run"))  # where the run started does not show
+    assert train.cli(["--resume", str(first / "run"), "--epochs", "2"]) == 2
+    assert "mean files in the folder the run started in, and not all of them are here;" in capsys.readouterr().err
     assert list(elsewhere.iterdir()) == []
     monkeypatch.chdir(first)
+    as_old_run(first / "run", output_dir="run")
+    shutil.copytree(first / "run", first / "copy")  # as --resume's advice says: copied, resumed from the start folder
+    assert train.cli(["--resume", "copy", "--epochs", "2"]) == 0
     assert train.cli(["--resume", "run", "--epochs", "2"]) == 0
     assert yaml.safe_load((first / "run" / "config.yaml").read_text())["data"]["train_csv"] == str(first / "data/train.csv")
+
+
+def as_old_run(run, output_dir):
+    """Gives the run's config.yaml the relative data paths it had before they were kept absolute."""
+    old = yaml.safe_load((run / "config.yaml").read_text())
+    old["data"].update(train_csv="data/train.csv", val_csv="data/val.csv")
+    old["train"].update(output_dir=output_dir)
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
 
 
 def test_a_synthetic_set_found_with_another_size_is_used_and_said(tmp_path, capsys):
@@ -2089,3 +2102,7 @@ def test_a_synthetic_set_found_with_another_size_is_used_and_said(tmp_path, caps
     assert again.rows == first.rows
     train.prepare_data(larger, Processes(), images=8, saved=cfg)  # a resume: its own check counts the images
     assert capsys.readouterr().out == ""
+    next((tmp_path / "data" / "images").glob("train_*")).unlink()
+    skipping = load_config(tiny_config(tmp_path), ["--skip_bad_rows"])
+    assert len(train.prepare_data(skipping, Processes())[0].skipped) == 5  # the image's questions: not another size
+    assert "note:" not in capsys.readouterr().out
