@@ -31,7 +31,8 @@ from vqa import distributed
 from vqa.answer_weights import load_answer_weights
 from vqa.config import RunConfig, load_config
 from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
-from vqa.errors import VQAError, run_tool
+from vqa.cli import run_tool, user_path
+from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
@@ -117,7 +118,8 @@ class _Stopped(Exception):
 
 
 def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
-    """Refuses a resume whose overrides change a setting the run cannot take up halfway."""
+    """Refuses a resume whose overrides change a setting the run cannot take up halfway, or whose files are not
+    where it says."""
     for section, values in saved.to_dict().items():
         for key, value in values.items():
             given = getattr(getattr(cfg, section), key)
@@ -126,6 +128,7 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
                                f"checkpoint or batch order holds it; to change it, start a new run in another "
                                f"--output_dir")
     check_started_here(cfg, saved, source)
+    check_inputs_found(cfg, source)
     before, now = saved.model.checkpoint_path, cfg.model.checkpoint_path
     # A pretrained run may take a local copy of the hub's weights (offline, say); a random run has its own
     # base weights in backbone.safetensors, and a run from a file must keep to that file.
@@ -158,6 +161,19 @@ def check_started_here(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
     raise VQAError(f"{source} is from before a run's config.yaml kept its paths absolute: its relative path(s) "
                    f"{', '.join(f'{k} {v!r}' for k, v in kept.items())} mean files in {where}; resume from there, "
                    f"or give each as an absolute path (--{next(iter(kept))} /FULL/PATH)")
+
+
+def check_inputs_found(cfg: RunConfig, source: Path) -> None:
+    """Names every file the resumed run reads that is missing, at once, and asks where it is now: a file that
+    moved is to be given anew, not made again (the synthetic set excepted, which is made where it is missing)."""
+    generates = cfg.data.synthetic and not Path(cfg.data.train_csv).is_file()  # both CSVs, in prepare_data
+    inputs = {"checkpoint_path": cfg.model.checkpoint_path, "answer_weights": cfg.data.answer_weights,
+              **({} if generates else {"train_csv": cfg.data.train_csv, "val_csv": cfg.data.val_csv})}
+    missing = {key: path for key, path in inputs.items() if path is not None and not Path(path).exists()}
+    if missing:
+        raise VQAError(f"the run reads {', '.join(f'{k} {v!r}' for k, v in missing.items())}, which "
+                       f"do{'es' if len(missing) == 1 else ''} not exist (set in {source}, or here); if moved, give "
+                       f"where they are now: {' '.join(f'--{k} NEW_PATH' for k in missing)}")
 
 
 def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
@@ -248,12 +264,16 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
     distributed.barrier(procs)  # the other processes read what the main one generated
     options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
     train_data, val_data = read_split(d.train_csv, **options), read_split(d.val_csv, **options)
-    found = len({row.image for row in train_data.rows})
-    if (d.synthetic and not generated and saved is None and not train_data.skipped  # a skipped row: its image too
-            and found != d.synthetic_train_images and procs.is_main):
+    found = {key: len({row.image for row in data.rows}) for key, data in
+             (("synthetic_train_images", train_data), ("synthetic_val_images", val_data))}
+    other = [f"{key} ({getattr(d, key)})" for key, n in found.items() if n != getattr(d, key)]
+    skipped = train_data.skipped or val_data.skipped  # a skipped row's image may be missing from the count
+    if d.synthetic and not generated and saved is None and other and not skipped and procs.is_main:
         # A set made before (by a smaller trial run, say) is used as it is: said, lest the run pass for another.
-        print(f"note: training on the data set already in {Path(d.train_csv).parent} ({found} training images); "
-              f"synthetic_train_images ({d.synthetic_train_images}) applies only to a set generated where none is")
+        train_images, val_images = found.values()
+        print(f"note: training on the data set already in {Path(d.train_csv).parent} ({train_images} training, "
+              f"{val_images} validation images); {' and '.join(other)} appl{'ies' if len(other) == 1 else 'y'} "
+              f"only to a set generated where none is")
     return train_data, val_data
 
 
@@ -382,8 +402,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         rngs = state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]  # "rng": older runs
         if len(rngs) != procs.world_size:
-            raise VQAError(f"{run / 'checkpoint.pt'} was written by {len(rngs)} training process(es), this is one "
-                           f"of {procs.world_size}; resume with the same number (torchrun --nproc_per_node "
+            raise VQAError(f"{run / 'checkpoint.pt'} was written by {len(rngs)} training process(es), this resume "
+                           f"runs {procs.world_size}; resume with the same number (torchrun --nproc_per_node "
                            f"{len(rngs)}, or plain python for one) so every process continues its own random stream")
         set_rng_state(rngs[procs.rank])
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
@@ -577,9 +597,9 @@ def check_config_outside_run(config: Path | None, run: Path) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other --key value pairs override the config.")
-    parser.add_argument("--config", type=Path, help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("--config", type=user_path, help="YAML config, e.g. configs/demo.yaml")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder")
+    start.add_argument("--resume", type=user_path, metavar="RUN_DIR", help="continue the run in this folder")
     start.add_argument("--overwrite", action="store_true",
                        help="start a new run even where output_dir holds one, deleting that run's files")
     args, overrides = parser.parse_known_args(argv)

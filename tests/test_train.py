@@ -1307,7 +1307,7 @@ def test_skipped_training_rows_are_counted_at_the_start_and_at_the_end(trained, 
     assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(tmp_path / "run"), "--epochs", "1",
                       "--train_csv", str(csv), "--skip_bad_rows", "true"]) == 0
     out = capsys.readouterr().out
-    first = out.index("train_csv: skipped 1 bad row(s) (--skip_bad_rows), the first: ")
+    first = out.index("train_csv: skipped 1 bad row(s) (--skip_bad_rows), e.g. ")
     assert "images/missing.png" in out[first:].splitlines()[0] and first < out.index("epoch 1:")
     assert "\nskipped 1 bad row(s) (--skip_bad_rows)\n" in out[out.index("epoch 1:"):]  # the summary again
 
@@ -1604,7 +1604,7 @@ def test_evaluate_takes_the_smallest_counts_and_counts_skipped_rows(trained, tmp
     args = ["--run", str(tmp / "run"), "--csv", str(csv), "--skip_bad_rows"]
     assert vqa.evaluate.main([*args, "--batch_size", "1", "--num_workers", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"skipped 1 bad row(s) (--skip_bad_rows), the first: {csv} row ")  # before the table
+    assert out.startswith(f"skipped 1 bad row(s) (--skip_bad_rows), e.g. {csv} row ")  # before the table
     assert "images/missing.png" in out.splitlines()[0] and out.endswith("\nskipped 1 bad row(s) (--skip_bad_rows)\n")
 
 
@@ -2096,13 +2096,34 @@ def test_a_synthetic_set_found_with_another_size_is_used_and_said(tmp_path, caps
     assert capsys.readouterr().out == "" and again.rows == first.rows
     larger = load_config(tiny_config(tmp_path), ["--synthetic_train_images", "12"])
     again, _ = train.prepare_data(larger, Processes())
-    assert capsys.readouterr().out == (f"note: training on the data set already in {tmp_path / 'data'} (8 training "
-                                       f"images); synthetic_train_images (12) applies only to a set generated where "
-                                       f"none is\n")
+    assert capsys.readouterr().out == (f"note: training on the data set already in {tmp_path / 'data'} (8 training, "
+                                       f"4 validation images); synthetic_train_images (12) applies only to a set "
+                                       f"generated where none is\n")
     assert again.rows == first.rows
+    train.prepare_data(load_config(tiny_config(tmp_path), ["--synthetic_val_images", "5"]), Processes())
+    assert "4 validation images); synthetic_val_images (5) applies only" in capsys.readouterr().out
     train.prepare_data(larger, Processes(), images=8, saved=cfg)  # a resume: its own check counts the images
     assert capsys.readouterr().out == ""
     next((tmp_path / "data" / "images").glob("train_*")).unlink()
     skipping = load_config(tiny_config(tmp_path), ["--skip_bad_rows"])
     assert len(train.prepare_data(skipping, Processes())[0].skipped) == 5  # the image's questions: not another size
     assert "note:" not in capsys.readouterr().out
+
+
+def test_a_resume_names_every_input_file_that_moved_and_asks_where_it_is_now(trained, tmp_path, capsys):
+    import train
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    edited_config(run, "data", "answer_weights", str(tmp_path / "gone" / "w.json"))
+    edited_config(run, "data", "val_csv", str(tmp_path / "gone" / "val.csv"))
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+    assert (f"error: the run reads answer_weights '{tmp_path / 'gone' / 'w.json'}', val_csv "
+            f"'{tmp_path / 'gone' / 'val.csv'}', which do not exist (set in {run / 'config.yaml'}, or here); if moved, "
+            f"give where they are now: --answer_weights NEW_PATH --val_csv NEW_PATH") in capsys.readouterr().err
+    edited_config(run, "data", "synthetic", False)  # the data set is no longer made where it is missing: named too
+    edited_config(run, "data", "train_csv", str(tmp_path / "gone" / "train.csv"))
+    assert train.cli(["--resume", str(run), "--epochs", "3", "--answer_weights", "none", "--val_csv",
+                      str(trained[0] / "data" / "val.csv")]) == 2
+    assert f"reads train_csv '{tmp_path / 'gone' / 'train.csv'}', which does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "gone").exists()

@@ -279,6 +279,9 @@ def test_a_path_may_start_at_the_home_folder(tmp_path, monkeypatch):
     assert cfg.train.output_dir == str(tmp_path / "home" / "runs" / "a")
     assert cfg.model.checkpoint_path == str(tmp_path / "home" / "w.safetensors")
     assert cfg.data.answer_weights is None
+    with pytest.raises(VQAError, match="config key 'output_dir': '~no_such_user_here/run' starts with "
+                                       "'~no_such_user_here', but there is no user 'no_such_user_here'; write"):
+        load_config(path, ["--output_dir", "~no_such_user_here/run"])
 
 
 def test_with_absolute_paths_anchors_relative_paths_at_the_working_folder(tmp_path, monkeypatch):

@@ -377,3 +377,19 @@ def test_main_refuses_a_folder_holding_either_csv_without_overwrite(tmp_path, ca
     assert main(["--out", str(tmp_path), "--train_images", "1", "--val_images", "1", "--image_size", "32"]) == 2
     assert f"holds a data set already ({present}); add --overwrite" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == [present] and (tmp_path / present).read_text() == "mine"
+
+
+def test_a_path_flag_may_start_at_the_home_folder_and_a_missing_user_is_refused(tmp_path, monkeypatch, capsys):
+    """No shell expands the ~ of --out=~/x: the tools do (vqa.cli.user_path, every tool's path flags), and refuse a
+    ~user for no user rather than make a folder named so."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out=~/synth", "--train_images", "1", "--val_images", "1", "--image_size", "32"]) == 0
+    assert (tmp_path / "home" / "synth" / "val.csv").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["--out=~no_such_user_here/synth", "--train_images", "1", "--val_images", "1"])
+    assert e.value.code == 2
+    assert ("argument --out: '~no_such_user_here/synth' starts with '~no_such_user_here', but there is no user "
+            "'no_such_user_here'; write the path in full (./~no_such_user_here/synth for a folder named so)"
+            in capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from lora import atomic_write
 
-from .errors import VQAError, run_tool, unreadable
+from .cli import run_tool, user_path
+from .errors import VQAError, unreadable
 from .text import normalize_answer
 
 __all__ = ["compute_answer_weights", "load_answer_weights"]
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m vqa.answer_weights",
                                      description="Per-answer loss weights that balance rare answers.")
-    parser.add_argument("--train_csv", "--train-csv", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--train_csv", "--train-csv", required=True, type=user_path)
+    parser.add_argument("--out", required=True, type=user_path)
     parser.add_argument("--min_weight", type=float, default=0.1)
     parser.add_argument("--max_weight", type=float, default=10.0)
     parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")

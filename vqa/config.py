@@ -13,13 +13,13 @@ import contextlib
 import dataclasses
 import difflib
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .cli import expand_home
 from .errors import VQAError, unreadable
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides"]
@@ -190,8 +190,10 @@ def _expand_home(cfg, *keys: str) -> None:
     """``~`` and ``~user`` at the start of a path, which no shell expands inside a YAML file."""
     for key in keys:
         if getattr(cfg, key) is not None:
-            with contextlib.suppress(ValueError):  # a NUL or lone surrogate after '~': kept, and its file not found
-                setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
+            try:
+                setattr(cfg, key, expand_home(getattr(cfg, key)))
+            except ValueError as e:
+                raise VQAError(f"config key '{key}': {e}") from None
 
 
 def _coerce(key: str, value, annotation, where: str):

@@ -49,8 +49,9 @@ class CSVData:
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
 
     def skipped_note(self) -> str:
-        """What ``--skip_bad_rows`` left out, as the tools say it: the count, and the first row with its fault."""
-        return f"skipped {len(self.skipped)} bad row(s) (--skip_bad_rows), the first: {self.skipped[0]}"
+        """What ``--skip_bad_rows`` left out, as the tools say it: the count, and a row with its fault (the CSV's
+        faults are found before the images', so not always the first)."""
+        return f"skipped {len(self.skipped)} bad row(s) (--skip_bad_rows), e.g. {self.skipped[0]}"
 
 
 def _decode(path: Path, data: bytes) -> str:

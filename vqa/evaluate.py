@@ -19,7 +19,8 @@ from torch import nn
 import lora
 
 from .data import VQADataset, build_transform, chunks, collate, read_split
-from .errors import VQAError, run_tool
+from .cli import run_tool, user_path
+from .errors import VQAError
 from .metrics import TypeAccuracy, format_accuracy_table
 
 __all__ = ["evaluate", "make_loader"]
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m vqa.evaluate",
                                      description="Per-question-type accuracy of a trained run on a CSV.")
-    parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
-    parser.add_argument("--csv", required=True, type=Path, help="CSV with image, question, answer columns")
+    parser.add_argument("--run", required=True, type=user_path, help="run folder written by train.py")
+    parser.add_argument("--csv", required=True, type=user_path, help="CSV with image, question, answer columns")
     parser.add_argument("--batch_size", "--batch-size", type=at_least(1), default=32, help="images per batch")
     parser.add_argument("--num_workers", "--num-workers", type=at_least(0), default=0,
                         help="loader processes decoding images (default 0: in this process)")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="let image paths leave the CSV's folder (absolute or ../); also on where the run "
                              "trained with it")
     parser.add_argument("--which", choices=("best", "last"), default="best")
-    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, metavar="PATH", help=CHECKPOINT_HELP)
+    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=user_path, metavar="PATH", help=CHECKPOINT_HELP)
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)

@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 import lora
 
-from .errors import VQAError, run_tool
+from .cli import run_tool, user_path
+from .errors import VQAError
 
 __all__ = ["export_encoder"]
 
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from .run_files import CHECKPOINT_HELP
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
-    parser.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    parser.add_argument("--run", required=True, type=user_path, help="run folder written by train.py")
+    parser.add_argument("--out", required=True, type=user_path, help="the .safetensors file to write")
     parser.add_argument("--which", choices=("best", "last"), default="best", help="the run's weights to export")
-    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, metavar="PATH", help=CHECKPOINT_HELP)
+    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=user_path, metavar="PATH", help=CHECKPOINT_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace --out where it exists")
     args = parser.parse_args(argv)
     try:

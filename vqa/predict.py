@@ -13,7 +13,8 @@ import torch
 import lora
 
 from .data import build_transform, load_image
-from .errors import VQAError, run_tool
+from .cli import run_tool, user_path
+from .errors import VQAError
 from .evaluate import at_least, pick_device
 from .text import QUESTION_TYPES, infer_question_type
 
@@ -44,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m vqa.predict",
                                      description="Answer a question about an image with a trained run.")
-    parser.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
-    parser.add_argument("--image", required=True, type=Path)
+    parser.add_argument("--run", required=True, type=user_path, help="run folder written by train.py")
+    parser.add_argument("--image", required=True, type=user_path)
     parser.add_argument("--question", required=True)
     parser.add_argument("--top_k", "--top-k", type=at_least(1), default=5, help="answers to list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=Path, metavar="PATH", help=CHECKPOINT_HELP)
+    parser.add_argument("--checkpoint_path", "--checkpoint-path", type=user_path, metavar="PATH", help=CHECKPOINT_HELP)
     args = parser.parse_args(argv)
     try:
         if not args.question.strip():

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from lora import atomic_path
 
-from .errors import run_tool
+from .cli import run_tool, user_path
 
 __all__ = [
     "COLORS",
@@ -261,7 +261,7 @@ def generate(
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``python -m vqa.synth`` command line; returns the exit code (2 for bad arguments)."""
     parser = argparse.ArgumentParser(prog="python -m vqa.synth", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    parser.add_argument("--out", required=True, type=user_path, help="output folder (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--train-images", "--train_images", type=int, default=2000, help="default: 2000")
     parser.add_argument("--val-images", "--val_images", type=int, default=300, help="default: 300")
