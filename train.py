@@ -35,7 +35,7 @@ from vqa.cli import run_tool, user_path
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
+from vqa.run_files import (RunLock, build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
                            load_checkpoint, load_vocabularies, missing_backbone, never_checkpointed, random_backbone,
                            remove_run, save_checkpoint, train_command, trained_files, weights_sha256, write_text)
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
@@ -253,6 +253,7 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
                            f"{d.synthetic_train_images} training images (synthetic_train_images), but the run "
                            f"trained on {images}; give --synthetic_train_images {images} to generate its data set "
                            f"again (the run's seed draws the same images)")
+        distributed.barrier(procs)  # every process has looked for the files before the main one writes them
         if procs.is_main:
             from vqa.synth import generate
 
@@ -280,21 +281,27 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
 def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Trains the run ``cfg`` describes (or continues it: ``resume``); returns the last validation metrics."""
     procs, device = distributed.setup(pick_device(cfg.train.device, source="config key 'device'"))
+    lock = RunLock(Path(cfg.train.output_dir))
     try:
-        return run_training(cfg, procs, device, resume, overwrite)
+        return run_training(cfg, procs, device, resume, overwrite, lock)
     finally:
+        lock.release()
         # Also after an error before training (bad data, say): otherwise NCCL adds a warning that
         # destroy_process_group() was not called under the error message, once per process.
         distributed.teardown(procs)  # the one place: run_training frees its DDP wrapper first
 
 
 def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.device, resume: bool,
-                 overwrite: bool) -> dict:
+                 overwrite: bool, lock: RunLock) -> dict:
     t = cfg.train
     log = print if procs.is_main else lambda *args, **kwargs: None  # one process speaks and writes files
     run = Path(t.output_dir)
     if run.exists() and not run.is_dir():
         raise VQAError(f"output_dir '{run}' is a file, not a folder; choose another --output_dir")
+    held_elsewhere = 0 if not procs.is_main or lock.take() else 1
+    if distributed.max_over_ranks([held_elsewhere], procs, device)[0]:  # every process refuses alike
+        raise VQAError(f"another train.py is training the run in {run} (it holds the folder's lock): two would write "
+                       f"the same files; wait for it to end, or stop it (Ctrl-C saves a checkpoint) and then resume")
     saved = load_config(run / "config.yaml", []) if resume else None  # the run's settings before this resume
     if resume:
         check_resumable(cfg, saved, run / "config.yaml")
@@ -381,6 +388,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         inputs = [cfg.model.checkpoint_path, cfg.data.answer_weights, cfg.data.train_csv, cfg.data.val_csv]
         remove_run(run, keep=inputs)  # an input may be an earlier run's file: it stays
         write_text(run / "config.yaml", cfg.with_absolute_paths().to_yaml())  # the same files from any folder
+        lock.take()  # the folder exists now
         write_text(run / "tokenizer.json", tokenizer.to_json())
         write_text(run / "answers.json", answers.to_json())
         if from_random:  # predict and resume rebuild this exact backbone from it

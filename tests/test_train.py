@@ -2127,3 +2127,67 @@ def test_a_resume_names_every_input_file_that_moved_and_asks_where_it_is_now(tra
                       str(trained[0] / "data" / "val.csv")]) == 2
     assert f"reads train_csv '{tmp_path / 'gone' / 'train.csv'}', which does not exist" in capsys.readouterr().err
     assert not (tmp_path / "gone").exists()
+
+
+def test_a_run_in_training_holds_its_folder_and_a_second_train_py_is_refused(trained, tmp_path, monkeypatch, capsys):
+    """Two train.py on one run folder (a resume started while the run still trains, an --overwrite) would write the
+    same files: the one training holds an advisory lock on the folder, and the other stops before writing."""
+    fcntl = pytest.importorskip("fcntl")
+    import train
+
+    def locked_elsewhere(folder: Path) -> bool:
+        fd = os.open(folder, os.O_RDONLY)  # another open file: flock refuses it as it would another process
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    held, save = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda state, path: (held.append(locked_elsewhere(path.parent)),
+                                                                       save(state, path)))
+    new = tmp_path / "new"
+    assert train.cli(["--config", str(trained[0] / "tiny.yaml"), "--output_dir", str(new), "--epochs", "1"]) == 0
+    assert held == [True] and not locked_elsewhere(new)  # from its first write on, and released at the end
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    fd = os.open(run, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as the process training it holds it
+    try:
+        capsys.readouterr()
+        assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+        assert f"error: another train.py is training the run in {run} (it holds the folder's lock)" in capsys.readouterr().err
+        assert train.cli(["--config", str(trained[0] / "tiny.yaml"), "--output_dir", str(run), "--overwrite"]) == 2
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    finally:
+        os.close(fd)
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 0
+
+
+def test_a_forked_child_such_as_a_loader_worker_does_not_keep_a_run_locked(tmp_path):
+    """A lock lasts while any copy of its descriptor is open: a loader worker (forked) that outlives its killed
+    parent for seconds must not keep the resume out, so children close their copies."""
+    fcntl = pytest.importorskip("fcntl")
+    from vqa.run_files import RunLock
+
+    lock = RunLock(tmp_path)
+    assert lock.take() and not RunLock(tmp_path).take()  # a second lock on the folder is refused
+    ready, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: lives on while the parent lets go
+        os.write(started, b"x")  # its own code runs after the fork hooks
+        time.sleep(3)
+        os._exit(0 if lock.fd is None else 1)
+    try:
+        assert os.read(ready, 1) == b"x"
+        lock.release()
+        other = RunLock(tmp_path)
+        assert other.take() and other.fd is not None  # while the child still runs
+        other.release()
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(ready), os.close(started)
+    assert os.waitstatus_to_exitcode(status) == 0
