@@ -629,6 +629,14 @@ def cli(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, overrides)
             check_config_outside_run(args.config, Path(cfg.train.output_dir))
         main(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    except KeyboardInterrupt:  # a Ctrl-C after a first signal (which would stop at a checkpoint), or before training
+        message = "error: interrupted, so stopped at once"
+        state = Path(cfg.train.output_dir) / "checkpoint.pt" if cfg else None
+        if state and state.is_file():
+            resume = train_command("--resume", cfg.train.output_dir, processes=int(os.environ.get("WORLD_SIZE", 1)))
+            message += f"; {state} holds the last checkpoint: continue with {resume}"
+        print(message, file=sys.stderr)
+        return 128 + signal.SIGINT
     except VQAError as e:
         hint = "" if argv_given(argv) else (
             " (no --config was given, so every setting is its default; the demo runs with --config "

@@ -2191,3 +2191,23 @@ def test_a_forked_child_such_as_a_loader_worker_does_not_keep_a_run_locked(tmp_p
         _, status = os.waitpid(pid, 0)
         os.close(ready), os.close(started)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_ctrl_c_that_aborts_says_where_the_last_checkpoint_is_without_a_traceback(trained, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A Ctrl-C after a first signal stops at once (a KeyboardInterrupt through the run): train.py ends with 130
+    and a line naming the checkpoint that stays, as a Ctrl-C before training ends with one line too."""
+    import train
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_training", interrupted)
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 130
+    assert capsys.readouterr().err == (f"error: interrupted, so stopped at once; {run / 'checkpoint.pt'} holds the "
+                                       f"last checkpoint: continue with python train.py --resume {run}\n")
+    assert train.cli(["--config", str(trained[0] / "tiny.yaml"), "--output_dir", str(tmp_path / "new")]) == 130
+    assert capsys.readouterr().err == "error: interrupted, so stopped at once\n"
