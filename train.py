@@ -241,8 +241,9 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
     """The training and validation data, the synthetic set generated first where it is on and missing.
     A resumed run (its ``saved`` config) generates only the set it trained on: one, of its ``images`` (the
     training images it recorded; ``None``: not known)."""
-    d, generated = cfg.data, False
-    if d.synthetic and not Path(d.train_csv).is_file():
+    d = cfg.data
+    generated = d.synthetic and not Path(d.train_csv).is_file()  # this process's look: all look before any writes
+    if generated:
         check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))  # in every process: all refuse alike
         if saved is not None and not saved.data.synthetic:
             raise VQAError(f"resume would generate a synthetic data set in {Path(d.train_csv).parent}, but the run "
@@ -253,15 +254,15 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
                            f"{d.synthetic_train_images} training images (synthetic_train_images), but the run "
                            f"trained on {images}; give --synthetic_train_images {images} to generate its data set "
                            f"again (the run's seed draws the same images)")
-        distributed.barrier(procs)  # every process has looked for the files before the main one writes them
-        if procs.is_main:
-            from vqa.synth import generate
+    # In every process, whatever it found (another writer could make processes disagree): the same barriers.
+    distributed.barrier(procs)  # every process has looked for the files before the main one writes them
+    if generated and procs.is_main:
+        from vqa.synth import generate
 
-            out = Path(d.train_csv).parent
-            print(f"generating the synthetic shapes data set in {out} ...")
-            generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images,
-                     seed=cfg.train.seed)
-        generated = True
+        out = Path(d.train_csv).parent
+        print(f"generating the synthetic shapes data set in {out} ...")
+        generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images,
+                 seed=cfg.train.seed)
     distributed.barrier(procs)  # the other processes read what the main one generated
     options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
     train_data, val_data = read_split(d.train_csv, **options), read_split(d.val_csv, **options)
@@ -291,6 +292,15 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
         distributed.teardown(procs)  # the one place: run_training frees its DDP wrapper first
 
 
+def check_lock(lock: RunLock, run: Path, procs: distributed.Processes, device: torch.device) -> None:
+    """Takes the run folder's lock in the main process (where the folder exists); every process refuses alike
+    where another train.py holds it."""
+    held_elsewhere = 0 if not procs.is_main or lock.take() else 1
+    if distributed.max_over_ranks([held_elsewhere], procs, device)[0]:
+        raise VQAError(f"another train.py is training the run in {run} (it holds the folder's lock): two would write "
+                       f"the same files; wait for it to end, or stop it (Ctrl-C saves a checkpoint) and then resume")
+
+
 def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.device, resume: bool,
                  overwrite: bool, lock: RunLock) -> dict:
     t = cfg.train
@@ -298,10 +308,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     run = Path(t.output_dir)
     if run.exists() and not run.is_dir():
         raise VQAError(f"output_dir '{run}' is a file, not a folder; choose another --output_dir")
-    held_elsewhere = 0 if not procs.is_main or lock.take() else 1
-    if distributed.max_over_ranks([held_elsewhere], procs, device)[0]:  # every process refuses alike
-        raise VQAError(f"another train.py is training the run in {run} (it holds the folder's lock): two would write "
-                       f"the same files; wait for it to end, or stop it (Ctrl-C saves a checkpoint) and then resume")
+    check_lock(lock, run, procs, device)
     saved = load_config(run / "config.yaml", []) if resume else None  # the run's settings before this resume
     if resume:
         check_resumable(cfg, saved, run / "config.yaml")
@@ -380,6 +387,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.epochs * steps_per_epoch, t.warmup_ratio))
+    if not resume:
+        if procs.is_main:
+            run.mkdir(parents=True, exist_ok=True)  # the folder may not have existed at the start: lock it now
+        check_lock(lock, run, procs, device)  # before deleting or writing anything: another new run may hold it
     if not resume and procs.is_main:
         # Only now, with the data and every setting checked, so that a mistake leaves an earlier run as it was.
         # Nothing of one stays beside the new run: resume and predict would load its backbone or checkpoint.
@@ -388,7 +399,6 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         inputs = [cfg.model.checkpoint_path, cfg.data.answer_weights, cfg.data.train_csv, cfg.data.val_csv]
         remove_run(run, keep=inputs)  # an input may be an earlier run's file: it stays
         write_text(run / "config.yaml", cfg.with_absolute_paths().to_yaml())  # the same files from any folder
-        lock.take()  # the folder exists now
         write_text(run / "tokenizer.json", tokenizer.to_json())
         write_text(run / "answers.json", answers.to_json())
         if from_random:  # predict and resume rebuild this exact backbone from it

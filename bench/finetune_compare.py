@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vqa.cli import user_path
 from vqa.run_files import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +50,10 @@ def run_variant(config: Path, out: Path, args: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("--config", type=user_path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--out", type=user_path, default=ROOT / "runs" / "compare")
     parser.add_argument("--only", action="append", choices=list(VARIANTS))
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=user_path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per variant and seed")
     args = parser.parse_args()
     # train.py runs in the project's folder: paths given relative to the caller's must reach it whole.

@@ -16,6 +16,7 @@ import timm
 import torch
 
 import lora
+from vqa.cli import user_path
 from vqa.run_files import write_text
 
 MODELS = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2", "vit_giant_patch14_dinov2")
@@ -33,7 +34,7 @@ def count(name: str, r: int, splits: int) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--json", type=user_path, help="also write the rows to this JSON file")
     args = parser.parse_args()
     rows = []
     header = f"{'model':<28}{'r':>4}  {'q/k/v adapters':>15}  {'fused adapter':>14}  {'total (q/k/v)':>15}  {'share':>7}"

@@ -34,6 +34,7 @@ from torch import nn
 
 import lora
 from vqa.evaluate import at_least, autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
+from vqa.cli import user_path
 from vqa.run_files import write_text
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
@@ -272,7 +273,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=at_least(1), default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", choices=("inference", "training", "memory", "merge"), action="append")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=user_path)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.infer_batch_size = args.infer_batch_size or args.batch_size

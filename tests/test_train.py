@@ -2211,3 +2211,54 @@ def test_a_ctrl_c_that_aborts_says_where_the_last_checkpoint_is_without_a_traceb
                                        f"last checkpoint: continue with python train.py --resume {run}\n")
     assert train.cli(["--config", str(trained[0] / "tiny.yaml"), "--output_dir", str(tmp_path / "new")]) == 130
     assert capsys.readouterr().err == "error: interrupted, so stopped at once\n"
+
+
+def test_a_new_run_whose_folder_another_train_py_locked_meanwhile_is_refused_before_writing(trained, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Two new runs on a folder that does not exist yet: both pass the check at the start, and the second to reach
+    its first write must stop there, not delete the first one's files and train beside it."""
+    fcntl = pytest.importorskip("fcntl")
+    import train
+
+    new, fds, prepare = tmp_path / "new", [], train.prepare_data
+
+    def meanwhile(*args, **kwargs):  # the other train.py creates the folder and locks it during this one's data
+        data = prepare(*args, **kwargs)
+        new.mkdir()
+        (new / "config.yaml").write_text("theirs")
+        fds.append(os.open(new, os.O_RDONLY))
+        fcntl.flock(fds[0], fcntl.LOCK_EX)
+        return data
+
+    monkeypatch.setattr(train, "prepare_data", meanwhile)
+    try:
+        assert train.cli(["--config", str(trained[0] / "tiny.yaml"), "--output_dir", str(new), "--epochs", "1"]) == 2
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert f"error: another train.py is training the run in {new}" in capsys.readouterr().err
+    assert [p.name for p in new.iterdir()] == ["config.yaml"] and (new / "config.yaml").read_text() == "theirs"
+
+
+@pytest.mark.parametrize("found", [False, True])
+def test_prepare_data_syncs_every_process_before_the_synthetic_set_is_written(tmp_path, monkeypatch, found):
+    """Under torchrun every process looks for the synthetic set before the main one writes it (rank 1 once found
+    val.csv written and train.csv not yet, and refused), and every process passes the same barriers, whatever
+    it found, so that their collectives pair up."""
+    import train
+    import vqa.synth
+    from vqa.config import load_config
+    from vqa.distributed import Processes
+
+    cfg = load_config(tiny_config(tmp_path))
+    if found:
+        train.prepare_data(cfg, Processes())
+    events, generate = [], vqa.synth.generate
+    monkeypatch.setattr(train.distributed, "barrier", lambda procs: events.append("barrier"))
+    monkeypatch.setattr(vqa.synth, "generate", lambda *a, **k: (events.append("generate"), generate(*a, **k)))
+    for rank in (0, 1):
+        events.clear()
+        train.prepare_data(cfg, Processes(rank, 2))
+        written = not found and rank == 0
+        assert events == (["barrier", "generate", "barrier"] if written else ["barrier", "barrier"])
+        found = True  # rank 0 wrote it
