@@ -2262,3 +2262,16 @@ def test_prepare_data_syncs_every_process_before_the_synthetic_set_is_written(tm
         written = not found and rank == 0
         assert events == (["barrier", "generate", "barrier"] if written else ["barrier", "barrier"])
         found = True  # rank 0 wrote it
+
+
+def test_the_commands_train_py_prints_run_from_the_folder_it_was_started_in(tmp_path, monkeypatch):
+    """Advice such as 'continue with python train.py --resume RUN' names train.py as the shell reaches it from the
+    working folder: by its name in the checkout, by its whole path elsewhere (a run started from another folder)."""
+    from vqa.run_files import train_command
+
+    monkeypatch.chdir(ROOT)
+    assert train_command("--resume", "runs/a b") == "python train.py --resume 'runs/a b'"
+    monkeypatch.chdir(tmp_path)
+    command = shlex.split(train_command("--resume", "run", processes=2))
+    assert command[:3] == ["torchrun", "--nproc_per_node", "2"] and command[4:] == ["--resume", "run"]
+    assert Path(command[3]) == ROOT / "train.py" and Path(command[3]).is_file()

@@ -139,9 +139,12 @@ def check_base_file(path: str | Path, expected: str | None, recorded_in: Path, d
 
 
 def train_command(*args: str, processes: int = 1) -> str:
-    """The shell command that runs train.py with ``args`` in ``processes`` processes (torchrun for more than one)."""
+    """The shell command that runs train.py with ``args`` in ``processes`` processes (torchrun for more than one),
+    from the working folder: ``train.py`` where it is there, else its whole path (where this checkout has one)."""
     launcher = ["torchrun", "--nproc_per_node", str(processes)] if processes > 1 else ["python"]
-    return shlex.join([*launcher, "train.py", *args])
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    here = script.parent == Path.cwd().resolve() or not script.is_file()
+    return shlex.join([*launcher, "train.py" if here else str(script), *args])
 
 
 def never_checkpointed(run: Path, processes: int = 1, overwrite: bool = False) -> str:
