@@ -35,9 +35,10 @@ from vqa.cli import run_tool, user_path
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.run_files import (RunLock, build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
+from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
                            load_checkpoint, load_vocabularies, missing_backbone, never_checkpointed, random_backbone,
                            remove_run, save_checkpoint, train_command, trained_files, weights_sha256, write_text)
+from vqa.run_lock import RunLock
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
 
 
@@ -118,8 +119,7 @@ class _Stopped(Exception):
 
 
 def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
-    """Refuses a resume whose overrides change a setting the run cannot take up halfway, or whose files are not
-    where it says."""
+    """Refuses a resume whose overrides change a setting the run cannot take up halfway."""
     for section, values in saved.to_dict().items():
         for key, value in values.items():
             given = getattr(getattr(cfg, section), key)
@@ -127,8 +127,6 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
                 raise VQAError(f"--resume cannot change '{key}' ({value!r} in {source}, {given!r} here): the run's "
                                f"checkpoint or batch order holds it; to change it, start a new run in another "
                                f"--output_dir")
-    check_started_here(cfg, saved, source)
-    check_inputs_found(cfg, source)
     before, now = saved.model.checkpoint_path, cfg.model.checkpoint_path
     # A pretrained run may take a local copy of the hub's weights (offline, say); a random run has its own
     # base weights in backbone.safetensors, and a run from a file must keep to that file.
@@ -140,10 +138,10 @@ def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
 
 
 def check_started_here(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
-    """A run from before config.yaml kept its paths absolute means by its relative paths files in the folder it
-    started in. Where its relative output_dir leads to the run from here, this is that folder; where it shows
-    another (the run's path ends in it), or none and the files are not all here, the files here would be
-    others (a synthetic set generated here): refused."""
+    """Refuses to resume a run from before config.yaml kept its paths absolute where its relative paths would mean
+    other files (a synthetic set generated here, say). Its relative output_dir tells: where it leads to the run
+    from here, this is the folder the run started in; where the run's path ends in it but it does not lead
+    here, the run started elsewhere; where it tells nothing (it is absolute), the files must all be here."""
     relative = saved.relative_paths()
     started = relative.pop("output_dir", None)
     given = cfg.relative_paths()
@@ -153,7 +151,8 @@ def check_started_here(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
         return
     parts = Path(started).parts if started is not None else ()
     if parts and ".." not in parts and run.parts[-len(parts):] == parts:  # the run's folder less its output_dir
-        where = f"'{Path(*run.parts[:-len(parts)])}' (where the run started, output_dir '{started}'), not here"
+        where = (f"'{Path(*run.parts[:-len(parts)])}' (where the run started if it was not copied or moved since, "
+                 f"output_dir '{started}'), not here")
     elif all(Path(v).exists() for v in kept.values()):
         return  # an absolute output_dir, or a run copied or moved since: its files are taken to be these
     else:
@@ -166,9 +165,8 @@ def check_started_here(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
 def check_inputs_found(cfg: RunConfig, source: Path) -> None:
     """Names every file the resumed run reads that is missing, at once, and asks where it is now: a file that
     moved is to be given anew, not made again (the synthetic set excepted, which is made where it is missing)."""
-    generates = cfg.data.synthetic and not Path(cfg.data.train_csv).is_file()  # both CSVs, in prepare_data
     inputs = {"checkpoint_path": cfg.model.checkpoint_path, "answer_weights": cfg.data.answer_weights,
-              **({} if generates else {"train_csv": cfg.data.train_csv, "val_csv": cfg.data.val_csv})}
+              **({} if generates_synthetic(cfg) else {"train_csv": cfg.data.train_csv, "val_csv": cfg.data.val_csv})}
     missing = {key: path for key, path in inputs.items() if path is not None and not Path(path).exists()}
     if missing:
         raise VQAError(f"the run reads {', '.join(f'{k} {v!r}' for k, v in missing.items())}, which "
@@ -236,13 +234,18 @@ def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
                        f"generating the data set would overwrite it; check the train_csv path, or {how}")
 
 
+def generates_synthetic(cfg: RunConfig) -> bool:
+    """Whether the run makes its synthetic data set (both CSVs and the images): it is on, and train_csv missing."""
+    return cfg.data.synthetic and not Path(cfg.data.train_csv).is_file()
+
+
 def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | None = None,
                  saved: RunConfig | None = None):
     """The training and validation data, the synthetic set generated first where it is on and missing.
     A resumed run (its ``saved`` config) generates only the set it trained on: one, of its ``images`` (the
     training images it recorded; ``None``: not known)."""
     d = cfg.data
-    generated = d.synthetic and not Path(d.train_csv).is_file()  # this process's look: all look before any writes
+    generated = generates_synthetic(cfg)  # this process's look: all look before any writes
     if generated:
         check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))  # in every process: all refuse alike
         if saved is not None and not saved.data.synthetic:
@@ -292,13 +295,14 @@ def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
         distributed.teardown(procs)  # the one place: run_training frees its DDP wrapper first
 
 
-def check_lock(lock: RunLock, run: Path, procs: distributed.Processes, device: torch.device) -> None:
+def take_run_lock(lock: RunLock, run: Path, procs: distributed.Processes, device: torch.device) -> None:
     """Takes the run folder's lock in the main process (where the folder exists); every process refuses alike
     where another train.py holds it."""
     held_elsewhere = 0 if not procs.is_main or lock.take() else 1
     if distributed.max_over_ranks([held_elsewhere], procs, device)[0]:
-        raise VQAError(f"another train.py is training the run in {run} (it holds the folder's lock): two would write "
-                       f"the same files; wait for it to end, or stop it (Ctrl-C saves a checkpoint) and then resume")
+        raise VQAError(f"another train.py is training the run in {run} (it holds the folder's lock): two would "
+                       f"write the same files; wait for it to end, or stop it (Ctrl-C saves a checkpoint), then run "
+                       f"this again")
 
 
 def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.device, resume: bool,
@@ -308,10 +312,12 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     run = Path(t.output_dir)
     if run.exists() and not run.is_dir():
         raise VQAError(f"output_dir '{run}' is a file, not a folder; choose another --output_dir")
-    check_lock(lock, run, procs, device)
+    take_run_lock(lock, run, procs, device)
     saved = load_config(run / "config.yaml", []) if resume else None  # the run's settings before this resume
     if resume:
         check_resumable(cfg, saved, run / "config.yaml")
+        check_started_here(cfg, saved, run / "config.yaml")
+        check_inputs_found(cfg, run / "config.yaml")
         if not (run / "checkpoint.pt").is_file():
             raise VQAError(never_checkpointed(run, procs.world_size, overwrite=bool(trained_files(run))))
     state = load_checkpoint(run / "checkpoint.pt") if resume else {}
@@ -390,7 +396,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if not resume:
         if procs.is_main:
             run.mkdir(parents=True, exist_ok=True)  # the folder may not have existed at the start: lock it now
-        check_lock(lock, run, procs, device)  # before deleting or writing anything: another new run may hold it
+        take_run_lock(lock, run, procs, device)  # before deleting or writing anything: another new run may hold it
     if not resume and procs.is_main:
         # Only now, with the data and every setting checked, so that a mistake leaves an earlier run as it was.
         # Nothing of one stays beside the new run: resume and predict would load its backbone or checkpoint.
@@ -645,7 +651,8 @@ def cli(argv: list[str] | None = None) -> int:
         if state and state.is_file():
             resume = train_command("--resume", cfg.train.output_dir, processes=int(os.environ.get("WORLD_SIZE", 1)))
             message += f"; {state} holds the last checkpoint: continue with {resume}"
-        print(message, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per torchrun process
+            print(message, file=sys.stderr)
         return 128 + signal.SIGINT
     except VQAError as e:
         hint = "" if argv_given(argv) else (

@@ -2060,7 +2060,8 @@ def test_an_old_run_with_relative_paths_is_not_resumed_from_another_folder(tmp_p
     capsys.readouterr()
     assert train.cli(["--resume", "../first/run", "--epochs", "2"]) == 2
     assert (f"relative path(s) train_csv 'data/train.csv', val_csv 'data/val.csv' mean files in '{first}' (where "
-            "the run started, output_dir 'run'), not here;") in capsys.readouterr().err
+            "the run started if it was not copied or moved since, output_dir 'run'), not here;"
+            ) in capsys.readouterr().err
     assert list(elsewhere.iterdir()) == []
     as_old_run(first / "run", output_dir=str(first / "run"))  # where the run started does not show
     assert train.cli(["--resume", str(first / "run"), "--epochs", "2"]) == 2
@@ -2159,7 +2160,8 @@ def test_a_run_in_training_holds_its_folder_and_a_second_train_py_is_refused(tra
     try:
         capsys.readouterr()
         assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
-        assert f"error: another train.py is training the run in {run} (it holds the folder's lock)" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"error: another train.py is training the run in {run} (it holds the folder's lock)" in err
         assert train.cli(["--config", str(trained[0] / "tiny.yaml"), "--output_dir", str(run), "--overwrite"]) == 2
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     finally:
@@ -2170,28 +2172,31 @@ def test_a_run_in_training_holds_its_folder_and_a_second_train_py_is_refused(tra
 def test_a_forked_child_such_as_a_loader_worker_does_not_keep_a_run_locked(tmp_path):
     """A lock lasts while any copy of its descriptor is open: a loader worker (forked) that outlives its killed
     parent for seconds must not keep the resume out, so children close their copies."""
-    fcntl = pytest.importorskip("fcntl")
-    from vqa.run_files import RunLock
+    pytest.importorskip("fcntl")
+    from vqa.run_lock import RunLock
 
     lock = RunLock(tmp_path)
     assert lock.take() and not RunLock(tmp_path).take()  # a second lock on the folder is refused
-    ready, started = os.pipe()
+    started_r, started_w = os.pipe()
+    done_r, done_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: lives on while the parent lets go
-        os.write(started, b"x")  # its own code runs after the fork hooks
-        time.sleep(3)
+    if pid == 0:  # the child: lives on while the parent lets go, until the parent has looked
+        os.close(done_w)
+        os.write(started_w, b"x")  # its own code runs after the fork hooks
+        os.read(done_r, 1)  # until the parent closes its end
         os._exit(0 if lock.fd is None else 1)
     try:
-        assert os.read(ready, 1) == b"x"
+        os.close(done_r)
+        assert os.read(started_r, 1) == b"x"
         lock.release()
         other = RunLock(tmp_path)
         assert other.take() and other.fd is not None  # while the child still runs
         other.release()
     finally:
+        os.close(done_w)
         _, status = os.waitpid(pid, 0)
-        os.close(ready), os.close(started)
+        os.close(started_r), os.close(started_w)
     assert os.waitstatus_to_exitcode(status) == 0
-
 
 def test_a_ctrl_c_that_aborts_says_where_the_last_checkpoint_is_without_a_traceback(trained, tmp_path, monkeypatch,
                                                                                    capsys):

@@ -1,11 +1,12 @@
-"""What the command-line tools share: their entry point, and paths that may start at a home folder."""
+"""What the command-line tools share: their entry point, and their path arguments."""
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-__all__ = ["run_tool", "expand_home", "user_path"]
+from .config import expand_home
+
+__all__ = ["run_tool", "user_path"]
 
 
 def run_tool(main: Callable[[], int]) -> NoReturn:
@@ -15,22 +16,6 @@ def run_tool(main: Callable[[], int]) -> NoReturn:
     if hasattr(sys.stdout, "reconfigure"):  # a TextIOWrapper; not None (no console) or a replaced stream
         sys.stdout.reconfigure(errors="backslashreplace")
     sys.exit(main())
-
-
-def expand_home(path: str) -> str:
-    """``path`` with a leading ``~`` or ``~user`` expanded as a shell expands it, which no shell does inside a
-    YAML file or after ``--flag=``. A ``~`` that names no home folder is a ValueError: left as it is, it
-    would be a folder named ``~`` in the working folder."""
-    try:
-        expanded = os.path.expanduser(path)
-    except ValueError as e:  # a NUL or a lone surrogate where the user's name would be
-        raise ValueError(f"'{path}' starts with '~' and no user's name ({e})") from None
-    if expanded.startswith("~"):
-        user = path[1:].replace(os.sep, "/").split("/")[0]
-        whose = f"there is no user '{user}'" if user else "there is no home folder (HOME is not set)"
-        raise ValueError(f"'{path}' starts with '~{user}', but {whose}; write the path in full (./{path} for a "
-                         f"folder named so)")
-    return expanded
 
 
 def user_path(text: str) -> Path:

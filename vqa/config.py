@@ -13,13 +13,13 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .cli import expand_home
 from .errors import VQAError, unreadable
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides"]
@@ -184,6 +184,22 @@ def _positive(cfg, *keys: str) -> None:
     for key in keys:
         if getattr(cfg, key) <= 0:
             raise VQAError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
+
+
+def expand_home(path: str) -> str:
+    """``path`` with a leading ``~`` or ``~user`` expanded as a shell expands it, which no shell does inside a
+    YAML file or after ``--flag=``. A ``~`` that names no home folder is a ValueError: left as it is, it
+    would be a folder named ``~`` in the working folder."""
+    try:
+        expanded = os.path.expanduser(path)
+    except ValueError as e:  # a NUL or a lone surrogate where the user's name would be
+        raise ValueError(f"'{path}' starts with '~' and no user's name ({e})") from None
+    if expanded.startswith("~"):
+        user = path[1:].replace(os.sep, "/").split("/")[0]
+        whose = f"there is no user '{user}'" if user else "there is no home folder (HOME is not set)"
+        raise ValueError(f"'{path}' starts with '~{user}', but {whose}; write the path in full (./{path} for a "
+                         f"folder named so)")
+    return expanded
 
 
 def _expand_home(cfg, *keys: str) -> None:
