@@ -29,7 +29,7 @@ from tqdm import tqdm
 import lora
 from vqa import distributed
 from vqa.answer_weights import load_answer_weights
-from vqa.config import RunConfig, load_config
+from vqa.config import DataConfig, RunConfig, load_config
 from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
 from vqa.cli import run_tool, user_path
 from vqa.errors import VQAError
@@ -269,17 +269,23 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
     distributed.barrier(procs)  # the other processes read what the main one generated
     options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
     train_data, val_data = read_split(d.train_csv, **options), read_split(d.val_csv, **options)
+    if d.synthetic and not generated and saved is None and procs.is_main:
+        note_synthetic_size(d, train_data, val_data)
+    return train_data, val_data
+
+
+def note_synthetic_size(d: DataConfig, train_data: CSVData, val_data: CSVData) -> None:
+    """A synthetic set found in the folder (made before, by a smaller trial run, say) is used as it is: another
+    number of images than the config's is said, lest the run pass for another. Not where rows were skipped: a
+    skipped row's image may be missing from the count."""
     found = {key: len({row.image for row in data.rows}) for key, data in
              (("synthetic_train_images", train_data), ("synthetic_val_images", val_data))}
     other = [f"{key} ({getattr(d, key)})" for key, n in found.items() if n != getattr(d, key)]
-    skipped = train_data.skipped or val_data.skipped  # a skipped row's image may be missing from the count
-    if d.synthetic and not generated and saved is None and other and not skipped and procs.is_main:
-        # A set made before (by a smaller trial run, say) is used as it is: said, lest the run pass for another.
+    if other and not (train_data.skipped or val_data.skipped):
         train_images, val_images = found.values()
         print(f"note: training on the data set already in {Path(d.train_csv).parent} ({train_images} training, "
               f"{val_images} validation images); {' and '.join(other)} appl{'ies' if len(other) == 1 else 'y'} "
               f"only to a set generated where none is")
-    return train_data, val_data
 
 
 def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
