@@ -29,9 +29,9 @@ from tqdm import tqdm
 import lora
 from vqa import distributed
 from vqa.answer_weights import load_answer_weights
+from vqa.cli import run_tool, user_path
 from vqa.config import DataConfig, RunConfig, load_config
 from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
-from vqa.cli import run_tool, user_path
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table

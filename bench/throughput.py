@@ -26,15 +26,14 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
 import lora
-from vqa.evaluate import at_least, autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
 from vqa.cli import user_path
+from vqa.evaluate import at_least, autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
 from vqa.run_files import write_text
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")

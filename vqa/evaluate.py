@@ -11,15 +11,14 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import lora
 
-from .data import VQADataset, build_transform, chunks, collate, read_split
 from .cli import run_tool, user_path
+from .data import VQADataset, build_transform, chunks, collate, read_split
 from .errors import VQAError
 from .metrics import TypeAccuracy, format_accuracy_table
 

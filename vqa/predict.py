@@ -12,8 +12,8 @@ import torch
 
 import lora
 
-from .data import build_transform, load_image
 from .cli import run_tool, user_path
+from .data import build_transform, load_image
 from .errors import VQAError
 from .evaluate import at_least, pick_device
 from .text import QUESTION_TYPES, infer_question_type

@@ -18,7 +18,6 @@ loader), and ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -312,4 +311,3 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
         check_base_weights(weights_sha256(model.backbone), record["base_weights_sha256"], weights, option)
     load_weights(model, weights)
     return model.to(device).eval(), tokenizer, answers, cfg
-
