@@ -606,11 +606,6 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     return metrics
 
 
-def argv_given(argv: list[str] | None) -> bool:
-    """Whether the command line holds any argument (``None``: the process's own)."""
-    return bool(sys.argv[1:] if argv is None else argv)
-
-
 def check_config_outside_run(config: Path | None, run: Path) -> None:
     """Refuses a hand-written ``--config`` kept where the run writes its own config.yaml, which would replace it.
     A run's own file (its text the config it resolves to: the restart advice's --config RUN/config.yaml) may
@@ -633,6 +628,10 @@ def cli(argv: list[str] | None = None) -> int:
     start.add_argument("--overwrite", action="store_true",
                        help="start a new run even where output_dir holds one, deleting that run's files")
     args, overrides = parser.parse_known_args(argv)
+    if not (args.config or args.resume or overrides):
+        # Nothing asked for: the defaults alone would start a 10-epoch ViT-S run at 224 px in runs/demo.
+        parser.error("nothing to train: give --config (the demo: python train.py --config configs/demo.yaml), "
+                     "--resume RUN_DIR, or --key value settings to apply to the defaults")
     if args.resume and args.config:
         parser.error("--resume continues with the run's own config.yaml, so --config cannot be given with it; "
                      "override single settings instead (e.g. --epochs 20)")
@@ -661,10 +660,7 @@ def cli(argv: list[str] | None = None) -> int:
             print(message, file=sys.stderr)
         return 128 + signal.SIGINT
     except VQAError as e:
-        hint = "" if argv_given(argv) else (
-            " (no --config was given, so every setting is its default; the demo runs with --config "
-            "configs/demo.yaml)")
-        print(f"error: {e}{hint}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if not e.filename or cfg is None:

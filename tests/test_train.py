@@ -1428,15 +1428,24 @@ def test_a_config_kept_where_the_run_writes_its_own_is_refused_not_replaced(tmp_
     assert train.cli(["--config", str(tmp_path / "run" / "config.yaml"), "--epochs", "1"]) == 0
 
 
-def test_no_config_says_the_defaults_applied(tmp_path, capsys, monkeypatch):
+def test_no_arguments_is_a_usage_error_that_names_the_demo(tmp_path, capsys, monkeypatch):
+    """Bare ``python train.py`` trains nothing, even where the defaults' data exist: the defaults alone are no run
+    anyone asked for."""
     import train
 
-    monkeypatch.chdir(tmp_path)  # no data/ here
-    assert train.cli([]) == 2
-    assert capsys.readouterr().err.rstrip().endswith(
-        "(no --config was given, so every setting is its default; the demo runs with --config configs/demo.yaml)")
-    assert train.cli(["--train_csv", "mine/train.csv"]) == 2  # settings given: not every one is a default
-    assert "no --config was given" not in capsys.readouterr().err
+    from vqa.synth import generate
+
+    monkeypatch.chdir(tmp_path)
+    generate(tmp_path / "data" / "synth", train_images=4, val_images=2)  # where the defaults read
+    with pytest.raises(SystemExit) as exit_:
+        train.cli([])
+    assert exit_.value.code == 2
+    assert "nothing to train: give --config (the demo: python train.py --config configs/demo.yaml)" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+    # Settings given: the defaults plus those, as documented (this one fails on its data, not on the usage).
+    assert train.cli(["--train_csv", "mine/train.csv"]) == 2
+    assert "nothing to train" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["config file", "CSV file", "answer weights file"])
