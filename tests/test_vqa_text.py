@@ -129,3 +129,36 @@ def test_a_tokenizer_file_keeps_its_max_length():
     again = Tokenizer.from_json(tok.to_json())
     assert again.max_length == 4
     assert again.encode("what is the colour of it") == tok.encode("what is the colour of it") == [2, 10, 5, 8]
+
+
+@pytest.mark.parametrize("n", [21, 35, 47, 68, 99, 30, 90])
+def test_number_words_past_twenty_are_the_number_in_every_spelling(n):
+    """"twenty-one" is the answer 21, not "20 1": the vocabulary, evaluation and answer weights all see one answer."""
+    from vqa.answer_weights import compute_answer_weights
+
+    units = "one two three four five six seven eight nine".split()
+    tens = "twenty thirty forty fifty sixty seventy eighty ninety".split()[n // 10 - 2]
+    spellings = [tens] if n % 10 == 0 else [f"{tens}-{units[n % 10 - 1]}", f"{tens.title()} {units[n % 10 - 1]}."]
+    for spelling in spellings:
+        assert normalize_answer(spelling) == str(n)
+        assert AnswerVocab.build([str(n)]).id(spelling) == 0  # a prediction of n counts as right
+    assert list(compute_answer_weights([str(n)] + spellings)) == [str(n)]
+
+
+def test_number_words_next_to_others_keep_their_own_value():
+    assert normalize_answer("twenty twenty one") == "20 21"
+    assert normalize_answer("twenty one one") == "21 1"
+    assert normalize_answer("one twenty") == "1 20"
+    assert normalize_answer("twenty 1") == "20 1"  # a digit is not a unit word
+
+
+@pytest.mark.parametrize("typed, plain", [("don\u2019t", "don't"), ("top\u2013left", "top-left"), ("top\u2014left", "top-left"),
+                                          ("\u201cyes\u201d", '"yes"'), ("\u00abno\u00bb", "no"), ("wait\u2026", "wait...")])
+def test_unicode_punctuation_is_punctuation(typed, plain):
+    """A spreadsheet's curly apostrophe or dash is the same answer as the ASCII one, in the vocabulary, evaluation and
+    answer weights."""
+    from vqa.answer_weights import compute_answer_weights
+
+    assert normalize_answer(typed) == normalize_answer(plain)
+    assert AnswerVocab.build([plain]).id(typed) == 0
+    assert len(compute_answer_weights([plain, typed])) == 1

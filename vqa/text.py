@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 
@@ -19,26 +20,46 @@ __all__ = [
 # "other" last: it is the fallback of infer_question_type.
 QUESTION_TYPES = ("count", "color", "location", "yes/no", "shape", "other")
 
+# Tens from twenty on, and the units that may follow one: "twenty-one" and "ninety nine" are 21 and 99 (punctuation
+# has become a space by then), not "20 1".
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_UNITS = {w: i for i, w in enumerate("one two three four five six seven eight nine".split(), start=1)}
 _NUMBER_WORDS = {
     w: str(i)
     for i, w in enumerate(
         "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen twenty".split()
+        "sixteen seventeen eighteen nineteen".split()
     )
-}
+} | {w: str(n) for w, n in _TENS.items()}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _AUX_VERBS = {"is", "are", "was", "were", "does", "do", "did", "can", "could", "has", "have", "will", "would", "should"}
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
+def _punctuation_to_spaces(text: str) -> str:
+    """ASCII punctuation and symbols (``string.punctuation``) and every Unicode punctuation mark (categories P*:
+    the curly apostrophe of "don’t", the dash of "top–left") become spaces, so that spellings agree."""
+    text = text.translate(_PUNCT)
+    if text.isascii():
+        return text
+    return "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+
+
 def normalize_answer(answer: str) -> str:
     """Lower case, punctuation to spaces, articles dropped, number words to digits, whitespace collapsed.
 
-    ``"Three."`` and ``" the  3 "`` both become ``"3"``; ``"Top-Left"`` becomes ``"top left"``.
+    ``"Three."`` and ``" the  3 "`` both become ``"3"``; ``"Top-Left"`` becomes ``"top left"``; number words up
+    to ninety-nine become their number (``"Twenty-One"`` and ``"twenty one"`` become ``"21"``).
     """
-    words = str(answer).lower().translate(_PUNCT).split()
-    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+    words = [w for w in _punctuation_to_spaces(str(answer).lower()).split() if w not in _ARTICLES]
+    out = []
+    for i, w in enumerate(words):
+        if i and words[i - 1] in _TENS and w in _UNITS:
+            out[-1] = str(_TENS[words[i - 1]] + _UNITS[w])  # the unit of a compound: "twenty one"
+        else:
+            out.append(_NUMBER_WORDS.get(w, w))
+    return " ".join(out)
 
 
 def tokenize(text: str) -> list[str]:
