@@ -195,10 +195,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
             try:
                 module = model.get_submodule(name)
             except AttributeError:
-                if not strict:  # as for a model with adapters: a layer it lacks is skipped
-                    del config[name]
-                    continue
                 module = None
+            if not isinstance(module, nn.Linear) and not strict:
+                # as for a model with adapters: a layer it lacks (no module there, or no nn.Linear, such as the
+                # nn.Identity head of a timm model made with num_classes=0) is skipped
+                del config[name]
+                continue
             if not isinstance(module, nn.Linear):
                 raise ValueError(
                     f"adapter '{path}' targets layer '{name}', which is not an nn.Linear in "

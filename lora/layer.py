@@ -414,7 +414,8 @@ class LoRALinear(nn.Linear):
         dtype = torch.promote_types(self.weight.dtype, torch.float32)  # bf16/fp16 in fp32, fp64 stays fp64
         lora_A = self.lora_A.to(dtype).view(s, self.r, self.in_features)
         lora_B = self.lora_B.to(dtype).view(s, o, self.r)
-        delta = torch.bmm(lora_B, lora_A).mul_(self.scaling)  # (s, o, in)
+        with no_autocast(self.weight.device):  # an enclosing autocast would run bmm in bf16/fp16
+            delta = torch.bmm(lora_B, lora_A).mul_(self.scaling)  # (s, o, in)
         return delta.view(self.out_features, self.in_features).to(self.weight.dtype)
 
     @torch.no_grad()

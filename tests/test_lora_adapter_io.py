@@ -274,6 +274,26 @@ def test_adapters_of_a_compiled_or_wrapped_model_carry_the_inner_models_names(tm
     plain.load_state_dict(lora.merged_state_dict(wrap(source)))  # strict: no _orig_mod. or module. prefix
 
 
+@pytest.mark.parametrize("target_has_lora", [False, True])
+def test_not_strict_skips_a_layer_that_is_no_linear_in_the_model_as_one_it_lacks(tmp_path, target_has_lora):
+    # A classifier adapted in its head too, loaded into the backbone alone (timm's num_classes=0: head is Identity).
+    base = tiny_vit(num_classes=5).eval()
+    source = copy.deepcopy(base)
+    lora.inject_lora(source, ("qkv", "head"), r=4, alpha=8.0)
+    for _, layer in lora.lora_layers(source):
+        nn.init.normal_(layer.lora_B, std=0.3)
+    path = _saved(source, tmp_path / "a.safetensors")
+    target = copy.deepcopy(base)
+    target.reset_classifier(0)
+    if target_has_lora:
+        lora.inject_lora(target, r=4, alpha=8.0)
+    assert lora.load_adapter(target, path, strict=False) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert isinstance(target.head, nn.Identity)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source.forward_head(source.forward_features(x), pre_logits=True))
+
+
 def test_an_adapter_loaded_into_a_fresh_model_takes_the_dropout_asked_for(tmp_path):
     path = tmp_path / "adapter.safetensors"
     lora.save_adapter(adapted(), path)

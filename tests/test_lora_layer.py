@@ -362,6 +362,24 @@ def test_a_merge_under_autocast_still_sums_in_fp32():
     assert torch.equal(layer.weight, plain.weight)
 
 
+def test_delta_weight_and_an_unmerge_without_the_kept_weight_under_autocast_stay_in_the_weights_precision():
+    # unmerge() of a layer merged for good, and its state_dict(), subtract delta_weight(): under an enclosing
+    # autocast a bf16 bmm would take the update to bf16's 3 digits, fp32 weights included.
+    layer = make_layer(3, in_features=32)
+    weight = layer.weight.detach().clone()
+    s, r, o = layer.splits, layer.r, layer.out_features // layer.splits
+    plain = layer.scaling * torch.cat([layer.lora_B[i * o:(i + 1) * o] @ layer.lora_A[i * r:(i + 1) * r]
+                                       for i in range(s)]).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delta = layer.delta_weight()
+        layer.merge(keep_unmerged=False)
+        saved = layer.state_dict()["weight"]
+        layer.unmerge()
+    torch.testing.assert_close(delta, plain)
+    torch.testing.assert_close(saved, weight)
+    torch.testing.assert_close(layer.weight.detach(), weight)
+
+
 @pytest.mark.parametrize(
     "kwargs, word",
     [

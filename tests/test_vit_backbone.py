@@ -25,6 +25,12 @@ def test_backbone_has_no_head_and_expected_width():
     assert model(torch.randn(1, 3, 28, 28)).shape == (1, 32)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_a_model_that_is_no_vit_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=rf"'{name}' is a \w+, not a ViT with a patch embedding"):
+        vit.create_backbone(name)
+
+
 def test_unknown_model_suggests_a_name():
     with pytest.raises(ValueError, match="unknown timm model 'vit_small_patch14_dinov3'.*vit_small_patch14_dinov2"):
         vit.create_backbone("vit_small_patch14_dinov3")
@@ -345,6 +351,36 @@ def test_a_checkpoint_missing_a_weight_names_it(tmp_path):
     save_file(state, str(path))
     with pytest.raises(ValueError, match=r"has no weight for layer 'blocks\.1\.mlp\.fc2\.bias' of VisionTransformer"):
         tiny_backbone(checkpoint_path=path)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_base_weights_load_into_an_adapted_backbone_and_keep_its_adapters(tmp_path, merged):
+    """LoRALinear keeps nn.Linear's keys, so a base checkpoint loads after add_lora as before it."""
+    source = tiny_backbone()
+    path = tmp_path / "base.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = tiny_backbone()
+    vit.add_lora(model, r=4)
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B)
+    adapters = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+    if merged:
+        lora.merge_lora(model)
+    vit.load_backbone_checkpoint(model, path)
+    lora.unmerge_lora(model)
+    assert all(torch.equal(v, lora.lora_state_dict(model)[k]) for k, v in adapters.items())
+    expected = tiny_backbone(checkpoint_path=path)  # loaded first, then adapted with these adapters
+    vit.add_lora(expected, r=4)
+    lora.load_lora_state_dict(expected, adapters)
+    assert model.state_dict().keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    # A base weight the file lacks is still an error, adapters or not.
+    state = dict(source.state_dict())
+    del state["blocks.0.attn.qkv.weight"]
+    save_file(state, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match=r"has no weight for layer 'blocks\.0\.attn\.qkv\.weight'"):
+        vit.load_backbone_checkpoint(model, tmp_path / "missing.safetensors")
 
 
 def test_a_checkpoint_whose_inner_layer_does_not_fit_names_it_and_both_shapes(tmp_path):

@@ -61,6 +61,9 @@ def create_backbone(
         pretrained = False  # the local file replaces the download
     with torch.device("meta"):  # the patch size is known before any weights are allocated
         probe = timm.create_model(name, **kwargs)
+    if not hasattr(getattr(probe, "patch_embed", None), "patch_size"):
+        raise ValueError(f"'{name}' is a {type(probe).__name__}, not a ViT with a patch embedding; create_backbone "
+                         f"builds ViTs such as vit_small_patch14_dinov2 (use timm.create_model for other models)")
     patch = probe.patch_embed.patch_size[0]
     if img_size is not None and img_size % patch:
         lo, hi = img_size // patch * patch, (img_size // patch + 1) * patch
@@ -148,7 +151,8 @@ def _patch_kernels(state: dict):
 def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) -> None:
     """Loads a timm- or DINOv2-format state dict into ``model`` (strict), resampling position embeddings.
 
-    A key or shape that does not fit is an error naming the first such layer and both shapes.
+    A key or shape that does not fit is an error naming the first such layer and both shapes. Into a model with
+    LoRA adapters, the base weights load and the adapters are kept (unless the file holds them too).
     """
     path = Path(path)
     raw = _read_state_dict(path)
@@ -163,7 +167,11 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
     state = checkpoint_filter_fn(_weights_within(raw), model)
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}
+    # Base weights load before or after add_lora: a model's adapters, which a base checkpoint lacks, stay as they are.
+    adapters = {f"{name}.{p}" for name, _ in lora.lora_layers(model) for p in ("lora_A", "lora_B")}
     for key, value in expected.items():
+        if key not in state and key in adapters:
+            continue
         if key not in state:
             raise ValueError(f"checkpoint '{path}' has no weight for layer '{key}' of {type(model).__name__}")
         if state[key].shape != value.shape:
@@ -174,7 +182,7 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
     extra = sorted(set(state) - set(expected))
     if extra:
         raise ValueError(f"checkpoint '{path}' has weights the model lacks, e.g. '{extra[0]}' ({len(extra)} in all)")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not adapters)  # every other key was checked above
 
 
 def add_lora(backbone: VisionTransformer, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> list[str]:
