@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from timm.data import create_transform, resolve_data_config
 
 from vqa.data import VQADataset, build_transform, check_images, chunks, collate, load_image, read_csv, read_split
 from vqa.errors import VQAError
@@ -249,6 +250,20 @@ def test_palette_image_becomes_rgb(tmp_path):
     assert load_image(path).getpixel((1, 1)) == (0, 204, 0)
 
 
+@pytest.mark.parametrize("orientation, turn", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                               (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_an_image_is_loaded_upright_as_its_exif_orientation_says(tmp_path, orientation, turn, mode):
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (2, 4, 3), dtype=np.uint8)  # wide as stored; tall as shown for 6 and 8
+    im = Image.fromarray(stored).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(tmp_path / "x.png", exif=exif.tobytes())
+    want = turn(np.asarray(im.convert("RGB")))  # the stored pixels turned as a viewer shows them
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "x.png")), want)
+
+
 def test_tiny_and_huge_images_are_fine(tmp_path):
     assert load_image(png(tmp_path / "t.png", size=(1, 1))).size == (1, 1)
     assert load_image(png(tmp_path / "h.png", size=(4000, 3000))).size == (4000, 3000)  # 12 MP, under the limit
@@ -426,15 +441,31 @@ def test_read_split_skips_bad_images_when_asked(folder):
     assert len(data.rows) == 1 and len(data.skipped) == 1
 
 
-def test_transform_keeps_the_whole_image_no_centre_crop(tmp_path):
+@pytest.mark.parametrize("height, width", [(28, 28), (28, 84), (84, 28), (480, 640)])
+def test_transform_keeps_the_whole_image_no_centre_crop(height, width):
+    """A photo of another shape is resized whole to the square: its edges, which a centre crop would cut away,
+    stay (each edge row and column painted its own colour, the inside blue)."""
     backbone = timm.create_model("vit_small_patch14_dinov2", img_size=28, embed_dim=32, depth=1, num_heads=2,
                                  num_classes=0)
-    pixels = np.zeros((28, 28, 3), dtype=np.uint8)
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
     pixels[:, :, 2] = 255
-    pixels[:, 0] = (255, 0, 0)  # the image's left column: a crop would cut it away
+    band = max(height, width) // 28 + 1  # edge bands wide enough to outlast the resize
+    pixels[:, :band] = (255, 0, 0)  # left
+    pixels[:, -band:] = (0, 255, 0)  # right
+    pixels[:band, band:-band] = (255, 255, 0)  # top
+    pixels[-band:, band:-band] = (0, 0, 0)  # bottom
     out = build_transform(backbone, 28)(Image.fromarray(pixels))
     assert out.shape == (3, 28, 28)
-    assert out[0, 14, 0] > out[0, 14, 1] + 1  # the red column is still at the left edge
+    red, green, blue = out[:, 14, 0], out[:, 14, -1], out[:, 14, 14]
+    assert red[0] > red[1] + 1 and red[0] > red[2] + 1  # still at the left edge
+    assert green[1] > green[0] + 1 and green[1] > green[2] + 1  # and at the right one
+    assert blue[2] > blue[0] + 1
+    top, bottom = out[:, 0, 14], out[:, -1, 14]
+    assert top[0] > top[2] + 1 and top[1] > top[2] + 1  # yellow
+    assert (bottom < blue[2] - 1).all()  # black
+    if height == width:  # a square image: exactly what timm's centre crop gives (the demo's and the tests' data)
+        config = resolve_data_config({"input_size": (3, 28, 28), "crop_pct": 1.0}, model=backbone)
+        torch.testing.assert_close(out, create_transform(**config)(Image.fromarray(pixels)), rtol=0, atol=0)
 
 
 def test_collate_keeps_each_questions_type(folder):

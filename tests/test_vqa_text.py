@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type, normalize_answer
+from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type, normalize_answer, tokenize
 
 
 @pytest.mark.parametrize(
@@ -162,3 +162,18 @@ def test_unicode_punctuation_is_punctuation(typed, plain):
     assert normalize_answer(typed) == normalize_answer(plain)
     assert AnswerVocab.build([plain]).id(typed) == 0
     assert len(compute_answer_weights([plain, typed])) == 1
+
+
+@pytest.mark.parametrize("typed", [
+    "What\u2019s the colour of the caf\u00e9\u2019s sign?",  # a phone's smart apostrophes
+    "What's the colour of the cafe\u0301's sign?",  # the accent as a combining mark (NFD)
+    "What\u2018s the colour of the caf\u00e9\u2032s sign\uff1f",  # other quote marks, a full-width question mark
+])
+def test_a_question_typed_with_other_unicode_marks_encodes_as_its_ascii_spelling(typed):
+    tokenizer = Tokenizer.build(["What's the colour of the caf\u00e9's sign?"])
+    assert tokenizer.encode(typed) == tokenizer.encode("What's the colour of the caf\u00e9's sign?")
+    assert Tokenizer.UNK not in tokenizer.encode(typed)
+
+
+def test_typographic_dashes_and_double_quotes_tokenize_as_ascii():
+    assert tokenize("the \u201ctop\u2013left\u201d one") == tokenize('the "top-left" one')

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
@@ -211,7 +211,8 @@ def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decodes an image to 8-bit RGB; grey, palette, RGBA and 16-bit images are converted.
+    """Decodes an image to 8-bit RGB, upright as its EXIF orientation says; grey, palette, RGBA and 16-bit images
+    are converted.
 
     Pillow's decompression-bomb limit stays on, and reaching it is an error rather than a warning.
     """
@@ -220,6 +221,7 @@ def load_image(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
+                im = _upright(im)
                 if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                     im = _to_8bit(np.asarray(im, dtype=np.float64), im.mode)
                 elif im.mode == "P" and "transparency" in im.info:
@@ -233,6 +235,17 @@ def load_image(path: Path) -> Image.Image:
         raise VQAError(f"image '{path}' is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise VQAError(f"image '{path}' cannot be decoded ({type(e).__name__}: {e}); it is corrupt or truncated") from None
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The image the way viewers show it, and annotators saw it when they wrote "on the left": its EXIF
+    orientation applied (a phone photo is often stored sideways with a tag saying so). An EXIF block that does
+    not parse leaves the pixels as stored."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)  # Orientation
+    except Exception:  # Pillow's EXIF parser raises various types on a damaged block
+        return im
+    return ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
 
 
 def _to_8bit(pixels: np.ndarray, mode: str) -> Image.Image:
@@ -275,8 +288,10 @@ def chunks(indices: list[int], size: int) -> list[list[int]]:
 
 
 def build_transform(backbone: nn.Module, img_size: int):
-    """timm's evaluation transform from the backbone's own pretrained config, at ``img_size``."""
-    config = resolve_data_config({"input_size": (3, img_size, img_size), "crop_pct": 1.0}, model=backbone)
+    """timm's evaluation transform from the backbone's own pretrained config, at ``img_size``, the whole image
+    resized to the square ("squash"): a crop would cut off what a question about the edges asks about."""
+    config = resolve_data_config({"input_size": (3, img_size, img_size), "crop_pct": 1.0, "crop_mode": "squash"},
+                                 model=backbone)
     return create_transform(**config, is_training=False)
 
 

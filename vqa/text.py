@@ -35,6 +35,11 @@ _ARTICLES = {"a", "an", "the"}
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _AUX_VERBS = {"is", "are", "was", "were", "does", "do", "did", "can", "could", "has", "have", "will", "would", "should"}
 _WORD = re.compile(r"\w+|[^\w\s]")
+# Typographic quotes and dashes as their ASCII marks in questions: a phone's smart punctuation types "What’s" where
+# the training CSV has "What's", and the curly mark would be an unknown word, whose embedding never trained.
+_ASCII_MARKS = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u2032", "'"),
+                              **dict.fromkeys("\u201c\u201d\u201e\u201f", '"'),
+                              **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-")})
 
 
 def _punctuation_to_spaces(text: str) -> str:
@@ -63,8 +68,9 @@ def normalize_answer(answer: str) -> str:
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words and single punctuation marks."""
-    return _WORD.findall(str(text).lower())
+    """Lower-cased words and single punctuation marks, the text NFKC-normalised first (an accent typed as its own
+    combining mark, full-width "？") and typographic quotes and dashes read as ASCII's: one question, one spelling."""
+    return _WORD.findall(unicodedata.normalize("NFKC", str(text)).translate(_ASCII_MARKS).lower())
 
 
 def infer_question_type(question: str) -> str:
