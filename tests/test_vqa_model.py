@@ -208,3 +208,15 @@ def test_a_model_cast_to_another_dtype_runs_its_heads_in_that_dtype(dtype):
     with torch.no_grad():
         out = model(torch.randn(3, 3, 28, 28, dtype=dtype), torch.randint(1, 30, (3, 5)), torch.ones(3, 5))
     assert out.logits.dtype == out.type_logits.dtype == dtype
+
+
+@pytest.mark.parametrize("question_layers", [0, 1])
+def test_dropout_applies_in_the_question_encoder_layers_and_the_answer_head_only(question_layers):
+    """The config's ``dropout``: every dropout outside the backbone has its p, and sits in the question encoder's
+    layers (none with question_layers 0, a bag of words) or the answer head; the fusion and image MLP have none."""
+    model = tiny_model(dropout=0.3, question_layers=question_layers)
+    drops = {name: m.p for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Dropout) and not name.startswith("backbone.")}
+    assert set(drops.values()) == {0.3}
+    assert {name.split(".")[0] for name in drops} == ({"answer_head", "question_encoder"} if question_layers
+                                                        else {"answer_head"})

@@ -52,12 +52,12 @@ class ModelConfig:
     vision_lora_r: int = 8  # LoRA rank
     vision_lora_alpha: float = 16.0  # LoRA scaling numerator: scaling = alpha / r
     vision_lora_dropout: float = 0.1  # dropout on the adapters' input
-    unfreeze_encoder_layers: int = 0  # also train the last N backbone blocks (0 = frozen except LoRA)
+    unfreeze_encoder_layers: int = 0  # also train the last N backbone blocks and the final norm (0 = frozen except LoRA)
     grad_checkpointing: bool = False  # recompute backbone activations in backward to save memory
     hidden_dim: int = 256  # width of question encoder and fusion decoder
     num_heads: int = 4  # heads of the question encoder and of the question-to-image attention
     question_layers: int = 1  # transformer layers over the question (0: a bag of words)
-    dropout: float = 0.1  # dropout in question encoder, decoder and answer head
+    dropout: float = 0.1  # dropout in the question encoder's layers and the answer head (the fusion has none)
 
     def __post_init__(self) -> None:
         _positive(self, "img_size", "vision_lora_r", "hidden_dim", "num_heads")

@@ -126,7 +126,8 @@ class DeterministicVQA(nn.Module):
         return [m for name, m in self.named_children() if name != "backbone"]
 
     def freeze_pretrained(self, unfreeze_encoder_layers: int = 0, unfreeze_decoder: bool = True) -> None:
-        """Freezes the backbone except its LoRA adapters and its last ``unfreeze_encoder_layers`` blocks."""
+        """Freezes the backbone except its LoRA adapters and its last ``unfreeze_encoder_layers`` blocks (with them, its
+        final norm)."""
         vit.freeze_backbone(self.backbone, unfreeze_last=unfreeze_encoder_layers)
         for module in self.decoder_modules():
             module.requires_grad_(unfreeze_decoder)
