@@ -170,9 +170,9 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
     # Base weights load before or after add_lora: a model's adapters, which a base checkpoint lacks, stay as they are.
     adapters = {f"{name}.{p}" for name, _ in lora.lora_layers(model) for p in ("lora_A", "lora_B")}
     for key, value in expected.items():
-        if key not in state and key in adapters:
-            continue
         if key not in state:
+            if key in adapters:
+                continue
             raise ValueError(f"checkpoint '{path}' has no weight for layer '{key}' of {type(model).__name__}")
         if state[key].shape != value.shape:
             raise ValueError(
