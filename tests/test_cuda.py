@@ -111,3 +111,18 @@ def test_train_py_on_cuda_trains_evaluates_and_resumes(tmp_path):
     assert "resuming" in result.stdout and "epoch 3:" in result.stdout
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert "cuda" in state["rng_per_process"][0]  # the GPU's generator is part of the saved random state
+
+
+def test_predict_runs_the_model_under_the_autocast_evaluation_uses(tmp_path):
+    """On CUDA evaluation runs the model under bf16 autocast; predict does too, so the two give the same answers."""
+    from vqa.data import build_transform
+    from vqa.predict import predict
+    from vqa.run_files import load_run
+
+    cli("train.py", "--config", str(tiny_config(tmp_path)), "--epochs", "1")
+    model, tokenizer, answers, cfg = load_run(tmp_path / "run", CUDA)
+    seen = []
+    model.backbone.patch_embed.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cuda")))
+    image = sorted((tmp_path / "data" / "images").glob("val_*.png"))[0]
+    predict(model, tokenizer, answers, build_transform(model.backbone, cfg.model.img_size), image, "How many circles?")
+    assert seen == [True]

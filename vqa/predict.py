@@ -15,7 +15,7 @@ import lora
 from .cli import run_tool, user_path
 from .data import build_transform, load_image
 from .errors import VQAError
-from .evaluate import at_least, pick_device
+from .evaluate import at_least, autocast, pick_device
 from .text import QUESTION_TYPES, infer_question_type
 
 __all__ = ["predict"]
@@ -32,7 +32,7 @@ def predict(model, tokenizer, answers, transform, image: Path, question: str, to
     pixels = transform(load_image(image)).unsqueeze(0)  # (1, 3, H, W)
     ids = torch.tensor([tokenizer.encode(question)])  # (1, L)
     device = next(model.parameters()).device
-    with lora.merged(model):
+    with lora.merged(model), autocast(device):  # as evaluation runs the model (bf16 on CUDA), so the two agree
         out = model(pixels.to(device), ids.to(device), torch.ones_like(ids).to(device))
     probs = out.logits.float().softmax(-1)[0]
     top = probs.topk(min(top_k, probs.numel()))
