@@ -229,6 +229,9 @@ def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
     if train_csv.name != "train.csv" or val_csv != train_csv.parent / "val.csv":
         raise VQAError(f"config key 'synthetic' is on and train_csv '{train_csv}' does not exist, but the "
                        f"synthetic data set can only be written as DIR/train.csv and DIR/val.csv; {how}")
+    if train_csv.exists():  # not a file (a folder): the CSV could not be written there
+        raise VQAError(f"config key 'synthetic' is on and train_csv '{train_csv}' is not a file (a folder?), so the "
+                       f"synthetic data set cannot be written there; check the train_csv path, or {how}")
     if val_csv.exists():
         raise VQAError(f"config key 'synthetic' is on and '{train_csv}' does not exist, but '{val_csv}' does: "
                        f"generating the data set would overwrite it; check the train_csv path, or {how}")
@@ -403,6 +406,13 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if procs.is_main:
             run.mkdir(parents=True, exist_ok=True)  # the folder may not have existed at the start: lock it now
         take_run_lock(lock, run, procs, device)  # before deleting or writing anything: another new run may hold it
+        # Looked at again under the lock: a run started here after the look above (the folder did not exist yet,
+        # so nothing was locked) may have trained, and ended, while this one read its data.
+        arrived = trained_files(run) if procs.is_main and not overwrite else []
+        if distributed.max_over_ranks([int(bool(arrived))], procs, device)[0]:
+            raise VQAError(f"{run} holds a run already ({', '.join(arrived) or 'trained files'}), one that another "
+                           f"train.py trained there while this one read its data; continue it with --resume {run}, "
+                           f"replace it with --overwrite, or choose another --output_dir")
     if not resume and procs.is_main:
         # Only now, with the data and every setting checked, so that a mistake leaves an earlier run as it was.
         # Nothing of one stays beside the new run: resume and predict would load its backbone or checkpoint.

@@ -2289,3 +2289,53 @@ def test_the_commands_train_py_prints_run_from_the_folder_it_was_started_in(tmp_
     command = shlex.split(train_command("--resume", "run", processes=2))
     assert command[:3] == ["torchrun", "--nproc_per_node", "2"] and command[4:] == ["--resume", "run"]
     assert Path(command[3]) == ROOT / "train.py" and Path(command[3]).is_file()
+
+
+def test_a_run_that_trained_in_the_folder_while_a_new_run_read_its_data_is_not_deleted(tmp_path, monkeypatch, capsys,
+                                                                                       one_block):
+    """The folder did not exist when the new run looked for a run there, so it held no lock; another train.py
+    trained there, and ended, while the new run read its data: without --overwrite its files must stay."""
+    import train
+
+    run = tmp_path / "run"
+    other = {"checkpoint.pt": b"the other run's checkpoint", "metrics.jsonl": b'{"epoch": 1}\n',
+             "config.yaml": b"the other run's config\n"}
+    prepare = train.prepare_data
+
+    def another_run_trains_meanwhile(*args, **kwargs):
+        data = prepare(*args, **kwargs)
+        run.mkdir()
+        for name, content in other.items():
+            (run / name).write_bytes(content)
+        return data
+
+    monkeypatch.setattr(train, "prepare_data", another_run_trains_meanwhile)
+    config = tiny_config(tmp_path, epochs=1)
+    assert not run.exists()
+    assert train.cli(["--config", str(config)]) == 2
+    assert f"error: {run} holds a run already (checkpoint.pt, metrics.jsonl)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == other
+
+
+def test_export_to_a_folder_named_like_the_file_is_a_clear_error_even_with_overwrite(trained, tmp_path, capsys):
+    """--overwrite replaces a file: a folder at --out was a ValueError's traceback from the atomic write."""
+    from vqa.export import main as export
+
+    tmp, _ = trained
+    out = tmp_path / "encoder.safetensors"
+    (out / "inside").mkdir(parents=True)
+    assert export(["--run", str(tmp / "run"), "--out", str(out), "--overwrite"]) == 2
+    assert f"error: --out '{out}' exists and is not a file" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["inside"]
+
+
+def test_a_synthetic_run_whose_train_csv_is_a_folder_is_a_clear_error(tmp_path, capsys, one_block):
+    """synthetic on and train_csv no file: generation wrote the images, then its atomic write of train.csv
+    refused the folder with a ValueError's traceback."""
+    import train
+
+    (tmp_path / "data" / "train.csv").mkdir(parents=True)
+    assert train.cli(["--config", str(tiny_config(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert f"error: config key 'synthetic' is on and train_csv '{tmp_path / 'data' / 'train.csv'}' is not a file" in err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train.csv"]  # nothing generated

@@ -527,3 +527,14 @@ def test_a_line_of_spaces_or_empty_fields_is_no_row(folder, empty):
     data = read_csv(path)
     assert [r.answer for r in data.rows] == ["red", "blue"] and not data.skipped
     assert "row 2 (line 4)" in data.rows[1].where
+
+
+@pytest.mark.parametrize("allow_outside_paths", [False, True])
+def test_an_image_path_with_a_nul_character_is_a_bad_row_not_a_crash(folder, allow_outside_paths):
+    """Python 3.11's csv module reads a NUL; the path's resolution then raised ValueError (a traceback, which
+    --skip_bad_rows did not skip either)."""
+    path = write(folder, HEADER + "img/a\0.png,What?,red\nimg/b.png,What?,blue\n")
+    with pytest.raises(VQAError, match=r"row 1 \(line 2\): image path 'img/a\\x00\.png' holds a NUL character"):
+        read_csv(path, allow_outside_paths=allow_outside_paths)
+    data = read_csv(path, skip_bad_rows=True, allow_outside_paths=allow_outside_paths)
+    assert [r.image.name for r in data.rows] == ["b.png"] and len(data.skipped) == 1

@@ -1,5 +1,9 @@
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +209,18 @@ def test_table_lists_the_types_in_their_fixed_order_with_each_type_s_own_count()
         "-" * 36,
         "overall            80.00%          5",
     ]
+
+
+def test_answer_weights_out_a_pipe_is_refused_not_read(tmp_path):
+    """Looking at what --out holds read it: a named pipe (or a device) blocked the tool for ever."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes")
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "train.csv").write_text("image,question,answer\na.png,What color?,red\n")
+    os.mkfifo(tmp_path / "weights.json")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "vqa.answer_weights", "--train_csv", str(tmp_path / "train.csv"),
+                             "--out", str(tmp_path / "weights.json")], cwd=root, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert f"error: --out '{tmp_path / 'weights.json'}' exists and is not a file" in result.stderr

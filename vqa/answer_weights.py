@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.is_dir():
             raise VQAError(f"--out '{args.out}' is a folder; give the JSON file to write, "
                            f"e.g. {args.out / 'answer_weights.json'}")
+        if args.out.exists() and not args.out.is_file():  # a pipe or device: reading it to look would block
+            raise VQAError(f"--out '{args.out}' exists and is not a file; give the JSON file to write")
         if args.out.exists() and not _weights_like(args.out):  # the CSV, a run's answers.json: kept
             other = args.out.with_name("answer_weights.json")
             raise VQAError(f"--out '{args.out}' exists and is not an answer weights file (a JSON object of answer: "

@@ -198,6 +198,8 @@ def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow
     qtype = (record.get("question_type") or "").strip().lower() or infer_question_type(question)
     if qtype not in QUESTION_TYPES:
         raise VQAError(f"{where} has question_type '{qtype}'; use one of {', '.join(QUESTION_TYPES)} or leave it empty")
+    if "\0" in image:  # no file name holds one, and the operating system's calls refuse it with a ValueError
+        raise VQAError(f"{where}: image path {image!r} holds a NUL character, which no file name can; fix the path")
     candidate = Path(image)
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if not allow_outside and not resolved.is_relative_to(root):

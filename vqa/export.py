@@ -34,6 +34,8 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_pat
 
     if out.suffix != ".safetensors":
         raise VQAError(f"--out '{out}' must end in .safetensors: timm picks its loader by the extension")
+    if out.exists() and not out.is_file():  # a folder, a pipe: the rename would be refused (a ValueError) or worse
+        raise VQAError(f"--out '{out}' exists and is not a file (a folder?); give the .safetensors file to write")
     if out.resolve() in {(run_dir / name).resolve() for name in RUN_FILES}:
         raise VQAError(f"--out '{out}' is a file of the run itself; write the export beside it, e.g. "
                        f"--out {run_dir / 'encoder.safetensors'}")
