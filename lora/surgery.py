@@ -90,9 +90,13 @@ def inject_lora(
                             f"got {target!r} of type {type(target).__name__}")
     names = []
     slots = _slots(model)
-    for name, module in model.named_modules():
-        if not name or not _matches(name, targets):
+    owners = _parameter_owners(model)
+    matched = set()
+    # Every path: a layer in a parent shared under two names (timm's CoaT: mlp2 = mlp3) matches under either.
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or module in matched or not _matches(name, targets):
             continue
+        matched.add(module)
         if isinstance(module, LoRALinear):
             raise ValueError(
                 f"layer '{name}' already has a LoRA adapter; call remove_lora(model) first or "
@@ -105,6 +109,14 @@ def inject_lora(
                     f"layer '{name}' is one module held in several places ({', '.join(slots[module])}): an adapter "
                     f"replaces it in one of them only, and the others would run it without the adapter; give each "
                     f"place a layer of its own, or target a layer that is not shared"
+                )
+            holders = owners[module.weight]
+            if len(holders) > 1:
+                raise ValueError(
+                    f"layer '{name}' has a weight tied to other parameters ({', '.join(holders)}): merging its adapter "
+                    f"(merged(), merge_lora, remove_lora(merge=True)) would change the weight there too, and two "
+                    f"adapters on one weight would not unmerge to it; untie the weight, or target a layer that does "
+                    f"not share it"
                 )
             names.append(name)
     if not names:
@@ -148,6 +160,17 @@ def _slots(model: nn.Module) -> dict[nn.Module, list[str]]:
             if child is not None:
                 slots.setdefault(child, []).append(f"{first_name[parent]}.{attr}".lstrip("."))
     return slots
+
+
+def _parameter_owners(model: nn.Module) -> dict[nn.Parameter, list[str]]:
+    """Every parameter's names in ``model``, one per module holding it: a tied weight (an output layer sharing its
+    embedding's, two layers sharing one) has two. A module in a parent shared under two names holds it once."""
+    owners: dict[nn.Parameter, list[str]] = {}
+    for name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(param, []).append(f"{name}.{attr}".lstrip("."))
+    return owners
 
 
 # nn.Module's hook registries: a layer with any hook in them is not swapped (see registered_hooks).
@@ -198,6 +221,11 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
             f"layer '{name}' has hooks registered on it ({', '.join(hooks)}; old-style weight_norm and "
             f"spectral_norm are such hooks), which would not move to the LoRALinear that replaces it; remove them "
             f"(handle.remove()) and register them again after inject_lora"
+        )
+    if "forward" in vars(linear):  # set on the instance (a patch, as accelerate's hooks install): the class's is not run
+        raise ValueError(
+            f"layer '{name}' has a forward of its own set on the instance, which a LoRALinear would replace; "
+            f"adapt plain nn.Linear layers only (set the forward again after inject_lora)"
         )
     if type(linear).forward is not nn.Linear.forward:
         raise ValueError(
@@ -255,15 +283,21 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     model's names."""
     model = unwrapped(model)
     state = model.state_dict()
-    for name, layer in lora_layers(model):
+    folded: dict[LoRALinear, Tensor] = {}
+    # Every path, as state_dict() has: a layer in a parent shared under two names (timm's CoaT) has keys under each.
+    for name, layer in model.named_modules(remove_duplicate=False):
+        if not isinstance(layer, LoRALinear):
+            continue
         prefix = f"{name}." if name else ""
         del state[prefix + "lora_A"], state[prefix + "lora_B"]
-        weight = layer.weight.detach()
-        if layer.merged:  # merge's result already (its state dict holds the unmerged weight)
-            state[prefix + "weight"] = weight
-        else:
-            state[prefix + "weight"] = folded = torch.empty_like(weight)
-            layer._accumulate_delta(folded, weight)
+        if layer not in folded:
+            weight = layer.weight.detach()
+            if layer.merged:  # merge's result already (its state dict holds the unmerged weight)
+                folded[layer] = weight
+            else:
+                folded[layer] = torch.empty_like(weight)
+                layer._accumulate_delta(folded[layer], weight)
+        state[prefix + "weight"] = folded[layer]
     return state
 
 
@@ -321,8 +355,12 @@ def merged(model: nn.Module, keep_buffer: bool = True) -> Iterator[nn.Module]:
     """Runs the block with adapters merged (inference at base-model speed); unmerges exactly on exit.
     Holds one extra copy of each adapted weight while inside, and after it unless ``keep_buffer=False``
     (the copy makes the next merge faster: see ``LoRALinear.unmerge``)."""
-    names = set(merge_lora(model))
-    try:
+    names = set()
+    try:  # a merge that fails part of the way (out of memory, a Ctrl-C) takes back the layers merged before it
+        for name, layer in lora_layers(model):
+            if not layer.merged:
+                layer.merge()
+                names.add(name)
         yield model
     finally:
         for name, layer in lora_layers(model):

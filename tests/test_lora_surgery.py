@@ -501,3 +501,91 @@ def test_the_merged_context_unmerges_when_its_block_raises(vit):
             raise KeyError("boom")
     for n, l in lora.lora_layers(vit):
         assert not l.merged and torch.equal(l.weight, weights[n])  # training can go on after the failed eval
+
+
+def test_merged_state_dict_folds_a_layer_of_a_shared_parent_under_each_of_its_names():
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    model = nn.ModuleDict({"first": mlp, "second": mlp})  # as timm's CoaT: mlp2 = mlp3 = mlp4
+    lora.inject_lora(model, targets="0", r=2)
+    randomise_adapters(model)
+    state = lora.merged_state_dict(model)
+    plain_mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    plain = nn.ModuleDict({"first": plain_mlp, "second": plain_mlp})
+    plain.load_state_dict(state)  # strict: no lora_ keys under the second name
+    reference = copy.deepcopy(model)
+    lora.remove_lora(reference, merge=True)
+    assert state.keys() == reference.state_dict().keys()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(plain["second"](x), model["second"](x))
+    torch.testing.assert_close(plain["second"][0].weight, reference["second"][0].weight)
+
+
+def test_inject_refuses_a_layer_whose_weight_is_tied_to_another_parameter():
+    class TiedHead(nn.Module):  # a language model's output layer sharing its embedding's weight
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)))
+
+    class SharedWeight(nn.Module):  # two layers, one weight
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    tied_head, shared = TiedHead(), SharedWeight()
+    with pytest.raises(ValueError, match=r"layer 'head' has a weight tied to other parameters \(embed\.weight, head"):
+        lora.inject_lora(tied_head, targets="head")
+    with pytest.raises(ValueError, match=r"layer 'a' has a weight tied to other parameters \(a\.weight, b\.weight\)"):
+        lora.inject_lora(shared, targets=("a", "b"))
+    assert not list(lora.lora_layers(tied_head)) and not list(lora.lora_layers(shared))  # nothing replaced
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, torch.OutOfMemoryError])
+def test_the_merged_context_takes_back_the_merges_made_when_merging_fails_part_of_the_way(vit, error):
+    lora.inject_lora(vit, r=4)
+    randomise_adapters(vit)
+    weights = {n: l.weight.detach().clone() for n, l in lora.lora_layers(vit)}
+    last = list(lora.lora_layers(vit))[-1][1]
+
+    def fail(keep_unmerged=True):  # a Ctrl-C, or the allocation of the merged weight, at the last layer
+        raise error("while merging")
+
+    last.merge = fail
+    with pytest.raises(error, match="while merging"):
+        with lora.merged(vit):
+            pass
+    del last.merge
+    for n, l in lora.lora_layers(vit):
+        assert not l.merged
+        torch.testing.assert_close(l.weight, weights[n], rtol=0, atol=0)  # training can go on
+
+
+@pytest.mark.parametrize("target", ["second.0", re.compile(r"second\.0")])
+def test_a_layer_of_a_shared_parent_matches_under_either_of_its_names(target):
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    model = nn.ModuleDict({"first": mlp, "second": mlp})  # as timm's CoaT: mlp2 = mlp3 = mlp4
+    assert lora.inject_lora(model, targets=target, r=2) == ["second.0"]
+    assert model["first"][0] is model["second"][0] and isinstance(model["first"][0], LoRALinear)
+    randomise_adapters(model)
+    x = torch.randn(3, 8)
+    layer = model["second"][0]
+    torch.testing.assert_close(model["second"](x), F.gelu(F.linear(x, layer.weight + layer.delta_weight(), layer.bias)))
+
+
+def test_inject_refuses_a_layer_with_a_forward_set_on_the_instance():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].forward = lambda x: 2 * F.linear(x, model[1].weight, model[1].bias)  # a patch on the instance
+    x = torch.randn(3, 4)
+    reference = 2 * F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias)
+    with pytest.raises(ValueError, match=r"layer '1' has a forward of its own set on the instance"):
+        lora.inject_lora(model, targets=("0", "1"))
+    assert not list(lora.lora_layers(model))  # nothing replaced
+    torch.testing.assert_close(model(x), reference)
