@@ -408,7 +408,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         take_run_lock(lock, run, procs, device)  # before deleting or writing anything: another new run may hold it
         # Looked at again under the lock: a run started here after the look above (the folder did not exist yet,
         # so nothing was locked) may have trained, and ended, while this one read its data.
-        arrived = trained_files(run) if procs.is_main and not overwrite else []
+        # --overwrite replaces the run it found at the start (``replaced``), not one that arrived since.
+        arrived = [name for name in trained_files(run) if name not in replaced] if procs.is_main else []
         if distributed.max_over_ranks([int(bool(arrived))], procs, device)[0]:
             raise VQAError(f"{run} holds a run already ({', '.join(arrived) or 'trained files'}), one that another "
                            f"train.py trained there while this one read its data; continue it with --resume {run}, "

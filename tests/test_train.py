@@ -2291,8 +2291,9 @@ def test_the_commands_train_py_prints_run_from_the_folder_it_was_started_in(tmp_
     assert Path(command[3]) == ROOT / "train.py" and Path(command[3]).is_file()
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_run_that_trained_in_the_folder_while_a_new_run_read_its_data_is_not_deleted(tmp_path, monkeypatch, capsys,
-                                                                                       one_block):
+                                                                                       one_block, overwrite):
     """The folder did not exist when the new run looked for a run there, so it held no lock; another train.py
     trained there, and ended, while the new run read its data: without --overwrite its files must stay."""
     import train
@@ -2312,7 +2313,8 @@ def test_a_run_that_trained_in_the_folder_while_a_new_run_read_its_data_is_not_d
     monkeypatch.setattr(train, "prepare_data", another_run_trains_meanwhile)
     config = tiny_config(tmp_path, epochs=1)
     assert not run.exists()
-    assert train.cli(["--config", str(config)]) == 2
+    # --overwrite too: it replaces the run the folder held at the start (none), not one it never saw.
+    assert train.cli(["--config", str(config), *overwrite]) == 2
     assert f"error: {run} holds a run already (checkpoint.pt, metrics.jsonl)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == other
 

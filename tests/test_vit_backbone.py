@@ -381,6 +381,12 @@ def test_base_weights_load_into_an_adapted_backbone_and_keep_its_adapters(tmp_pa
     save_file(state, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match=r"has no weight for layer 'blocks\.0\.attn\.qkv\.weight'"):
         vit.load_backbone_checkpoint(model, tmp_path / "missing.safetensors")
+    # So is an adapter a file with adapters lacks (the model's own would stay beside the file's others).
+    state = dict(model.state_dict())
+    del state["blocks.0.attn.qkv.lora_B"]
+    save_file(state, str(tmp_path / "adapter_missing.safetensors"))
+    with pytest.raises(ValueError, match=r"has no weight for layer 'blocks\.0\.attn\.qkv\.lora_B'"):
+        vit.load_backbone_checkpoint(model, tmp_path / "adapter_missing.safetensors")
 
 
 def test_a_checkpoint_whose_inner_layer_does_not_fit_names_it_and_both_shapes(tmp_path):

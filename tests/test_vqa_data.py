@@ -264,6 +264,25 @@ def test_an_image_is_loaded_upright_as_its_exif_orientation_says(tmp_path, orien
     np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "x.png")), want)
 
 
+@pytest.mark.filterwarnings("error")
+def test_a_damaged_exif_block_that_parses_still_turns_the_image_and_loads(tmp_path):
+    """An EXIF block with orientation 6 and damaged tags (a fuzzed camera block): Pillow parses it, but writing it
+    back out, as ImageOps.exif_transpose does, raised struct.error, a traceback where the image loaded before."""
+    exif = bytes.fromhex(
+        "4578696600004d4d002a000000080006010fa102000000060000005601440002000000060000005c01120003000000010006"
+        "0000c71a0005000000010000006201310002000000037377000001320002000000140000006a000000004d616b6572214d6f"
+        "64656c000000004800000001323032303a30313a30312030303a30303a303000")
+    stored = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    Image.fromarray(stored).save(tmp_path / "x.png", exif=exif)
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "x.png")), np.rot90(stored, -1))
+    # Nor does a block Pillow reads with a warning (a tag past its end) print one: the image loaded quietly before.
+    exif = bytes.fromhex(
+        "4578696600004d4d002a000000080005010f0002000000060000004a011000020000000600000050011200030000000100060000"
+        "011a00050000000100000056013100020000c20373770000000000004d616b6572004d6f64656c000000004800000001")
+    Image.fromarray(stored).save(tmp_path / "y.png", exif=exif)
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "y.png")), np.rot90(stored, -1))
+
+
 def test_tiny_and_huge_images_are_fine(tmp_path):
     assert load_image(png(tmp_path / "t.png", size=(1, 1))).size == (1, 1)
     assert load_image(png(tmp_path / "h.png", size=(4000, 3000))).size == (4000, 3000)  # 12 MP, under the limit

@@ -177,3 +177,17 @@ def test_a_question_typed_with_other_unicode_marks_encodes_as_its_ascii_spelling
 
 def test_typographic_dashes_and_double_quotes_tokenize_as_ascii():
     assert tokenize("the \u201ctop\u2013left\u201d one") == tokenize('the "top-left" one')
+
+
+def test_a_runs_vocabularies_written_before_the_new_normalisation_still_read_its_questions_and_answers():
+    """tokenizer.json and answers.json of a run trained before tokenize read NFKC and normalize_answer read number
+    words past twenty and Unicode punctuation: its questions encode as they trained (no unknown words), and its
+    training answers keep their classes (a resume refused them, evaluation counted them wrong)."""
+    old_tokenizer = '{"words": ["?", "colour", "many", "s", "sign", "what", "\u2019", "\uff1f"], "max_length": 32}'
+    tokenizer = Tokenizer.from_json(old_tokenizer)
+    assert tokenizer.encode("What\u2019s the colour?") == [2, 8, 9, 6, 1, 4, 3]  # "the" was unknown to it, as before
+    assert tokenizer.encode("How many\uff1f") == [2, 1, 5, 3]  # the file's "?" serves: no unknown word
+    assert Tokenizer.from_json(tokenizer.to_json()).encode("What's?") == tokenizer.encode("What\u2019s?")
+    answers = AnswerVocab.from_json('{"answers": ["red", "thirty", "don\u2019t"]}')
+    assert [answers.id(a) for a in ("red", "thirty", "30", "don\u2019t", "don't")] == [0, 1, 1, 2, 2]
+    assert answers.itos == ["red", "30", "don t"]

@@ -169,6 +169,8 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
     state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}
     # Base weights load before or after add_lora: a model's adapters, which a base checkpoint lacks, stay as they are.
     adapters = {f"{name}.{p}" for name, _ in lora.lora_layers(model) for p in ("lora_A", "lora_B")}
+    if adapters & state.keys():  # a file with adapters holds every one, as every other weight: none is skipped
+        adapters = set()
     for key, value in expected.items():
         if key not in state:
             if key in adapters:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
@@ -239,15 +239,27 @@ def load_image(path: Path) -> Image.Image:
         raise VQAError(f"image '{path}' cannot be decoded ({type(e).__name__}: {e}); it is corrupt or truncated") from None
 
 
+# EXIF orientation (tag 0x0112) -> the turn that shows the image upright; 1 is upright already.
+_EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+
+
 def _upright(im: Image.Image) -> Image.Image:
     """The image the way viewers show it, and annotators saw it when they wrote "on the left": its EXIF
     orientation applied (a phone photo is often stored sideways with a tag saying so). An EXIF block that does
     not parse leaves the pixels as stored."""
     try:
-        orientation = im.getexif().get(0x0112, 1)  # Orientation
+        with warnings.catch_warnings():  # nor its warnings ("Tag data larger than file"): the image is fine
+            warnings.simplefilter("ignore", UserWarning)
+            orientation = im.getexif().get(0x0112, 1)  # Orientation
     except Exception:  # Pillow's EXIF parser raises various types on a damaged block
         return im
-    return ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
+    turn = _EXIF_TURNS.get(orientation) if isinstance(orientation, int) else None
+    # The turn alone: ImageOps.exif_transpose also writes the EXIF block back out, which raises (struct.error,
+    # TypeError) on a damaged block that parsed, where the image itself decodes.
+    return im.transpose(turn) if turn is not None else im
+
 
 
 def _to_8bit(pixels: np.ndarray, mode: str) -> Image.Image:

@@ -122,7 +122,14 @@ class Tokenizer:
         data = json.loads(text)
         if not (isinstance(data, dict) and _strings(data.get("words")) and isinstance(data.get("max_length"), int)):
             raise ValueError('a tokenizer file holds {"words": [strings], "max_length": int}')
-        return cls(data["words"], data["max_length"])
+        tokenizer = cls(data["words"], data["max_length"])
+        # A run's file from before tokenize read NFKC and typographic marks as ASCII's holds them as words ("’",
+        # "？"): each reads on as the word tokenize now makes of it, so the run's questions encode as they trained.
+        for word, i in list(tokenizer.stoi.items()):
+            now = tokenize(word)
+            if len(now) == 1 and now[0] not in tokenizer.stoi:
+                tokenizer.stoi[now[0]] = i
+        return tokenizer
 
 
 class AnswerVocab:
@@ -130,7 +137,9 @@ class AnswerVocab:
 
     def __init__(self, answers: Iterable[str]) -> None:
         self.itos = list(answers)
-        self.stoi = {a: i for i, a in enumerate(self.itos)}
+        self.stoi = {}
+        for i, a in enumerate(self.itos):
+            self.stoi.setdefault(a, i)
 
     @classmethod
     def build(cls, answers: Iterable[str]) -> "AnswerVocab":
@@ -152,7 +161,9 @@ class AnswerVocab:
         data = json.loads(text)
         if not (isinstance(data, dict) and _strings(data.get("answers"))):
             raise ValueError('an answer vocabulary file holds {"answers": [strings]}')
-        return cls(data["answers"])
+        # A run's file from before normalize_answer's number words past twenty and Unicode punctuation holds
+        # "thirty" and "don’t": read as today's "30" and "don t", which its CSV rows and answer weights now give.
+        return cls(normalize_answer(a) or a for a in data["answers"])
 
 
 def _strings(value) -> bool:
