@@ -457,7 +457,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 f"train longer, add --epochs N with N > {t.epochs}")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
-        resolved = cfg.with_absolute_paths()
+        resolved = cfg.with_absolute_paths().with_paths_spelt_as(saved)
         if procs.is_main and resolved != saved:
             write_text(run / "config.yaml", resolved.to_yaml())  # the settings resumed with (--epochs, say) are its own
 

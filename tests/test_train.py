@@ -2341,3 +2341,19 @@ def test_a_synthetic_run_whose_train_csv_is_a_folder_is_a_clear_error(tmp_path, 
     err = capsys.readouterr().err
     assert f"error: config key 'synthetic' is on and train_csv '{tmp_path / 'data' / 'train.csv'}' is not a file" in err
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train.csv"]  # nothing generated
+
+
+def test_resume_naming_the_same_files_by_other_paths_leaves_config_yaml_as_it_was(trained, tmp_path, capsys):
+    """A resume that changes nothing, its run folder and data named by other spellings of the same paths
+    (through '..' or '.'), leaves config.yaml byte for byte as it was: those are not new settings."""
+    import train
+
+    run = copied_run(trained, tmp_path)
+    assert train.cli(["--resume", str(run)]) == 0  # the copy's own output_dir: the one change there is
+    before = run_bytes(run)
+    (tmp_path / "sub").mkdir()
+    data = trained[0] / "data"
+    assert train.cli(["--resume", str(tmp_path / "sub" / ".." / "run"), "--train_csv", str(data / "." / "train.csv"),
+                      "--val_csv", str(data / ".." / "data" / "val.csv")]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert run_bytes(run) == before

@@ -133,6 +133,20 @@ class RunConfig:
                                                                              for k in keys if k in relative})
                             for name, keys in _PATH_KEYS.items()})
 
+    def with_paths_spelt_as(self, saved: "RunConfig") -> "RunConfig":
+        """A copy whose paths that lead where ``saved``'s absolute ones do are spelt as there (``../data/train.csv``
+        and the absolute path name one file): the same file named another way is no new setting, so a resume that
+        changes nothing leaves config.yaml as it was. ``saved``'s relative paths (a run from before config.yaml
+        kept them absolute) are not kept."""
+        def spelt(name: str, key: str):
+            given, before = getattr(getattr(self, name), key), getattr(getattr(saved, name), key)
+            same = given is not None and before is not None and Path(before).is_absolute() and (
+                Path(given).resolve() == Path(before).resolve())
+            return before if same else given
+
+        return RunConfig(**{name: dataclasses.replace(getattr(self, name), **{k: spelt(name, k) for k in keys})
+                            for name, keys in _PATH_KEYS.items()})
+
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
         if not isinstance(raw, dict):
