@@ -2357,3 +2357,33 @@ def test_resume_naming_the_same_files_by_other_paths_leaves_config_yaml_as_it_wa
                       "--val_csv", str(data / ".." / "data" / "val.csv")]) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert run_bytes(run) == before
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    code = train.cli(["--config", str(tiny_config(tmp_path)), "--checkpoint_path", str(tmp_path),
+                      "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: checkpoint file '{tmp_path}' is a folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_runs_checkpoint_path_replaced_by_a_folder_is_called_a_folder(tmp_path):
+    from vqa.config import RunConfig
+    from vqa.errors import VQAError
+    from vqa.run_files import load_run
+    from vqa.text import AnswerVocab, Tokenizer
+
+    run, base = tmp_path / "run", tmp_path / "base.safetensors"
+    run.mkdir()
+    base.mkdir()  # the file the run started from, replaced by a folder of the same name
+    cfg = RunConfig()
+    cfg.model.checkpoint_path = str(base)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "tokenizer.json").write_text(Tokenizer.build(["what color"], max_length=8).to_json())
+    (run / "answers.json").write_text(AnswerVocab.build(["red"]).to_json())
+    (run / "model_last.safetensors").write_bytes(b"")
+    with pytest.raises(VQAError, match=r"'.*base.safetensors', the checkpoint_path .* is a folder, not the weights file"):
+        load_run(run, tool="python -m vqa.predict")

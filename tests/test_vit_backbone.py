@@ -410,3 +410,16 @@ def test_a_model_entry_that_holds_no_weights_is_passed_over(tmp_path, layout):
     loaded = tiny_backbone(checkpoint_path=path)
     for key, value in state.items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_a_model_that_is_no_vit_is_a_clear_error_with_img_size_too(name):
+    # train.py always passes img_size, which a ResNet's constructor refuses with a TypeError of its own.
+    with pytest.raises(ValueError, match=rf"'{name}' is a \w+, not a ViT with a patch embedding"):
+        vit.create_backbone(name, img_size=56)
+
+
+def test_checkpoint_path_that_is_a_folder_is_called_a_folder(tmp_path):
+    # It exists: "does not exist" sent the user looking for a file that is there.
+    with pytest.raises(IsADirectoryError, match="is a folder; give the .safetensors or .pth file itself"):
+        tiny_backbone(checkpoint_path=tmp_path)

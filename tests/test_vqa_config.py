@@ -298,3 +298,28 @@ def test_with_absolute_paths_anchors_relative_paths_at_the_working_folder(tmp_pa
     for section in ("data", "model", "train"):  # every other key is the same
         changed = {k for k, v in getattr(cfg, section).__dict__.items() if getattr(getattr(resolved, section), k) != v}
         assert changed <= {"train_csv", "answer_weights", "output_dir"}
+
+
+def test_unknown_top_level_keys_of_mixed_types_are_a_clear_error(tmp_path):
+    # YAML keys need not be strings (1:, ~:); two unknown ones of different types once sorted into a TypeError.
+    path = tmp_path / "c.yaml"
+    path.write_text("~: x\nfoo: y\n1: z\n")
+    with pytest.raises(VQAError, match=r"c.yaml: unknown section '(1|None|foo)' \(sections: data, model, train\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key", ["output_dir", "train_csv", "val_csv"])
+def test_an_empty_path_is_an_error_not_the_working_folder(key):
+    # Path("") is ".": an empty output_dir trained into the working folder without a word, and an empty CSV
+    # path was reported as "CSV file '.' is a folder".
+    with pytest.raises(VQAError, match=f"config key '{key}' is empty; give a path"):
+        load_config(None, [f"--{key}", ""])
+
+
+def test_an_empty_path_argument_is_refused_by_the_tools(capsys):
+    from vqa.predict import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--run", "", "--image", "x.png", "--question", "What?"])
+    assert exit_info.value.code == 2
+    assert "argument --run: the path is empty; give a file or folder" in capsys.readouterr().err

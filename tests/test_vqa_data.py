@@ -438,7 +438,7 @@ def test_32bit_and_float_images_are_scaled_not_clipped(tmp_path, mode, values, e
 def test_skipping_when_every_image_is_bad_is_still_an_error(folder):
     (folder / "img" / "junk.png").write_bytes(b"not an image")
     data = read_csv(write(folder, HEADER + "img/junk.png,What?,red\n"))
-    with pytest.raises(VQAError, match="no usable rows: every image failed to decode"):
+    with pytest.raises(VQAError, match="no usable rows: no image could be loaded"):
         check_images(data, skip_bad_rows=True)
 
 
@@ -557,3 +557,30 @@ def test_an_image_path_with_a_nul_character_is_a_bad_row_not_a_crash(folder, all
         read_csv(path, allow_outside_paths=allow_outside_paths)
     data = read_csv(path, skip_bad_rows=True, allow_outside_paths=allow_outside_paths)
     assert [r.image.name for r in data.rows] == ["b.png"] and len(data.skipped) == 1
+
+
+def test_an_image_path_through_a_file_does_not_exist_rather_than_being_corrupt(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(image)
+    with pytest.raises(VQAError, match=r"image '.*a.png/b.png' does not exist") as info:
+        load_image(image / "b.png")
+    assert "corrupt" not in str(info.value)
+
+
+def test_an_image_the_system_will_not_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(image)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", refuse)  # as root, chmod 000 would not stop the read
+    with pytest.raises(VQAError, match=r"cannot read image '.*a.png' \(Permission denied\); check its permissions"):
+        load_image(image)
+
+
+def test_a_split_of_missing_images_is_not_said_to_have_failed_to_decode(tmp_path):
+    (tmp_path / "d.csv").write_text("image,question,answer\nnope.png,What color?,red\n")
+    with pytest.raises(VQAError, match=r"no image could be loaded .*, e.g. image '.*nope.png' does not exist") as info:
+        read_split(tmp_path / "d.csv", skip_bad_rows=True)
+    assert "decode" not in str(info.value)

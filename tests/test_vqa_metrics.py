@@ -224,3 +224,14 @@ def test_answer_weights_out_a_pipe_is_refused_not_read(tmp_path):
                             timeout=60)
     assert result.returncode == 2
     assert f"error: --out '{tmp_path / 'weights.json'}' exists and is not a file" in result.stderr
+
+
+def test_answer_weights_path_that_is_a_folder_is_called_a_folder(tmp_path):
+    # It exists: "does not exist; make one" would have the user make a file that is there.
+    with pytest.raises(VQAError, match=r"answer weights file '.*' is a folder; give the JSON file itself"):
+        load_answer_weights(tmp_path)
+
+
+def test_missing_answer_weights_advice_is_a_command_that_runs(tmp_path):
+    with pytest.raises(VQAError, match="make one with python -m vqa.answer_weights --train_csv TRAIN_CSV --out FILE"):
+        load_answer_weights(tmp_path / "none.json")

@@ -60,7 +60,10 @@ def create_backbone(
     if checkpoint_path is not None:
         pretrained = False  # the local file replaces the download
     with torch.device("meta"):  # the patch size is known before any weights are allocated
-        probe = timm.create_model(name, **kwargs)
+        try:
+            probe = timm.create_model(name, **kwargs)
+        except TypeError:  # a model that takes no img_size (a ResNet): refused below, by its type
+            probe = timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"})
     if not hasattr(getattr(probe, "patch_embed", None), "patch_size"):
         raise ValueError(f"'{name}' is a {type(probe).__name__}, not a ViT with a patch embedding; create_backbone "
                          f"builds ViTs such as vit_small_patch14_dinov2 (use timm.create_model for other models)")
@@ -99,6 +102,9 @@ def torch_load_failure(e: Exception) -> str:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint file '{path}' is a folder; give the .safetensors or .pth file itself "
+                                f"(check checkpoint_path)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist; check checkpoint_path")
     if path.suffix == ".safetensors":

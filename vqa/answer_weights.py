@@ -43,8 +43,11 @@ def compute_answer_weights(answers: Iterable[str], min_weight: float = 0.1, max_
 def load_answer_weights(path: str | Path) -> dict[str, float]:
     """Reads a weights JSON; keys are normalised, values must be finite and > 0."""
     path = Path(path)
+    make = "python -m vqa.answer_weights --train_csv TRAIN_CSV --out FILE"
+    if path.is_dir():
+        raise VQAError(f"answer weights file '{path}' is a folder; give the JSON file itself (make one with {make})")
     if not path.is_file():
-        raise VQAError(f"answer weights file '{path}' does not exist; make one with python -m vqa.answer_weights")
+        raise VQAError(f"answer weights file '{path}' does not exist; make one with {make}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_Pairs)  # keeps repeated keys
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -20,6 +20,8 @@ def run_tool(main: Callable[[], int]) -> NoReturn:
 
 def user_path(text: str) -> Path:
     """An argparse ``type`` for a path argument: ``expand_home``, its error as argparse's own."""
+    if not text:  # Path("") is the working folder ('.'), which the user did not name
+        raise argparse.ArgumentTypeError("the path is empty; give a file or folder")
     try:
         return Path(expand_home(text))
     except ValueError as e:

@@ -157,7 +157,7 @@ class RunConfig:
             if not isinstance(values, dict):
                 raise VQAError(f"{source}: section '{name}' must be a mapping of keys to values")
             sections[name] = _build(name, values, f"{source}: {name}")
-        unknown = sorted(set(raw) - set(_SECTIONS))
+        unknown = sorted(set(raw) - set(_SECTIONS), key=str)  # YAML keys may be numbers or null too
         if unknown:
             close = difflib.get_close_matches(str(unknown[0]), _SECTIONS, n=1)
             hint = (f"; put '{unknown[0]}' under '{_KEY_SECTION[unknown[0]]}:'" if unknown[0] in _KEY_SECTION
@@ -219,6 +219,8 @@ def expand_home(path: str) -> str:
 def _expand_home(cfg, *keys: str) -> None:
     """``~`` and ``~user`` at the start of a path, which no shell expands inside a YAML file."""
     for key in keys:
+        if getattr(cfg, key) == "":  # Path("") is the working folder: a run would be written, or read, there
+            raise VQAError(f"config key '{key}' is empty; give a path")
         if getattr(cfg, key) is not None:
             try:
                 setattr(cfg, key, expand_home(getattr(cfg, key)))

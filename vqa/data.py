@@ -231,11 +231,15 @@ def load_image(path: Path) -> Image.Image:
                 return im.convert("RGB")
     except FileNotFoundError:
         raise VQAError(f"image '{path}' does not exist") from None
+    except NotADirectoryError:
+        raise VQAError(f"image '{path}' does not exist (a part of its path is a file, not a folder)") from None
     except IsADirectoryError:
         raise VQAError(f"image '{path}' is a folder, not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise VQAError(f"image '{path}' is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the system refused the read (permissions...): not the file's bytes
+            raise unreadable("image", path, e) from None
         raise VQAError(f"image '{path}' cannot be decoded ({type(e).__name__}: {e}); it is corrupt or truncated") from None
 
 
@@ -286,7 +290,8 @@ def check_images(data: CSVData, skip_bad_rows: bool = False) -> CSVData:
     kept = [r for r in data.rows if r.image not in bad]
     skipped = [f"{r.where}: {bad[r.image]}" for r in data.rows if r.image in bad]
     if not kept:
-        raise VQAError(f"{data.path} has no usable rows: every image failed to decode, e.g. {bad[first.image]}")
+        raise VQAError(f"{data.path} has no usable rows: no image could be loaded (missing, a folder, unreadable "
+                       f"or corrupt), e.g. {bad[first.image]}")
     return CSVData(data.path, kept, data.skipped + skipped)
 
 

@@ -95,7 +95,7 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
         if offline is None:
             raise VQAError(str(e)) from None
         raise VQAError(f"{e.problem}; {offline}") from None
-    except (ValueError, FileNotFoundError) as e:  # backbone name, img_size, checkpoint problems
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:  # backbone name, img_size, checkpoint problems
         raise VQAError(str(e)) from None
 
 
@@ -296,8 +296,9 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
             raise VQAError(f"{name} '{checkpoint_path}' is not a file; give the path of a local copy of the weights "
                            f"run '{run}' started from")
         if base is not None and not Path(base).is_file():
-            raise VQAError(f"'{base}', the checkpoint_path that run '{run}' started from (in its config.yaml), does "
-                           f"not exist; if the file moved, give where it is now: {option}")
+            state = "is a folder, not the weights file" if Path(base).is_dir() else "does not exist"
+            raise VQAError(f"'{base}', the checkpoint_path that run '{run}' started from (in its config.yaml), "
+                           f"{state}; if the file moved, give where it is now: {option}")
         source = base  # None: the hub's pretrained weights
     offline = (f"run '{run}' started from them (pretrained: true in its config.yaml); on a machine without "
                f"network, give a local copy of them, a .safetensors or .pth of this model: {option}, or fill the "
