@@ -364,10 +364,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     # and weights other than those the run started from, wherever they come from (the hub's may change).
     base_sha256 = file_sha256(cfg.model.checkpoint_path) if cfg.model.checkpoint_path else None
     base_weights_sha256 = None if from_random else weights_sha256(model.backbone)  # before any training
-    try:
-        model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
-    except ValueError as e:
-        raise VQAError(f"config key 'unfreeze_encoder_layers': {e}") from None
+    depth = len(model.backbone.blocks)
+    if cfg.model.unfreeze_encoder_layers > depth:
+        raise VQAError(f"config key 'unfreeze_encoder_layers' is {cfg.model.unfreeze_encoder_layers}, but "
+                       f"{cfg.model.vision_model} has {depth} block{'s' if depth != 1 else ''}; give at most {depth}")
+    model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
     model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
     model.to(device)
     has_lora = any(True for _ in lora.lora_layers(model))

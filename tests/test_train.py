@@ -2387,3 +2387,15 @@ def test_a_runs_checkpoint_path_replaced_by_a_folder_is_called_a_folder(tmp_path
     (run / "model_last.safetensors").write_bytes(b"")
     with pytest.raises(VQAError, match=r"'.*base.safetensors', the checkpoint_path .* is a folder, not the weights file"):
         load_run(run, tool="python -m vqa.predict")
+
+
+def test_unfreezing_more_blocks_than_the_backbone_has_names_the_key_and_the_depth(tmp_path, capsys, one_block):
+    import train
+
+    assert train.cli(["--config", str(tiny_config(tmp_path)), "--unfreeze_encoder_layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: config key 'unfreeze_encoder_layers' is 2, but vit_small_patch14_dinov2 has 1 block; give at most " \
+           "1" in err
+    assert "unfreeze_last" not in err  # the library's own argument name, which the user never set
+    assert not (tmp_path / "run").exists()
+    assert train.cli(["--config", str(tiny_config(tmp_path)), "--unfreeze_encoder_layers", "1", "--epochs", "1"]) == 0
