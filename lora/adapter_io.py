@@ -138,9 +138,11 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, dict], dict[
         raise ValueError(f"'{path}' is a safetensors file but not a LoRA adapter written by lora.save_adapter")
     try:
         targets = json.loads(meta["targets"])
+        if not (isinstance(targets, list) and all(isinstance(n, str) for n in targets)):
+            raise TypeError(f"targets must be a list of layer names, got {meta['targets'][:80]}")
         r, alpha, splits = (json.loads(meta[k]) for k in ("r", "alpha", "splits"))
         config = {n: {"r": r[n], "alpha": alpha[n], "splits": splits[n]} for n in targets}
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise ValueError(f"adapter file '{path}' has damaged metadata ({e!r}); save it again") from None
     for name, cfg in config.items():
         for key, value in cfg.items():

@@ -604,3 +604,18 @@ def test_a_file_with_none_of_an_adapted_model_s_layers_is_an_error_also_when_not
     for strict in (True, False):
         with pytest.raises(ValueError, match="has layer '0'" if strict else r"has none of the model's LoRA layers"):
             lora.load_adapter(model, path, strict=strict)
+
+
+@pytest.mark.parametrize("meta", [{"targets": "[0]", "r": "[2]", "alpha": "[4]", "splits": "[1]"},
+                                  {"targets": '"fc"', "r": '{"f": 2, "c": 2}', "alpha": '{"f": 4, "c": 4}',
+                                   "splits": '{"f": 1, "c": 1}'},
+                                  {"targets": "[" * 100000 + "]" * 100000}])
+def test_metadata_of_the_wrong_shape_is_damaged_metadata(tmp_path, meta):
+    from safetensors.torch import save_file
+    base = {"lora_version": "1", "targets": '["fc"]', "r": '{"fc": 2}', "alpha": '{"fc": 4}', "splits": '{"fc": 1}'}
+    path = tmp_path / "a.safetensors"
+    save_file({"fc.lora_A": torch.zeros(2, 4), "fc.lora_B": torch.zeros(6, 2)}, str(path), metadata={**base, **meta})
+    model = nn.Sequential()
+    model.fc = nn.Linear(4, 6)
+    with pytest.raises(ValueError, match="a.safetensors' has damaged metadata"):
+        lora.load_adapter(model, path)

@@ -323,3 +323,20 @@ def test_an_empty_path_argument_is_refused_by_the_tools(capsys):
         main(["--run", "", "--image", "x.png", "--question", "What?"])
     assert exit_info.value.code == 2
     assert "argument --run: the path is empty; give a file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["train:\n  lr: " + "1" * 400, "train:\n  epochs: " + "1" * 400,
+                                  "train:\n  epochs: " + "1" * 5000,
+                                  "train:\n  output_dir: 2024-13-01", "[" * 5000 + "]" * 5000])
+def test_a_value_python_cannot_hold_is_a_clear_error(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(VQAError, match="c.yaml"):
+        load_config(path)
+
+
+def test_a_long_number_on_the_command_line_is_a_clear_error():
+    with pytest.raises(VQAError, match="finite"):
+        load_config(None, ["--lr", "1" * 400])
+    with pytest.raises(VQAError, match="'epochs' must be below 2\\*\\*63, got a number of 400 digits"):
+        load_config(None, ["--epochs", "1" * 400])

@@ -584,3 +584,23 @@ def test_a_split_of_missing_images_is_not_said_to_have_failed_to_decode(tmp_path
     with pytest.raises(VQAError, match=r"no image could be loaded .*, e.g. image '.*nope.png' does not exist") as info:
         read_split(tmp_path / "d.csv", skip_bad_rows=True)
     assert "decode" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links")
+@pytest.mark.parametrize("image", ["loop1", "loop1/a.png"])
+def test_an_image_path_through_a_symbolic_link_loop_is_a_clear_error(folder, image):
+    os.symlink("loop2", folder / "loop1")
+    os.symlink("loop1", folder / "loop2")
+    path = write(folder, f"image,question,answer\n{image},What color?,red\nimg/a.png,What color?,red\n")
+    with pytest.raises(VQAError, match=r"data.csv row 1 \(line 2\): image path '.*' cannot be followed"):
+        read_csv(path)
+    assert len(read_csv(path, skip_bad_rows=True).rows) == 1
+
+
+def test_a_field_over_the_csv_limit_without_a_quote_does_not_blame_a_quote(folder):
+    path = write(folder, "image,question,answer\nimg/a.png," + "q" * 200000 + ",red\n")
+    with pytest.raises(VQAError, match=r"data.csv line 2: field larger than field limit .*, with no quote on the line"):
+        read_csv(path)
+    path = write(folder, 'image,question,answer\nimg/a.png,"What' + " color" * 30000 + "\n")  # a quote left open
+    with pytest.raises(VQAError, match=r"data.csv line 2: .*a quote \(\"\) opened on line 2 and left open"):
+        read_csv(path)

@@ -235,3 +235,20 @@ def test_answer_weights_path_that_is_a_folder_is_called_a_folder(tmp_path):
 def test_missing_answer_weights_advice_is_a_command_that_runs(tmp_path):
     with pytest.raises(VQAError, match="make one with python -m vqa.answer_weights --train_csv TRAIN_CSV --out FILE"):
         load_answer_weights(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("text", ['{"red": ' + "1" * 400 + "}", '{"red": ' + "1" * 5000 + "}",
+                                  "[" * 100000 + "]" * 100000])
+def test_answer_weights_a_number_or_nesting_python_cannot_hold_is_a_clear_error(tmp_path, text):
+    path = tmp_path / "w.json"
+    path.write_text(text)
+    with pytest.raises(VQAError, match="answer weights file '.*w.json'"):
+        load_answer_weights(path)
+
+
+def test_answer_weights_out_nested_too_deeply_is_kept_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "train.csv").write_text("image,question,answer\na.png,What color?,red\n")
+    (tmp_path / "w.json").write_text("[" * 100000 + "]" * 100000)
+    assert answer_weights_main(["--train_csv", str(tmp_path / "train.csv"), "--out", str(tmp_path / "w.json")]) == 2
+    assert "is not an answer weights file" in capsys.readouterr().err

@@ -191,3 +191,15 @@ def test_a_runs_vocabularies_written_before_the_new_normalisation_still_read_its
     answers = AnswerVocab.from_json('{"answers": ["red", "thirty", "don\u2019t"]}')
     assert [answers.id(a) for a in ("red", "thirty", "30", "don\u2019t", "don't")] == [0, 1, 1, 2, 2]
     assert answers.itos == ["red", "30", "don t"]
+
+
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, "[1]", '{"words": ["a"], "max_length": true}',
+                                  '{"words": ["a"], "max_length": 0}', '{"words": ["a"], "max_length": -3}'])
+def test_a_damaged_tokenizer_file_is_a_value_error(text):
+    with pytest.raises(ValueError):
+        Tokenizer.from_json(text)
+
+
+def test_a_damaged_answers_file_nested_too_deeply_is_a_value_error():
+    with pytest.raises(ValueError, match="nested too deeply"):
+        AnswerVocab.from_json("[" * 100000 + "]" * 100000)

@@ -52,13 +52,20 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
         raw = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_Pairs)  # keeps repeated keys
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VQAError(f"answer weights file '{path}' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise VQAError(f"answer weights file '{path}' is nested too deeply to read; it holds one object of "
+                       f"answer: weight (make one with {make})") from None
+    except ValueError as e:  # an int past Python's digit limit (4300)
+        raise VQAError(f"answer weights file '{path}' holds a number too long to read ({e}); a weight is a number "
+                       f"> 0 such as 1.5") from None
     except OSError as e:
         raise unreadable("answer weights file", path, e) from None
     if not isinstance(raw, _Pairs):
         raise VQAError(f"answer weights file '{path}' must hold an object of answer: weight")
     weights, spelt = {}, {}
     for answer, weight in raw:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not number or not 0 < weight <= sys.float_info.max:  # nan and inf fail it, and a float-overflowing int
             raise VQAError(f"answer weights file '{path}': weight of '{answer}' must be a number > 0, got {weight!r}")
         key = normalize_answer(answer)
         if not key:  # training refuses such answers, so the weight would never be used
@@ -78,7 +85,7 @@ def _weights_like(path: Path) -> bool:
     refuses (two keys for one answer), which a new one may replace."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):  # ValueError: JSON's and the decoder's errors
+    except (OSError, ValueError, RecursionError):  # ValueError: JSON's and the decoder's errors
         return False
     return isinstance(raw, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values())
 

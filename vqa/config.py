@@ -244,13 +244,19 @@ def _coerce(key: str, value, annotation, where: str):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         converted = None
         if number and (annotation is float or isinstance(value, int)):  # an int widens, a float never narrows
-            converted = annotation(value)
+            try:
+                converted = annotation(value)
+            except OverflowError:  # an int too large for a float
+                converted = math.inf
         elif isinstance(value, str):
             with contextlib.suppress(ValueError):
                 converted = annotation(value)
         if converted is not None:
-            if not math.isfinite(converted):  # nan slips through every range check; inf trains to nan
+            if isinstance(converted, float) and not math.isfinite(converted):  # nan slips through every range
+                # check; inf trains to nan. An int is finite however long (math.isfinite overflows on a long one).
                 raise VQAError(f"{where}: key '{key}' must be a finite number, got {value!r}")
+            if isinstance(converted, int) and converted.bit_length() > 63:  # no count or size: torch's ints overflow
+                raise VQAError(f"{where}: key '{key}' must be below 2**63, got a number of {len(str(value))} digits")
             return converted
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -352,6 +358,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                            f"mapping, which would silently replace the first; merge the two into one") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise VQAError(f"config file '{path}' is not valid YAML: {e}") from None
+        except RecursionError:
+            raise VQAError(f"config file '{path}' is nested too deeply to read; a config holds sections of keys "
+                           f"and values") from None
+        except ValueError as e:  # YAML's constructors: an int past Python's digit limit, a date such as 2024-13-01
+            raise VQAError(f"config file '{path}' has a value YAML cannot read ({e}); fix it, or quote it to make it "
+                           f"a string") from None
         if not isinstance(raw, dict):
             raise VQAError(f"config file '{path}' must hold a mapping with sections data, model, train")
     source = str(path) if path is not None else "config"

@@ -161,6 +161,10 @@ def _records(reader: csv.DictReader, path: Path, lines: list[str]):
             end = reader.line_num
     except csv.Error as e:
         start = _first_line(lines, end + 1, len(lines))
+        if '"' not in lines[start - 1]:  # no quote to blame: the line's own field is that long
+            raise VQAError(f"{path} line {start}: {e}, with no quote on the line: a field there is far longer than a "
+                           f"question, answer or image path; check that this is the VQA CSV, its fields separated "
+                           f"by commas") from None
         raise VQAError(f"{path} line {start}: {e}; a quote (\") opened on line {start} and left open makes a field "
                        f"run on to the end of the file: close or remove it") from None
 
@@ -201,7 +205,11 @@ def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow
     if "\0" in image:  # no file name holds one, and the operating system's calls refuse it with a ValueError
         raise VQAError(f"{where}: image path {image!r} holds a NUL character, which no file name can; fix the path")
     candidate = Path(image)
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    try:
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: a symbolic link loop (Python < 3.13)
+        raise VQAError(f"{where}: image path '{image}' cannot be followed ({e}); fix the symbolic link or the "
+                       f"path") from None
     if not allow_outside and not resolved.is_relative_to(root):
         spelt = Path(os.path.normpath(candidate if candidate.is_absolute() else root / candidate))
         link = f" through a symbolic link (to {resolved})" if spelt.is_relative_to(root) else ""

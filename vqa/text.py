@@ -119,9 +119,11 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> "Tokenizer":
-        data = json.loads(text)
-        if not (isinstance(data, dict) and _strings(data.get("words")) and isinstance(data.get("max_length"), int)):
-            raise ValueError('a tokenizer file holds {"words": [strings], "max_length": int}')
+        data = _loads(text)
+        length = data.get("max_length") if isinstance(data, dict) else None
+        if not (isinstance(data, dict) and _strings(data.get("words")) and isinstance(length, int)
+                and not isinstance(length, bool) and length > 0):
+            raise ValueError('a tokenizer file holds {"words": [strings], "max_length": int > 0}')
         tokenizer = cls(data["words"], data["max_length"])
         # A run's file from before tokenize read NFKC and typographic marks as ASCII's holds them as words ("’",
         # "？"): each reads on as the word tokenize now makes of it, so the run's questions encode as they trained.
@@ -158,12 +160,20 @@ class AnswerVocab:
 
     @classmethod
     def from_json(cls, text: str) -> "AnswerVocab":
-        data = json.loads(text)
+        data = _loads(text)
         if not (isinstance(data, dict) and _strings(data.get("answers"))):
             raise ValueError('an answer vocabulary file holds {"answers": [strings]}')
         # A run's file from before normalize_answer's number words past twenty and Unicode punctuation holds
         # "thirty" and "don’t": read as today's "30" and "don t", which its CSV rows and answer weights now give.
         return cls(normalize_answer(a) or a for a in data["answers"])
+
+
+def _loads(text: str):
+    """``json.loads``, its RecursionError on JSON nested thousands deep a ValueError as its other errors are."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply to read") from None
 
 
 def _strings(value) -> bool:
