@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
@@ -99,3 +100,20 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metada
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+        if metadata:
+            _sort_metadata(tmp)
+
+
+def _sort_metadata(path: str | os.PathLike) -> None:
+    """Rewrites a safetensors header in place with its metadata in key order: safetensors writes the metadata
+    from a hash map, in an order that changes from one call to the next, so the same weights and metadata
+    gave other bytes (another SHA-256) each time. The header keeps its length (the same JSON, reordered)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps({"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) <= size:  # always so: the same keys and values, and safetensors' own compact JSON
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))

@@ -619,3 +619,19 @@ def test_metadata_of_the_wrong_shape_is_damaged_metadata(tmp_path, meta):
     model.fc = nn.Linear(4, 6)
     with pytest.raises(ValueError, match="a.safetensors' has damaged metadata"):
         lora.load_adapter(model, path)
+
+
+def test_saved_files_are_byte_identical_for_the_same_weights_and_metadata(tmp_path):
+    # A run started from an exported file records its SHA-256: exporting the same weights again must give the
+    # same bytes, whatever order safetensors' hash map puts the metadata in.
+    model = adapted()
+    metadata = {k: str(i) for i, k in enumerate(("architecture", "img_size", "run", "weights", "epoch", "val_accuracy", "é"))}
+    files = []
+    for i in range(6):
+        lora.save_merged(model, tmp_path / f"m{i}.safetensors", metadata)
+        lora.save_adapter(model, tmp_path / f"a{i}.safetensors")
+        files.append(((tmp_path / f"m{i}.safetensors").read_bytes(), (tmp_path / f"a{i}.safetensors").read_bytes()))
+    assert all(f == files[0] for f in files)
+    with safe_open(str(tmp_path / "m0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metadata
+    assert set(lora.read_adapter_config(tmp_path / "a0.safetensors")[0]) == {f"blocks.{i}.attn.qkv" for i in range(2)}
