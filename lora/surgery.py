@@ -222,7 +222,8 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
             f"spectral_norm are such hooks), which would not move to the LoRALinear that replaces it; remove them "
             f"(handle.remove()) and register them again after inject_lora"
         )
-    if "forward" in vars(linear):  # set on the instance (a patch, as accelerate's hooks install): the class's is not run
+    # A forward set on the instance (a patch, as accelerate's hooks install): the class's is not what runs.
+    if "forward" in vars(linear):
         raise ValueError(
             f"layer '{name}' has a forward of its own set on the instance, which a LoRALinear would replace; "
             f"adapt plain nn.Linear layers only (set the forward again after inject_lora)"

@@ -52,7 +52,7 @@ class ModelConfig:
     vision_lora_r: int = 8  # LoRA rank
     vision_lora_alpha: float = 16.0  # LoRA scaling numerator: scaling = alpha / r
     vision_lora_dropout: float = 0.1  # dropout on the adapters' input
-    unfreeze_encoder_layers: int = 0  # also train the last N backbone blocks and the final norm (0 = frozen except LoRA)
+    unfreeze_encoder_layers: int = 0  # also train the last N backbone blocks and the final norm (0: only LoRA)
     grad_checkpointing: bool = False  # recompute backbone activations in backward to save memory
     hidden_dim: int = 256  # width of question encoder and fusion decoder
     num_heads: int = 4  # heads of the question encoder and of the question-to-image attention

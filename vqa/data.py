@@ -246,7 +246,8 @@ def load_image(path: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise VQAError(f"image '{path}' is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, OSError) and e.errno is not None:  # the system refused the read (permissions...): not the file's bytes
+        # An errno: the system refused the read (permissions...), which says nothing of the file's bytes.
+        if isinstance(e, OSError) and e.errno is not None:
             raise unreadable("image", path, e) from None
         raise VQAError(f"image '{path}' cannot be decoded ({type(e).__name__}: {e}); it is corrupt or truncated") from None
 
