@@ -125,27 +125,30 @@ class RunConfig:
         paths = {k: getattr(getattr(self, section), k) for section, keys in _PATH_KEYS.items() for k in keys}
         return {k: v for k, v in paths.items() if v is not None and not Path(v).is_absolute()}
 
+    def _with_paths(self, path: typing.Callable[[str, str, str | None], str | None]) -> "RunConfig":
+        """A copy with each file and folder path (``_PATH_KEYS``) replaced by ``path(section, key, value)``."""
+        return RunConfig(**{name: dataclasses.replace(getattr(self, name),
+                                                      **{k: path(name, k, getattr(getattr(self, name), k)) for k in keys})
+                            for name, keys in _PATH_KEYS.items()})
+
     def with_absolute_paths(self) -> "RunConfig":
         """A copy whose file and folder paths are absolute, as a run's config.yaml keeps them: a relative one
         would mean other files to a resume or a prediction started from another working folder."""
         relative = self.relative_paths()
-        return RunConfig(**{name: dataclasses.replace(getattr(self, name), **{k: str(Path(relative[k]).absolute())
-                                                                             for k in keys if k in relative})
-                            for name, keys in _PATH_KEYS.items()})
+        return self._with_paths(lambda _, key, value: str(Path(value).absolute()) if key in relative else value)
 
     def with_paths_spelt_as(self, saved: "RunConfig") -> "RunConfig":
         """A copy whose paths that lead where ``saved``'s absolute ones do are spelt as there (``../data/train.csv``
         and the absolute path name one file): the same file named another way is no new setting, so a resume that
         changes nothing leaves config.yaml as it was. ``saved``'s relative paths (a run from before config.yaml
         kept them absolute) are not kept."""
-        def spelt(name: str, key: str):
-            given, before = getattr(getattr(self, name), key), getattr(getattr(saved, name), key)
+        def spelt(section: str, key: str, given: str | None) -> str | None:
+            before = getattr(getattr(saved, section), key)
             same = given is not None and before is not None and Path(before).is_absolute() and (
                 Path(given).resolve() == Path(before).resolve())
             return before if same else given
 
-        return RunConfig(**{name: dataclasses.replace(getattr(self, name), **{k: spelt(name, k) for k in keys})
-                            for name, keys in _PATH_KEYS.items()})
+        return self._with_paths(spelt)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
