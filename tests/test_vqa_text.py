@@ -152,6 +152,27 @@ def test_number_words_next_to_others_keep_their_own_value():
     assert normalize_answer("twenty 1") == "20 1"  # a digit is not a unit word
 
 
+def test_a_numbers_thousands_commas_and_decimal_point_are_not_punctuation():
+    """"1,000" is the answer 1000 and "3.5" keeps its point: both were two numbers ("1 000", "3 5"), so a prediction
+    of 1000 counted as wrong against "1,000", and the answer printed for "3.5" was "3 5"."""
+    from vqa.answer_weights import compute_answer_weights
+
+    assert normalize_answer("1,000") == normalize_answer("1000") == "1000"
+    assert normalize_answer("12,345,678") == "12345678"
+    assert normalize_answer("About 3.5.") == "about 3.5"
+    assert normalize_answer("1,2") == "1 2" and normalize_answer("1,2345") == "1 2345"  # no thousands there
+    assert normalize_answer("left.5") == "left 5" and normalize_answer("5.left") == "5 left"
+    answers = AnswerVocab.build(["1000", "3.5"])
+    assert [answers.id(a) for a in ("1,000", "3.5", "3,5", "35")] == [0, 1, -1, -1]
+    assert list(compute_answer_weights(["1,000", "1000"])) == ["1000"]
+
+
+@given(st.text(alphabet="0123456789.,- tw"))
+def test_normalize_answer_is_idempotent_on_numbers_and_their_marks(text):
+    once = normalize_answer(text)
+    assert normalize_answer(once) == once
+
+
 @pytest.mark.parametrize("typed, plain", [("don\u2019t", "don't"), ("top\u2013left", "top-left"), ("top\u2014left", "top-left"),
                                           ("\u201cyes\u201d", '"yes"'), ("\u00abno\u00bb", "no"), ("wait\u2026", "wait...")])
 def test_unicode_punctuation_is_punctuation(typed, plain):

@@ -42,9 +42,21 @@ _ASCII_MARKS = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u2032", 
                               **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-")})
 
 
+# A number's marks are no punctuation: "1,000" is 1000 (a comma before each group of three digits), and "3.5" keeps
+# its point, where both became two numbers ("1 000", "3 5").
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
 def _punctuation_to_spaces(text: str) -> str:
     """ASCII punctuation and symbols (``string.punctuation``) and every Unicode punctuation mark (categories P*:
-    the curly apostrophe of "don’t", the dash of "top–left") become spaces, so that spellings agree."""
+    the curly apostrophe of "don’t", the dash of "top–left") become spaces, so that spellings agree; a number's
+    thousands commas go and its decimal point stays."""
+    parts = _DECIMAL_POINT.split(_THOUSANDS_COMMA.sub("", text))
+    return ".".join(_marks_to_spaces(part) for part in parts)
+
+
+def _marks_to_spaces(text: str) -> str:
     text = text.translate(_PUNCT)
     if text.isascii():
         return text
@@ -55,7 +67,8 @@ def normalize_answer(answer: str) -> str:
     """Lower case, punctuation to spaces, articles dropped, number words to digits, whitespace collapsed.
 
     ``"Three."`` and ``" the  3 "`` both become ``"3"``; ``"Top-Left"`` becomes ``"top left"``; number words up
-    to ninety-nine become their number (``"Twenty-One"`` and ``"twenty one"`` become ``"21"``).
+    to ninety-nine become their number (``"Twenty-One"`` and ``"twenty one"`` become ``"21"``); ``"1,000"``
+    becomes ``"1000"`` and ``"3.5"`` stays.
     """
     words = [w for w in _punctuation_to_spaces(str(answer).lower()).split() if w not in _ARTICLES]
     out = []
@@ -165,6 +178,7 @@ class AnswerVocab:
             raise ValueError('an answer vocabulary file holds {"answers": [strings]}')
         # A run's file from before normalize_answer's number words past twenty and Unicode punctuation holds
         # "thirty" and "don’t": read as today's "30" and "don t", which its CSV rows and answer weights now give.
+        # Its "1 000" and "3 5" stay: they cannot be told from answers of two numbers.
         return cls(normalize_answer(a) or a for a in data["answers"])
 
 
