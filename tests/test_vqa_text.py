@@ -167,6 +167,15 @@ def test_a_numbers_thousands_commas_and_decimal_point_are_not_punctuation():
     assert list(compute_answer_weights(["1,000", "1000"])) == ["1000"]
 
 
+@pytest.mark.parametrize("typed, plain", [("\uff13", "3"), ("\uff32\uff25\uff24", "red"), ("cafe\u0301", "caf\u00e9"),
+                                          ("\ufb01sh", "fish")])
+def test_an_answer_typed_in_another_unicode_form_is_the_same_answer(typed, plain):
+    """Answers are NFKC-normalised as questions are: a full-width "３" or an accent typed as its own mark is the
+    class of the plain spelling, in the vocabulary and in evaluation."""
+    assert normalize_answer(typed) == plain
+    assert AnswerVocab.build([plain]).id(typed) == 0
+
+
 @given(st.text(alphabet="0123456789.,- tw"))
 def test_normalize_answer_is_idempotent_on_numbers_and_their_marks(text):
     once = normalize_answer(text)

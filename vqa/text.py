@@ -64,13 +64,14 @@ def _marks_to_spaces(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """Lower case, punctuation to spaces, articles dropped, number words to digits, whitespace collapsed.
+    """NFKC, lower case, punctuation to spaces, articles dropped, number words to digits, whitespace collapsed.
 
     ``"Three."`` and ``" the  3 "`` both become ``"3"``; ``"Top-Left"`` becomes ``"top left"``; number words up
     to ninety-nine become their number (``"Twenty-One"`` and ``"twenty one"`` become ``"21"``); ``"1,000"``
     becomes ``"1000"`` and ``"3.5"`` stays.
     """
-    words = [w for w in _punctuation_to_spaces(str(answer).lower()).split() if w not in _ARTICLES]
+    text = unicodedata.normalize("NFKC", str(answer)).lower()  # as questions are: a full-width "３" is 3
+    words = [w for w in _punctuation_to_spaces(text).split() if w not in _ARTICLES]
     out = []
     for i, w in enumerate(words):
         if i and words[i - 1] in _TENS and w in _UNITS:
