@@ -468,7 +468,8 @@ def test_an_unreadable_starting_file_is_an_error_of_ours(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     ("backbone.safetensors", "backbone.safetensors' is missing: the run's backbone was randomly initialised"),
-    ("tokenizer.json", "has a missing or damaged vocabulary file"),
+    ("tokenizer.json", "has a missing or damaged tokenizer.json"),
+    ("answers.json", "has a missing or damaged answers.json"),
 ])
 def test_a_run_missing_or_damaging_a_file_it_needs_is_refused_by_resume_and_predict(trained, tmp_path, capsys, damage,
                                                                                    message):

@@ -256,11 +256,14 @@ def check_base_weights(digest: str, expected: str | None, recorded_in: Path, opt
 
 def load_vocabularies(run: Path) -> tuple[Tokenizer, AnswerVocab]:
     """The run's question and answer vocabularies (tokenizer.json, answers.json)."""
-    try:
-        tokenizer = Tokenizer.from_json((run / "tokenizer.json").read_text(encoding="utf-8"))
-        answers = AnswerVocab.from_json((run / "answers.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad JSON, or JSON of the wrong shape
-        raise VQAError(f"run folder '{run}' has a missing or damaged vocabulary file ({e})") from None
+    vocabularies = []
+    for kind, name in ((Tokenizer, "tokenizer.json"), (AnswerVocab, "answers.json")):
+        try:
+            vocabularies.append(kind.from_json((run / name).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:  # ValueError: bad JSON, or JSON of the wrong shape
+            raise VQAError(f"run folder '{run}' has a missing or damaged {name} ({e}); it is written once, when "
+                           f"the run starts: take it from a copy of the run, or train a new one") from None
+    tokenizer, answers = vocabularies
     return tokenizer, answers
 
 
@@ -270,8 +273,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
 
     ``checkpoint_path``: a local copy of the weights the run started from, in place of its own source (the
     hub for a pretrained run, offline say, or its checkpoint_path file, moved); where the run recorded the
-    file's SHA-256, or that of the weights it loaded, the copy must match them. ``tool``: the command the user ran (``python -m vqa.predict``),
-    whose ``--checkpoint_path`` the errors then name."""
+    file's SHA-256, or that of the weights it loaded, the copy must match them. ``tool``: the command the user
+    ran (``python -m vqa.predict``), whose ``--checkpoint_path`` the errors then name."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise VQAError(f"'{run}' is not a run folder: it has no config.yaml (train one with train.py)")
