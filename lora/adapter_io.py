@@ -227,13 +227,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
 
 def _check_shapes(path, config: dict[str, dict], tensors: dict[str, Tensor], strict: bool) -> None:
     """The file's tensors against its own metadata, before anything is built from either: A is (splits * r, in),
-    B is (out, r) with out a multiple of splits; with ``strict``, every layer listed has both."""
+    B is (out, r) with out a multiple of splits, both floating point; with ``strict``, every layer listed has both."""
     for name, cfg in config.items():
         a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
         missing = [f"{name}.{p}" for p, t in zip(_PARAMS, (a, b)) if t is None]
         if strict and missing:
             raise ValueError(f"adapter '{path}' lists layer '{name}' but has no '{missing[0]}': it is damaged (save "
                              f"it again); strict=False loads what it has")
+        for p, t in zip(_PARAMS, (a, b)):  # copied into a float parameter, an int8 or complex one loads silently
+            if t is not None and not t.is_floating_point():
+                raise ValueError(f"adapter '{path}' is damaged: '{name}.{p}' holds {t.dtype}, not floating-point "
+                                 f"numbers; save it again")
         fits = ((a is None or (a.dim() == 2 and a.shape[0] == cfg["splits"] * cfg["r"]))
                 and (b is None or (b.dim() == 2 and b.shape[1] == cfg["r"] and b.shape[0] % cfg["splits"] == 0)))
         if not fits:

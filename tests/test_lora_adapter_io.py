@@ -389,21 +389,28 @@ def test_a_layer_that_does_not_fit_leaves_every_layer_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(target).items())  # layer 0 too
 
 
-@pytest.mark.parametrize("damage", ["a scalar A", "an r its tensors do not have"])
+@pytest.mark.parametrize("damage", ["a scalar A", "an r its tensors do not have", "int8 B", "complex A"])
 def test_a_damaged_adapter_is_a_clear_error_before_anything_is_built(tmp_path, damage):
     path = tmp_path / "adapter.safetensors"
     lora.save_adapter(adapted(), path)
     config, meta = lora.read_adapter_config(path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    message = (r"is damaged: layer 'blocks\.0\.attn\.qkv' has r=\d+, splits=3 in its metadata but "
+               r"lora_A \((12, 32)?\), lora_B \(96, 4\)")
     if damage == "a scalar A":
         tensors["blocks.0.attn.qkv.lora_A"] = torch.tensor(1.0)
+    elif damage == "int8 B":  # before: copied into the float parameter, rounded to whole numbers, silently
+        tensors["blocks.0.attn.qkv.lora_B"] = tensors["blocks.0.attn.qkv.lora_B"].to(torch.int8)
+        message = r"is damaged: 'blocks\.0\.attn\.qkv\.lora_B' holds torch\.int8, not floating-point numbers"
+    elif damage == "complex A":
+        tensors["blocks.0.attn.qkv.lora_A"] = tensors["blocks.0.attn.qkv.lora_A"].to(torch.complex64)
+        message = r"is damaged: 'blocks\.0\.attn\.qkv\.lora_A' holds torch\.complex64"
     else:  # built from the metadata, A would take 2**40 * 3 * 32 floats
         meta["r"] = json.dumps({name: 2**40 for name in config})
     lora.save_safetensors(tensors, path, meta)
     model = tiny_vit().eval()
-    with pytest.raises(ValueError, match=r"is damaged: layer 'blocks\.0\.attn\.qkv' has r=\d+, splits=3 in its "
-                                         r"metadata but lora_A \((12, 32)?\), lora_B \(96, 4\)"):
+    with pytest.raises(ValueError, match=message):
         lora.load_adapter(model, path)
     assert not list(lora.lora_layers(model))
 
