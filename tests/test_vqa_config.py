@@ -125,6 +125,9 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
         ({"modle": {"img_size": 98}}, r"unknown section 'modle' \(sections: data, model, train\) \(did you mean 'model:'\?\)$"),
         ({"evaluation": {}}, r"unknown section 'evaluation' \(sections: data, model, train\)$"),
         ({"train": [1, 2]}, "section 'train' must be a mapping"),
+        ({"model": []}, "section 'model' must be a mapping"),  # before: read as an empty section, the defaults
+        ({"data": 0}, "section 'data' must be a mapping"),
+        ({"train": ""}, "section 'train' must be a mapping"),
         ({"train": {"epochs": True}}, "'epochs' must be int"),
         ({"train": {"epochs": 2.5}}, r"'epochs' must be int, got 2\.5 \(float\)"),  # YAML's float: never narrowed
     ],

@@ -156,7 +156,8 @@ class RunConfig:
             raise VQAError(f"{source} must be a mapping with sections data, model, train; got {type(raw).__name__}")
         sections = {}
         for name in _SECTIONS:
-            values = raw.get(name) or {}
+            values = raw.get(name)
+            values = {} if values is None else values  # "model:" with nothing under it; "model: []" is no mapping
             if not isinstance(values, dict):
                 raise VQAError(f"{source}: section '{name}' must be a mapping of keys to values")
             sections[name] = _build(name, values, f"{source}: {name}")
@@ -373,6 +374,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     merged = dict(raw)
     for section, values in parse_overrides(overrides or []).items():
         values = {k: _coerce(k, v, _KEY_TYPE[k], "command line") for k, v in values.items()}  # named as given there
-        base = merged.get(section) or {}
+        base = {} if merged.get(section) is None else merged[section]
         merged[section] = {**base, **values} if isinstance(base, dict) else base  # a non-mapping fails in from_dict
     return RunConfig.from_dict(merged, source)
