@@ -642,3 +642,50 @@ def test_saved_files_are_byte_identical_for_the_same_weights_and_metadata(tmp_pa
     with safe_open(str(tmp_path / "m0.safetensors"), framework="pt") as f:
         assert f.metadata() == metadata
     assert set(lora.read_adapter_config(tmp_path / "a0.safetensors")[0]) == {f"blocks.{i}.attn.qkv" for i in range(2)}
+
+
+def test_lora_state_dict_values_are_detached_from_the_trained_parameters():
+    """The adapter weights come out with no autograd attached, as the docstring says: editing them in place (an
+    average of several runs, say) is allowed and never becomes part of a training graph."""
+    model = adapted()
+    lora.mark_only_lora_as_trainable(model)
+    state = lora.lora_state_dict(model)
+    assert set(state) == {f"blocks.{i}.attn.qkv.{p}" for i in range(2) for p in ("lora_A", "lora_B")}
+    for key, value in state.items():
+        assert not value.requires_grad and value.grad_fn is None, key
+    state["blocks.0.attn.qkv.lora_A"].mul_(1.0)  # in place on a Parameter that requires grad would raise
+
+
+def test_a_b_whose_rows_do_not_divide_into_its_splits_is_damage_not_another_model_size(tmp_path):
+    """No q/k/v layer has an out width that is not a multiple of its splits: such a B is a damaged file (save it
+    again), said before anything is built, not a sign that the adapter belongs to another model size."""
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(adapted(), path)
+    _, meta = lora.read_adapter_config(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.0.attn.qkv.lora_B"] = tensors["blocks.0.attn.qkv.lora_B"][:-1]  # (95, 4) with splits=3
+    lora.save_safetensors(tensors, path, meta)
+    model = tiny_vit().eval()
+    with pytest.raises(ValueError, match=r"is damaged: layer 'blocks\.0\.attn\.qkv' has r=4, splits=3 in its "
+                                         r"metadata but lora_A \(12, 32\), lora_B \(95, 4\)"):
+        lora.load_adapter(model, path)
+    assert not list(lora.lora_layers(model))
+
+
+def test_loading_adapter_weights_copies_them_into_the_models_own_parameters():
+    """load_lora_state_dict copies values into the model's parameters, which keep their memory and dtype: training
+    the model after the load never writes into the state dict, nor into the model it was taken from."""
+    source = adapted()
+    before = {k: v.clone() for k, v in lora.lora_state_dict(source).items()}
+    target = adapted()
+    lora.load_lora_state_dict(target, lora.lora_state_dict(source))
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(target):  # an optimizer step, say
+            layer.lora_A.add_(1.0)
+            layer.lora_B.add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(source).items())
+    wide = adapted().double()
+    lora.load_lora_state_dict(wide, before)
+    for _, layer in lora.lora_layers(wide):
+        assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64

@@ -727,3 +727,75 @@ def test_a_low_precision_layer_merged_for_good_saves_its_weight_in_its_own_dtype
     saved = layer.state_dict()["weight"]  # the delta subtracted again: a float32 delta would promote it
     assert saved.dtype == dtype
     assert relative_error(saved.float(), w0.float()) < 1e-2
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_penalty_on_the_adapters_own_gradient_reaches_its_input_and_a(splits):
+    """B's gradient is A(x) times the output gradient: a penalty on it must differentiate through A(x), so the
+    backward recomputes A(x) with history rather than reusing forward's, which has none."""
+    layer = make_layer(splits).train()
+    layer.weight.requires_grad_(False)
+    pre = nn.Linear(12, 12)
+    x = torch.randn(5, 12, requires_grad=True)
+
+    def penalty(forward):
+        grad_b, = torch.autograd.grad(forward(torch.tanh(pre(x))).sum(), layer.lora_B, create_graph=True)
+        return torch.autograd.grad(grad_b.square().sum(), [x, layer.lora_A])
+
+    got, want = penalty(layer), penalty(lambda h: reference(layer, h))
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_dropout_on_its_own_passes_the_gradient_through_its_mask_times_its_scale(mask_kind):
+    """Used alone (not inside LoRALinear), LoRADropout's backward is x's: the kept entries' gradient is scaled by
+    1/(1-p) as their values are, for the bool mask CUDA draws as for the CPU's."""
+    drop = LoRADropout(0.5).train()
+    x = torch.randn(1000, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    torch.manual_seed(1)
+    keep = drop.keep_mask(x.detach()).to(x.dtype)  # the same draw
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    torch.testing.assert_close(y, x.detach() * keep * drop.scale)
+    torch.testing.assert_close(x.grad, grad_out * keep * drop.scale)
+
+
+def test_layer_defaults_are_the_documented_ones():
+    """LoRALinear(in, out) and from_linear(linear) default to r=8, alpha=16 (scaling alpha/r = 2), no dropout and
+    one split, as the README's API table says: a model built with the defaults must adapt as documented."""
+    for layer in (LoRALinear(16, 48), LoRALinear.from_linear(nn.Linear(16, 48))):
+        assert (layer.r, layer.alpha, layer.scaling, layer.splits) == (8, 16.0, 16.0 / 8, 1)
+        assert isinstance(layer.lora_dropout, nn.Identity)
+        assert layer.lora_A.shape == (8, 16) and layer.lora_B.shape == (48, 8)
+
+
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
+def test_either_adapter_matrix_trains_alone_when_the_other_is_frozen(frozen):
+    """Freezing A (as LoRA-FA does) or B leaves the other matrix the gradient the plain formula gives: the backward
+    decides per matrix which gradient is asked for, so B is not left without one when only A is frozen."""
+    layer = make_layer(3).train()
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    getattr(layer, frozen).requires_grad_(False)
+    trained = layer.lora_B if frozen == "lora_A" else layer.lora_A
+    x = torch.randn(4, 12)
+    grad_out = torch.randn(4, 36)
+    got, = torch.autograd.grad(layer(x), [trained], grad_out)
+    want, = torch.autograd.grad(reference(layer, x), [trained], grad_out)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want)
+
+
+def test_forward_mode_ad_outside_torch_func_with_autograd_on_matches_reference():
+    """``torch.autograd.forward_ad`` on its own (no torch.func transform), in training with autograd on: the layer
+    takes the plain out-of-place update, whose tangent is the formula's (the in-place update has no forward formula)."""
+    layer = make_layer(3).train()
+    x, tangent = torch.randn(5, 12), torch.randn(5, 12)
+    with torch.autograd.forward_ad.dual_level():
+        out = torch.autograd.forward_ad.unpack_dual(layer(torch.autograd.forward_ad.make_dual(x, tangent)))
+        want = torch.autograd.forward_ad.unpack_dual(reference(layer, torch.autograd.forward_ad.make_dual(x, tangent)))
+    torch.testing.assert_close(out.primal, want.primal)
+    torch.testing.assert_close(out.tangent, want.tangent)

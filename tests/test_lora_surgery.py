@@ -589,3 +589,49 @@ def test_inject_refuses_a_layer_with_a_forward_set_on_the_instance():
         lora.inject_lora(model, targets=("0", "1"))
     assert not list(lora.lora_layers(model))  # nothing replaced
     torch.testing.assert_close(model(x), reference)
+
+
+class _CastsThenHandsToCheckpoint(nn.Module):
+    """Reads only its qkv weight's dtype, then hands qkv to a helper (activation checkpointing): the layer runs."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.qkv, x.to(self.qkv.weight.dtype), use_reentrant=False)
+
+
+def test_a_parent_reading_only_its_layers_dtype_and_calling_it_through_a_helper_is_adapted():
+    """Reading ``self.qkv.weight.dtype`` (or device, shape) is not reading the weight: a parent that does so and
+    runs the layer through a helper (no ``self.qkv(`` in its source) must be adapted, not refused as a bypass."""
+    model = nn.Sequential(_CastsThenHandsToCheckpoint())
+    assert lora.inject_lora(model, r=2) == ["0.qkv"]
+    layer = model[0].qkv
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), F.linear(x, layer.weight + layer.delta_weight(), layer.bias))
+
+
+def test_inject_lora_defaults_are_the_documented_ones(vit):
+    """inject_lora(model) adapts every qkv with r=8, alpha=16, no dropout and q/k/v adapters of their own, as the
+    README's API table says."""
+    names = lora.inject_lora(vit)
+    assert names == [f"blocks.{i}.attn.qkv" for i in range(len(vit.blocks))]
+    for _, layer in lora.lora_layers(vit):
+        assert (layer.r, layer.alpha, layer.scaling, layer.splits) == (8, 16.0, 16.0 / 8, 3)
+        assert isinstance(layer.lora_dropout, nn.Identity)
+
+
+@pytest.mark.parametrize("register", ["register_state_dict_pre_hook", "_register_state_dict_hook"])
+def test_state_dict_hooks_on_a_layer_to_replace_are_a_clear_error(vit, register):
+    """A state-dict hook (one that renames or quantises a layer's saved weights, say) would not move to the
+    LoRALinear that replaces its layer, and checkpoints would silently change: inject_lora refuses it as it
+    refuses forward hooks."""
+    if register == "register_state_dict_pre_hook":
+        getattr(vit.blocks[1].attn.qkv, register)(lambda module, prefix, keep_vars: None)
+    else:
+        getattr(vit.blocks[1].attn.qkv, register)(lambda module, state_dict, prefix, local_metadata: None)
+    with pytest.raises(ValueError, match=r"layer 'blocks\.1\.attn\.qkv' has hooks registered on it \(state_dict_"):
+        lora.inject_lora(vit)
+    assert not list(lora.lora_layers(vit))

@@ -423,3 +423,26 @@ def test_checkpoint_path_that_is_a_folder_is_called_a_folder(tmp_path):
     # It exists: "does not exist" sent the user looking for a file that is there.
     with pytest.raises(IsADirectoryError, match="is a folder; give the .safetensors or .pth file itself"):
         tiny_backbone(checkpoint_path=tmp_path)
+
+
+def test_add_lora_defaults_are_the_documented_ones():
+    """add_lora(backbone) gives every block's qkv q/k/v adapters with r=8, alpha=16 and no dropout, the settings
+    the README's DINOv2 recipe and its parameter count rest on."""
+    model = tiny_backbone()
+    assert vit.add_lora(model) == [f"blocks.{i}.attn.qkv" for i in range(TINY["depth"])]
+    for _, layer in lora.lora_layers(model):
+        assert (layer.r, layer.alpha, layer.scaling, layer.splits) == (8, 16.0, 16.0 / 8, 3)
+        assert isinstance(layer.lora_dropout, torch.nn.Identity)
+
+
+def test_a_checkpoint_with_a_flattened_patch_kernel_loads_as_timm_loads_it(tmp_path):
+    """Old timm checkpoints hold the patch embedding as a linear layer's (embed_dim, 3 * p * p) matrix, which timm's
+    filter reshapes to the conv kernel: only a 4-D kernel is compared with the model's, so such a file still loads."""
+    source = tiny_backbone()
+    state = source.state_dict()
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].flatten(1)  # (32, 3 * 14 * 14)
+    path = tmp_path / "backbone.safetensors"
+    save_file(state, str(path))
+    loaded = tiny_backbone(checkpoint_path=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
