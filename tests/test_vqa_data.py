@@ -604,3 +604,17 @@ def test_a_field_over_the_csv_limit_without_a_quote_does_not_blame_a_quote(folde
     path = write(folder, 'image,question,answer\nimg/a.png,"What' + " color" * 30000 + "\n")  # a quote left open
     with pytest.raises(VQAError, match=r"data.csv line 2: .*a quote \(\"\) opened on line 2 and left open"):
         read_csv(path)
+
+
+def test_transform_is_the_backbone_s_own_interpolation_mean_and_std_on_the_squashed_image():
+    """A photo of another shape, resized whole to the square with the interpolation of the backbone's pretrained
+    config (bicubic for DINOv2) and standardised with its mean and std, as the backbone was trained: a plain PIL
+    resize and the formula give the same tensor."""
+    backbone = timm.create_model("vit_small_patch14_dinov2", img_size=28, embed_dim=32, depth=1, num_heads=2,
+                                 num_classes=0)
+    cfg = backbone.pretrained_cfg
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 90, 3), dtype=np.uint8))
+    resample = Image.Resampling[cfg["interpolation"].upper()]
+    pixels = torch.from_numpy(np.asarray(image.resize((28, 28), resample), dtype=np.float32) / 255).permute(2, 0, 1)
+    want = (pixels - torch.tensor(cfg["mean"]).view(3, 1, 1)) / torch.tensor(cfg["std"]).view(3, 1, 1)
+    torch.testing.assert_close(build_transform(backbone, 28)(image), want)

@@ -252,3 +252,31 @@ def test_answer_weights_out_nested_too_deeply_is_kept_not_a_traceback(tmp_path, 
     (tmp_path / "w.json").write_text("[" * 100000 + "]" * 100000)
     assert answer_weights_main(["--train_csv", str(tmp_path / "train.csv"), "--out", str(tmp_path / "w.json")]) == 2
     assert "is not an answer weights file" in capsys.readouterr().err
+
+
+def test_weights_written_as_whole_numbers_load_as_floats(tmp_path):
+    """A hand-written file of integer weights gives floats: a class-weight tensor built from them is floating point,
+    as the cross-entropy loss requires (an int64 tensor of weights is an error there)."""
+    path = tmp_path / "w.json"
+    path.write_text('{"yes": 2, "no": 1}')
+    weights = load_answer_weights(path)
+    assert weights == {"yes": 2.0, "no": 1.0} and all(type(w) is float for w in weights.values())
+    assert torch.tensor(list(weights.values())).is_floating_point()
+
+
+def test_answer_weights_are_clipped_to_0_1_and_10_by_default(tmp_path):
+    """The documented clip, [0.1, 10], holds without min_weight and max_weight, and from the command line without
+    --min_weight and --max_weight."""
+    # yes: sqrt(20200 / (201 * 20000)) = 0.07; each digit 10.02
+    answers = ["yes"] * 20_000 + [str(i) for i in range(200)]
+    unclipped = compute_answer_weights(answers, min_weight=1e-9, max_weight=1e9)
+    assert unclipped["yes"] < 0.1 and unclipped["0"] > 10  # so that both bounds show
+    weights = compute_answer_weights(answers)
+    assert weights["yes"] == 0.1 and weights["0"] == 10.0
+    (tmp_path / "a.png").write_bytes(b"")
+    csv = tmp_path / "train.csv"
+    rows = "".join(f"a.png,Is it {i}?,yes\n" for i in range(250)) + "a.png,Is it?,no\n"
+    csv.write_text("image,question,answer\n" + rows)
+    out = tmp_path / "w.json"
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 0
+    assert load_answer_weights(out) == {"yes": pytest.approx(math.sqrt(251 / 500)), "no": 10.0}  # no: 11.2 unclipped

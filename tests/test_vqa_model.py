@@ -220,3 +220,16 @@ def test_dropout_applies_in_the_question_encoder_layers_and_the_answer_head_only
     assert set(drops.values()) == {0.3}
     assert {name.split(".")[0] for name in drops} == ({"answer_head", "question_encoder"} if question_layers
                                                         else {"answer_head"})
+
+
+def test_the_type_loss_trains_the_question_encoder_and_not_the_image_side():
+    """The question-type head is an auxiliary task on the question encoding: its loss must reach the word embeddings
+    and the question encoder (otherwise ``type_loss_weight`` trains the head alone), and nothing of the image side or
+    the answer head."""
+    model = tiny_model(question_layers=1)
+    out = model(torch.randn(2, 3, 28, 28), torch.randint(3, 30, (2, 5)), torch.ones(2, 5))
+    out.type_logits.logsumexp(-1).sum().backward()
+    assert model.word_embed.weight.grad.abs().sum() > 0 and model.word_pos.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.question_encoder.parameters())
+    for module in (model.answer_head, model.fusion, model.image_mlp):
+        assert all(p.grad is None for p in module.parameters())

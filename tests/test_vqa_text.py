@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -233,3 +235,43 @@ def test_a_damaged_tokenizer_file_is_a_value_error(text):
 def test_a_damaged_answers_file_nested_too_deeply_is_a_value_error():
     with pytest.raises(ValueError, match="nested too deeply"):
         AnswerVocab.from_json("[" * 100000 + "]" * 100000)
+
+
+def test_number_words_from_zero_to_nineteen_are_their_digits():
+    """"zero" to "nineteen" are the answers 0 to 19: "Zero." and "0" (or "Nineteen" and "19") are one class."""
+    words = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+             "seventeen eighteen nineteen").split()
+    for n, word in enumerate(words):
+        assert normalize_answer(f"{word.title()}.") == str(n)
+        assert AnswerVocab.build([str(n)]).id(word) == 0
+
+
+@pytest.mark.parametrize("verb", ["is", "are", "was", "were", "does", "do", "did", "can", "could", "has", "have",
+                                  "will", "would", "should"])
+def test_every_auxiliary_verb_opening_a_question_makes_it_yes_no(verb):
+    """The question names a place ("left"), so without the auxiliary-verb rule it would be a location question."""
+    assert infer_question_type(f"{verb.title()} the square turn left?") == "yes/no"
+
+
+def test_an_answer_listed_twice_in_an_old_answers_file_takes_the_first_more_frequent_class():
+    """An answers.json from before "thirty" became "30" may list both: each reads as "30", and its rows and
+    predictions use the first class, the more frequent one the run trained most on, not the last."""
+    answers = AnswerVocab.from_json('{"answers": ["30", "red", "thirty"]}')
+    assert answers.itos == ["30", "red", "30"]
+    assert answers.id("thirty") == answers.id("30") == 0
+
+
+def test_a_tokenizer_file_gives_each_word_the_id_of_its_place_in_the_file():
+    """A run's tokenizer.json lists its words in the order of the embedding rows the checkpoint trained: read back,
+    each word keeps its place, whatever that order is (not re-sorted, which would give words other rows)."""
+    tokenizer = Tokenizer.from_json('{"words": ["what", "circle", "color"], "max_length": 8}')
+    first = len(Tokenizer.SPECIALS)
+    assert tokenizer.encode("What color circle?") == [Tokenizer.CLS, first, first + 2, first + 1, Tokenizer.UNK]
+
+
+def test_a_tokenizer_read_from_an_old_file_has_the_length_of_its_words_not_of_their_aliases():
+    """``len(tokenizer)`` sizes the model's word embedding when a run loads: an old file's words read under today's
+    spelling too (aliases), but the table still has one row per word of the file, as the checkpoint does."""
+    words = ["?", "colour", "what", "\u2019"]  # "\u2019" reads as "'" too: an alias, no new row
+    tokenizer = Tokenizer.from_json(f'{{"words": {json.dumps(words)}, "max_length": 32}}')
+    assert len(tokenizer) == len(Tokenizer.SPECIALS) + len(words)
