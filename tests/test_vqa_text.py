@@ -275,3 +275,13 @@ def test_a_tokenizer_read_from_an_old_file_has_the_length_of_its_words_not_of_th
     words = ["?", "colour", "what", "\u2019"]  # "\u2019" reads as "'" too: an alias, no new row
     tokenizer = Tokenizer.from_json(f'{{"words": {json.dumps(words)}, "max_length": 32}}')
     assert len(tokenizer) == len(Tokenizer.SPECIALS) + len(words)
+
+
+@pytest.mark.parametrize("question", ["Isn't the circle on the left?", "Aren't there two circles?",
+                                      "Wasn't it at the top?", "Doesn't the square have a color?",
+                                      "Didn\u2019t the cat move left?", "Won't the square fall?",
+                                      "Can't you see the shape?"])
+def test_a_question_opened_by_a_negated_auxiliary_verb_is_yes_no(question):
+    """"Isn't the circle on the left?" asks yes or no as "Is the circle on the left?" does: not a location, colour
+    or "other" question, in the per-type accuracy and the type head's labels."""
+    assert infer_question_type(question) == "yes/no"

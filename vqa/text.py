@@ -34,6 +34,9 @@ _NUMBER_WORDS = {
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _AUX_VERBS = {"is", "are", "was", "were", "does", "do", "did", "can", "could", "has", "have", "will", "would", "should"}
+# The stems of their negations, which tokenize splits from "'t": "isn't" is isn ' t, "won't" won ' t.
+_NEGATED_AUX_VERBS = {"isn", "aren", "wasn", "weren", "doesn", "don", "didn", "can", "couldn", "hasn", "haven", "won",
+                      "wouldn", "shouldn"}
 _WORD = re.compile(r"\w+|[^\w\s]")
 # Typographic quotes and dashes as their ASCII marks in questions: a phone's smart punctuation types "What’s" where
 # the training CSV has "What's", and the curly mark would be an unknown word, whose embedding never trained.
@@ -91,7 +94,8 @@ def infer_question_type(question: str) -> str:
     """Guesses one of ``QUESTION_TYPES`` from the wording, for rows without a ``question_type``."""
     words = tokenize(question)
     text = " ".join(words)
-    if words[:1] and words[0] in _AUX_VERBS:  # "Is there a red shape?", "Is the cat on the left?": yes or no
+    first = words[0] if words else ""
+    if first in _AUX_VERBS or (first in _NEGATED_AUX_VERBS and words[1:3] == ["'", "t"]):  # "Is it?", "Isn't it?"
         return "yes/no"
     if text.startswith("how many") or "number of" in text:
         return "count"
