@@ -78,7 +78,7 @@ def test_explicit_question_type_is_kept_and_checked(folder):
         (HEADER + "img/a.png,What?,red\nimg/a.png,What?,red\n", "row 2 .* repeats row 1"),
         (HEADER + "img/a.png,What?,red,extra\n", "more fields than the header"),
         (HEADER + "../outside.png,What?,red\n", "outside the CSV's folder"),
-        (HEADER + "img/a.png,Which?,The.\n", r"row 1 \(line 2\) has the answer 'The\.', which is empty once normalised"),
+        (HEADER + "img/a.png,Which?,?!\n", r"row 1 \(line 2\) has the answer '\?!', which is empty once normalised"),
     ],
 )
 def test_bad_csv_is_a_clear_error_naming_file_and_row(folder, content, message):

@@ -178,7 +178,26 @@ def test_an_answer_typed_in_another_unicode_form_is_the_same_answer(typed, plain
     assert AnswerVocab.build([plain]).id(typed) == 0
 
 
-@given(st.text(alphabet="0123456789.,- tw"))
+def test_a_numbers_minus_sign_stays_and_a_dash_between_words_or_numbers_is_punctuation():
+    """"-5" is minus five, not the answer 5; a typographic minus is the same sign. The dash of "covid-19" or of a
+    range "5-6" is still punctuation."""
+    assert normalize_answer("-5") == "-5" != normalize_answer("5")
+    assert normalize_answer("\u22123.5") == normalize_answer("-3.5") == "-3.5"
+    assert normalize_answer("Covid-19") == "covid 19" and normalize_answer("5-6") == "5 6"
+    answers = AnswerVocab.build(["5", "-5"])
+    assert answers.itos[answers.id("\u22125")] == "-5"
+
+
+def test_a_last_a_is_a_letter_not_an_article():
+    """The answer "A" of a multiple choice, "vitamin A" or "type A" keeps its letter, where it became empty (a
+    refused row) or "vitamin" and "type"; an article before a word still goes."""
+    assert [normalize_answer(a) for a in ("A", "A.", "Vitamin A", "type A", "a red car", "the 3")] == [
+        "a", "a", "vitamin a", "type a", "red car", "3"]
+    answers = AnswerVocab.build(["a", "b", "vitamin", "vitamin a"])
+    assert [answers.id(a) for a in ("A", "(b)", "Vitamin A", "the vitamin")] == [0, 1, 3, 2]
+
+
+@given(st.text(alphabet="0123456789.,- twa\u2212"))
 def test_normalize_answer_is_idempotent_on_numbers_and_their_marks(text):
     once = normalize_answer(text)
     assert normalize_answer(once) == once

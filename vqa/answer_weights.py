@@ -69,8 +69,8 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
             raise VQAError(f"answer weights file '{path}': weight of '{answer}' must be a number > 0, got {weight!r}")
         key = normalize_answer(answer)
         if not key:  # training refuses such answers, so the weight would never be used
-            raise VQAError(f"answer weights file '{path}': the answer '{answer}' is empty once normalised (articles "
-                           f"and punctuation are dropped), so no answer can match it; remove it")
+            raise VQAError(f"answer weights file '{path}': the answer '{answer}' is empty once normalised (it is all "
+                           f"punctuation, which is dropped), so no answer can match it; remove it")
         if key in weights:  # one would silently replace the other, the file's order deciding which
             both = (f"'{answer}' is given twice" if spelt[key] == answer
                     else f"'{spelt[key]}' and '{answer}' are both the answer '{key}' once normalised")

@@ -197,8 +197,8 @@ def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow
         if not value:
             raise VQAError(f"{where} has an empty '{name}'; fill it in or delete the row")
     if require_answer and not normalize_answer(answer):
-        raise VQAError(f"{where} has the answer '{answer}', which is empty once normalised (articles and "
-                       f"punctuation are dropped); give the answer itself")
+        raise VQAError(f"{where} has the answer '{answer}', which is empty once normalised (it is all "
+                       f"punctuation, which is dropped); give the answer in words or digits")
     qtype = (record.get("question_type") or "").strip().lower() or infer_question_type(question)
     if qtype not in QUESTION_TYPES:
         raise VQAError(f"{where} has question_type '{qtype}'; use one of {', '.join(QUESTION_TYPES)} or leave it empty")

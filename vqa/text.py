@@ -45,18 +45,22 @@ _ASCII_MARKS = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u2032", 
                               **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-")})
 
 
-# A number's marks are no punctuation: "1,000" is 1000 (a comma before each group of three digits), and "3.5" keeps
-# its point, where both became two numbers ("1 000", "3 5").
+# A number's marks are no punctuation: "1,000" is 1000 (a comma before each group of three digits), "3.5" keeps its
+# point and "-5" its sign (not the dash of "covid-19" or "5-6"), where they became "1 000", "3 5" and "5".
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+_NUMBER_MARK = re.compile(r"(?<=\d)\.(?=\d)|(?<![\w.])-(?=\d)")
 
 
 def _punctuation_to_spaces(text: str) -> str:
     """ASCII punctuation and symbols (``string.punctuation``) and every Unicode punctuation mark (categories P*:
     the curly apostrophe of "don’t", the dash of "top–left") become spaces, so that spellings agree; a number's
-    thousands commas go and its decimal point stays."""
-    parts = _DECIMAL_POINT.split(_THOUSANDS_COMMA.sub("", text))
-    return ".".join(_marks_to_spaces(part) for part in parts)
+    thousands commas go, and its decimal point and minus sign stay."""
+    text = _THOUSANDS_COMMA.sub("", text)
+    out, start = [], 0
+    for mark in _NUMBER_MARK.finditer(text):
+        out += [_marks_to_spaces(text[start:mark.start()]), mark.group()]
+        start = mark.end()
+    return "".join(out + [_marks_to_spaces(text[start:])])
 
 
 def _marks_to_spaces(text: str) -> str:
@@ -67,14 +71,18 @@ def _marks_to_spaces(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """NFKC, lower case, punctuation to spaces, articles dropped, number words to digits, whitespace collapsed.
+    """NFKC, lower case, punctuation to spaces, articles before a word dropped, number words to digits,
+    whitespace collapsed.
 
     ``"Three."`` and ``" the  3 "`` both become ``"3"``; ``"Top-Left"`` becomes ``"top left"``; number words up
     to ninety-nine become their number (``"Twenty-One"`` and ``"twenty one"`` become ``"21"``); ``"1,000"``
-    becomes ``"1000"`` and ``"3.5"`` stays.
+    becomes ``"1000"``, while ``"3.5"`` and ``"-5"`` stay; the letter of ``"A"`` and ``"vitamin A"`` stays.
     """
-    text = unicodedata.normalize("NFKC", str(answer)).lower()  # as questions are: a full-width "３" is 3
-    words = [w for w in _punctuation_to_spaces(text).split() if w not in _ARTICLES]
+    # As questions are read: a full-width "３" is 3, a typographic minus "−5" is -5.
+    text = unicodedata.normalize("NFKC", str(answer)).translate(_ASCII_MARKS).lower()
+    words = _punctuation_to_spaces(text).split()
+    # "a red car" is "red car", but a last "a" is no article: the answer "A" of a multiple choice, "vitamin A".
+    words = [w for i, w in enumerate(words) if w not in _ARTICLES or i == len(words) - 1]
     out = []
     for i, w in enumerate(words):
         if i and words[i - 1] in _TENS and w in _UNITS:
