@@ -589,7 +589,6 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 # A run killed after this write and before its checkpoint repeats the epoch: one line per epoch.
                 lines = [line for line in lines if json.loads(line)["epoch"] <= epoch]
                 write_text(history, "".join(line + "\n" for line in lines + [json.dumps(metrics)]))
-                print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
                 meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}",
                         **({"base_sha256": base_sha256} if base_sha256 else {}),
                         **({"base_weights_sha256": base_weights_sha256} if base_weights_sha256 else {})}
@@ -601,6 +600,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                         lora.save_adapter(model.backbone, run / f"adapter_{tag}.safetensors",
                                           {**meta, "model": cfg.model.vision_model, "img_size": str(cfg.model.img_size)})
             checkpoint(epoch + 1, 0)
+            if procs.is_main:  # said once saved: a stdout that is gone (`| head`, a closed terminal) loses nothing
+                print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
             stop_on(agreed_signal(), epoch + 1, 0)
     finally:
         for s, handler in previous.items():

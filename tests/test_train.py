@@ -2400,3 +2400,23 @@ def test_unfreezing_more_blocks_than_the_backbone_has_names_the_key_and_the_dept
     assert "unfreeze_last" not in err  # the library's own argument name, which the user never set
     assert not (tmp_path / "run").exists()
     assert train.cli(["--config", str(tiny_config(tmp_path)), "--unfreeze_encoder_layers", "1", "--epochs", "1"]) == 0
+
+
+def test_a_stdout_that_is_gone_at_an_epochs_end_loses_no_training(tmp_path, monkeypatch):
+    """`train.py ... | head` closes the pipe: the epoch's line then fails to print. The epoch's weights and
+    checkpoint are saved before it, so the run resumes after that epoch rather than from nothing."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.config import load_config
+
+    def closed_pipe(*args, **kwargs):
+        if str(args[0]).startswith("epoch "):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    cfg = load_config(tiny_config(tmp_path, epochs=2))
+    monkeypatch.setattr(train, "print", closed_pipe, raising=False)
+    with pytest.raises(BrokenPipeError):
+        train.main(cfg)
+    run = Path(cfg.train.output_dir)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert (run / "model_last.safetensors").is_file()
