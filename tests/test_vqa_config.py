@@ -343,3 +343,10 @@ def test_a_long_number_on_the_command_line_is_a_clear_error():
         load_config(None, ["--lr", "1" * 400])
     with pytest.raises(VQAError, match="'epochs' must be below 2\\*\\*63, got a number of 400 digits"):
         load_config(None, ["--epochs", "1" * 400])
+
+
+def test_a_flag_given_twice_takes_its_last_value_as_argparse_does(tmp_path):
+    """An override appended to a command (a shell alias, a script's defaults) replaces the earlier one, whatever
+    spelling either uses, as the README says."""
+    assert parse_overrides(["--lr", "1e-4", "--train.lr=2e-4"]) == {"train": {"lr": "2e-4"}}
+    assert load_config(None, ["--epochs", "1", "--epochs=3"]).train.epochs == 3
