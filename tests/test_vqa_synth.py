@@ -393,3 +393,21 @@ def test_a_path_flag_may_start_at_the_home_folder_and_a_missing_user_is_refused(
             "'no_such_user_here'; write the path in full (./~no_such_user_here/synth for a folder named so)"
             in capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+def test_overwrite_replaces_only_a_synthetic_set_and_takes_its_extra_images_with_it(tmp_path, capsys):
+    """--overwrite, which the refusal suggests, replaced a user's own train.csv with the shapes; it now refuses
+    any CSV this tool did not write. Replacing a larger synthetic set leaves none of its images behind."""
+    args = ["--out", str(tmp_path), "--val-images", "1", "--image_size", "32", "--overwrite"]
+    assert main([*args, "--train_images", "4"]) == 0
+    assert main([*args, "--train_images", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["train_00000.png", "train_00001.png",
+                                                                       "val_00000.png"]
+    mine = tmp_path / "mine"
+    (mine / "pics").mkdir(parents=True)
+    (mine / "train.csv").write_text("image,question,answer\npics/cat.jpg,What is it?,cat\n")
+    (mine / "pics" / "cat.jpg").write_bytes(b"mine")
+    assert main(["--out", str(mine), "--overwrite"]) == 2
+    assert "train.csv is not a CSV this tool wrote" in capsys.readouterr().err
+    assert (mine / "train.csv").read_text() == "image,question,answer\npics/cat.jpg,What is it?,cat\n"
+    assert not (mine / "images").exists()

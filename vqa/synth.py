@@ -19,6 +19,7 @@ import csv
 import math
 import os
 import random
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -258,6 +259,22 @@ def generate(
     return train_csv, val_csv
 
 
+_IMAGE_NAME = re.compile(r"images/(train|val)_\d{5}\.png")
+
+
+def _synthetic_images(csv_path: Path) -> set[str] | None:
+    """The images a CSV this module wrote names, or ``None`` for any other file (a user's own data set): its
+    header and every image name are ours."""
+    try:
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not rows or tuple(rows[0]) != CSV_HEADER or not all(row and _IMAGE_NAME.fullmatch(row[0]) for row in rows[1:]):
+        return None
+    return {row[0] for row in rows[1:]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``python -m vqa.synth`` command line; returns the exit code (2 for bad arguments)."""
     parser = argparse.ArgumentParser(prog="python -m vqa.synth", description=__doc__.splitlines()[0])
@@ -279,14 +296,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.out} holds a data set already ({', '.join(existing)}); add --overwrite to replace "
               f"it, or choose another --out", file=sys.stderr)
         return 2
+    old_images = set()
+    for name in existing:
+        images = _synthetic_images(args.out / name)
+        if images is None:
+            print(f"error: {args.out / name} is not a CSV this tool wrote (its header or image names differ), "
+                  f"and --overwrite replaces only a synthetic set; choose another --out", file=sys.stderr)
+            return 2
+        old_images |= images
     try:
-        generate(
+        train_csv, val_csv = generate(
             args.out,
             train_images=args.train_images,
             val_images=args.val_images,
             seed=args.seed,
             image_size=args.image_size,
         )
+        # A smaller set than the one replaced: the old set's images past its counts go with it.
+        for name in old_images - _synthetic_images(train_csv) - _synthetic_images(val_csv):
+            (args.out / name).unlink(missing_ok=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
