@@ -88,6 +88,19 @@ def test_bad_csv_is_a_clear_error_naming_file_and_row(folder, content, message):
     assert "data.csv" in str(err.value)
 
 
+@pytest.mark.parametrize("header, hint", [
+    ("image;question;answer", "the columns are separated by semicolons: save the file with commas"),
+    ("image\tquestion\tanswer", "the columns are separated by tabs"),
+    ("Image,Question,Answer", "names are lower case: 'Image' should be 'image'"),
+    ("image,question,anwser", r"\(is 'anwser' a misspelt 'answer'\?\)"),
+    ("img/b.png,What?,blue", "the first line is read as the header: add one above the rows"),
+])
+def test_a_header_missing_a_column_says_what_it_most_likely_got_wrong(folder, header, hint):
+    """Another separator, capitals, a typo, a file without a header: each has its own fix, which the error names."""
+    with pytest.raises(VQAError, match=f"has no '.*' column .*; the header must name image, question, answer.*{hint}"):
+        read_csv(write(folder, header + "\nimg/a.png,What?,red\n"))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(VQAError, match="does not exist"):
         read_csv(tmp_path / "none.csv")

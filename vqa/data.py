@@ -10,6 +10,7 @@ image with all its questions, and ``collate`` returns an ``image_index`` mapping
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import os
 import warnings
@@ -65,6 +66,23 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
+def _header_hint(missing: str, columns: list[str]) -> str:
+    """What a header that lacks a column most likely got wrong: another separator, the case, a misspelling, or
+    no header line at all."""
+    for separator, name in ((";", "semicolons"), ("\t", "tabs")):
+        if len(columns) == 1 and separator in columns[0]:
+            return f"; the columns are separated by {name}: save the file with commas"
+    for column in columns:
+        if column.lower() == missing:
+            return f"; names are lower case: '{column}' should be '{missing}'"
+    close = difflib.get_close_matches(missing, columns, n=1, cutoff=0.75)
+    if close:
+        return f" (is '{close[0]}' a misspelt '{missing}'?)"
+    if not set(columns) & set(REQUIRED_COLUMNS + ("question_type",)):
+        return "; the first line is read as the header: add one above the rows"
+    return ""
+
+
 def read_csv(
     path: str | Path,
     *,
@@ -97,7 +115,7 @@ def read_csv(
     if missing:
         raise VQAError(
             f"{path} has no '{missing[0]}' column (columns found: {', '.join(columns) or 'none'}); "
-            f"the header must name {', '.join(required)}"
+            f"the header must name {', '.join(required)}{_header_hint(missing[0], columns)}"
         )
     root = path.parent.resolve()
     data = CSVData(path, [])
