@@ -2420,3 +2420,23 @@ def test_a_stdout_that_is_gone_at_an_epochs_end_loses_no_training(tmp_path, monk
     run = Path(cfg.train.output_dir)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert (run / "model_last.safetensors").is_file()
+
+
+def test_evaluate_says_how_many_answers_the_run_never_trained_on(trained, tmp_path, capsys):
+    """Such a question counts as wrong whatever the model says: the tool says how many there are, which explains
+    a low score at once."""
+    import vqa.evaluate
+    from vqa.run_files import load_vocabularies
+
+    tmp, _ = trained
+    header, *rows = (tmp / "data" / "val.csv").read_text().splitlines()
+    _, answers = load_vocabularies(tmp / "run")
+    rows[0] = ",".join([*rows[0].split(",")[:2], "purple elephant", *rows[0].split(",")[3:]])
+    unseen = sum(answers.id(row.split(",")[2]) < 0 for row in rows)  # the elephant and any the run never saw
+    assert unseen >= 1
+    csv = tmp_path / "val.csv"
+    csv.write_text("\n".join([header] + [str(tmp / "data" / row) for row in rows]) + "\n")
+    assert vqa.evaluate.main(["--run", str(tmp / "run"), "--csv", str(csv), "--allow_outside_paths"]) == 0
+    out = capsys.readouterr().out
+    assert f"{unseen} of {len(rows)} question(s) ({100 * unseen / len(rows):.1f}%) have an answer the " \
+           f"run never trained on, which counts as wrong" in out

@@ -156,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_workers", "--num-workers", type=at_least(0), default=0,
                         help="loader processes decoding images (default 0: in this process)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true")
+    parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true",
+                        help="leave out rows with a missing or unreadable image, or a bad field, and count them")
     parser.add_argument("--allow_outside_paths", "--allow-outside-paths", action="store_true",
                         help="let image paths leave the CSV's folder (absolute or ../); also on where the run "
                              "trained with it")
-    parser.add_argument("--which", choices=("best", "last"), default="best")
+    parser.add_argument("--which", choices=("best", "last"), default="best",
+                        help="the weights of the best validation epoch (default) or of the last one")
     parser.add_argument("--checkpoint_path", "--checkpoint-path", type=user_path, metavar="PATH", help=CHECKPOINT_HELP)
     args = parser.parse_args(argv)
     try:
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_accuracy_table(metrics))
+    unseen = sum(answers.id(row.answer) < 0 for row in data.rows)
+    if unseen:  # a low score this explains: no prediction can be right for them
+        print(f"{unseen} of {len(data.rows)} question(s) ({100 * unseen / len(data.rows):.1f}%) have an answer the "
+              f"run never trained on, which counts as wrong")
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")  # again, under the table
     return 0
