@@ -102,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m vqa.answer_weights",
                                      description="Per-answer loss weights that balance rare answers.")
-    parser.add_argument("--train_csv", "--train-csv", required=True, type=user_path)
-    parser.add_argument("--out", required=True, type=user_path)
-    parser.add_argument("--min_weight", type=float, default=0.1)
-    parser.add_argument("--max_weight", type=float, default=10.0)
+    parser.add_argument("--train_csv", "--train-csv", required=True, type=user_path,
+                        help="the training CSV whose answers are counted")
+    parser.add_argument("--out", required=True, type=user_path,
+                        help="JSON file to write (train with --answer_weights OUT)")
+    parser.add_argument("--min_weight", "--min-weight", type=float, default=0.1,
+                        help="w = clip(sqrt(N / (K * n)), min, max) for an answer seen n times among N questions "
+                             "with K answers (default: 0.1)")
+    parser.add_argument("--max_weight", "--max-weight", type=float, default=10.0, help="(default: 10.0)")
     parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
     parser.add_argument("--allow_outside_paths", action="store_true",
                         help="let image paths leave the CSV's folder (absolute or ../)")

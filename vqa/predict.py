@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vqa.predict",
                                      description="Answer a question about an image with a trained run.")
     parser.add_argument("--run", required=True, type=user_path, help="run folder written by train.py")
-    parser.add_argument("--image", required=True, type=user_path)
-    parser.add_argument("--question", required=True)
+    parser.add_argument("--image", required=True, type=user_path, help="image file (any format Pillow reads)")
+    parser.add_argument("--question", required=True, help='the question, quoted: "How many circles are there?"')
     parser.add_argument("--top_k", "--top-k", type=at_least(1), default=5, help="answers to list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--checkpoint_path", "--checkpoint-path", type=user_path, metavar="PATH", help=CHECKPOINT_HELP)
