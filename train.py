@@ -616,7 +616,16 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         log(f"skipped {skipped} bad row(s) (--skip_bad_rows)")
     if metrics:
         log(format_accuracy_table(metrics))
+        log(next_steps(run, cfg.data.val_csv))
     return metrics
+
+
+def next_steps(run: Path, val_csv: str) -> str:
+    """The tools that read a finished run, as commands to copy."""
+    commands = [["evaluate", "--csv", val_csv], ["predict", "--image", "IMAGE", "--question", "QUESTION"],
+                ["export", "--out", str(run / "encoder.safetensors")]]
+    return f"\nthe run is in {run}; next:" + "".join(
+        f"\n  {shlex.join(['python', '-m', f'vqa.{tool}', '--run', str(run), *args])}" for tool, *args in commands)
 
 
 def check_config_outside_run(config: Path | None, run: Path) -> None:

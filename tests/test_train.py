@@ -2440,3 +2440,23 @@ def test_evaluate_says_how_many_answers_the_run_never_trained_on(trained, tmp_pa
     out = capsys.readouterr().out
     assert f"{unseen} of {len(rows)} question(s) ({100 * unseen / len(rows):.1f}%) have an answer the " \
            f"run never trained on, which counts as wrong" in out
+
+
+def test_a_finished_run_ends_with_the_commands_that_read_it(trained, tmp_path, capsys):
+    """The last lines name the run folder and the evaluate, predict and export commands for it, which run as
+    printed (evaluate here; predict once its placeholders are filled in)."""
+    import vqa.evaluate
+    import vqa.predict
+
+    tmp, result = trained
+    run = tmp / "run"
+    tail = result.stdout.split(f"the run is in {run}; next:\n")[1].splitlines()
+    commands = [shlex.split(line) for line in tail]
+    assert [c[:3] for c in commands] == [["python", "-m", f"vqa.{tool}"] for tool in ("evaluate", "predict", "export")]
+    assert all(c[3:5] == ["--run", str(run)] for c in commands)
+    assert vqa.evaluate.main(commands[0][3:]) == 0
+    assert "overall" in capsys.readouterr().out
+    image = str(tmp / "data" / "images" / "val_00000.png")
+    filled = [{"IMAGE": image, "QUESTION": "How many circles are there?"}.get(word, word) for word in commands[1][3:]]
+    assert vqa.predict.main(filled) == 0
+    assert commands[2][5:] == ["--out", str(run / "encoder.safetensors")]
