@@ -631,3 +631,17 @@ def test_transform_is_the_backbone_s_own_interpolation_mean_and_std_on_the_squas
     pixels = torch.from_numpy(np.asarray(image.resize((28, 28), resample), dtype=np.float32) / 255).permute(2, 0, 1)
     want = (pixels - torch.tensor(cfg["mean"]).view(3, 1, 1)) / torch.tensor(cfg["std"]).view(3, 1, 1)
     torch.testing.assert_close(build_transform(backbone, 28)(image), want)
+
+
+def test_a_row_over_several_lines_is_named_by_the_lines_it_spans(folder):
+    """A question quoted over two lines: the error names the line the row begins on, not only its last."""
+    with pytest.raises(VQAError, match=r"data\.csv row 1 \(lines 2 to 3\) has an empty 'answer'"):
+        read_csv(write(folder, HEADER + 'img/a.png,"What colour\nis it?", \n'))
+
+
+def test_a_repeated_row_is_named_whole_in_a_folder_whose_name_has_spaces(tmp_path):
+    """The earlier row is named as "row 1 (line 2)" whatever the path holds (its first space cut it before)."""
+    spaced = tmp_path / "my data"
+    png(spaced / "img" / "a.png")
+    with pytest.raises(VQAError, match=r"my data/data\.csv row 2 \(line 3\) repeats row 1 \(line 2\) exactly"):
+        read_csv(write(spaced, HEADER + "img/a.png,What?,red\nimg/a.png,What?,red\n"))

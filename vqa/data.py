@@ -129,7 +129,9 @@ def read_csv(
         if _empty(record):  # no row, as a blank line is none: not counted, not skipped
             continue
         number += 1
-        where = f"{path} row {number} (line {reader.line_num})"
+        # Where a quoted field runs over lines, all of them: the row begins on the first.
+        at = f"row {number} (line {start})" if start == end else f"row {number} (lines {start} to {end})"
+        where = f"{path} {at}"
         if end > start and _holds_rows(lines[start:end], image_at, need, root):
             # A quote left open swallows the lines after it: the rows there would be lost, not just bad.
             raise VQAError(
@@ -140,8 +142,8 @@ def read_csv(
             row = _parse_row(record, where, root, require_answer, allow_outside_paths)
             key = (row.image, row.question, row.answer, row.question_type)
             if key in seen:
-                raise VQAError(f"{where} repeats {seen[key].split(' ', 1)[1]} exactly; remove the duplicate")
-            seen[key] = where
+                raise VQAError(f"{where} repeats {seen[key]} exactly; remove the duplicate")
+            seen[key] = at
         except VQAError as e:
             if not skip_bad_rows:
                 raise VQAError(f"{e} (or pass --skip_bad_rows to skip such rows)") from None
