@@ -352,6 +352,15 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         tokenizer = Tokenizer.build((r.question for r in train_data.rows), max_length=cfg.data.max_question_length)
         answers = AnswerVocab.build(r.answer for r in train_data.rows)
 
+    class_weights = None  # read before the model is built: a bad file costs no time
+    if cfg.data.answer_weights:
+        table = load_answer_weights(cfg.data.answer_weights)
+        if not any(a in table for a in answers.itos):
+            raise VQAError(f"answer weights file '{cfg.data.answer_weights}' weighs none of the run's "
+                           f"{len(answers)} answers (it has e.g. {_preview(table)}, the run {_preview(answers.itos)}); "
+                           f"make it from this training CSV with python -m vqa.answer_weights")
+        class_weights = torch.tensor([table.get(a, 1.0) for a in answers.itos], device=device)
+
     backbone_file = run / "backbone.safetensors"
     from_random = random_backbone(cfg)
     if resume and from_random and not backbone_file.is_file():
@@ -391,14 +400,6 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     val_rounds = math.ceil(len(all_val_batches) / procs.world_size)  # the most batches any process validates
     pin = device.type == "cuda"  # page-locked batches: host-to-GPU copies overlap with the GPU's work
     val_loader = make_loader(val_set, val_batches, t.num_workers, pin)
-    class_weights = None
-    if cfg.data.answer_weights:
-        table = load_answer_weights(cfg.data.answer_weights)
-        if not any(a in table for a in answers.itos):
-            raise VQAError(f"answer weights file '{cfg.data.answer_weights}' weighs none of the run's "
-                           f"{len(answers)} answers (it has e.g. {_preview(table)}, the run {_preview(answers.itos)}); "
-                           f"make it from this training CSV with python -m vqa.answer_weights")
-        class_weights = torch.tensor([table.get(a, 1.0) for a in answers.itos], device=device)
 
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))

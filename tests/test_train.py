@@ -502,15 +502,24 @@ def test_an_epoch_logged_before_a_crash_is_logged_once_after_the_resume(trained,
     assert [json.loads(line)["epoch"] for line in history.read_text().splitlines()] == [1, 2, 3]
 
 
-def test_answer_weights_that_fit_none_of_the_answers_are_refused(tmp_path):
+@pytest.mark.parametrize("content, message", [
+    ('{"zebra": 2.0}', r"w\.json' weighs none of the run's \d+ answers \(it has e\.g\. 'zebra'"),  # another set's
+    (None, r"w\.json"),  # no such file
+])
+def test_answer_weights_that_fit_none_of_the_answers_are_refused_before_the_model_is_built(tmp_path, monkeypatch,
+                                                                                            content, message):
+    """Every weight would silently be 1; and the file is read before the model is built (a pretrained backbone's
+    download or load), so a bad one costs no time."""
     sys.path.insert(0, str(ROOT))
     import train
     from vqa.config import load_config
 
     weights = tmp_path / "w.json"
-    weights.write_text('{"zebra": 2.0}')  # another data set's: every weight would silently be 1
+    if content is not None:
+        weights.write_text(content)
     cfg = load_config(tiny_config(tmp_path), ["--answer_weights", str(weights)])
-    with pytest.raises(train.VQAError, match=r"w\.json' weighs none of the run's \d+ answers \(it has e\.g\. 'zebra'"):
+    monkeypatch.setattr(train, "build_model", lambda *args, **kwargs: pytest.fail("the model was built first"))
+    with pytest.raises(train.VQAError, match=message):
         train.main(cfg)
 
 
