@@ -304,3 +304,13 @@ def test_a_question_opened_by_a_negated_auxiliary_verb_is_yes_no(question):
     """"Isn't the circle on the left?" asks yes or no as "Is the circle on the left?" does: not a location, colour
     or "other" question, in the per-type accuracy and the type head's labels."""
     assert infer_question_type(question) == "yes/no"
+
+
+@pytest.mark.parametrize("question, qtype", [("Is the circle red or blue?", "other"),
+                                             ("Is the square on the left or the right?", "location"),
+                                             ("Is the colour of the circle red or green?", "color"),
+                                             ("Is the circle red?", "yes/no")])
+def test_a_choice_between_two_answers_is_not_a_yes_no_question(question, qtype):
+    """"Is it red or blue?" opens with a verb but is answered by one of its choices: it is typed by the rules that
+    follow (its answers are no yes or no), where "Is it red?" stays yes/no."""
+    assert infer_question_type(question) == qtype

@@ -103,7 +103,8 @@ def infer_question_type(question: str) -> str:
     words = tokenize(question)
     text = " ".join(words)
     first = words[0] if words else ""
-    if first in _AUX_VERBS or (first in _NEGATED_AUX_VERBS and words[1:3] == ["'", "t"]):  # "Is it?", "Isn't it?"
+    asks = first in _AUX_VERBS or (first in _NEGATED_AUX_VERBS and words[1:3] == ["'", "t"])  # "Is it?", "Isn't it?"
+    if asks and "or" not in words:  # "Is it red or blue?" is answered by a colour: the rules below say which type
         return "yes/no"
     if text.startswith("how many") or "number of" in text:
         return "count"
