@@ -366,3 +366,31 @@ if __name__ == "__main__":
     if sys.argv[1] == "signal-in-validation-on-rank-0":
         sys.exit(validation_signal_worker(sys.argv[2:]))
     ddp_worker(Path(sys.argv[2]))
+
+
+def test_the_sum_over_processes_adds_every_process_s_share(monkeypatch):
+    """Evaluation counts each process's share of the questions: the total is every process's count added, not
+    this process's alone. (The other process's counts simulated in the all-reduce.)"""
+    import torch.distributed as dist
+
+    theirs = torch.tensor([3, 40])
+
+    def all_reduce(t, op=dist.ReduceOp.SUM):
+        t.copy_(t + theirs if op == dist.ReduceOp.SUM else torch.maximum(t, theirs))
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    mine = torch.tensor([5, 2])
+    expected = mine + theirs
+    assert torch.equal(distributed.sum_over_ranks(mine, distributed.Processes(1, 2), torch.device("cpu")), expected)
+
+
+def test_gather_lists_every_process_s_object_in_rank_order(monkeypatch):
+    """Resume restores each process's random generators from the list gather gives: position r must hold rank
+    r's, as torch's all_gather_object fills it. (The collective simulated: slot r gets rank r's object.)"""
+    def all_gather_object(out, obj):
+        out[:] = [{"rank": r} for r in range(len(out))]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    got = distributed.gather({"rank": 1}, distributed.Processes(1, 3))
+    assert [o["rank"] for o in got] == [0, 1, 2]
+    assert distributed.gather("alone", distributed.Processes()) == ["alone"]

@@ -689,3 +689,16 @@ def test_loading_adapter_weights_copies_them_into_the_models_own_parameters():
     lora.load_lora_state_dict(wide, before)
     for _, layer in lora.lora_layers(wide):
         assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+
+
+def test_a_file_in_a_folder_not_made_yet_is_written_with_its_folders(tmp_path):
+    """save_adapter and save_merged take a path as a user names it (``exports/run3/adapter.safetensors``): the
+    folders it names are made, as a run's own output folder is, not left to a FileNotFoundError."""
+    model = adapted()
+    path = tmp_path / "exports" / "run3" / "adapter.safetensors"
+    lora.save_adapter(model, path)
+    target = adapted()
+    assert lora.load_adapter(target, path)
+    merged = tmp_path / "merged" / "encoder.safetensors"
+    lora.save_merged(model, merged)
+    assert [p.name for p in merged.parent.iterdir()] == ["encoder.safetensors"]

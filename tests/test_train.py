@@ -2469,3 +2469,62 @@ def test_a_finished_run_ends_with_the_commands_that_read_it(trained, tmp_path, c
     filled = [{"IMAGE": image, "QUESTION": "How many circles are there?"}.get(word, word) for word in commands[1][3:]]
     assert vqa.predict.main(filled) == 0
     assert commands[2][5:] == ["--out", str(run / "encoder.safetensors")]
+
+
+def test_unfreeze_encoder_layers_trains_the_last_blocks_and_saves_them_with_the_run(tmp_path, one_block):
+    """unfreeze_encoder_layers N trains the backbone's last N blocks and its final norm beside the adapters: the
+    run's weights hold them, moved away from the base weights the run started from, and the layers before them
+    (the patch embedding) stay frozen and out of the run's weights."""
+    import train
+
+    assert train.cli(["--config", str(tiny_config(tmp_path)), "--unfreeze_encoder_layers", "1", "--epochs", "1"]) == 0
+    run = tmp_path / "run"
+    weights, base = load_file(run / "model_last.safetensors"), load_file(run / "backbone.safetensors")
+    unfrozen = [k for k in base if k.startswith(("blocks.0.", "norm."))]
+    assert unfrozen and all(f"backbone.{k}" in weights for k in unfrozen)
+    assert not any(k.startswith("backbone.patch_embed.") for k in weights)
+    assert any(not torch.equal(weights[f"backbone.{k}"], base[k]) for k in unfrozen)
+
+
+def test_every_training_step_runs_the_model_in_training_mode(tmp_path, monkeypatch, one_block):
+    """Dropout and BatchNorm's running statistics act in every training step, in an epoch after a validation
+    (which runs the model in eval mode) too."""
+    import train
+    from vqa.config import load_config
+
+    models, build = [], train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: models.append(build(*a, **k)) or models[-1])
+    modes, real = [], train.F.cross_entropy
+
+    def recording(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename == train.__file__:  # train.py's step losses only
+            modes.append(all(m.training for m in models[0].modules()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", recording)
+    train.main(load_config(tiny_config(tmp_path, epochs=2)))
+    assert len(modes) == 8 and all(modes)  # 2 epochs of 2 steps, each an answer loss and a type loss
+
+
+def test_a_fork_after_a_run_released_its_lock_runs_the_fork_hook_cleanly(tmp_path, monkeypatch):
+    """A lock released (its run ended) is no longer the fork hook's: a loader worker forked later closes the
+    copies of the locks still held, with no error for the released one, whose descriptor is gone."""
+    pytest.importorskip("fcntl")
+    from vqa.run_lock import RunLock
+
+    errors = []
+    monkeypatch.setattr(sys, "unraisablehook", errors.append)  # where an at-fork hook's exception goes
+    (tmp_path / "ended").mkdir()
+    (tmp_path / "held").mkdir()
+    ended, held = RunLock(tmp_path / "ended"), RunLock(tmp_path / "held")
+    assert ended.take() and held.take()
+    ended.release()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its hooks have run
+            os._exit(0 if not errors and held.fd is None else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not errors and held.fd is not None  # the parent keeps its lock
+    finally:
+        held.release()

@@ -350,3 +350,24 @@ def test_a_flag_given_twice_takes_its_last_value_as_argparse_does(tmp_path):
     spelling either uses, as the README says."""
     assert parse_overrides(["--lr", "1e-4", "--train.lr=2e-4"]) == {"train": {"lr": "2e-4"}}
     assert load_config(None, ["--epochs", "1", "--epochs=3"]).train.epochs == 3
+
+
+def test_a_resume_keeps_the_spelling_of_absolute_saved_paths_only(tmp_path, monkeypatch):
+    """with_paths_spelt_as spells a path as the saved config does only where that one is absolute: a relative
+    saved path (a run from before config.yaml kept them absolute) gives way to the absolute one resumed with,
+    so the config.yaml a resume writes names its files from any folder."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d"
+    saved = load_config(None, ["--train_csv", "d/train.csv", "--val_csv", str(data / "val.csv")])
+    given = load_config(None, ["--train_csv", "d/train.csv", "--val_csv", "d/../d/val.csv"]).with_absolute_paths()
+    spelt = given.with_paths_spelt_as(saved)
+    assert Path(spelt.data.train_csv).is_absolute() and Path(spelt.data.train_csv).resolve() == data / "train.csv"
+    assert spelt.data.val_csv == saved.data.val_csv  # the same file: spelt as config.yaml has it
+
+
+def test_a_count_takes_torch_s_largest_int_and_refuses_one_more():
+    """Int keys reach torch as int64: 2**63 - 1 is taken, 2**63 (which would overflow there) is refused, naming
+    the limit."""
+    assert load_config(None, ["--checkpoint_every", str(2**63 - 1)]).train.checkpoint_every == 2**63 - 1
+    with pytest.raises(VQAError, match=r"'checkpoint_every' must be below 2\*\*63"):
+        load_config(None, ["--checkpoint_every", str(2**63)])

@@ -411,3 +411,29 @@ def test_overwrite_replaces_only_a_synthetic_set_and_takes_its_extra_images_with
     assert "train.csv is not a CSV this tool wrote" in capsys.readouterr().err
     assert (mine / "train.csv").read_text() == "image,question,answer\npics/cat.jpg,What is it?,cat\n"
     assert not (mine / "images").exists()
+
+
+def test_an_image_size_past_the_minimum_that_the_grid_does_not_divide_is_refused(tmp_path):
+    """The image is a GRID x GRID grid of equal cells: a size above the minimum that does not divide into them
+    (34) is refused like one below it, before anything is written, not rendered with cells of unequal size."""
+    size = 8 * GRID + GRID // 2
+    assert size % GRID
+    for call in (lambda: generate(tmp_path, train_images=1, val_images=1, image_size=size),
+                 lambda: make_scene(random.Random(0), size), lambda: render_scene([], size)):
+        with pytest.raises(ValueError, match=f"multiple of {GRID}"):
+            call()
+    assert not list(tmp_path.iterdir())
+
+
+def test_overwrite_refuses_a_user_s_csv_in_this_tool_s_layout_and_keeps_its_images(tmp_path, capsys):
+    """A user's own data set written in this project's CSV layout (the same header) is still no synthetic set:
+    --overwrite refuses it, rather than replacing its CSV and deleting the images it names as left over."""
+    (tmp_path / "images").mkdir()
+    photo = tmp_path / "images" / "cat.jpg"
+    photo.write_bytes(b"mine")
+    text = ",".join(CSV_HEADER) + "\nimages/cat.jpg,What is it?,cat,shape\n"
+    (tmp_path / "train.csv").write_text(text)
+    assert main(["--out", str(tmp_path), "--train_images", "1", "--val_images", "1", "--image_size", "32",
+                 "--overwrite"]) == 2
+    assert "train.csv is not a CSV this tool wrote" in capsys.readouterr().err
+    assert (tmp_path / "train.csv").read_text() == text and photo.read_bytes() == b"mine"
