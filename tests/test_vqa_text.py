@@ -314,3 +314,9 @@ def test_a_choice_between_two_answers_is_not_a_yes_no_question(question, qtype):
     """"Is it red or blue?" opens with a verb but is answered by one of its choices: it is typed by the rules that
     follow (its answers are no yes or no), where "Is it red?" stays yes/no."""
     assert infer_question_type(question) == qtype
+
+
+@pytest.mark.parametrize("answer, expected", [(".5", ".5"), ("-.5", "-.5"), ("0.5", "0.5"), ("e.g.", "e g"),
+                                              ("v.2", "v 2"), ("5.", "5")])
+def test_a_leading_decimal_point_stays(answer, expected):
+    assert normalize_answer(answer) == expected == normalize_answer(expected)

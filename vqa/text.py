@@ -48,7 +48,8 @@ _ASCII_MARKS = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u2032", 
 # A number's marks are no punctuation: "1,000" is 1000 (a comma before each group of three digits), "3.5" keeps its
 # point and "-5" its sign (not the dash of "covid-19" or "5-6"), where they became "1 000", "3 5" and "5".
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_NUMBER_MARK = re.compile(r"(?<=\d)\.(?=\d)|(?<![\w.])-(?=\d)")
+# A point before a digit and after none of a word's letters: ".5" is a half, not 5; "-.5" keeps its sign too.
+_NUMBER_MARK = re.compile(r"(?<![^\W\d])\.(?=\d)|(?<![\w.])-(?=\.?\d)")
 
 
 def _punctuation_to_spaces(text: str) -> str:
