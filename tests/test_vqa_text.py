@@ -319,4 +319,12 @@ def test_a_choice_between_two_answers_is_not_a_yes_no_question(question, qtype):
 @pytest.mark.parametrize("answer, expected", [(".5", ".5"), ("-.5", "-.5"), ("0.5", "0.5"), ("e.g.", "e g"),
                                               ("v.2", "v 2"), ("5.", "5")])
 def test_a_leading_decimal_point_stays(answer, expected):
+    """".5" is a half, where it became 5; a point after a letter ("v.2") is still punctuation."""
     assert normalize_answer(answer) == expected == normalize_answer(expected)
+
+
+@pytest.mark.parametrize("question", ["Is the shape a circle or not?", "Is it on the left or not?",
+                                      "Does it have 3 or more sides?", "Are there 2 or fewer circles?"])
+def test_or_not_and_or_more_ask_yes_or_no(question):
+    """"or not" and "or more" offer no choice of answers: the question is still answered yes or no."""
+    assert infer_question_type(question) == "yes/no"

@@ -105,7 +105,10 @@ def infer_question_type(question: str) -> str:
     text = " ".join(words)
     first = words[0] if words else ""
     asks = first in _AUX_VERBS or (first in _NEGATED_AUX_VERBS and words[1:3] == ["'", "t"])  # "Is it?", "Isn't it?"
-    if asks and "or" not in words:  # "Is it red or blue?" is answered by a colour: the rules below say which type
+    # "Is it red or blue?" is answered by a colour (the rules below say which type); "or not", "or more" no choice.
+    choice = any(w == "or" and words[i + 1:i + 2] not in (["not"], ["more"], ["less"], ["fewer"])
+                 for i, w in enumerate(words))
+    if asks and not choice:
         return "yes/no"
     if text.startswith("how many") or "number of" in text:
         return "count"
