@@ -437,3 +437,12 @@ def test_overwrite_refuses_a_user_s_csv_in_this_tool_s_layout_and_keeps_its_imag
                  "--overwrite"]) == 2
     assert "train.csv is not a CSV this tool wrote" in capsys.readouterr().err
     assert (tmp_path / "train.csv").read_text() == text and photo.read_bytes() == b"mine"
+
+
+def test_overwrite_takes_a_synthetic_csv_that_a_blank_line_ends(tmp_path):
+    """An editor's trailing blank line leaves the set the tool's own: --overwrite still replaces it."""
+    args = ["--out", str(tmp_path), "--train_images", "2", "--val-images", "1", "--image_size", "32"]
+    assert main(args) == 0
+    with open(tmp_path / "train.csv", "a") as f:
+        f.write("\n")
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0

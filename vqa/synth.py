@@ -259,7 +259,7 @@ def generate(
     return train_csv, val_csv
 
 
-_IMAGE_NAME = re.compile(r"images/(train|val)_\d{5}\.png")
+_IMAGE_NAME = re.compile(r"images/(train|val)_\d{5,}\.png")  # five digits, more from the 100,000th image
 
 
 def _synthetic_images(csv_path: Path) -> set[str] | None:
@@ -270,9 +270,10 @@ def _synthetic_images(csv_path: Path) -> set[str] | None:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
-    if not rows or tuple(rows[0]) != CSV_HEADER or not all(row and _IMAGE_NAME.fullmatch(row[0]) for row in rows[1:]):
+    named = [row for row in rows[1:] if row]  # a blank line is no row
+    if not rows or tuple(rows[0]) != CSV_HEADER or not all(_IMAGE_NAME.fullmatch(row[0]) for row in named):
         return None
-    return {row[0] for row in rows[1:]}
+    return {row[0] for row in named}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
