@@ -82,7 +82,8 @@ def normalize_answer(answer: str) -> str:
     # As questions are read: a full-width "３" is 3, a typographic minus "−5" is -5.
     text = unicodedata.normalize("NFKC", str(answer)).translate(_ASCII_MARKS).lower()
     words = _punctuation_to_spaces(text).split()
-    # "a red car" is "red car", but a last "a" is no article: the answer "A" of a multiple choice, "vitamin A".
+    # "a red car" is "red car", but a last word stays even where it is spelt as an article: the answer "A" of a
+    # multiple choice, "vitamin A".
     words = [w for i, w in enumerate(words) if w not in _ARTICLES or i == len(words) - 1]
     out = []
     for i, w in enumerate(words):
