@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,9 +104,17 @@ def ddp_worker(out: Path) -> None:
     distributed.teardown(procs)
 
 
+def torchrun_command(log_dir: Path, *args) -> list[str]:
+    """torchrun on two processes, its logs in ``log_dir`` (by default each launch leaves a torchelastic_*
+    folder in the system's temporary folder)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--log-dir", str(log_dir), *args]
+
+
 def torchrun(*args, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="torchrun_logs_") as logs:
+        return subprocess.run(torchrun_command(Path(logs), *args), cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -315,8 +324,8 @@ def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(t
     main one saves. The run stopped through torchrun, resumed (each process with its own random stream
     back), ends where the uninterrupted run ends; one process alone may not resume it."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train.py", "--config", str(tiny_config(tmp_path, **RUN_OPTIONS)), *RUN_OVERRIDES]
+    config = tiny_config(tmp_path, **RUN_OPTIONS)
+    cmd = torchrun_command(tmp_path / "torchrun_logs", "train.py", "--config", str(config), *RUN_OVERRIDES)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 180
