@@ -37,6 +37,7 @@ from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
                            load_checkpoint, load_vocabularies, missing_backbone, never_checkpointed, random_backbone,
+                           read_history,
                            remove_run, save_checkpoint, train_command, trained_files, weights_sha256, write_text)
 from vqa.run_lock import RunLock
 from vqa.text import AnswerVocab, Tokenizer, normalize_answer
@@ -330,6 +331,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if not (run / "checkpoint.pt").is_file():
             raise VQAError(never_checkpointed(run, procs.world_size, overwrite=bool(trained_files(run))))
     state = load_checkpoint(run / "checkpoint.pt") if resume else {}
+    history = read_history(run / "metrics.jsonl") if resume else []  # one record per epoch, rewritten after each
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -585,11 +587,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             is_best = metrics["accuracy"] > best
             best = max(best, metrics["accuracy"])
             if procs.is_main:
-                history = run / "metrics.jsonl"
-                lines = history.read_text(encoding="utf-8").splitlines() if history.is_file() else []
                 # A run killed after this write and before its checkpoint repeats the epoch: one line per epoch.
-                lines = [line for line in lines if json.loads(line)["epoch"] <= epoch]
-                write_text(history, "".join(line + "\n" for line in lines + [json.dumps(metrics)]))
+                history = [record for record in history if record["epoch"] <= epoch] + [metrics]
+                write_text(run / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
                 meta = {"epoch": str(epoch + 1), "val_accuracy": f"{metrics['accuracy']:.6f}",
                         **({"base_sha256": base_sha256} if base_sha256 else {}),
                         **({"base_weights_sha256": base_weights_sha256} if base_weights_sha256 else {})}

@@ -502,6 +502,38 @@ def test_an_epoch_logged_before_a_crash_is_logged_once_after_the_resume(trained,
     assert [json.loads(line)["epoch"] for line in history.read_text().splitlines()] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("damage, line", [
+    (lambda lines: lines[:-1] + [lines[-1][:20]], 2),
+    (lambda lines: ["[1]"] + lines[1:], 1),
+    (lambda lines: [lines[0].replace('"epoch": 1', '"epoch": "1"')] + lines[1:], 1),
+], ids=["cut short", "not a record", "epoch a string"])
+def test_a_damaged_metrics_file_stops_a_resume_before_it_trains(trained, tmp_path, capsys, monkeypatch, damage, line):
+    """Named by file and line at the start, where it was read only after an epoch's training, and crashed there."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = copied_run(trained, tmp_path)
+    history = run / "metrics.jsonl"
+    history.write_text("\n".join(damage(history.read_text().splitlines())) + "\n")
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+    assert f"{history}, line {line}: " in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_blank_lines_in_the_metrics_file_are_skipped_and_the_epochs_kept(trained, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = copied_run(trained, tmp_path)
+    history = run / "metrics.jsonl"
+    before = history.read_text().splitlines()
+    history.write_text("\n".join(before) + "\n\n")  # an editor's empty last line
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 0
+    assert history.read_text().splitlines()[:2] == before
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"zebra": 2.0}', r"w\.json' weighs none of the run's \d+ answers \(it has e\.g\. 'zebra'"),  # another set's
     (None, r"w\.json"),  # no such file

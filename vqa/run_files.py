@@ -18,6 +18,7 @@ loader), and ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "write_text",
+    "read_history",
     "load_run",
     "load_vocabularies",
     "trained_files",
@@ -157,6 +159,33 @@ def never_checkpointed(run: Path, processes: int = 1, overwrite: bool = False) -
 def write_text(path: Path, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def read_history(path: Path) -> list[dict]:
+    """The epochs ``metrics.jsonl`` records, one dict per line (none where the file is missing); a line that is not
+    one, edited or damaged, is an error naming it, before any training time is spent."""
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise unreadable("metrics file", path, e) from None
+    except UnicodeDecodeError:
+        raise VQAError(f"'{path}' is not UTF-8 text, as train.py writes it; delete it to resume without the earlier "
+                       f"epochs' metrics") from None
+    history = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+            raise VQAError(f"{path}, line {number}: {line[:60]!r} is not an epoch's metrics as train.py writes them "
+                           f"(a JSON object with an integer \"epoch\"); mend or delete that line")
+        history.append(record)
+    return history
 
 
 @torch.no_grad()
