@@ -88,7 +88,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
     for name, params in seen.items():
         for param in params:
             getattr(layers[name], param).copy_(state_dict[f"{name}.{param}"])
-    return sorted(seen)
+    return [name for name in layers if name in seen]  # in the model's order: blocks.2 before blocks.10
 
 
 def _preview(names, limit: int = 4) -> str:

@@ -112,6 +112,16 @@ def test_an_adapter_of_another_model_size_says_so_and_changes_nothing(tmp_path, 
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_the_layers_loaded_are_returned_in_the_models_order(tmp_path):
+    """Eleven layers named 0 to 10: "2" before "10", as the model runs them (a string sort put "10" after "1")."""
+    model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(11)))
+    lora.inject_lora(model, targets=re.compile(r"\d+"), r=2)
+    names = [str(i) for i in range(11)]
+    assert lora.load_lora_state_dict(model, lora.lora_state_dict(model)) == names
+    lora.save_adapter(model, tmp_path / "a.safetensors")
+    assert lora.load_adapter(nn.Sequential(*(nn.Linear(4, 4) for _ in range(11))), tmp_path / "a.safetensors") == names
+
+
 def test_strict_loading_reports_missing_and_unexpected_layers():
     model = adapted()
     state = lora.lora_state_dict(model)
