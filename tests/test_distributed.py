@@ -391,6 +391,7 @@ def test_the_sum_over_processes_adds_every_process_s_share(monkeypatch):
     mine = torch.tensor([5, 2])
     expected = mine + theirs
     assert torch.equal(distributed.sum_over_ranks(mine, distributed.Processes(1, 2), torch.device("cpu")), expected)
+    assert torch.equal(mine, torch.tensor([5, 2]))  # the caller's own counts are left as they were
 
 
 def test_gather_lists_every_process_s_object_in_rank_order(monkeypatch):

@@ -102,10 +102,10 @@ def max_over_ranks(values: list[int], procs: Processes, device: torch.device) ->
 
 
 def sum_over_ranks(t: torch.Tensor, procs: Processes, device: torch.device) -> torch.Tensor:
-    """The sum of ``t`` over all processes (on ``t``'s own device)."""
+    """The sum of ``t`` over all processes (on ``t``'s own device); ``t`` itself is left as it was."""
     if not procs.enabled:
         return t
-    total = t.to(device)  # NCCL reduces CUDA tensors only
+    total = t.to(device, copy=True)  # NCCL reduces CUDA tensors only
     dist.all_reduce(total)
     return total.to(t.device)
 
