@@ -23,6 +23,7 @@ import torch
 
 from lora import LoRADropout
 from throughput import interleaved, shown, summary
+from vqa.evaluate import at_least
 
 
 def masks(rows: int, width: int, p: float) -> dict[str, callable]:
@@ -46,11 +47,12 @@ def masks(rows: int, width: int, p: float) -> dict[str, callable]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=800, help="rows of the layer's input (batch x tokens)")
-    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--rows", type=at_least(1), default=800, help="rows of the layer's input (batch x tokens)")
+    parser.add_argument("--width", type=at_least(1), default=384)
     parser.add_argument("--p", type=float, default=0.1)
-    parser.add_argument("--rounds", type=int, default=24, help="a multiple of 6 balances the orders of 3 variants")
-    parser.add_argument("--reps", type=int, default=20, help="masks drawn together in one round")
+    parser.add_argument("--rounds", type=at_least(1), default=24,
+                        help="a multiple of 6 balances the orders of 3 variants")
+    parser.add_argument("--reps", type=at_least(1), default=20, help="masks drawn together in one round")
     args = parser.parse_args()
     device = torch.device("cpu")
     variants = masks(args.rows, args.width, args.p)

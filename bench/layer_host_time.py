@@ -22,6 +22,7 @@ from torch import nn
 
 import lora
 from throughput import interleaved, summary
+from vqa.evaluate import at_least
 
 IN, OUT, R = 16, 48, 2  # a qkv of width 16: out = 3 x in, three adapters of rank 2
 
@@ -66,8 +67,8 @@ def paths(reps: int) -> dict[str, tuple]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=24, help="rounds per path (even: balances the order)")
-    parser.add_argument("--reps", type=int, default=500, help="calls timed together in one round")
+    parser.add_argument("--rounds", type=at_least(1), default=24, help="rounds per path (even: balances the order)")
+    parser.add_argument("--reps", type=at_least(1), default=500, help="calls timed together in one round")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = torch.device("cpu")

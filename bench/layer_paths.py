@@ -17,18 +17,23 @@ from torch import nn
 
 import lora.layer
 from throughput import interleaved, shown, summary
-from vqa.evaluate import autocast, pick_device
+from vqa.errors import VQAError
+from vqa.evaluate import at_least, autocast, pick_device
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=384, help="in_features; the qkv output is 3 x this")
-    parser.add_argument("--rows", type=int, nargs="+", default=[800, 1152, 2056, 4112])
-    parser.add_argument("--rounds", type=int, default=24, help="a multiple of 6 balances the orders of 3 variants")
-    parser.add_argument("--reps", type=int, default=10, help="calls timed together in one round")
+    parser.add_argument("--width", type=at_least(1), default=384, help="in_features; the qkv output is 3 x this")
+    parser.add_argument("--rows", type=at_least(1), nargs="+", default=[800, 1152, 2056, 4112])
+    parser.add_argument("--rounds", type=at_least(1), default=24,
+                        help="a multiple of 6 balances the orders of 3 variants")
+    parser.add_argument("--reps", type=at_least(1), default=10, help="calls timed together in one round")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except VQAError as e:
+        parser.error(str(e))
     torch.manual_seed(0)
     layer = lora.LoRALinear(args.width, 3 * args.width, r=8, splits=3, device=device).eval()
     nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter

@@ -33,6 +33,7 @@ from torch import nn
 
 import lora
 from vqa.cli import user_path
+from vqa.errors import VQAError
 from vqa.evaluate import at_least, autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
 from vqa.run_files import write_text
 
@@ -144,7 +145,9 @@ def ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
 
 def summary(values: list[float]) -> dict:
     """The median of ``values`` and their interquartile range (25th to 75th percentile)."""
-    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    # "inclusive" interpolates between the values themselves; the default ("exclusive") extrapolates
+    # past the smallest and largest of a few rounds (2 rounds: a quarter of their gap beyond each).
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
     return {"median": statistics.median(values), "iqr": [q1, q3]}
 
 
@@ -264,9 +267,9 @@ def bench_merge(args, device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch14_dinov2")
-    parser.add_argument("--img-size", type=int, default=98)
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch")
-    parser.add_argument("--infer-batch-size", type=int, default=None, help="default: the training batch")
+    parser.add_argument("--img-size", type=at_least(1), default=98)
+    parser.add_argument("--batch-size", type=at_least(1), default=16, help="training batch")
+    parser.add_argument("--infer-batch-size", type=at_least(1), default=None, help="default: the training batch")
     parser.add_argument("--rounds", type=at_least(1), default=24,
                         help="timed rounds; a multiple of 12 balances the orders of every section")
     parser.add_argument("--warmup", type=at_least(1), default=3)
@@ -275,16 +278,22 @@ def main() -> None:
     parser.add_argument("--json", type=user_path)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.infer_batch_size = args.infer_batch_size or args.batch_size
-    device = pick_device(args.device)
+    if args.infer_batch_size is None:
+        args.infer_batch_size = args.batch_size
+    try:
+        device = pick_device(args.device)
+    except VQAError as e:
+        parser.error(str(e))
     if args.memory_child:
         print(memory_growth(args, args.memory_child, device))
         return
     sections = args.only or ["inference", "training", "memory", "merge"]
-    report = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "device": str(device),
-              "device_name": device_name(device), "threads": torch.get_num_threads(), "rounds": args.rounds,
+    report = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
+              "infer_batch_size": args.infer_batch_size, "device": str(device), "device_name": device_name(device),
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "warmup": args.warmup,
               "torch": torch.__version__}
-    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {device} ({report['device_name']}), "
+    infer = f" (inference {args.infer_batch_size})" if args.infer_batch_size != args.batch_size else ""
+    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}{infer}, {device} ({report['device_name']}), "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (medians of per-round ratios)")
     if "inference" in sections:
         report["inference"] = bench_inference(args, device)

@@ -185,9 +185,26 @@ def test_ratios_are_medians_of_per_round_reference_over_variant_times_with_their
     per_round = [1.0, 0.5, 2.0, 4.0, 0.5]  # the medians' ratio, 3 / 4, is not what is asked
     r = throughput.ratios(times, "ref")
     assert r["v"]["median"] == statistics.median(per_round) == 1.0
-    assert r["v"]["iqr"] == pytest.approx([0.5, 3.0])  # 25th and 75th percentiles of the per-round ratios
+    assert r["v"]["iqr"] == pytest.approx([0.5, 2.0])  # 25th and 75th percentiles of the per-round ratios
     assert r["ref"] == {"median": 1.0, "iqr": [1.0, 1.0]}
     assert throughput.summary([2.0]) == {"median": 2.0, "iqr": [2.0, 2.0]}
+
+
+def percentile(values, p):
+    """The ``p`` quantile by linear interpolation between the sorted values at (n - 1) p (numpy's default)."""
+    v = sorted(values)
+    h = (len(v) - 1) * p
+    lo = int(h)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (h - lo) * (v[hi] - v[lo])
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0], [3.0, 1.0, 2.0], [0.5, 0.5, 1.0, 2.0, 4.0], [1.1, 0.9, 1.3, 1.0]])
+def test_the_interquartile_range_interpolates_between_the_rounds_and_never_leaves_them(values):
+    s = throughput.summary(values)
+    assert s["median"] == statistics.median(values)
+    assert s["iqr"] == pytest.approx([percentile(values, 0.25), percentile(values, 0.75)])
+    assert min(values) <= s["iqr"][0] <= s["median"] <= s["iqr"][1] <= max(values)
 
 
 def fake_times(names, rounds=4):
@@ -229,13 +246,13 @@ def test_bench_training_times_each_variant_s_own_step_and_reports_ratios_to_full
         assert shape == (3, 3, 28, 28)
         per_round = [f / t for f, t in zip(times["full_finetune"], times[v])]
         assert result[v]["ratio_to_full"] == pytest.approx(statistics.median(per_round))
-        assert result[v]["ratio_iqr"] == pytest.approx(statistics.quantiles(per_round, n=4)[::2])
+        assert result[v]["ratio_iqr"] == pytest.approx(statistics.quantiles(per_round, n=4, method="inclusive")[::2])
         assert result[v]["images_per_s"] == pytest.approx(3 / statistics.median(times[v]))
     models = [ran[v][0][0] for v in throughput.TRAINING]
     assert len({id(m) for m in models}) == len(models)  # a model of its own each
     cost = [a / b - 1 for a, b in zip(times["lora_r8_dropout0.1"], times["lora_r8_dropout0"])]
     assert result["dropout_cost"] == pytest.approx(statistics.median(cost))
-    assert result["dropout_cost_iqr"] == pytest.approx(statistics.quantiles(cost, n=4)[::2])
+    assert result["dropout_cost_iqr"] == pytest.approx(statistics.quantiles(cost, n=4, method="inclusive")[::2])
     fused = result["ratio_to_fused_full"]
     assert set(fused) == {"lora_r8_dropout0.1", "lora_r8_dropout0", "frozen_floor"}
     for v, r in fused.items():
@@ -271,7 +288,7 @@ def test_bench_inference_runs_each_model_in_inference_mode_and_reports_ratios_to
     for v in throughput.INFERENCE:
         per_round = [b / t for b, t in zip(times["base"], times[v])]
         assert result[v]["ratio_to_base"] == pytest.approx(statistics.median(per_round))
-        assert result[v]["ratio_iqr"] == pytest.approx(statistics.quantiles(per_round, n=4)[::2])
+        assert result[v]["ratio_iqr"] == pytest.approx(statistics.quantiles(per_round, n=4, method="inclusive")[::2])
         assert result[v]["images_per_s"] == pytest.approx(5 / statistics.median(times[v]))
 
 
@@ -372,6 +389,103 @@ def test_main_passes_its_arguments_runs_the_sections_asked_and_prints_what_it_wr
             in printed
     assert "dropout 0.1 adds +12.5% (IQR +6.2% to +25.0%)" in printed
     assert "frozen_floor       x3.250 (IQR 3.125 to 3.375)" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
+    (["--infer-batch-size", "0"], "argument --infer-batch-size: must be >= 1, got 0"),
+    (["--img-size", "0"], "argument --img-size: must be >= 1, got 0"),
+    (["--device", "foo"], "--device has unknown device 'foo'; use auto, cpu or cuda"),
+])
+def test_main_refuses_a_bad_option_with_a_usage_error_before_measuring_anything(monkeypatch, capsys, argv, message):
+    for section in ("bench_inference", "bench_training", "bench_memory", "bench_merge"):
+        monkeypatch.setattr(throughput, section, lambda args, device, section=section: pytest.fail(f"{section} ran"))
+    monkeypatch.setattr(sys, "argv", ["throughput.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_json_records_the_inference_batch_and_the_warmup_it_ran_with(monkeypatch, tmp_path):
+    got = {}
+    monkeypatch.setattr(throughput, "bench_inference", lambda args, device: got.setdefault("args", args) and {})
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--batch-size", "7", "--infer-batch-size", "9", "--warmup", "2",
+                                      "--device", "cpu", "--only", "inference", "--json", str(out)])
+    throughput.main()
+    assert (got["args"].batch_size, got["args"].infer_batch_size) == (7, 9)
+    report = json.loads(out.read_text())
+    assert (report["batch_size"], report["infer_batch_size"], report["warmup"]) == (7, 9, 2)
+
+
+def test_step_profile_counts_each_kernel_once_not_the_optimizer_annotation_that_spans_them(monkeypatch, capsys):
+    import types
+
+    import step_profile
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    def on_gpu(i, name, start_us, end_us, annotation=False):
+        return FunctionEvent(id=i, name=name, thread=0, start_us=start_us, end_us=end_us, stack=[], use_device="cuda",
+                             device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=annotation)
+
+    # One step on the GPU's timeline: a 3 ms GEMM, then AdamW's 1 ms kernel inside the optimizer's annotation,
+    # as torch.profiler records a CUDA step (Optimizer.step#AdamW.step in bench/results/step_profile_cuda_h100.txt).
+    events = EventList([on_gpu(1, "gemm", 0, 3000), on_gpu(2, "adam", 3000, 4000),
+                        on_gpu(3, "Optimizer.step#AdamW.step", 3000, 4000, annotation=True)], use_device="cuda")
+    events._build_tree()
+    assert "Self CUDA time total: 4.000ms" in events.key_averages().table()  # the profiler's own sum
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events.key_averages()
+
+    monkeypatch.setattr(step_profile, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(step_profile, "build", lambda *a: None)
+    monkeypatch.setattr(step_profile, "training_setup", lambda base, variant: (None, None))
+    monkeypatch.setattr(step_profile, "train_step", lambda *a: None)
+    monkeypatch.setattr(step_profile, "sync", lambda device: None)
+    monkeypatch.setattr(step_profile, "interleaved", lambda fns, rounds, device: {v: [0.005] * rounds for v in fns})
+    monkeypatch.setattr(step_profile, "profile", Profile)
+    # No CUDA here: the input is never made (the steps are stubs); the rest of torch as it is.
+    monkeypatch.setattr(step_profile, "torch", types.SimpleNamespace(randn=lambda *a, **kw: None,
+                                                                     autograd=torch.autograd))
+    monkeypatch.setattr(sys, "argv", ["step_profile.py", "--steps", "1", "--rounds", "4"])
+    step_profile.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "GPU busy" in line]
+    assert len(lines) == len(step_profile.VARIANTS)
+    assert all("wall    5.00 ms/step   GPU busy    4.00 ms   GPU waiting   1.00 ms (20%)" in line for line in lines)
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("layer_paths", ["--width", "8", "--rows", "4", "--rounds", "0", "--device", "cpu"]),
+    ("layer_paths", ["--width", "8", "--rows", "4", "--reps", "0", "--device", "cpu"]),
+    ("layer_paths", ["--width", "8", "--rows", "4", "--device", "foo"]),
+    ("dropout_mask", ["--rows", "4", "--width", "8", "--rounds", "0"]),
+    ("layer_host_time", ["--reps", "1", "--rounds", "0"]),
+    ("step_profile", ["--rounds", "0", "--device", "cpu"]),
+    ("step_profile", ["--steps", "0", "--device", "cpu"]),
+    ("step_profile", ["--device", "foo"]),
+])
+def test_the_other_benchmarks_refuse_a_bad_option_with_a_usage_error(monkeypatch, script, argv):
+    module = __import__(script)
+    if hasattr(module, "build"):  # stands in for ViT-B at 224 px, should the options get that far
+        monkeypatch.setattr(module, "build", lambda *a: tiny())
+        monkeypatch.setattr(module, "torch", __import__("types").SimpleNamespace(
+            randn=lambda *a, **kw: torch.randn(1, 3, 28, 28), autograd=torch.autograd))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
 
 
 def test_a_memory_child_measures_the_variant_it_is_given_and_prints_only_the_bytes(monkeypatch, capsys):
