@@ -217,6 +217,22 @@ def check_same_images(images: int, recorded: int | None, train_data: CSVData, ru
                    f"a new run, e.g. from this one's encoder: {export}, then {new_run}")
 
 
+def saved_rngs(state: dict) -> list[dict]:
+    """The random state of each process that wrote the checkpoint ``state``, in rank order."""
+    return state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]  # "rng": older runs
+
+
+def check_same_processes(state: dict, run: Path, processes: int) -> None:
+    """A resumed run keeps its number of processes: each continues its own random stream, and the saved position
+    counts that process's share of the epoch's batches."""
+    written = len(saved_rngs(state))
+    if written != processes:
+        command = train_command("--resume", str(run), processes=written)
+        raise VQAError(f"{run / 'checkpoint.pt'} was written by {written} training process(es), this resume runs "
+                       f"{processes}; resume with the same number, {command}, so every process continues its own "
+                       f"random stream")
+
+
 def _preview(items, limit: int = 3) -> str:
     items = list(items)
     return ", ".join(repr(i) for i in items[:limit]) + (", ..." if len(items) > limit else "")
@@ -331,6 +347,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if not (run / "checkpoint.pt").is_file():
             raise VQAError(never_checkpointed(run, procs.world_size, overwrite=bool(trained_files(run))))
     state = load_checkpoint(run / "checkpoint.pt") if resume else {}
+    if resume:  # first: no other check (one that counts the processes' batches, say) may hide this one
+        check_same_processes(state, run, procs.world_size)
     history = read_history(run / "metrics.jsonl") if resume else []  # one record per epoch, rewritten after each
     random.seed(t.seed)
     np.random.seed(t.seed)
@@ -445,12 +463,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         # schedule is another, so the next step takes the rate this one gives it.
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(scheduler.last_epoch)
-        rngs = state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]  # "rng": older runs
-        if len(rngs) != procs.world_size:
-            raise VQAError(f"{run / 'checkpoint.pt'} was written by {len(rngs)} training process(es), this resume "
-                           f"runs {procs.world_size}; resume with the same number (torchrun --nproc_per_node "
-                           f"{len(rngs)}, or plain python for one) so every process continues its own random stream")
-        set_rng_state(rngs[procs.rank])
+        set_rng_state(saved_rngs(state)[procs.rank])
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
         if t.epochs < start_epoch + (start_batch > 0):  # a position inside an epoch: that epoch has begun
             begun = f" and {start_batch} batch(es) of epoch {start_epoch + 1}" if start_batch else ""
@@ -684,6 +697,16 @@ def cli(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # Under torchrun, an error only one process meets (the main process alone writes the run folder; an image
+        # may turn unreadable mid-run) ends that process, and every other then fails in its next collective.
+        broke = distributed.lost_contact(e) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
+        if broke is None:
+            raise  # this process's own fault: its traceback says where
+        print(f"error: training process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} lost contact "
+              f"with another, which most likely failed or was killed ({broke}); that process's error says why "
+              f"(torchrun's report lists the processes that failed)", file=sys.stderr)
         return 2
     except OSError as e:
         if not e.filename or cfg is None:

@@ -302,6 +302,68 @@ def test_a_signal_during_validation_stops_every_process_though_their_batch_count
     assert (logged["epoch"], logged["count"]) == (1, questions)
 
 
+def test_a_collective_another_process_left_is_told_from_this_process_s_own_errors():
+    """gloo's transport error, which a process meets in its next collective once another has ended, gives its
+    reason in a few words, as does torch's DistError (NCCL's); any other RuntimeError is this process's own fault
+    (None: its traceback stays)."""
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                        "[127.0.0.1]:17067: Connection reset by peer. This is typically caused by a remote worker")
+    assert distributed.lost_contact(gloo) == "Read error [127.0.0.1]:17067: Connection reset by peer"
+    nccl = torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1.\nmore detail")
+    assert distributed.lost_contact(nccl) == "NCCL communicator was aborted on rank 1."
+    assert distributed.lost_contact(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")) is None
+
+
+def unreadable_image_worker(argv: list[str]) -> int:
+    """train.py's command line in a process whose images, on rank 1 only, turn unreadable once training has
+    begun (replaced on disk mid-run, say): the up-front check passed in both, rank 1 alone fails."""
+    import vqa.data
+    import train
+
+    if os.environ["RANK"] == "1":
+        def corrupt(self, index):
+            raise VQAError(f"image '{self.images[index]}' cannot be decoded (OSError: image file is truncated); "
+                           f"it is corrupt or truncated")
+
+        vqa.data.VQADataset.__getitem__ = corrupt
+    return train.cli(argv)
+
+
+@pytest.mark.parametrize("failing", ["main process", "rank 1"])
+def test_an_error_in_one_process_is_one_line_in_every_process(failing, tmp_path):
+    """An error only one process meets: the main process cannot make output_dir (a file is in its way; only the
+    main process writes the run folder), or rank 1's images turn unreadable mid-epoch. That process says why; the
+    other, whose collective then fails, says in one line that it stopped because another process did, not in a
+    traceback of gloo's RuntimeError ("Connection closed by peer"). Both end at once."""
+    config = tiny_config(tmp_path, batch_size=2, epochs=1, device="cpu")
+    if failing == "main process":
+        (tmp_path / "file").write_text("")
+        args, run = ("train.py", "--output_dir", str(tmp_path / "file" / "run")), tmp_path / "file" / "run"
+        error, other = f"error: cannot write '{run}': Not a directory", 1
+    else:
+        args, error, other = (__file__, "unreadable-image-on-rank-1"), "cannot be decoded (OSError: image file", 0
+    result = torchrun(*args, "--config", str(config), timeout=120)
+    assert result.returncode != 0
+    assert error in result.stderr, result.stderr[-3000:]
+    assert 'train.py", line' not in result.stderr and "RuntimeError" not in result.stderr, result.stderr[-3000:]
+    assert (f"error: training process {other} of 2 lost contact with another" in result.stderr
+            or "Signal 15 (SIGTERM) received by PID" in result.stderr), result.stderr[-3000:]  # torchrun ended it first
+
+
+def test_a_resume_with_another_process_count_is_refused_first_for_what_it_is(tmp_path):
+    """A run trained in one process, resumed under torchrun with 2: the refusal names the process count, the one
+    thing to change, before the data is read and the model built. Its one batch an epoch (8 images, batch_size 8)
+    cannot be shared by 2 processes, but the advice to lower batch_size would be refused by --resume."""
+    config = tiny_config(tmp_path, batch_size=8, epochs=1, device="cpu")
+    cli("train.py", "--config", str(config))
+    run = tmp_path / "run"
+    result = torchrun("train.py", "--resume", str(run), "--epochs", "2", timeout=120)
+    assert result.returncode != 0
+    assert f"error: {run / 'checkpoint.pt'} was written by 1 training process(es), this resume runs 2" \
+        in result.stderr, result.stderr[-3000:]
+    assert "lower batch_size" not in result.stderr and "[LoRA]" not in result.stdout  # no model was built
+
+
 def trainer_pid(launcher: int, rank: int) -> int:
     """The PID of the training process of ``rank`` that torchrun (PID ``launcher``) started (Linux /proc)."""
     for proc in Path("/proc").iterdir():
@@ -374,6 +436,8 @@ if __name__ == "__main__":
         sys.exit(nan_worker(sys.argv[2:]))
     if sys.argv[1] == "signal-in-validation-on-rank-0":
         sys.exit(validation_signal_worker(sys.argv[2:]))
+    if sys.argv[1] == "unreadable-image-on-rank-1":
+        sys.exit(unreadable_image_worker(sys.argv[2:]))
     ddp_worker(Path(sys.argv[2]))
 
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .errors import VQAError
 
 __all__ = ["Processes", "setup", "wrap", "shard", "max_over_ranks", "sum_over_ranks", "gather", "sync_buffers",
-           "barrier", "teardown"]
+           "barrier", "teardown", "lost_contact"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +138,16 @@ def barrier(procs: Processes) -> None:
 def teardown(procs: Processes) -> None:
     if procs.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def lost_contact(error: BaseException) -> str | None:
+    """What broke, where ``error`` is a collective that failed because another process ended or stopped answering
+    (an error only it met, a kill), as gloo's transport and torch's ``DistError`` say it; ``None`` for any other
+    error."""
+    text = str(error).strip()
+    if isinstance(error, dist.DistError):
+        return text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, RuntimeError) and "/gloo/transport/" in text:
+        # "[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5555. This is typically ..."
+        return text.split("] ", 1)[-1].split(". ", 1)[0]
+    return None
