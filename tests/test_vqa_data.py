@@ -16,7 +16,7 @@ from timm.data import create_transform, resolve_data_config
 
 from vqa.data import VQADataset, build_transform, check_images, chunks, collate, load_image, read_csv, read_split
 from vqa.errors import VQAError
-from vqa.evaluate import _worker_start_method
+from vqa.evaluate import _worker_start_method, make_loader
 from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,6 +327,29 @@ def test_dataset_groups_questions_by_image_and_collate_maps_them_back(folder):
     assert batch["input_ids"].shape == (4, 7) and batch["input_ids"][0, 0] == Tokenizer.CLS
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0]  # [CLS] what color ? + padding
     assert batch["pixel_values"][1, 2, 0, 0] == 255  # image b is blue
+
+
+class _TurnsUnreadable(torch.utils.data.Dataset):
+    """A data set whose second image cannot be read once loading has begun (replaced on disk mid-run, say)."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise VQAError("image 'images/b.png' cannot be decoded; it is corrupt or truncated")
+        return torch.zeros(3, 2, 2), [([2, 3], 0, 0)]  # pixels, then (token ids, answer, type) per question
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_loader_worker_s_error_is_told_as_the_worker_raised_it(num_workers):
+    """torch re-raises a worker's error with the worker's traceback inside its text; the error line a tool prints
+    (``error: {e}``) gives the message alone, as it does without workers."""
+    batches = iter(make_loader(_TurnsUnreadable(), [[0], [1]], num_workers=num_workers))
+    next(batches)
+    with pytest.raises(VQAError) as raised:
+        next(batches)
+    assert str(raised.value) == "image 'images/b.png' cannot be decoded; it is corrupt or truncated"
 
 
 LOADER_CHILD = """

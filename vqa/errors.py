@@ -6,6 +6,16 @@ __all__ = ["VQAError", "unreadable"]
 class VQAError(ValueError):
     """A problem with the user's input, stated as what, where and how to fix it."""
 
+    def __init__(self, *args) -> None:
+        # torch re-raises a DataLoader worker's error in the loop as this type, built from one text: "Caught
+        # VQAError in DataLoader worker process 0.", the worker's traceback, then "vqa.errors.VQAError: <message>".
+        # The message alone is what the user is told, as where the error is raised without workers.
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught VQAError in DataLoader worker"):
+            _, found, message = args[0].rpartition(f"\n{VQAError.__module__}.VQAError: ")
+            if found:
+                args = (message.rstrip("\n"),)
+        super().__init__(*args)
+
 
 def unreadable(kind: str, path, error: OSError, advice: str = "check its permissions") -> VQAError:
     """The error for a file of ``kind`` the OS would not let us read (permissions, a name too long, ...)."""
