@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora.layer
-from throughput import interleaved, shown, summary
-from vqa.errors import VQAError
-from vqa.evaluate import at_least, autocast, pick_device
+from throughput import device_arg, interleaved, shown, summary
+from vqa.evaluate import at_least, autocast
 
 
 def main() -> None:
@@ -30,10 +29,7 @@ def main() -> None:
     parser.add_argument("--reps", type=at_least(1), default=10, help="calls timed together in one round")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    try:
-        device = pick_device(args.device)
-    except VQAError as e:
-        parser.error(str(e))
+    device = device_arg(parser, args.device)
     torch.manual_seed(0)
     layer = lora.LoRALinear(args.width, 3 * args.width, r=8, splits=3, device=device).eval()
     nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter

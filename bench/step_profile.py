@@ -17,9 +17,8 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from throughput import build, interleaved, sync, train_step, training_setup
-from vqa.errors import VQAError
-from vqa.evaluate import at_least, pick_device
+from throughput import build, device_arg, interleaved, sync, train_step, training_setup
+from vqa.evaluate import at_least
 
 VARIANTS = ("frozen_floor", "lora_r8_dropout0.1", "lora_r8_dropout0", "full_finetune")
 
@@ -44,10 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--table", type=at_least(0), default=0, help="rows of the profiler's table per variant")
     args = parser.parse_args()
-    try:
-        device = pick_device(args.device)
-    except VQAError as e:
-        parser.error(str(e))
+    device = device_arg(parser, args.device)
     base = build(args.model, args.img_size, device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     setups = {v: training_setup(base, v) for v in VARIANTS}

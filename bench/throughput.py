@@ -264,6 +264,14 @@ def bench_merge(args, device) -> dict:
             "first_merge_ms": times["merge"][0] * 1e3}
 
 
+def device_arg(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` as ``pick_device`` reads it; a bad one is a usage error (exit 2), as in the project's tools."""
+    try:
+        return pick_device(name)
+    except VQAError as e:
+        parser.error(str(e))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch14_dinov2")
@@ -280,10 +288,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.infer_batch_size is None:
         args.infer_batch_size = args.batch_size
-    try:
-        device = pick_device(args.device)
-    except VQAError as e:
-        parser.error(str(e))
+    device = device_arg(parser, args.device)
     if args.memory_child:
         print(memory_growth(args, args.memory_child, device))
         return

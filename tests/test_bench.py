@@ -449,7 +449,7 @@ def test_step_profile_counts_each_kernel_once_not_the_optimizer_annotation_that_
         def key_averages(self):
             return events.key_averages()
 
-    monkeypatch.setattr(step_profile, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(step_profile, "device_arg", lambda parser, name: torch.device("cuda"))
     monkeypatch.setattr(step_profile, "build", lambda *a: None)
     monkeypatch.setattr(step_profile, "training_setup", lambda base, variant: (None, None))
     monkeypatch.setattr(step_profile, "train_step", lambda *a: None)
