@@ -340,10 +340,15 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                # The silent failure this library exists to prevent: adapters that train without being used.
-                raise RuntimeError("LoRA layer is merged, so its adapters would get no gradient; "
-                                   "call unmerge_lora(model) (or leave lora.merged(...)) before training")
+            if self.training and torch.is_grad_enabled():
+                if self.lora_A.requires_grad or self.lora_B.requires_grad:
+                    # The silent failure this library exists to prevent: adapters that train without being used.
+                    raise RuntimeError("LoRA layer is merged, so its adapters would get no gradient; "
+                                       "call unmerge_lora(model) (or leave lora.merged(...)) before training")
+                if self.weight.requires_grad and self._unmerged_weight is not None:
+                    # A step would change the merged copy, which unmerge swaps out and state_dict() never shows.
+                    raise RuntimeError("LoRA layer is merged, so a training step on its weight would be lost at "
+                                       "unmerge; call unmerge_lora(model) (or leave lora.merged(...)) before training")
             return F.linear(x, self.weight, self.bias)
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"LoRALinear({self.in_features} -> {self.out_features}) got an input of shape "

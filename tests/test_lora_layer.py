@@ -427,6 +427,19 @@ def test_training_through_a_merged_layer_is_an_error(trainable):
     layer(torch.randn(2, 12))
 
 
+def test_training_the_weight_of_a_merged_layer_that_would_unmerge_to_its_old_weight_is_an_error():
+    layer = make_layer(3).train()
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)  # the adapter fixed, the weight trained: unmerge would swap the step out
+    layer.merge()
+    with pytest.raises(RuntimeError, match="a training step on its weight would be lost at unmerge"):
+        layer(torch.randn(2, 12))
+    layer.unmerge()
+    layer.merge(keep_unmerged=False)  # merged for good: unmerge subtracts the delta, so the step is kept
+    layer(torch.randn(2, 12)).sum().backward()
+    assert layer.weight.grad is not None
+
+
 def test_a_later_merge_reuses_the_last_merged_weights_memory_with_new_values():
     layer = make_layer(3, in_features=64).eval()
     w0 = layer.weight.detach().clone()
