@@ -31,7 +31,7 @@ from vqa import distributed
 from vqa.answer_weights import load_answer_weights
 from vqa.cli import run_tool, user_path
 from vqa.config import DataConfig, RunConfig, load_config
-from vqa.data import CSVData, VQADataset, build_transform, chunks, read_split
+from vqa.data import CSVData, VQADataset, bad_images, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
@@ -259,6 +259,13 @@ def generates_synthetic(cfg: RunConfig) -> bool:
     return cfg.data.synthetic and not Path(cfg.data.train_csv).is_file()
 
 
+def shared_bad_images(images: list[Path], procs: distributed.Processes) -> dict[Path, str]:
+    """``bad_images`` with the decoding shared out: each process decodes every N-th image, and every process gets
+    every bad one (so all stop with the same error, or skip the same rows)."""
+    found = bad_images(images[procs.rank::procs.world_size])
+    return {image: error for share in distributed.gather(found, procs) for image, error in share.items()}
+
+
 def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | None = None,
                  saved: RunConfig | None = None):
     """The training and validation data, the synthetic set generated first where it is on and missing.
@@ -287,7 +294,8 @@ def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | Non
         generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images,
                  seed=cfg.train.seed)
     distributed.barrier(procs)  # the other processes read what the main one generated
-    options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths)
+    options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths,
+                   find_bad=lambda images: shared_bad_images(images, procs))
     train_data, val_data = read_split(d.train_csv, **options), read_split(d.val_csv, **options)
     if d.synthetic and not generated and saved is None and procs.is_main:
         note_synthetic_size(d, train_data, val_data)

@@ -458,6 +458,26 @@ def test_the_sum_over_processes_adds_every_process_s_share(monkeypatch):
     assert torch.equal(mine, torch.tensor([5, 2]))  # the caller's own counts are left as they were
 
 
+def test_the_image_check_is_shared_out_and_every_process_learns_every_bad_image(monkeypatch, tmp_path):
+    """Each process decodes every N-th image, not all of them, and every process ends with every bad image, so all
+    stop with the same error or skip the same rows. (Rank 1 of 2 here; rank 0's findings simulated in the gather.)"""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    images = [tmp_path / f"{i}.png" for i in range(5)]
+    decoded = []
+
+    def bad_images(share):
+        decoded.extend(share)
+        return {image: f"{image.name} is corrupt" for image in share if image.stem in ("1", "2")}
+
+    monkeypatch.setattr(train, "bad_images", bad_images)
+    monkeypatch.setattr(distributed, "gather", lambda found, procs: [{images[2]: "2.png is corrupt"}, found])
+    got = train.shared_bad_images(images, distributed.Processes(1, 2))
+    assert decoded == images[1::2]
+    assert got == {images[1]: "1.png is corrupt", images[2]: "2.png is corrupt"}
+
+
 def test_gather_lists_every_process_s_object_in_rank_order(monkeypatch):
     """Resume restores each process's random generators from the list gather gives: position r must hold rank
     r's, as torch's all_gather_object fills it. (The collective simulated: slot r gets rank r's object.)"""

@@ -1681,6 +1681,7 @@ def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monke
         raise Planned
 
     monkeypatch.setattr(train.distributed, "setup", setup)
+    monkeypatch.setattr(train, "shared_bad_images", lambda images, procs: train.bad_images(images))  # all, alone
     monkeypatch.setattr(train, "warmup_cosine", recording)
     cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=2))  # 8 images: 4 batches, 2 per process
     try:
@@ -2311,12 +2312,14 @@ def test_prepare_data_syncs_every_process_before_the_synthetic_set_is_written(tm
         train.prepare_data(cfg, Processes())
     events, generate = [], vqa.synth.generate
     monkeypatch.setattr(train.distributed, "barrier", lambda procs: events.append("barrier"))
+    monkeypatch.setattr(train.distributed, "gather", lambda found, procs: events.append("gather") or [found, {}])
     monkeypatch.setattr(vqa.synth, "generate", lambda *a, **k: (events.append("generate"), generate(*a, **k)))
     for rank in (0, 1):
         events.clear()
         train.prepare_data(cfg, Processes(rank, 2))
         written = not found and rank == 0
-        assert events == (["barrier", "generate", "barrier"] if written else ["barrier", "barrier"])
+        checks = ["gather", "gather"]  # the images of each split, checked in shares
+        assert events == (["barrier", "generate", "barrier"] if written else ["barrier", "barrier"]) + checks
         found = True  # rank 0 wrote it
 
 

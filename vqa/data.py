@@ -14,6 +14,7 @@ import difflib
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .errors import VQAError, unreadable
 from .text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type, normalize_answer
 
 __all__ = [
-    "Row", "CSVData", "read_csv", "load_image", "check_images", "read_split", "build_transform", "VQADataset",
+    "Row", "CSVData", "read_csv", "load_image", "bad_images", "check_images", "read_split", "build_transform", "VQADataset",
     "collate", "chunks",
 ]
 
@@ -301,14 +302,22 @@ def _to_8bit(pixels: np.ndarray, mode: str) -> Image.Image:
     return Image.fromarray(scaled, mode="L")
 
 
-def check_images(data: CSVData, skip_bad_rows: bool = False) -> CSVData:
-    """Decodes every distinct image once before training, so a bad file fails now, not an hour in."""
-    bad: dict[Path, str] = {}
-    for image in dict.fromkeys(r.image for r in data.rows):
+def bad_images(images: list[Path]) -> dict[Path, str]:
+    """The images that cannot be loaded (missing, unreadable, corrupt), each with its error."""
+    bad = {}
+    for image in images:
         try:
             load_image(image)
         except VQAError as e:
             bad[image] = str(e)
+    return bad
+
+
+def check_images(data: CSVData, skip_bad_rows: bool = False,
+                 find_bad: Callable[[list[Path]], dict[Path, str]] = bad_images) -> CSVData:
+    """Decodes every distinct image once before training, so a bad file fails now, not an hour in.
+    ``find_bad`` is ``bad_images`` or one that shares the decoding out among processes."""
+    bad = find_bad(list(dict.fromkeys(r.image for r in data.rows)))
     if not bad:
         return data
     first = next(r for r in data.rows if r.image in bad)
@@ -324,10 +333,11 @@ def check_images(data: CSVData, skip_bad_rows: bool = False) -> CSVData:
     return CSVData(data.path, kept, data.skipped + skipped)
 
 
-def read_split(path: str | Path, *, skip_bad_rows: bool = False, allow_outside_paths: bool = False) -> CSVData:
+def read_split(path: str | Path, *, skip_bad_rows: bool = False, allow_outside_paths: bool = False,
+               find_bad: Callable[[list[Path]], dict[Path, str]] = bad_images) -> CSVData:
     """``read_csv`` then ``check_images``: a split whose every row and image is known to be usable."""
     data = read_csv(path, skip_bad_rows=skip_bad_rows, allow_outside_paths=allow_outside_paths)
-    return check_images(data, skip_bad_rows)
+    return check_images(data, skip_bad_rows, find_bad)
 
 
 def chunks(indices: list[int], size: int) -> list[list[int]]:
