@@ -556,8 +556,8 @@ def test_a_quote_left_open_before_rows_naming_existing_images_of_another_suffix_
 def test_a_csv_given_by_a_relative_path_resolves_its_images(folder, monkeypatch):
     write(folder, HEADER + "img/a.png,What?,red\n")
     monkeypatch.chdir(folder / "img")
-    for given in ("../data.csv", "../img/../data.csv"):
-        assert read_csv(given).rows[0].image == (folder / "img" / "a.png").resolve()
+    for relative in ("../data.csv", "../img/../data.csv"):
+        assert read_csv(relative).rows[0].image == (folder / "img" / "a.png").resolve()
     monkeypatch.chdir(folder)
     assert read_csv("data.csv").rows[0].image == (folder / "img" / "a.png").resolve()
 

@@ -28,8 +28,8 @@ from .errors import VQAError, unreadable
 from .text import QUESTION_TYPES, AnswerVocab, Tokenizer, infer_question_type, normalize_answer
 
 __all__ = [
-    "Row", "CSVData", "read_csv", "load_image", "bad_images", "check_images", "read_split", "build_transform", "VQADataset",
-    "collate", "chunks",
+    "Row", "CSVData", "read_csv", "load_image", "bad_images", "check_images", "read_split", "build_transform",
+    "VQADataset", "collate", "chunks",
 ]
 
 REQUIRED_COLUMNS = ("image", "question", "answer")
