@@ -91,7 +91,7 @@ def test_predict_and_evaluate_from_the_run(trained, monkeypatch, capsys):
     assert vqa.predict.main(["--run", str(run), "--image", str(image), "--question", "How many circles are there?",
                              "--top_k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("question: How many circles are there?  (type: ")
+    assert lines[0].startswith("question: How many circles are there?  (type head: ")  # the head's guess, named so
     probs = [float(l.split("%")[0]) for l in lines[1:]]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 100.01
     assert vqa.evaluate.main(["--run", str(run), "--csv", str(tmp / "data" / "val.csv")]) == 0

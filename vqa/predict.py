@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    how = "" if cfg.train.use_type_loss else ", from its wording"
-    print(f"question: {args.question}  (type: {qtype}{how})")
+    said = f"type head: {qtype}" if cfg.train.use_type_loss else f"type: {qtype}, from its wording"
+    print(f"question: {args.question}  ({said})")
     for answer, p in ranked:
         print(f"{p:7.2%}  {answer}")
     return 0
