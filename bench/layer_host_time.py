@@ -6,10 +6,10 @@ The tensors are so small (4 or 64 rows of 16 features) that the arithmetic costs
 difference is what the adapter adds to every call whatever its size: the time the host needs to issue it.
 On a GPU that time runs beside the kernels, and where a forward issues its kernels about as fast as the
 GPU runs them, it is what the GPU waits for (README, "On a GPU"). Per path (the update, the fold without
-and under bf16 autocast, a training forward and backward with dropout 0 and 0.1), the two layers run
-interleaved, each round in the next of ``balanced_orders``; printed: the median over rounds of the LoRA
-layer's time per call, the plain layer's, and of their per-round difference, with that difference's
-interquartile range. The CPU only, one thread.
+and under bf16 autocast, a training forward and backward with dropout 0 and 0.1, base weights frozen as in
+a LoRA step), the two layers run interleaved, each round in the next of ``balanced_orders``; printed: the
+median over rounds of the LoRA layer's time per call, the plain layer's, and of their per-round
+difference, with that difference's interquartile range. The CPU only, one thread.
 """
 from __future__ import annotations
 
@@ -27,13 +27,23 @@ from vqa.evaluate import at_least
 IN, OUT, R = 16, 48, 2  # a qkv of width 16: out = 3 x in, three adapters of rank 2
 
 
-def paths(reps: int) -> dict[str, tuple]:
-    """Per path: the LoRA layer's and the plain layer's call, each ``reps`` times over."""
+def layers() -> tuple[nn.Linear, dict[float, lora.LoRALinear]]:
+    """The plain layer and a LoRA layer per dropout, their base weights frozen, as in a LoRA step and in the
+    frozen floor it is compared with (README): the gradient goes to the input (and the adapters) only."""
     torch.manual_seed(0)
-    plain = nn.Linear(IN, OUT)
-    adapted = {p: lora.LoRALinear.from_linear(nn.Linear(IN, OUT), r=R, alpha=2 * R, splits=3, dropout=p) for p in (0.0, 0.1)}
+    plain = nn.Linear(IN, OUT).requires_grad_(False)
+    adapted = {p: lora.LoRALinear.from_linear(nn.Linear(IN, OUT), r=R, alpha=2 * R, splits=3, dropout=p)
+               for p in (0.0, 0.1)}
     for layer in adapted.values():
+        lora.mark_only_lora_as_trainable(layer)
         nn.init.normal_(layer.lora_B)  # a trained adapter
+    return plain, adapted
+
+
+def paths(reps: int, built: tuple | None = None) -> dict[str, tuple]:
+    """Per path: the LoRA layer's and the plain layer's call, each ``reps`` times over (on ``layers()``, or on
+    ``built``, layers made by it)."""
+    plain, adapted = built or layers()
     small, large = torch.randn(4, IN), torch.randn(64, IN)  # the update's rows; the fold's (above its threshold)
     grad_in = torch.randn(4, IN, requires_grad=True)
 

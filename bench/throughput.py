@@ -76,6 +76,8 @@ def training_setup(base: nn.Module, variant: str, copy_base: bool = True):
     forced through all blocks from the patch embedding. It is the least a step that back-propagates
     through every block can cost, the floor for any adapter method (its optimizer is None).
     ``full_finetune_fused`` is ``full_finetune`` with torch's fused AdamW kernel."""
+    if variant not in TRAINING:  # a misspelt name would otherwise measure full fine-tuning under it
+        raise ValueError(f"unknown training variant {variant!r}; the variants are {', '.join(TRAINING)}")
     if variant == "frozen_floor":
         model = (copy.deepcopy(base) if copy_base else base).requires_grad_(False).train()
         model.patch_embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
@@ -172,7 +174,8 @@ def bench_inference(args, device) -> dict:
     times = interleaved(fns, args.rounds, device)
     rel = ratios(times, "base")
     return {n: {"images_per_s": args.infer_batch_size / statistics.median(times[n]),
-                "ratio_to_base": rel[n]["median"], "ratio_iqr": rel[n]["iqr"]} for n in models}
+                "ratio_to_base": rel[n]["median"], "ratio_iqr": rel[n]["iqr"], "round_seconds": times[n]}
+            for n in models}
 
 
 def bench_training(args, device) -> dict:
@@ -187,7 +190,8 @@ def bench_training(args, device) -> dict:
     # Dropout's cost: step time with dropout over step time without, per round.
     dropout = summary([a / b - 1 for a, b in zip(times["lora_r8_dropout0.1"], times["lora_r8_dropout0"])])
     result = {v: {"images_per_s": args.batch_size / statistics.median(times[v]),
-                  "ratio_to_full": rel[v]["median"], "ratio_iqr": rel[v]["iqr"]} for v in TRAINING}
+                  "ratio_to_full": rel[v]["median"], "ratio_iqr": rel[v]["iqr"], "round_seconds": times[v]}
+              for v in TRAINING}
     result["dropout_cost"], result["dropout_cost_iqr"] = dropout["median"], dropout["iqr"]
     fused = ratios(times, "full_finetune_fused")  # the reference as train.py would run it
     result["ratio_to_fused_full"] = {v: fused[v] for v in ("lora_r8_dropout0.1", "lora_r8_dropout0", "frozen_floor")}

@@ -78,6 +78,21 @@ def test_the_host_time_benchmark_runs_each_path_it_names(monkeypatch):
     assert ran["forward + backward, dropout 0"] == ran["forward + backward, dropout 0.1"] == (0, 3)
 
 
+def test_the_host_time_benchmark_trains_only_what_a_lora_step_trains():
+    import layer_host_time
+
+    plain, adapted = built = layer_host_time.layers()
+    calls = layer_host_time.paths(reps=2, built=built)
+    for name in ("forward + backward, dropout 0", "forward + backward, dropout 0.1"):
+        for call in calls[name]:
+            call()
+    # As in a LoRA step and its frozen floor: no base weight or bias gets a gradient, every adapter does.
+    for layer in (plain, *adapted.values()):
+        assert layer.weight.grad is None and layer.bias.grad is None
+    for layer in adapted.values():
+        assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
 # The measured variants themselves: what each trains, runs and reports (a tiny ViT, well under a second each).
 CPU = torch.device("cpu")
 
@@ -117,6 +132,12 @@ def check_variant(variant, model, optimizer):
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert in_opt == {id(params[n]) for n in expected}, variant
     assert bool(optimizer.defaults.get("fused")) == (variant == "full_finetune_fused"), variant
+
+
+def test_an_unknown_training_variant_is_refused_not_measured_as_full_fine_tuning():
+    for name in ("lora_r16_dropout0.1", "full_fine_tune", "last_3_unfrozen"):
+        with pytest.raises(ValueError, match=f"unknown training variant '{name}'"):
+            throughput.training_setup(tiny(), name)
 
 
 @pytest.mark.parametrize("variant", throughput.TRAINING)
@@ -248,6 +269,7 @@ def test_bench_training_times_each_variant_s_own_step_and_reports_ratios_to_full
         assert result[v]["ratio_to_full"] == pytest.approx(statistics.median(per_round))
         assert result[v]["ratio_iqr"] == pytest.approx(statistics.quantiles(per_round, n=4, method="inclusive")[::2])
         assert result[v]["images_per_s"] == pytest.approx(3 / statistics.median(times[v]))
+        assert result[v]["round_seconds"] == times[v][:4]  # every timed round, in the order of the rounds
     models = [ran[v][0][0] for v in throughput.TRAINING]
     assert len({id(m) for m in models}) == len(models)  # a model of its own each
     cost = [a / b - 1 for a, b in zip(times["lora_r8_dropout0.1"], times["lora_r8_dropout0"])]
@@ -290,6 +312,7 @@ def test_bench_inference_runs_each_model_in_inference_mode_and_reports_ratios_to
         assert result[v]["ratio_to_base"] == pytest.approx(statistics.median(per_round))
         assert result[v]["ratio_iqr"] == pytest.approx(statistics.quantiles(per_round, n=4, method="inclusive")[::2])
         assert result[v]["images_per_s"] == pytest.approx(5 / statistics.median(times[v]))
+        assert result[v]["round_seconds"] == times[v][:4]
 
 
 def test_a_memory_measurement_trains_the_named_variant_on_the_built_model_itself(monkeypatch):
