@@ -314,6 +314,16 @@ def test_a_collective_another_process_left_is_told_from_this_process_s_own_error
     assert distributed.lost_contact(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")) is None
 
 
+def test_a_lost_contact_is_told_by_the_error_s_first_line_or_its_type_and_gloo_s_other_errors_are_this_process_s():
+    """Every DistError (network, store, backend), its message stripped, or named by its type where it has none; a
+    gloo error that is not its transport's is this process's own fault."""
+    network = torch.distributed.DistNetworkError("\nConnection reset by peer\nat the TCPStore")
+    assert distributed.lost_contact(network) == "Connection reset by peer"
+    assert distributed.lost_contact(torch.distributed.DistStoreError("")) == "DistStoreError"
+    shapes = RuntimeError("[/pytorch/third_party/gloo/gloo/allreduce.cc:92] Gloo allreduce: tensors differ in size")
+    assert distributed.lost_contact(shapes) is None
+
+
 def unreadable_image_worker(argv: list[str]) -> int:
     """train.py's command line in a process whose images, on rank 1 only, turn unreadable once training has
     begun (replaced on disk mid-run, say): the up-front check passed in both, rank 1 alone fails."""

@@ -440,6 +440,16 @@ def test_training_the_weight_of_a_merged_layer_that_would_unmerge_to_its_old_wei
     assert layer.weight.grad is not None
 
 
+def test_a_merged_layer_with_nothing_trainable_runs_a_training_forward():
+    """A frozen, merged backbone under a head that trains: no step of its own can be lost, so nothing is refused."""
+    layer = make_layer(3).train()
+    layer.requires_grad_(False)
+    layer.merge()
+    x = torch.randn(2, 12, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
 def test_a_later_merge_reuses_the_last_merged_weights_memory_with_new_values():
     layer = make_layer(3, in_features=64).eval()
     w0 = layer.weight.detach().clone()

@@ -534,6 +534,50 @@ def test_blank_lines_in_the_metrics_file_are_skipped_and_the_epochs_kept(trained
     assert history.read_text().splitlines()[:2] == before
 
 
+def test_the_metrics_file_is_one_record_per_line_none_where_missing_and_lines_of_spaces_are_blank(tmp_path):
+    from vqa.run_files import read_history
+
+    history = tmp_path / "metrics.jsonl"
+    assert read_history(history) == []  # a run stopped before its first validation has none
+    history.write_text('{"epoch": 1, "accuracy": 0.5}\n  \t\n{"epoch": 2, "accuracy": 0.6}\n')
+    assert read_history(history) == [{"epoch": 1, "accuracy": 0.5}, {"epoch": 2, "accuracy": 0.6}]
+
+
+@pytest.mark.parametrize("line", [
+    '{"epoch": true, "accuracy": 0.5}',
+    "[" * 100_000,  # json.loads raises RecursionError, not ValueError
+    '{"epoch": 1, "accuracy": 0.5, "note": "' + "x" * 200,
+], ids=["epoch a boolean", "nested too deep", "a long line cut short"])
+def test_a_metrics_line_that_is_not_a_record_is_named_by_line_and_shown_shortened(tmp_path, line):
+    from vqa.errors import VQAError
+    from vqa.run_files import read_history
+
+    history = tmp_path / "metrics.jsonl"
+    history.write_text('{"epoch": 1, "accuracy": 0.5}\n' + line + "\n")
+    with pytest.raises(VQAError) as e:
+        read_history(history)
+    assert str(e.value).startswith(f"{history}, line 2: {line[:60]!r} is not an epoch's metrics")
+
+
+def test_a_metrics_file_that_is_not_utf8_or_cannot_be_read_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from vqa.errors import VQAError
+    from vqa.run_files import read_history
+
+    history = tmp_path / "metrics.jsonl"
+    history.write_bytes(b'{"epoch": 1, "answer": "caf\xe9"}\n')  # Latin-1, as an editor might save it
+    with pytest.raises(VQAError, match=re.escape(f"'{history}' is not UTF-8 text")):
+        read_history(history)
+
+    def denied(self, *args, **kwargs):  # chmod would not stop root
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(VQAError, match=re.escape(f"cannot read metrics file '{history}' (Permission denied)")):
+        read_history(history)
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"zebra": 2.0}', r"w\.json' weighs none of the run's \d+ answers \(it has e\.g\. 'zebra'"),  # another set's
     (None, r"w\.json"),  # no such file
@@ -1693,6 +1737,24 @@ def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monke
     assert totals == [3 * 2]
 
 
+def test_the_data_s_image_check_is_shared_out_among_this_run_s_processes(tmp_path, monkeypatch):
+    """Both splits' images go to shared_bad_images with the run's processes (rank 0 of 2 here, the collectives
+    left out), where each process would otherwise decode them all."""
+    import train
+    from vqa.config import load_config
+
+    procs, shared = train.distributed.Processes(0, 2), []
+
+    def sharing(images, processes):
+        shared.append((len(images), processes))
+        return {}
+
+    monkeypatch.setattr(train.distributed, "barrier", lambda processes: None)
+    monkeypatch.setattr(train, "shared_bad_images", sharing)
+    train.prepare_data(load_config(tiny_config(tmp_path)), procs)
+    assert shared == [(8, procs), (4, procs)]  # 8 training images, then 4 validation ones
+
+
 def tool_runs(trained, tmp_path) -> dict:
     """Each tool and its arguments but --run; export writes to a new file each call."""
     import vqa.evaluate
@@ -2034,6 +2096,77 @@ def test_resume_refuses_more_images_too_and_its_advice_exports_to_a_free_file(tm
     assert f"--out {shlex.quote(str(run / 'encoder-3.safetensors'))}" in str(e.value)
     train.check_same_images(8, 8, data, run, 1, RunConfig(), RunConfig())
     train.check_same_images(8, None, data, run, 1, RunConfig(), RunConfig())  # a run from before the record
+
+
+@pytest.mark.parametrize("written, running", [(2, 1), (1, 2)])
+def test_a_resume_with_another_process_count_is_refused_with_the_command_of_the_count_that_wrote_it(tmp_path,
+                                                                                                    written, running):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = tmp_path / "run"
+    state = {"rng_per_process": [{}] * written}
+    with pytest.raises(train.VQAError) as e:
+        train.check_same_processes(state, run, running)
+    assert f"was written by {written} training process(es), this resume runs {running}; " in str(e.value)
+    assert f", {train.train_command('--resume', str(run), processes=written)}, " in str(e.value)
+    train.check_same_processes(state, run, written)
+    train.check_same_processes({"rng": {}}, run, 1)  # an older run's checkpoint holds one process's random state
+    with pytest.raises(train.VQAError, match=re.escape("written by 1 training process(es), this resume runs 2")):
+        train.check_same_processes({"rng": {}}, run, 2)
+
+
+def test_a_run_of_two_processes_resumed_in_one_is_refused_before_the_model_is_built(trained, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Where each of the two processes' random streams would otherwise go on silently in the one (rank 0's)."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = copied_run(trained, tmp_path)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["rng_per_process"] = state["rng_per_process"] * 2
+    torch.save(state, run / "checkpoint.pt")
+    (run / "metrics.jsonl").write_text("[1]\n")  # damaged too: the process count, told first, is not hidden
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+    assert "written by 2 training process(es), this resume runs 1; resume with the same number, torchrun " \
+        "--nproc_per_node 2 train.py --resume" in capsys.readouterr().err
+
+
+def test_a_collective_another_process_left_is_one_line_under_torchrun_and_other_runtime_errors_keep_their_traceback(
+        tmp_path, monkeypatch, capsys):
+    """gloo's transport error is told as a lost contact only where there are other processes (WORLD_SIZE > 1); a
+    RuntimeError of this process's own, or any in a single process, is raised as it was."""
+    import train
+
+    config = tiny_config(tmp_path)
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:5555. This is typically caused by a remote worker")
+    own = RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+    raised = []
+
+    def failing(*args, **kwargs):  # as a collective in training would
+        raise raised[-1]
+
+    monkeypatch.setattr(train, "main", failing)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for error in (gloo, own):
+        raised.append(error)
+        with pytest.raises(RuntimeError) as e:
+            train.cli(["--config", str(config)])
+        assert e.value is error
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError) as e:
+        train.cli(["--config", str(config)])
+    assert e.value is own
+    raised.append(gloo)
+    capsys.readouterr()
+    assert train.cli(["--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "error: training process 1 of 2 lost contact with another, which most likely failed or was killed "
+        "(Connection closed by peer [127.0.0.1]:5555); that process's error says why (torchrun's report lists the "
+        "processes that failed)\n")
 
 
 def test_a_failed_write_in_the_run_folder_names_the_file_and_other_os_errors_pass_through(tmp_path, monkeypatch,

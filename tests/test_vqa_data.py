@@ -235,6 +235,22 @@ def test_bad_images_fail_before_training_naming_the_row(folder, make, message):
     assert len(kept.rows) == 1 and len(kept.skipped) == 1
 
 
+def test_read_split_asks_the_finder_it_is_given_about_each_distinct_image_once(folder):
+    """train.py's finder shares the decoding out among processes: it gets each image once, in the rows' order, and
+    its findings decide the rows skipped."""
+    path = write(folder, HEADER + "img/a.png,What?,red\nimg/b.png,Which?,blue\nimg/a.png,Where?,left\n")
+    asked = []
+
+    def find_bad(images):
+        asked.append([image.name for image in images])
+        return {images[0]: "image 'img/a.png' cannot be decoded (found by another process)"}
+
+    data = read_split(path, skip_bad_rows=True, find_bad=find_bad)
+    assert asked == [["a.png", "b.png"]]
+    assert [r.answer for r in data.rows] == ["blue"] and len(data.skipped) == 2
+    assert all("found by another process" in skipped for skipped in data.skipped)
+
+
 def test_a_folder_given_as_the_csv_is_named_as_such(folder):
     with pytest.raises(VQAError, match="is a folder; give the CSV file itself"):
         read_csv(folder)
@@ -350,6 +366,41 @@ def test_a_loader_worker_s_error_is_told_as_the_worker_raised_it(num_workers):
     with pytest.raises(VQAError) as raised:
         next(batches)
     assert str(raised.value) == "image 'images/b.png' cannot be decoded; it is corrupt or truncated"
+
+
+class _FallbackUnreadableToo(torch.utils.data.Dataset):
+    """Its image fails, then the one tried in its place: the worker's traceback holds two VQAErrors."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        try:
+            raise VQAError("image 'images/a.png' cannot be decoded; it is corrupt or truncated")
+        except VQAError:
+            raise VQAError("image 'images/b.png', tried instead, cannot be decoded; it is corrupt or truncated")
+
+
+def test_a_loader_worker_s_error_raised_while_handling_another_is_told_as_the_last_one():
+    """As a worker wraps it and the loop re-raises it (torch's own wrapper: a real worker left behind costs seconds
+    to shut down)."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        _FallbackUnreadableToo()[0]
+    except VQAError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(VQAError) as raised:
+        wrapped.reraise()
+    assert str(raised.value) == "image 'images/b.png', tried instead, cannot be decoded; it is corrupt or truncated"
+
+
+def test_a_vqa_error_made_of_anything_but_one_worker_s_text_keeps_its_arguments():
+    assert VQAError(Path("images/a.png"), 2).args == (Path("images/a.png"), 2)
+    assert str(VQAError(3)) == "3"
+    worker_text = "Caught VQAError in DataLoader worker process 0.\nTraceback\nvqa.errors.VQAError: the message\n"
+    assert VQAError(worker_text).args == ("the message",)
+    assert VQAError(worker_text, 2).args == (worker_text, 2)  # torch builds it from one text
 
 
 LOADER_CHILD = """
