@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .atomic import save_safetensors
-from .layer import _finite, _is_integer, _is_number
-from .surgery import _replace, inject_lora, lora_layers, merged_state_dict, unwrapped
+from .layer import LoRADropout, _finite, _is_integer, _is_number
+from .surgery import _refuse_ddp, _replace, inject_lora, lora_layers, merged_state_dict, unwrapped
 
 __all__ = ["lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
            "save_merged"]
@@ -171,14 +171,15 @@ def _inner_names(entries: dict, layers: set[str]) -> dict:
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True, dropout: float = 0.0) -> list[str]:
     """Loads an adapter file into ``model``, injecting LoRA from the file's config if the model has none, with
-    ``dropout`` (files do not record it: it is a training setting).
+    ``dropout`` (files do not record it: it is a training setting); a model with adapters already keeps theirs,
+    and a nonzero ``dropout`` other than theirs is an error.
 
     Returns the layers loaded. A file whose layers, r, alpha, splits or widths do not fit the model is an
     error that names the first layer that does not fit, and leaves the model as it was; with ``strict=False``
     the file's layers the model lacks are skipped, whether the model has adapters yet or not (a file with none
     of them is still an error).
     """
-    model = unwrapped(model)
+    wrapper, model = model, unwrapped(model)
     config, _ = read_adapter_config(path)
     tensors = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -193,6 +194,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     layers = dict(lora_layers(model))
     injected = not layers
     if injected:
+        _refuse_ddp(wrapper)
         for name in list(config):
             try:
                 module = model.get_submodule(name)
@@ -211,6 +213,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
         if not config:
             raise ValueError(f"adapter '{path}' targets no layer {type(model).__name__} has; the adapter was trained "
                              f"on a different architecture")
+    elif dropout:  # for the adapters this call injects: one the model's own adapters lack would go unnoticed
+        differs = [n for n in config if n in layers and _dropout_p(layers[n]) != dropout]
+        if differs:
+            raise ValueError(
+                f"load_adapter's dropout={dropout!r} applies to the adapters it injects, and {type(model).__name__} "
+                f"has its adapters already (layer '{differs[0]}' with dropout {_dropout_p(layers[differs[0]])}, set by "
+                f"inject_lora); load into a model without LoRA, or inject with the dropout wanted and leave it out here"
+            )
     originals = {name: model.get_submodule(name) for name in config} if injected else {}
     try:
         if injected:
@@ -223,6 +233,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
         for name, linear in originals.items():  # the very layers this call replaced
             _replace(model, name, linear)
         raise
+
+
+def _dropout_p(layer: nn.Module) -> float:
+    """The dropout probability of a LoRALinear's adapter (0 where it has none)."""
+    return layer.lora_dropout.p if isinstance(layer.lora_dropout, LoRADropout) else 0.0
 
 
 def _check_shapes(path, config: dict[str, dict], tensors: dict[str, Tensor], strict: bool) -> None:

@@ -252,6 +252,16 @@ class _LoRAUpdate(torch.autograd.Function):
         return grad_y, grad_x, grad_A, grad_B, None, None
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, strided: bool) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a 2-D ``x`` as ``nn.Linear`` computes the input it was reshaped from: for a
+    ``strided`` one (3 or more dimensions, not contiguous, with a bias) torch's linear takes a product and then adds
+    the bias (cast as autocast casts it), where for a 2-D input it fuses the bias into one addmm."""
+    if not strided:
+        return F.linear(x, weight, bias)
+    y = torch.mm(x, weight.t())
+    return y + _cast(bias, y.dtype)  # out of place: under vmap the bias may be batched where y is not
+
+
 def _reusable(buffer: Tensor, base: Tensor) -> bool:
     """Whether ``merge`` may overwrite ``buffer``: it fits ``base`` and no other tensor shares its memory
     (a tensor taken from ``weight`` while merged, a graph that saved the merged weight, a view)."""
@@ -354,15 +364,18 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"LoRALinear({self.in_features} -> {self.out_features}) got an input of shape "
                              f"{tuple(x.shape)}; its last dimension must be {self.in_features}")
         lead = x.shape[:-1]
+        # nn.Linear computes such an input (3 or more dimensions, not contiguous) as a product, then adds the bias:
+        # other roundings than F.linear's one addmm on the 2-D x below, which a fresh layer must not change.
+        strided = len(lead) > 1 and self.bias is not None and not x.is_contiguous()
         x = x.reshape(-1, self.in_features)  # (M, in)
         if x.dtype in _AUTOCAST_INPUTS and torch.is_autocast_enabled(x.device.type):
             # Cast the input once, here, rather than once inside F.linear and again for the adapter.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if self._folds(x):
-            return F.linear(x, self._folded_weight(), self.bias).view(*lead, self.out_features)
+            return _linear(x, self._folded_weight(), self.bias, strided).view(*lead, self.out_features)
         # A 2-D output of its own, not a view: F.linear does not save it for backward, so the adapter
         # can accumulate into it in place instead of allocating a second output-sized tensor.
-        y = F.linear(x, self.weight, self.bias)  # (M, out)
+        y = _linear(x, self.weight, self.bias, strided)  # (M, out)
         # Autocast does not reach in-place ops or custom functions: the adapter runs in y's dtype.
         x, lora_A, lora_B = _cast(x, y.dtype), _cast(self.lora_A, y.dtype), _cast(self.lora_B, y.dtype)
         keep = self.lora_dropout.keep_mask(x) if isinstance(self.lora_dropout, LoRADropout) else None

@@ -80,6 +80,7 @@ def inject_lora(
     if isinstance(model, nn.Linear):
         raise ValueError(f"inject_lora replaces layers inside a model, and this is a single {type(model).__name__}; "
                          f"use LoRALinear.from_linear(layer, r=...) for one layer")
+    _refuse_ddp(model)
     single = isinstance(targets, (str, re.Pattern)) or not _iterable(targets)
     targets = [targets] if single else list(targets)
     if not targets:
@@ -139,6 +140,17 @@ def inject_lora(
     for name, layer in layers.items():
         _replace(model, name, layer)
     return names
+
+
+def _refuse_ddp(model: nn.Module) -> None:
+    """DistributedDataParallel fixes the parameters it synchronises when it is built: adapters added to a model it
+    wraps would get no all-reduce and train apart on every process (or make its reducer fail, misleadingly)."""
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "the model is wrapped in DistributedDataParallel, which synchronises only the parameters it had when it "
+            "was built: adapters injected now would train apart on every process; inject LoRA (inject_lora, or "
+            "load_adapter into the plain model) before wrapping the model in DistributedDataParallel"
+        )
 
 
 def _iterable(value) -> bool:
@@ -221,6 +233,18 @@ def _check_replaceable(model: nn.Module, name: str, linear: nn.Linear) -> None:
             f"layer '{name}' has hooks registered on it ({', '.join(hooks)}; old-style weight_norm and "
             f"spectral_norm are such hooks), which would not move to the LoRALinear that replaces it; remove them "
             f"(handle.remove()) and register them again after inject_lora"
+        )
+    # State of its own besides weight and bias (a buffer, a parameter or a module registered on the layer): the
+    # LoRALinear takes over weight and bias only, so the rest would vanish from the model and its state dict.
+    extras = ([f"parameter '{n}'" for n, p in linear._parameters.items()
+               if p is not None and n not in ("weight", "bias")]
+              + [f"buffer '{n}'" for n, b in linear._buffers.items() if b is not None]
+              + [f"module '{n}'" for n, m in linear._modules.items() if m is not None])
+    if extras:
+        raise ValueError(
+            f"layer '{name}' holds {', '.join(extras)} besides its weight and bias, which the LoRALinear replacing it "
+            f"would drop (from the model and its state dict); move it to the parent module, or adapt plain nn.Linear "
+            f"layers only"
         )
     # A forward set on the instance (a patch, as accelerate's hooks install): the class's is not what runs.
     if "forward" in vars(linear):

@@ -304,6 +304,36 @@ def test_not_strict_skips_a_layer_that_is_no_linear_in_the_model_as_one_it_lacks
         torch.testing.assert_close(target(x), source.forward_head(source.forward_features(x), pre_logits=True))
 
 
+def test_a_dropout_asked_for_on_a_model_with_adapters_already_is_an_error_not_ignored(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(adapted(), path)
+    model = adapted()  # its adapters without dropout
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"dropout=0\.3 applies to the adapters it injects.*'blocks\.0\.attn\.qkv' "
+                                         r"with dropout 0\.0"):
+        lora.load_adapter(model, path, dropout=0.3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model = tiny_vit()
+    lora.inject_lora(model, r=4, alpha=8.0, dropout=0.3)
+    assert len(lora.load_adapter(model, path, dropout=0.3)) == 2  # the dropout it has: nothing to refuse
+    assert len(lora.load_adapter(model, path)) == 2  # as ever without one
+
+
+def test_adapters_are_not_injected_into_a_model_already_wrapped_in_ddp(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(adapted(), path)
+    model = tiny_vit()
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)  # no process group needed
+    nn.Module.__init__(ddp)
+    ddp.module = model
+    for inject in (lambda: lora.inject_lora(ddp, r=4), lambda: lora.load_adapter(ddp, path)):
+        with pytest.raises(ValueError, match=r"wrapped in DistributedDataParallel.*before wrapping"):
+            inject()  # its reducer would never all-reduce the new adapters: each process would train its own
+        assert not list(lora.lora_layers(model))
+    lora.inject_lora(model, r=4, alpha=8.0)
+    assert len(lora.load_adapter(ddp, path)) == 2  # adapters there before the wrapping still load through it
+
+
 def test_an_adapter_loaded_into_a_fresh_model_takes_the_dropout_asked_for(tmp_path):
     path = tmp_path / "adapter.safetensors"
     lora.save_adapter(adapted(), path)

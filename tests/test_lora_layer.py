@@ -40,6 +40,19 @@ def test_fresh_layer_is_bit_identical_to_its_base():
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("rows", [16, 400])  # 400 rows: the forward without autograd folds
+def test_fresh_layer_is_bit_identical_to_its_base_on_an_input_that_is_not_contiguous(autocast, rows):
+    torch.manual_seed(0)
+    base = nn.Linear(384, 384)
+    layer = LoRALinear.from_linear(base, r=4)
+    x = torch.randn(2, 384, rows).transpose(1, 2)  # (2, rows, 384), as an attention's transposed heads come
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert torch.equal(layer(x), base(x))
+        with torch.no_grad():
+            assert torch.equal(layer(x), base(x))
+
+
 def test_from_linear_shares_the_base_parameters():
     base = nn.Linear(16, 48)
     layer = LoRALinear.from_linear(base, r=2)

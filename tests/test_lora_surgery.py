@@ -150,6 +150,19 @@ def test_inject_refuses_layers_it_would_silently_change():
         assert not list(lora.lora_layers(model))
 
 
+@pytest.mark.parametrize("kind", ["buffer", "parameter", "module"])
+def test_inject_refuses_a_layer_with_state_of_its_own_it_would_drop(kind):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    extra = {"buffer": lambda m: m.register_buffer("mask", torch.ones(8, 8)),
+             "parameter": lambda m: m.register_parameter("scale", nn.Parameter(torch.ones(8))),
+             "module": lambda m: m.add_module("act", nn.ReLU())}[kind]
+    extra(model[1])
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=rf"layer '1' holds {kind} '\w+' besides its weight and bias.*would drop"):
+        lora.inject_lora(model, targets=("0", "1"), r=2)
+    assert not list(lora.lora_layers(model)) and list(model.state_dict()) == keys  # layer '0' untouched too
+
+
 def test_a_layer_in_a_parent_shared_under_two_names_is_adapted_on_every_path():
     mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU())
     model = nn.ModuleDict({"first": mlp, "second": mlp})  # as timm's CoaT: mlp2 = mlp3 = mlp4
