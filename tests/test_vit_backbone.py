@@ -2,6 +2,7 @@ import copy
 import os
 import pickle
 import shlex
+import warnings
 
 import pytest
 import torch
@@ -194,6 +195,21 @@ def test_lora_gets_gradients_under_gradient_checkpointing(reentrant, freeze):
     for name, layer in lora.lora_layers(model):
         assert layer.lora_A.grad is not None and torch.count_nonzero(layer.lora_A.grad) > 0, name
         assert layer.lora_B.grad is not None and torch.count_nonzero(layer.lora_B.grad) > 0, name
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_lora_alone_under_reentrant_checkpointing_needs_the_readme_s_hook_on_the_embedding(hooked):
+    """The README's note for users of ``lora`` without ``vit.add_lora``: the trap is real, and its hook mends it."""
+    model = tiny_backbone()
+    lora.inject_lora(model, r=4)
+    lora.mark_only_lora_as_trainable(model, extra=model.norm)  # a trained norm after the blocks: the loss has a grad
+    if hooked:
+        model.patch_embed.register_forward_hook(lambda m, args, out: out.requires_grad_())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "none of the inputs have requires_grad" when unhooked
+        backward_under_checkpointing(model, reentrant=True)
+    grads = [layer.lora_B.grad for _, layer in lora.lora_layers(model)]
+    assert all(g is not None for g in grads) if hooked else all(g is None for g in grads)
 
 
 @pytest.mark.parametrize("copied", [False, True])
