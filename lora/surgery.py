@@ -75,7 +75,8 @@ def inject_lora(
 ) -> list[str]:
     """Replaces every ``nn.Linear`` whose qualified name ends with a target (a string, matched on a
     ``.`` boundary, or a compiled regex matched against the whole name) by a LoRALinear sharing its
-    weights; returns the replaced names. ``splits=None`` gives a fused qkv (out = 3 x in) three adapters.
+    weights; returns the replaced names. ``splits=None`` gives timm's fused qkv three adapters, one each for
+    q, k and v, and any other layer one (see ``_default_splits``).
     """
     if isinstance(model, nn.Linear):
         raise ValueError(f"inject_lora replaces layers inside a model, and this is a single {type(model).__name__}; "
@@ -130,9 +131,7 @@ def inject_lora(
     layers = {}
     for name in names:
         linear = model.get_submodule(name)
-        layer_splits = splits
-        if layer_splits is None:
-            layer_splits = 3 if linear.out_features == 3 * linear.in_features else 1
+        layer_splits = _default_splits(model, name, linear) if splits is None else splits
         try:
             layers[name] = LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, splits=layer_splits)
         except ValueError as e:
@@ -140,6 +139,19 @@ def inject_lora(
     for name, layer in layers.items():
         _replace(model, name, layer)
     return names
+
+
+def _default_splits(model: nn.Module, name: str, linear: nn.Linear) -> int:
+    """3 for timm's fused q/k/v projection: a layer named ``qkv`` whose out is three times its in, or three times
+    the width its sibling ``proj`` takes in (MViTv2 and Hiera widen in a stage's first block: 96 in, 3 x 192 out).
+    1 for any other layer, whatever its shape: an MLP's ``fc1`` at mlp_ratio 3 (VOLO, GC ViT) is one projection,
+    and GC ViT's global-attention ``qkv`` holds only k and v (out = 2 x in)."""
+    parent_name, _, child = name.rpartition(".")
+    if child != "qkv":
+        return 1
+    proj = getattr(model.get_submodule(parent_name), "proj", None)
+    widths = {linear.in_features} | ({proj.in_features} if isinstance(proj, nn.Linear) else set())
+    return 3 if linear.out_features in {3 * w for w in widths} else 1
 
 
 def _refuse_ddp(model: nn.Module) -> None:

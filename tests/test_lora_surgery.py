@@ -467,10 +467,41 @@ def test_merge_states_combine_with_remove_and_the_context_manager(vit):
         assert not vit.get_submodule(name).training  # the mode carries over
 
 
-def test_splits_default_to_three_only_where_out_is_three_times_in():
-    model = nn.Sequential(nn.Linear(8, 12), nn.Linear(4, 12))  # both widths divide by 3; only the second is a qkv
-    lora.inject_lora(model, targets=("0", "1"), r=2)
-    assert (model[0].splits, model[1].splits) == (1, 3)
+class _Attention(nn.Module):
+    """The parts of a timm attention that splits=None reads: qkv and proj, of the widths given."""
+
+    def __init__(self, width, qkv_out, proj_in):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(width, qkv_out), nn.Linear(proj_in, proj_in)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+
+@pytest.mark.parametrize("attn, expected", [
+    (_Attention(8, 24, 8), 3),  # a ViT's: out = 3 x in
+    (_Attention(8, 48, 16), 3),  # MViTv2's and Hiera's first block of a stage: 3 x the widened width proj takes
+    (_Attention(8, 16, 8), 1),  # GC ViT's global attention: k and v only
+    (_Attention(6, 15, 4), 1),  # out divides by 3 but is 3 x neither width
+], ids=["vit", "widening", "k-v-only", "other"])
+def test_splits_default_to_three_for_a_layer_named_qkv_that_is_three_projections(attn, expected):
+    model = nn.Sequential(nn.Sequential(attn, _Mlp(8, 24)))
+    lora.inject_lora(model, targets=("qkv", "fc1", "fc2"), r=2)
+    fc1 = model[0][1].fc1  # at mlp_ratio 3 (VOLO, GC ViT) out = 3 x in, and it is one projection
+    assert (attn.qkv.splits, fc1.splits, model[0][1].fc2.splits) == (expected, 1, 1)
+    assert attn.qkv.lora_A.shape == (expected * 2, attn.qkv.in_features) and fc1.lora_A.shape == (2, 8)
+
+
+def test_splits_default_to_one_for_a_fused_layer_not_named_qkv_and_can_be_given():
+    model = nn.Sequential(nn.Linear(4, 12))
+    lora.inject_lora(model, targets=("0",), r=2)
+    assert model[0].splits == 1
+    lora.remove_lora(model)
+    lora.inject_lora(model, targets=("0",), r=2, splits=3)
+    assert model[0].splits == 3
 
 
 class _SeparateQVBiases(nn.Module):
