@@ -578,6 +578,16 @@ def test_a_metrics_file_that_is_not_utf8_or_cannot_be_read_is_a_clear_error(tmp_
         read_history(history)
 
 
+def test_a_metrics_path_that_is_a_folder_is_refused_before_training(tmp_path):
+    from vqa.errors import VQAError
+    from vqa.run_files import read_history
+
+    history = tmp_path / "metrics.jsonl"
+    history.mkdir()
+    with pytest.raises(VQAError, match=re.escape(f"'{history}' is not a file, and train.py writes each epoch's")):
+        read_history(history)
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"zebra": 2.0}', r"w\.json' weighs none of the run's \d+ answers \(it has e\.g\. 'zebra'"),  # another set's
     (None, r"w\.json"),  # no such file

@@ -164,8 +164,11 @@ def write_text(path: Path, text: str) -> None:
 def read_history(path: Path) -> list[dict]:
     """The epochs ``metrics.jsonl`` records, one dict per line (none where the file is missing); a line that is not
     one, edited or damaged, is an error naming it, before any training time is spent."""
-    if not path.is_file():
+    if not path.exists():
         return []
+    if not path.is_file():  # a folder: read here, rather than found when the first epoch's metrics cannot replace it
+        raise VQAError(f"'{path}' is not a file, and train.py writes each epoch's metrics there; move it out of the "
+                       f"run folder to resume")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
