@@ -37,6 +37,17 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def _adapted(model: nn.Module, call: str) -> list[tuple[str, LoRALinear]]:
+    """``model``'s LoRA layers; none is an error: merging, removing or exporting adapters a model does not have
+    would leave it as it was, silently, and the caller believing it adapted (an export of the base model, say)."""
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError(f"{call}: {type(model).__name__} has no LoRA layers, so there is nothing to do; add adapters "
+                         f"first (inject_lora(model, ...), or load_adapter(model, path)), or check that this is the "
+                         f"model they were added to")
+    return layers
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile``'s and DDP's wrappers, whose layer names carry no ``_orig_mod.`` or
     ``module.`` prefix: the names adapter files and exported state dicts use."""
@@ -319,6 +330,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     adapted weight; every other entry is the model's own. A compiled or DDP-wrapped model gives its inner
     model's names."""
     model = unwrapped(model)
+    _adapted(model, "merged_state_dict")
     state = model.state_dict()
     folded: dict[LoRALinear, Tensor] = {}
     # Every path, as state_dict() has: a layer in a parent shared under two names (timm's CoaT) has keys under each.
@@ -346,7 +358,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
         raise ValueError("remove_lora replaces layers inside a model, and this is a single LoRALinear; for one "
                          "layer: nn.Linear(...).load_state_dict(lora.merged_state_dict(layer))")
     names = []
-    for name, layer in lora_layers(model):
+    for name, layer in _adapted(model, "remove_lora"):
         hooks = registered_hooks(layer)
         if hooks:  # checked for every layer before any is replaced
             raise ValueError(f"layer '{name}' has hooks registered on it ({', '.join(hooks)}), which the plain "
@@ -369,7 +381,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
 def merge_lora(model: nn.Module, keep_unmerged: bool = True) -> list[str]:
     """Merges every adapter into its layer's weight (see ``LoRALinear.merge``); returns the layers merged now."""
     names = []
-    for name, layer in lora_layers(model):
+    for name, layer in _adapted(model, "merge_lora"):
         if not layer.merged:
             layer.merge(keep_unmerged=keep_unmerged)
             names.append(name)
@@ -380,7 +392,7 @@ def unmerge_lora(model: nn.Module, keep_buffer: bool = True) -> list[str]:
     """Takes every adapter back out of its layer's weight; returns the layers unmerged now.
     ``keep_buffer=False`` also frees the memory each layer keeps for its next merge."""
     names = []
-    for name, layer in lora_layers(model):
+    for name, layer in _adapted(model, "unmerge_lora"):
         if layer.merged:
             names.append(name)
         layer.unmerge(keep_buffer=keep_buffer)
@@ -391,7 +403,8 @@ def unmerge_lora(model: nn.Module, keep_buffer: bool = True) -> list[str]:
 def merged(model: nn.Module, keep_buffer: bool = True) -> Iterator[nn.Module]:
     """Runs the block with adapters merged (inference at base-model speed); unmerges exactly on exit.
     Holds one extra copy of each adapted weight while inside, and after it unless ``keep_buffer=False``
-    (the copy makes the next merge faster: see ``LoRALinear.unmerge``)."""
+    (the copy makes the next merge faster: see ``LoRALinear.unmerge``). A model without LoRA layers runs the
+    block as it is: the outputs are the same either way (an evaluation loop shared with full fine-tuning)."""
     names = set()
     try:  # a merge that fails part of the way (out of memory, a Ctrl-C) takes back the layers merged before it
         for name, layer in lora_layers(model):

@@ -105,6 +105,21 @@ class LoRAMachine(RuleBasedStateMachine):
         for k, v in before[0].items():
             assert torch.equal(v, after[0][k]), k
 
+    def refused_without_adapters(self, call) -> bool:
+        """Whether the model has no adapters, in which case ``call`` (a merge, an unmerge, an export or a removal)
+        must be an error that says so and leave the model as it was."""
+        if self.adapters:
+            return False
+        before = self.fingerprint()
+        try:
+            call()
+        except ValueError as e:
+            assert "has no LoRA layers" in str(e)
+        else:
+            raise AssertionError("merging or removing adapters the model does not have must be an error")
+        self.assert_unchanged(before)
+        return True
+
     def sync_from_model(self):
         """Takes the shadow from the model after an approximate step (a subtraction, a training step)."""
         state = self.model.state_dict()
@@ -168,6 +183,8 @@ class LoRAMachine(RuleBasedStateMachine):
 
     @rule(keep_unmerged=st.booleans())
     def merge(self, keep_unmerged):
+        if self.refused_without_adapters(lambda: lora.merge_lora(self.model, keep_unmerged=keep_unmerged)):
+            return
         merged_now = lora.merge_lora(self.model, keep_unmerged=keep_unmerged)
         assert sorted(merged_now) == sorted(n for n in self.adapters if n not in self.merged_layers)
         if not keep_unmerged:
@@ -176,6 +193,8 @@ class LoRAMachine(RuleBasedStateMachine):
 
     @rule(keep_buffer=st.booleans())
     def unmerge(self, keep_buffer):
+        if self.refused_without_adapters(lambda: lora.unmerge_lora(self.model, keep_buffer=keep_buffer)):
+            return
         names = lora.unmerge_lora(self.model, keep_buffer=keep_buffer)
         assert sorted(names) == sorted(self.merged_layers)
         self.merged_layers, self.merged_tolerance = set(), 0.0
@@ -321,6 +340,10 @@ class LoRAMachine(RuleBasedStateMachine):
     @rule()
     def export_merged(self):
         path = Path(self.dir.name) / "merged.safetensors"
+        path.unlink(missing_ok=True)  # from an earlier export
+        if self.refused_without_adapters(lambda: lora.save_merged(self.model, path)):
+            assert not path.exists()
+            return
         before = self.fingerprint()
         lora.save_merged(self.model, path)
         self.assert_unchanged(before)
@@ -330,6 +353,8 @@ class LoRAMachine(RuleBasedStateMachine):
 
     @rule(merge=st.booleans())
     def remove(self, merge):
+        if self.refused_without_adapters(lambda: lora.remove_lora(self.model, merge=merge)):
+            return
         if self.adapters and merge:
             want = self.output()
         names = lora.remove_lora(self.model, merge=merge)

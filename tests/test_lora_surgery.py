@@ -679,3 +679,28 @@ def test_state_dict_hooks_on_a_layer_to_replace_are_a_clear_error(vit, register)
     with pytest.raises(ValueError, match=r"layer 'blocks\.1\.attn\.qkv' has hooks registered on it \(state_dict_"):
         lora.inject_lora(vit)
     assert not list(lora.lora_layers(vit))
+
+
+@pytest.mark.parametrize("call", [
+    lambda model, tmp_path: lora.merge_lora(model),
+    lambda model, tmp_path: lora.unmerge_lora(model),
+    lambda model, tmp_path: lora.remove_lora(model),
+    lambda model, tmp_path: lora.merged_state_dict(model),
+    lambda model, tmp_path: lora.save_merged(model, tmp_path / "merged.safetensors"),
+], ids=["merge_lora", "unmerge_lora", "remove_lora", "merged_state_dict", "save_merged"])
+def test_merging_or_removing_adapters_a_model_does_not_have_is_an_error(vit, tmp_path, call):
+    """A silent no-op would hand back the base model as if it were the adapted one (an export, say)."""
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    with pytest.raises(ValueError, match=r"VisionTransformer has no LoRA layers, so there is nothing to do; add "):
+        call(vit, tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert all(torch.equal(v, vit.state_dict()[k]) for k, v in before.items())
+    assert all(type(m) is not lora.LoRALinear for m in vit.modules())
+
+
+def test_the_merged_context_runs_a_model_without_adapters_as_it_is(vit):
+    """Its outputs are the same merged or not, so an evaluation loop shared with full fine-tuning may use it."""
+    x = torch.randn(1, 3, 28, 28)
+    want = vit(x)
+    with lora.merged(vit) as inside:
+        assert inside is vit and torch.equal(vit(x), want)
