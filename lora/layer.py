@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -311,6 +312,11 @@ class LoRALinear(nn.Linear):
 
     def _add_adapter(self, r: int, alpha: float, dropout: float, splits: int) -> None:
         self.r, self.alpha, self.splits = int(r), float(alpha), int(splits)
+        bound = min(self.in_features, self.out_features // self.splits)
+        if self.r > bound:  # legal, and trains, but most likely an r meant for a wider layer
+            warnings.warn(f"lora r={self.r} is more than this layer can use: each B A has rank at most "
+                          f"min(in_features, out_features / splits) = {bound}, so the other {self.r - bound} add "
+                          f"parameters and no capacity; r={bound} or less reaches the same updates", stacklevel=3)
         self.scaling = self.alpha / self.r
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(self.splits * self.r, self.in_features, **factory))  # s stacked (r, in)

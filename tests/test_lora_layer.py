@@ -1,5 +1,6 @@
 import copy
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -153,6 +154,21 @@ def test_lora_dropout_refuses_a_probability_outside_zero_to_one(p):
 def test_an_input_of_the_wrong_width_names_both_widths(shape):
     with pytest.raises(ValueError, match=rf"LoRALinear\(12 -> 36\) got an input of shape {re.escape(str(shape))}.*must be 12"):
         make_layer(3)(torch.randn(shape))
+
+
+@pytest.mark.parametrize("in_features, out_features, splits, bound",
+                         [(4, 12, 1, 4), (16, 12, 3, 4), (16, 12, 1, 12)])
+def test_an_r_beyond_what_the_layer_can_use_is_warned_of_where_the_layer_is_made(in_features, out_features, splits,
+                                                                                  bound):
+    message = rf"lora r={bound + 1} is more than this layer can use: .* = {bound}, so the other 1 add parameters"
+    with pytest.warns(UserWarning, match=message) as built:
+        LoRALinear(in_features, out_features, r=bound + 1, splits=splits)
+        LoRALinear.from_linear(nn.Linear(in_features, out_features), r=bound + 1, splits=splits)
+    assert [w.filename for w in built] == [__file__] * 2  # the caller's line, not the library's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoRALinear(in_features, out_features, r=bound, splits=splits)
+        LoRALinear.from_linear(nn.Linear(in_features, out_features), r=bound, splits=splits)
 
 
 def test_reset_parameters_resets_the_adapter_too():

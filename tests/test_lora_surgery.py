@@ -203,9 +203,9 @@ def test_mark_only_lora_as_trainable_takes_one_module_or_says_what_it_wants(vit)
 def test_a_failed_inject_leaves_the_model_untouched():
     model = nn.ModuleDict({"a": nn.Linear(4, 12), "b": nn.Linear(4, 8)})
     with pytest.raises(ValueError, match=r"layer 'b': lora splits=3 must divide out_features=8"):
-        lora.inject_lora(model, targets=("a", "b"), splits=3)
+        lora.inject_lora(model, targets=("a", "b"), r=2, splits=3)
     assert not list(lora.lora_layers(model))
-    assert lora.inject_lora(model, targets=("a", "b"), splits=1) == ["a", "b"]  # a retry is not "already adapted"
+    assert lora.inject_lora(model, targets=("a", "b"), r=2, splits=1) == ["a", "b"]  # a retry is not "already adapted"
 
 
 def test_no_instance_level_forward_after_surgery(vit):
