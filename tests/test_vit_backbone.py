@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import offline_hub
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.layers import set_reentrant_ckpt
 
 import lora
@@ -53,6 +53,33 @@ def test_local_checkpoint_loads_exactly(tmp_path, suffix):
     loaded = tiny_backbone(checkpoint_path=path)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_model_loaded_from_a_checkpoint_skips_the_random_initialisation_it_would_overwrite(tmp_path):
+    path = tmp_path / "backbone.safetensors"
+    save_file(tiny_backbone().state_dict(), str(path))
+    state = torch.get_rng_state()
+    loaded = tiny_backbone(checkpoint_path=path)
+    assert torch.equal(torch.get_rng_state(), state)  # nothing was drawn
+    for key, value in load_file(str(path)).items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    tiny_backbone()
+    assert not torch.equal(torch.get_rng_state(), state)  # as a model initialised at random draws
+
+
+def test_buffers_a_checkpoint_leaves_out_are_computed_as_in_a_model_built_at_random(tmp_path):
+    """An EVA's RoPE tables are not in its state dict: loading a file must not leave them as empty memory."""
+    args = dict(img_size=28, embed_dim=32, depth=2, num_heads=2)
+    source = vit.create_backbone("eva02_tiny_patch14_224", **args).eval()
+    path = tmp_path / "eva.safetensors"
+    save_file(source.state_dict(), str(path))
+    assert "rope.pos_embed" not in load_file(str(path))  # what makes this case
+    loaded = vit.create_backbone("eva02_tiny_patch14_224", checkpoint_path=path, **args).eval()
+    buffers = dict(loaded.named_buffers())
+    for name, value in source.named_buffers():
+        assert torch.equal(buffers[name], value), name
+    images = torch.randn(2, 3, 28, 28)
+    assert torch.equal(loaded(images), source(images))
 
 
 def test_checkpoint_position_embeddings_are_resampled(tmp_path):

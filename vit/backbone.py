@@ -61,9 +61,10 @@ def create_backbone(
         pretrained = False  # the local file replaces the download
     with torch.device("meta"):  # the patch size is known before any weights are allocated
         try:
-            probe = timm.create_model(name, **kwargs)
+            probe, built_as_asked = timm.create_model(name, **kwargs), True
         except TypeError:  # a model that takes no img_size (a ResNet): refused below, by its type
-            probe = timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"})
+            kwargs_but_size = {k: v for k, v in kwargs.items() if k != "img_size"}
+            probe, built_as_asked = timm.create_model(name, **kwargs_but_size), False
     if not hasattr(getattr(probe, "patch_embed", None), "patch_size"):
         raise ValueError(f"'{name}' is a {type(probe).__name__}, not a ViT with a patch embedding; create_backbone "
                          f"builds ViTs such as vit_small_patch14_dinov2 (use timm.create_model for other models)")
@@ -72,6 +73,12 @@ def create_backbone(
         lo, hi = img_size // patch * patch, (img_size // patch + 1) * patch
         sizes = f"{lo} or {hi}" if lo else f"{hi}"  # at least one patch
         raise ValueError(f"img_size={img_size} is not divisible by {name}'s patch size {patch}; use {sizes}")
+    if checkpoint_path is not None and built_as_asked and not _non_persistent_buffers(probe):
+        # Every tensor comes from the file (the load is strict): no random initialisation to write over, which
+        # costs more than the load (ViT-B: 1.3 to 1.7 s on 2 CPU cores). Memory is allocated empty, the load fills it.
+        model = probe.to_empty(device=torch.get_default_device())
+        load_backbone_checkpoint(model, checkpoint_path)
+        return model
     del probe
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -83,6 +90,11 @@ def create_backbone(
     if checkpoint_path is not None:
         load_backbone_checkpoint(model, checkpoint_path)
     return model
+
+
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    """Buffers a state dict leaves out (timm's RoPE tables, say): computed at build time, never loaded."""
+    return [f"{name}.{b}" if name else b for name, m in model.named_modules() for b in m._non_persistent_buffers_set]
 
 
 def torch_load_failure(e: Exception) -> str:
