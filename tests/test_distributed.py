@@ -117,7 +117,7 @@ def torchrun(*args, timeout=240):
                               timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": worksteal interleaves modules, building it again on each return
 def ddp_trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp_models")
     result = torchrun(__file__, "ddp", str(out))
@@ -207,7 +207,7 @@ RUN_OPTIONS = dict(checkpoint_every=1, epochs=3, batch_size=1, device="cpu", num
 RUN_OVERRIDES = ("--grad_checkpointing", "true")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": worksteal interleaves modules, building it again on each return
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
     result = torchrun("train.py", "--config", str(tiny_config(tmp, **RUN_OPTIONS)), *RUN_OVERRIDES)

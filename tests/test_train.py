@@ -50,7 +50,7 @@ def cli(*args, timeout=240, check=True):
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": worksteal interleaves modules, building it again on each return
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     result = cli("train.py", "--config", str(tiny_config(tmp)), "--vision_lora_alpha", "8")
@@ -1603,7 +1603,7 @@ def test_export_to_an_unwritable_place_is_a_clear_error(trained, tmp_path, capsy
     assert capsys.readouterr().err.startswith(f"error: cannot write --out '{out}'")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": worksteal interleaves modules, building it again on each return
 def started_from_export(trained, tmp_path_factory):
     """A second run, started from the first run's exported encoder (checkpoint_path)."""
     import train
