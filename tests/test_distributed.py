@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import lora  # noqa: E402
 import vit  # noqa: E402
-from test_train import ARTEFACTS, cli, nan_after, tiny_config  # noqa: E402  (tests/ is on the path: pytest, or as a script)
+from test_train import ARTEFACTS, nan_after, tiny_config  # noqa: E402  (tests/ is on the path: pytest, or as a script)
 from vqa import DeterministicVQA, distributed  # noqa: E402
 from vqa.errors import VQAError  # noqa: E402
 
@@ -365,7 +365,9 @@ def test_a_resume_with_another_process_count_is_refused_first_for_what_it_is(tmp
     thing to change, before the data is read and the model built. Its one batch an epoch (8 images, batch_size 8)
     cannot be shared by 2 processes, but the advice to lower batch_size would be refused by --resume."""
     config = tiny_config(tmp_path, batch_size=8, epochs=1, device="cpu")
-    cli("train.py", "--config", str(config))
+    import train
+
+    assert train.cli(["--config", str(config)]) == 0  # in this process: the one-process run is not what is tested
     run = tmp_path / "run"
     result = torchrun("train.py", "--resume", str(run), "--epochs", "2", timeout=120)
     assert result.returncode != 0
