@@ -399,7 +399,6 @@ class LoRAMachine(RuleBasedStateMachine):
             self.base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.adapters, self.merged_layers, self.for_good = {}, set(), set()
         self.merged_tolerance = 0.0
-        self.cached_reference = None
 
     @rule()
     def take_snapshot(self):
@@ -482,7 +481,6 @@ class LoRAMachine(RuleBasedStateMachine):
             assert layer.merged == (name in already), name
         if not already:
             self.merged_tolerance = 0.0
-        self.cached_reference = None
         if what == "convert" and self.for_good:
             self.sync_from_model()
 
