@@ -67,3 +67,17 @@ def offline_hub(monkeypatch) -> None:
         return build(name, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
+
+
+def serving_hub(monkeypatch, weights: dict) -> None:
+    """timm as if its hub served ``weights`` for the model asked for with ``pretrained=True``, loaded strictly as
+    timm loads them. The dict is read at each call: a test changes what the hub serves by changing it."""
+    build = timm.create_model
+
+    def serving(name, pretrained=False, **kwargs):
+        model = build(name, **kwargs)
+        if pretrained:
+            model.load_state_dict(weights)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", serving)

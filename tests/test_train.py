@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
-from conftest import offline_hub
+from conftest import offline_hub, serving_hub
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +27,18 @@ ARTEFACTS = [
 ]
 
 
+TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
 def tiny_config(tmp_path, **train):
     data = tmp_path / "data"
     cfg = {
         "data": {"train_csv": str(data / "train.csv"), "val_csv": str(data / "val.csv"), "synthetic": True,
                  "synthetic_train_images": 8, "synthetic_val_images": 4},
-        "model": {"vision_model": "vit_small_patch14_dinov2", "img_size": 28, "hidden_dim": 32, "num_heads": 2,
-                  "question_layers": 1, "vision_lora_r": 4},
+        # ViT-S/14's architecture at 2 blocks of width 32: a 0.2 MB backbone, where the full one (86 MB) is
+        # written, hashed, copied and read again by every run and tool of the suite.
+        "model": {"vision_model": "vit_small_patch14_dinov2", "vision_kwargs": dict(TINY_VIT), "img_size": 28,
+                  "hidden_dim": 32, "num_heads": 2, "question_layers": 1, "vision_lora_r": 4},
         "train": {"output_dir": str(tmp_path / "run"), "epochs": 2, "batch_size": 4, "progress": False,
                   "use_type_loss": True, **train},
     }
@@ -69,13 +74,15 @@ def test_training_writes_every_artefact_and_reports(trained):
     assert set(lines[-1]["per_type"]) <= {"count", "color", "location", "yes/no", "shape"}
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["vision_lora_alpha"] == 8.0  # the override
     adapter = load_file(str(run / "adapter_last.safetensors"))
-    assert all(".lora_" in k for k in adapter) and len(adapter) == 24  # 12 blocks x (A, B)
+    depth = TINY_VIT["depth"]
+    assert all(".lora_" in k for k in adapter) and len(adapter) == 2 * depth  # each block's (A, B)
     import timm
 
     import lora
-    encoder = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=28)
-    assert len(lora.load_adapter(encoder, run / "adapter_last.safetensors")) == 12  # named as in timm's model
-    assert torch.equal(encoder.blocks[11].attn.qkv.lora_B, adapter["blocks.11.attn.qkv.lora_B"])
+    encoder = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=28, **TINY_VIT)
+    assert len(lora.load_adapter(encoder, run / "adapter_last.safetensors")) == depth  # named as in timm's model
+    last = f"blocks.{depth - 1}.attn.qkv.lora_B"
+    assert torch.equal(encoder.blocks[-1].attn.qkv.lora_B, adapter[last])
     assert (run / "adapter_last.safetensors").stat().st_size < 0.05 * (run / "backbone.safetensors").stat().st_size
 
 
@@ -153,8 +160,8 @@ def test_export_writes_the_encoder_that_timm_alone_loads(trained, tmp_path, caps
     out = tmp_path / "encoder.safetensors"
     assert export(["--run", str(tmp / "run"), "--out", str(out)]) == 0
     call = capsys.readouterr().out.splitlines()[-1].strip()
-    assert call == (f"timm.create_model('vit_small_patch14_dinov2', num_classes=0, img_size=28, "
-                    f"checkpoint_path={str(out.resolve())!r})")
+    assert call == (f"timm.create_model('vit_small_patch14_dinov2', num_classes=0, img_size=28, depth=2, "
+                    f"embed_dim=32, num_heads=2, checkpoint_path={str(out.resolve())!r})")  # the run's vision_kwargs
     encoder = eval(call, {"timm": timm}).eval()  # the printed call, as a user would paste it
     model, *_ = load_run(tmp / "run")
     x, t = torch.randn(2, 3, 28, 28), torch.randn(5, model.backbone.embed_dim)
@@ -168,6 +175,7 @@ def test_export_writes_the_encoder_that_timm_alone_loads(trained, tmp_path, caps
         epochs = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         best = max(epochs, key=lambda m: m["accuracy"])  # the first of the best, as training keeps it
         assert f.metadata()["weights"] == "model_best.safetensors" and f.metadata()["epoch"] == str(best["epoch"])
+        assert json.loads(f.metadata()["vision_kwargs"]) == TINY_VIT
     assert export(["--run", str(tmp / "run"), "--out", str(tmp_path / "encoder.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
     backbone = (tmp / "run" / "backbone.safetensors").read_bytes()
@@ -721,6 +729,9 @@ def test_a_new_run_keeps_its_own_input_found_in_its_folder(trained, tmp_path):
         (["--vision_model", "vit_tiny_dinov5"], "unknown timm model 'vit_tiny_dinov5'"),
         (["--checkpoint_path", "/nonexistent/ckpt.pth"], "does not exist"),
         (["--unfreeze_encoder_layers", "13"], "unfreeze_encoder_layers"),
+        (["--vision_kwargs", "{drop_path: 0.1}"], "error: timm cannot build 'vit_small_patch14_dinov2' with "
+                                                  "drop_path=0.1: TypeError"),
+        (["--vision_kwargs", "{img_size: 56}"], "'vision_kwargs' may not set 'img_size'"),
     ],
 )
 def test_user_mistakes_exit_2_with_a_message(tmp_path, args, message, capsys):
@@ -1263,6 +1274,7 @@ def test_parameter_groups_give_each_part_its_rate_and_decay_only_matrices():
     (["--use_type_loss", "false"], "--resume cannot change 'use_type_loss'"),
     (["--lr_encoder", "0.5"], "--resume cannot change 'lr_encoder' (0.001 in "),  # the optimizer state's would win
     (["--weight_decay", "0.5"], "--resume cannot change 'weight_decay' (0.01 in "),
+    (["--vision_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"], "--resume cannot change 'vision_kwargs' ({"),
 ])
 def test_resume_refuses_what_fixes_the_batch_order_or_the_schedule(trained, tmp_path, capsys, args, message):
     import train
@@ -1818,28 +1830,19 @@ def test_a_hub_run_records_its_weights_and_refuses_others_however_they_come(trai
                                                                           unfrozen):
     """The hub's weights under a model's name may change: a run records the SHA-256 of the weights it loaded, and
     resume and the tools refuse others, from the hub or a local copy, where a copy of the same weights serves."""
-    import timm
     from safetensors.torch import save_file
 
     import train
 
     tmp, _ = trained
     hub = load_file(str(tmp / "run" / "backbone.safetensors"))  # what the hub serves for the model here
-    build = timm.create_model
-
-    def from_hub(name, pretrained=False, **kwargs):
-        model = build(name, **kwargs)
-        if pretrained:
-            model.load_state_dict(hub)
-        return model
-
-    monkeypatch.setattr(timm, "create_model", from_hub)
+    serving_hub(monkeypatch, hub)
     run = tmp_path / "run"
     assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
                       "--pretrained", "true", "--unfreeze_encoder_layers", unfrozen]) == 0
     copy, other = tmp_path / "copy.safetensors", tmp_path / "other.safetensors"
     save_file(hub, str(copy))
-    hub = {k: v + 1 if k == "norm.weight" else v for k, v in hub.items()}  # the hub's weights change
+    hub["norm.weight"] = hub["norm.weight"] + 1  # the hub's weights change
     save_file(hub, str(other))
     tools = tool_runs(trained, tmp_path)
     capsys.readouterr()
@@ -1966,14 +1969,8 @@ def test_a_failed_checkpoint_or_text_write_keeps_the_previous_file(tmp_path):
 
 @pytest.fixture
 def one_block(monkeypatch):
-    """train.py's model with a one-block backbone: the training loop's bookkeeping at a fraction of the time."""
-    import functools
-
-    import vqa.run_files
-    from vqa import DeterministicVQA
-
-    monkeypatch.setattr(vqa.run_files, "DeterministicVQA", functools.partial(DeterministicVQA,
-                                                                             backbone_kwargs=dict(depth=1)))
+    """tiny_config's backbone with one block."""
+    monkeypatch.setitem(TINY_VIT, "depth", 1)
 
 
 def test_each_epoch_draws_another_order_of_the_images_and_the_same_again_on_resume():

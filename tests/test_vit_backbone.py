@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import offline_hub
+from conftest import offline_hub, serving_hub
 from safetensors.torch import load_file, save_file
 from timm.layers import set_reentrant_ckpt
 
@@ -489,3 +489,26 @@ def test_a_checkpoint_with_a_flattened_patch_kernel_loads_as_timm_loads_it(tmp_p
     loaded = tiny_backbone(checkpoint_path=path)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    (dict(drop_path=0.1), "with drop_path=0.1: TypeError: VisionTransformer.__init__() got an unexpected keyword "
+                          "argument 'drop_path'"),
+    (dict(depth="two"), "with depth='two': TypeError"),
+    (dict(embed_dim=33), "with embed_dim=33: AssertionError: dim should be divisible by num_heads"),
+])
+def test_arguments_timm_cannot_build_with_are_named_with_timm_s_reason(kwargs, problem):
+    with pytest.raises(ValueError) as e:
+        vit.create_backbone("vit_small_patch14_dinov2", img_size=28, **kwargs)
+    assert str(e.value).startswith(f"timm cannot build 'vit_small_patch14_dinov2' {problem}")
+
+
+def test_pretrained_weights_that_do_not_fit_the_shape_the_arguments_build_are_a_clear_error(monkeypatch):
+    """timm loads the hub's weights for the model as named, strictly: into one block fewer they do not fit."""
+    serving_hub(monkeypatch, tiny_backbone().state_dict())  # TINY's two blocks
+    assert len(tiny_backbone(pretrained=True).blocks) == TINY["depth"]  # as named, the weights load
+    with pytest.raises(ValueError, match=r"the pretrained weights of 'vit_small_patch14_dinov2' do not fit the model "
+                                         r"embed_dim=32, depth=1, num_heads=2, init_values=0.5 builds \(Error\(s\) in "
+                                         r"loading state_dict .*\); build it as pretrained, without those arguments, "
+                                         r"or give weights of that shape as checkpoint_path$"):
+        vit.create_backbone("vit_small_patch14_dinov2", img_size=28, pretrained=True, **{**TINY, "depth": 1})

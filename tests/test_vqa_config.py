@@ -371,3 +371,30 @@ def test_a_count_takes_torch_s_largest_int_and_refuses_one_more():
     assert load_config(None, ["--checkpoint_every", str(2**63 - 1)]).train.checkpoint_every == 2**63 - 1
     with pytest.raises(VQAError, match=r"'checkpoint_every' must be below 2\*\*63"):
         load_config(None, ["--checkpoint_every", str(2**63)])
+
+
+def test_vision_kwargs_come_from_the_file_or_the_command_line_as_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  vision_kwargs:\n    drop_path_rate: 0.1\n    depth: 6\n")
+    assert load_config(path).model.vision_kwargs == {"drop_path_rate": 0.1, "depth": 6}
+    assert load_config(None).model.vision_kwargs == {}
+    # Given again, the mapping replaces the file's whole, as any other value does: what is written is what is built.
+    given = load_config(path, ["--vision_kwargs", "{drop_path_rate: 0.2}"])
+    assert given.model.vision_kwargs == {"drop_path_rate": 0.2}
+    for empty in ("none", "{}", ""):
+        assert load_config(path, [f"--vision_kwargs={empty}"]).model.vision_kwargs == {}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("3", "key 'vision_kwargs' must be dict, got 3"),
+    ("{depth: [", "key 'vision_kwargs' must be a YAML mapping such as \"{drop_path_rate: 0.1}\""),
+    ("{depth: 1, depth: 2}", "key 'vision_kwargs' must be a YAML mapping"),
+    ("{img_size: 98}", "'vision_kwargs' may not set 'img_size': it is a config key of its own (--img_size)"),
+    ("{num_classes: 10}", "'vision_kwargs' may not set 'num_classes': the image encoder has no classifier head"),
+    ("{2: 3}", "'vision_kwargs' holds 2, which is no argument name"),
+    ("{drop-path: 0.1}", "'vision_kwargs' holds 'drop-path', which is no argument name"),
+])
+def test_vision_kwargs_that_timm_could_not_take_or_the_run_sets_itself_are_refused(value, message):
+    with pytest.raises(VQAError) as e:
+        load_config(None, ["--vision_kwargs", value])
+    assert message in str(e.value)

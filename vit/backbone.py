@@ -59,12 +59,19 @@ def create_backbone(
     kwargs.setdefault("num_classes", 0)
     if checkpoint_path is not None:
         pretrained = False  # the local file replaces the download
+    # Arguments of the caller's own (a smaller depth, a drop_path_rate): a failure is told as theirs.
+    extra = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("img_size", "num_classes"))
     with torch.device("meta"):  # the patch size is known before any weights are allocated
         try:
-            probe, built_as_asked = timm.create_model(name, **kwargs), True
-        except TypeError:  # a model that takes no img_size (a ResNet): refused below, by its type
-            kwargs_but_size = {k: v for k, v in kwargs.items() if k != "img_size"}
-            probe, built_as_asked = timm.create_model(name, **kwargs_but_size), False
+            try:
+                probe, built_as_asked = timm.create_model(name, **kwargs), True
+            except TypeError:  # a model that takes no img_size (a ResNet): refused below, by its type
+                kwargs_but_size = {k: v for k, v in kwargs.items() if k != "img_size"}
+                probe, built_as_asked = timm.create_model(name, **kwargs_but_size), False
+        except (TypeError, ValueError, AssertionError) as e:  # an argument it does not take, or a value it refuses
+            if not extra:
+                raise
+            raise ValueError(f"timm cannot build '{name}' with {extra}: {type(e).__name__}: {e}") from None
     if not hasattr(getattr(probe, "patch_embed", None), "patch_size"):
         raise ValueError(f"'{name}' is a {type(probe).__name__}, not a ViT with a patch embedding; create_backbone "
                          f"builds ViTs such as vit_small_patch14_dinov2 (use timm.create_model for other models)")
@@ -87,6 +94,12 @@ def create_backbone(
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PretrainedWeightsUnavailable(name, reason) from None
+    except RuntimeError as e:  # the strict load of weights made for the model as named, into another shape
+        if not (pretrained and extra):
+            raise
+        raise ValueError(f"the pretrained weights of '{name}' do not fit the model {extra} builds "
+                         f"({str(e).strip().splitlines()[0]}); build it as pretrained, without those arguments, or "
+                         f"give weights of that shape as checkpoint_path") from None
     if checkpoint_path is not None:
         load_backbone_checkpoint(model, checkpoint_path)
     return model

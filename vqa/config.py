@@ -45,6 +45,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     vision_model: str = "vit_small_patch14_dinov2"  # any timm ViT; the DINOv2 family is the target
+    vision_kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments: {drop_path_rate: 0.1}
     img_size: int = 224  # input side in pixels; a multiple of the patch size (14)
     pretrained: bool = False  # download timm's pretrained weights (needs internet)
     checkpoint_path: str | None = None  # local .safetensors/.pth backbone weights instead of a download
@@ -62,6 +63,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _positive(self, "img_size", "vision_lora_r", "hidden_dim", "num_heads")
         _expand_home(self, *_PATH_KEYS["model"])
+        for name in self.vision_kwargs:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise VQAError(f"config key 'vision_kwargs' holds {name!r}, which is no argument name; give "
+                               f"timm.create_model's keyword arguments, e.g. {{drop_path_rate: 0.1}}")
+            if name in _OWN_KEYS:
+                raise VQAError(f"config key 'vision_kwargs' may not set '{name}': {_OWN_KEYS[name]}")
         if self.question_layers < 0:
             raise VQAError(f"config key 'question_layers' must be >= 0, got {self.question_layers}")
         if not self.vision_lora_alpha > 0 or not math.isfinite(self.vision_lora_alpha):
@@ -170,6 +177,13 @@ class RunConfig:
         return cls(**sections)
 
 
+# timm.create_model arguments the run sets itself, which vision_kwargs may not set.
+_OWN_KEYS = {
+    "img_size": "it is a config key of its own (--img_size)",
+    "pretrained": "it is a config key of its own (--pretrained)",
+    "checkpoint_path": "it is a config key of its own (--checkpoint_path)",
+    "num_classes": "the image encoder has no classifier head (num_classes=0); the answer head is the run's own",
+}
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 _PATH_KEYS = {"data": ("train_csv", "val_csv", "answer_weights"), "model": ("checkpoint_path",), "train": ("output_dir",)}
 _KEY_SECTION = {f.name: s for s, c in _SECTIONS.items() for f in dataclasses.fields(c)}
@@ -265,6 +279,19 @@ def _coerce(key: str, value, annotation, where: str):
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif annotation is dict:
+        if isinstance(value, str) and value.lower() in ("none", "null", ""):
+            return {}
+        if isinstance(value, str):  # from the command line: a YAML mapping, "{drop_path_rate: 0.1}"
+            try:
+                value = yaml.load(value, Loader=_UniqueKeyLoader)
+            except yaml.YAMLError:
+                raise VQAError(f"{where}: key '{key}' must be a YAML mapping such as \"{{drop_path_rate: 0.1}}\", "
+                               f"got {value!r}") from None
+        if value is None:  # "vision_kwargs:" with nothing after it, or "none"
+            return {}
+        if isinstance(value, dict):
+            return value
     name = getattr(annotation, "__name__", str(annotation))
     raise VQAError(f"{where}: key '{key}' must be {name}, got {value!r} ({type(value).__name__})")
 

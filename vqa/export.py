@@ -3,12 +3,13 @@
     python -m vqa.export --run RUN_DIR --out encoder.safetensors
 
 The file loads with timm alone, no code of this project, strictly (every weight present, no other):
-``timm.create_model(NAME, num_classes=0, img_size=N, checkpoint_path=OUT)`` (the command prints the exact
-call), and it serves as ``--checkpoint_path`` of a new run.
+``timm.create_model(NAME, num_classes=0, img_size=N, checkpoint_path=OUT)``, with the run's ``vision_kwargs``
+too (the command prints the exact call), and it serves as ``--checkpoint_path`` of a new run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -52,14 +53,17 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_pat
     weights = weights_file(run_dir, which)  # the file load_run took, for the record
     with safe_open(str(weights), framework="pt") as f:
         trained = f.metadata() or {}
-    name, size = cfg.model.vision_model, cfg.model.img_size
+    name, size, extra = cfg.model.vision_model, cfg.model.img_size, cfg.model.vision_kwargs
     metadata = {"architecture": name, "img_size": str(size), "run": str(run_dir.resolve()), "weights": weights.name,
+                **({"vision_kwargs": json.dumps(extra, default=str)} if extra else {}),
                 **{k: trained[k] for k in ("epoch", "val_accuracy") if k in trained}}
     try:
         lora.save_merged(model.backbone, out, metadata)
     except OSError as e:
         raise VQAError(f"cannot write --out '{out}': {e}") from None
-    return f"timm.create_model({name!r}, num_classes=0, img_size={size}, checkpoint_path={str(out.resolve())!r})"
+    arguments = "".join(f", {k}={v!r}" for k, v in extra.items())  # the model's shape, as the run built it
+    path = str(out.resolve())
+    return f"timm.create_model({name!r}, num_classes=0, img_size={size}{arguments}, checkpoint_path={path!r})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,6 +92,7 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
             num_heads=m.num_heads,
             question_layers=m.question_layers,
             dropout=m.dropout,
+            backbone_kwargs=m.vision_kwargs,
         )
     except PretrainedWeightsUnavailable as e:
         if offline is None:
