@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm import tqdm
 
 import lora
@@ -652,12 +653,18 @@ def next_steps(run: Path, val_csv: str) -> str:
 
 def check_config_outside_run(config: Path | None, run: Path) -> None:
     """Refuses a hand-written ``--config`` kept where the run writes its own config.yaml, which would replace it.
-    A run's own file (its text the config it resolves to: the restart advice's --config RUN/config.yaml) may
-    be given."""
+    A run's own file (its text the config it resolves to, as train.py writes it: the restart advice's --config
+    RUN/config.yaml) may be given, also one a version with fewer keys wrote."""
     written = run / "config.yaml"
     if config is None or written.resolve() != config.resolve():
         return
-    if config.read_text(encoding="utf-8") == load_config(config, []).to_yaml():
+    text = config.read_text(encoding="utf-8")
+    resolved, given = load_config(config, []).to_dict(), yaml.safe_load(text) or {}
+    # The resolved config cut to the keys the file holds, in the order train.py writes them: the file again, only
+    # where train.py wrote it (no comments, no other order or spelling).
+    kept = {section: {k: v for k, v in values.items() if k in given[section]}
+            for section, values in resolved.items() if isinstance(given.get(section), dict)}
+    if text == yaml.safe_dump(kept, sort_keys=False):
         return  # a run's own config.yaml, written by train.py: rewriting it changes nothing the user wrote
     raise VQAError(f"--config '{config}' is where the run in output_dir '{run}' writes its own config.yaml, which "
                    f"would replace yours (comments and all); keep your config outside the run folder, e.g. "

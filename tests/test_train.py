@@ -218,6 +218,26 @@ def test_the_checkpoint_a_run_started_from_may_move_but_not_change(trained, tmp_
     load_run(second)  # config.yaml now names the moved copy
 
 
+def test_a_run_from_an_export_built_with_other_vision_kwargs_is_told_the_file_s(trained, tmp_path, capsys):
+    """An exported encoder holds the shape its run's vision_kwargs built: a new run from it with other ones fails
+    to load it, and the error names the file's, recorded in its metadata."""
+    import train
+    from vqa.export import main as export
+
+    tmp, _ = trained
+    encoder = tmp_path / "encoder.safetensors"
+    assert export(["--run", str(tmp / "run"), "--out", str(encoder)]) == 0
+    capsys.readouterr()
+    new_run = ["--config", str(tmp / "tiny.yaml"), "--output_dir", str(tmp_path / "new"), "--epochs", "1",
+               "--checkpoint_path", str(encoder)]
+    assert train.cli([*new_run, "--vision_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"]) == 2
+    err = capsys.readouterr().err
+    told = (f"; the file is an export of a run whose image encoder was built with vision_kwargs {TINY_VIT}, this "
+            f"run's are {{'depth': 1, 'embed_dim': 32, 'num_heads': 2}}: give the same (--vision_kwargs \"{TINY_VIT}\")")
+    assert told in err, err
+    assert train.cli([*new_run, "--vision_kwargs", str(TINY_VIT)]) == 0  # the advice, as given, loads it
+
+
 @pytest.mark.parametrize("layout", ["current", "before torchrun support"])
 def test_resume_continues_a_finished_run_for_more_epochs(layout, trained, tmp_path, capsys):
     sys.path.insert(0, str(ROOT))
@@ -1531,9 +1551,19 @@ def test_a_config_kept_where_the_run_writes_its_own_is_refused_not_replaced(tmp_
     # A run's own config.yaml, alone in its folder (a run cut short after writing it): the restart advice works.
     from vqa.config import load_config
 
-    (tmp_path / "run" / "config.yaml").write_text(load_config(tmp_path / "run" / "config.yaml").to_yaml())
+    own = load_config(tmp_path / "run" / "config.yaml").to_dict()
     (tmp_path / "run" / "tiny.yaml").unlink()
+    # As written by a version before vision_kwargs: a key fewer, the rest as train.py writes them. The advice holds.
+    older = {section: {k: v for k, v in values.items() if k != "vision_kwargs"} for section, values in own.items()}
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(older, sort_keys=False))
     assert train.cli(["--config", str(tmp_path / "run" / "config.yaml"), "--epochs", "1"]) == 0
+    assert "vision_kwargs: {}" in (tmp_path / "run" / "config.yaml").read_text()  # written in full again
+    for mine in ("# my notes\n" + yaml.safe_dump(own, sort_keys=False), yaml.safe_dump(own, sort_keys=True)):
+        (tmp_path / "run" / "config.yaml").write_text(mine)  # a comment, or another order: not train.py's
+        assert train.cli(["--config", str(tmp_path / "run" / "config.yaml"), "--epochs", "1", "--overwrite"]) == 2
+        assert "is where the run in output_dir" in capsys.readouterr().err
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(own, sort_keys=False))
+    assert train.cli(["--config", str(tmp_path / "run" / "config.yaml"), "--epochs", "1", "--overwrite"]) == 0
 
 
 def test_no_arguments_is_a_usage_error_that_names_the_demo(tmp_path, capsys, monkeypatch):

@@ -496,6 +496,9 @@ def test_a_checkpoint_with_a_flattened_patch_kernel_loads_as_timm_loads_it(tmp_p
                           "argument 'drop_path'"),
     (dict(depth="two"), "with depth='two': TypeError"),
     (dict(embed_dim=33), "with embed_dim=33: AssertionError: dim should be divisible by num_heads"),
+    (dict(act_layer="gelu_fast"), "with act_layer='gelu_fast': KeyError: 'gelu_fast'"),
+    (dict(num_heads=0), "with num_heads=0: ZeroDivisionError"),
+    (dict(name="x"), "with name='x': TypeError"),  # timm's to refuse: no argument of create_backbone's own
 ])
 def test_arguments_timm_cannot_build_with_are_named_with_timm_s_reason(kwargs, problem):
     with pytest.raises(ValueError) as e:
@@ -504,11 +507,13 @@ def test_arguments_timm_cannot_build_with_are_named_with_timm_s_reason(kwargs, p
 
 
 def test_pretrained_weights_that_do_not_fit_the_shape_the_arguments_build_are_a_clear_error(monkeypatch):
-    """timm loads the hub's weights for the model as named, strictly: into one block fewer they do not fit."""
+    """timm loads the hub's weights for the model as named, strictly: into one block fewer they do not fit, and
+    the error quotes torch's first reason (cut short: it lists every key) rather than its heading."""
     serving_hub(monkeypatch, tiny_backbone().state_dict())  # TINY's two blocks
     assert len(tiny_backbone(pretrained=True).blocks) == TINY["depth"]  # as named, the weights load
     with pytest.raises(ValueError, match=r"the pretrained weights of 'vit_small_patch14_dinov2' do not fit the model "
-                                         r"embed_dim=32, depth=1, num_heads=2, init_values=0.5 builds \(Error\(s\) in "
-                                         r"loading state_dict .*\); build it as pretrained, without those arguments, "
-                                         r"or give weights of that shape as checkpoint_path$"):
+                                         r"embed_dim=32, depth=1, num_heads=2, init_values=0.5 builds \(Unexpected "
+                                         r"key\(s\) in state_dict: \"blocks\.1\.norm1\.weight\", .*\.\.\.\); build it "
+                                         r"as pretrained, without those arguments, or give weights of that shape as "
+                                         r"checkpoint_path$"):
         vit.create_backbone("vit_small_patch14_dinov2", img_size=28, pretrained=True, **{**TINY, "depth": 1})

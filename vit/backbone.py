@@ -35,6 +35,7 @@ class PretrainedWeightsUnavailable(FileNotFoundError):
 
 def create_backbone(
     name: str = "vit_base_patch14_dinov2",
+    /,
     *,
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
@@ -45,7 +46,9 @@ def create_backbone(
 
     ``pretrained=True`` downloads through timm's hub loading (needs internet); ``checkpoint_path`` loads
     a local ``.safetensors`` or ``.pth`` file instead (never unpickling code). ``img_size`` must be a
-    multiple of the patch size; position embeddings of a checkpoint are resampled to it.
+    multiple of the patch size; position embeddings of a checkpoint are resampled to it. Other keyword
+    arguments go to ``timm.create_model`` (``drop_path_rate=0.1``, ``depth=2``); one timm cannot build with
+    is a ValueError quoting timm's reason, as are pretrained weights that do not fit the shape they build.
     """
     if not timm.is_model(name):
         names = list(dict.fromkeys(timm.list_models("*dinov2*") + timm.list_models("vit_*")))  # each once
@@ -68,7 +71,7 @@ def create_backbone(
             except TypeError:  # a model that takes no img_size (a ResNet): refused below, by its type
                 kwargs_but_size = {k: v for k, v in kwargs.items() if k != "img_size"}
                 probe, built_as_asked = timm.create_model(name, **kwargs_but_size), False
-        except (TypeError, ValueError, AssertionError) as e:  # an argument it does not take, or a value it refuses
+        except Exception as e:  # an argument it does not take, or a value it refuses, in whatever way it refuses it
             if not extra:
                 raise
             raise ValueError(f"timm cannot build '{name}' with {extra}: {type(e).__name__}: {e}") from None
@@ -95,11 +98,14 @@ def create_backbone(
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PretrainedWeightsUnavailable(name, reason) from None
     except RuntimeError as e:  # the strict load of weights made for the model as named, into another shape
-        if not (pretrained and extra):
+        lines = str(e).strip().splitlines()
+        if not (pretrained and extra and lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1):
             raise
-        raise ValueError(f"the pretrained weights of '{name}' do not fit the model {extra} builds "
-                         f"({str(e).strip().splitlines()[0]}); build it as pretrained, without those arguments, or "
-                         f"give weights of that shape as checkpoint_path") from None
+        first = lines[1].strip()  # "size mismatch for pos_embed: ...", "Unexpected key(s) in state_dict: ..."
+        first = first if len(first) <= 160 else first[:157] + "..."
+        raise ValueError(f"the pretrained weights of '{name}' do not fit the model {extra} builds ({first}); build "
+                         f"it as pretrained, without those arguments, or give weights of that shape as "
+                         f"checkpoint_path") from None
     if checkpoint_path is not None:
         load_backbone_checkpoint(model, checkpoint_path)
     return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import keyword
 import math
 import os
 import typing
@@ -45,7 +46,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     vision_model: str = "vit_small_patch14_dinov2"  # any timm ViT; the DINOv2 family is the target
-    vision_kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments: {drop_path_rate: 0.1}
+    vision_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # more timm.create_model arguments
     img_size: int = 224  # input side in pixels; a multiple of the patch size (14)
     pretrained: bool = False  # download timm's pretrained weights (needs internet)
     checkpoint_path: str | None = None  # local .safetensors/.pth backbone weights instead of a download
@@ -63,12 +64,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _positive(self, "img_size", "vision_lora_r", "hidden_dim", "num_heads")
         _expand_home(self, *_PATH_KEYS["model"])
-        for name in self.vision_kwargs:
-            if not isinstance(name, str) or not name.isidentifier():
+        for name, value in self.vision_kwargs.items():
+            if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
                 raise VQAError(f"config key 'vision_kwargs' holds {name!r}, which is no argument name; give "
                                f"timm.create_model's keyword arguments, e.g. {{drop_path_rate: 0.1}}")
             if name in _OWN_KEYS:
                 raise VQAError(f"config key 'vision_kwargs' may not set '{name}': {_OWN_KEYS[name]}")
+            if not _finite(value):  # nan passes timm's range checks (drop_path_rate: nan drops nothing)
+                raise VQAError(f"config key 'vision_kwargs': '{name}' must hold finite numbers, got {value!r}")
         if self.question_layers < 0:
             raise VQAError(f"config key 'question_layers' must be >= 0, got {self.question_layers}")
         if not self.vision_lora_alpha > 0 or not math.isfinite(self.vision_lora_alpha):
@@ -212,6 +215,17 @@ def _unknown_key(key: str, section: str | None, flag: bool) -> str:
     return f"{hint}; the keys are, in " + "; in ".join(f"{s}: {', '.join(names[s])}" for s in sections)
 
 
+def _finite(value) -> bool:
+    """Whether every float in ``value`` (a YAML value: nested lists and mappings too) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _positive(cfg, *keys: str) -> None:
     for key in keys:
         if getattr(cfg, key) <= 0:
@@ -247,7 +261,8 @@ def _expand_home(cfg, *keys: str) -> None:
 
 
 def _coerce(key: str, value, annotation, where: str):
-    """Checks ``value`` against a field's annotation; ints widen to floats, strings to numbers."""
+    """Checks ``value`` against a field's annotation; ints widen to floats, strings to numbers, and to a mapping
+    where one is asked for, read as YAML (the command line's "{drop_path_rate: 0.1}")."""
     args = typing.get_args(annotation)
     if type(None) in args:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -279,15 +294,18 @@ def _coerce(key: str, value, annotation, where: str):
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    elif annotation is dict:
+    elif typing.get_origin(annotation) is dict:
         if isinstance(value, str) and value.lower() in ("none", "null", ""):
             return {}
         if isinstance(value, str):  # from the command line: a YAML mapping, "{drop_path_rate: 0.1}"
             try:
                 value = yaml.load(value, Loader=_UniqueKeyLoader)
-            except yaml.YAMLError:
+            except _DuplicateKey as e:
+                raise VQAError(f"{where}: key '{key}' names '{e.key}' twice, {value!r}; give it once") from None
+            except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a date such as 2024-13-01
+                shown = value if len(value) <= 80 else value[:77] + "..."
                 raise VQAError(f"{where}: key '{key}' must be a YAML mapping such as \"{{drop_path_rate: 0.1}}\", "
-                               f"got {value!r}") from None
+                               f"got {shown!r}") from None
         if value is None:  # "vision_kwargs:" with nothing after it, or "none"
             return {}
         if isinstance(value, dict):

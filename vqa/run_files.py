@@ -99,7 +99,24 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
             raise VQAError(str(e)) from None
         raise VQAError(f"{e.problem}; {offline}") from None
     except (ValueError, FileNotFoundError, IsADirectoryError) as e:  # backbone name, img_size, checkpoint problems
-        raise VQAError(str(e)) from None
+        raise VQAError(f"{e}{exported_shape(checkpoint_path or m.checkpoint_path, m.vision_kwargs)}") from None
+
+
+def exported_shape(path: str | None, vision_kwargs: dict) -> str:
+    """What to add to a checkpoint's load error where ``path`` is an export whose run built its encoder with other
+    ``vision_kwargs`` (recorded in the file's metadata; none recorded: none given): the likely cause."""
+    if path is None or not str(path).endswith(".safetensors"):
+        return ""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        exported = json.loads(metadata.get("vision_kwargs", "{}"))
+    except (OSError, SafetensorError, ValueError):  # unreadable, or a record that is no JSON: nothing to add
+        return ""
+    if "architecture" not in metadata or exported == json.loads(json.dumps(vision_kwargs, default=str)):
+        return ""  # not written by python -m vqa.export, or built as this run builds it
+    return (f"; the file is an export of a run whose image encoder was built with vision_kwargs {exported}, this "
+            f"run's are {vision_kwargs}: give the same (--vision_kwargs \"{exported}\")")
 
 
 def random_backbone(cfg: RunConfig) -> bool:
