@@ -233,7 +233,8 @@ def test_a_run_from_an_export_built_with_other_vision_kwargs_is_told_the_file_s(
     assert train.cli([*new_run, "--vision_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"]) == 2
     err = capsys.readouterr().err
     told = (f"; the file is an export of a run whose image encoder was built with vision_kwargs {TINY_VIT}, this "
-            f"run's are {{'depth': 1, 'embed_dim': 32, 'num_heads': 2}}: give the same (--vision_kwargs \"{TINY_VIT}\")")
+            f"run's are {{'depth': 1, 'embed_dim': 32, 'num_heads': 2}}: give the same "
+            f"(--vision_kwargs \"{TINY_VIT}\")")
     assert told in err, err
     assert train.cli([*new_run, "--vision_kwargs", str(TINY_VIT)]) == 0  # the advice, as given, loads it
 
