@@ -218,6 +218,13 @@ def check_same_images(images: int, recorded: int | None, train_data: CSVData, ru
                    f"a new run, e.g. from this one's encoder: {export}, then {new_run}")
 
 
+def questions_per_second(seen: int, seconds: float, procs: distributed.Processes) -> float:
+    """The run's training rate for the progress bar, from this process's ``seen`` questions: each process takes an
+    equal share of the batches, in step with the others (a collective every step), so the run's is N times this
+    process's (its own alone would read 1/N of the run's under torchrun)."""
+    return seen * procs.world_size / seconds
+
+
 def saved_rngs(state: dict) -> list[dict]:
     """The random state of each process that wrote the checkpoint ``state``, in rank order."""
     return state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]  # "rng": older runs
@@ -588,7 +595,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 scheduler.step()
                 step += 1
                 seen += len(batch["answer"])
-                bar.set_postfix(loss=f"{loss_value:.3f}", q_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
+                rate = questions_per_second(seen, time.perf_counter() - tic, procs)
+                bar.set_postfix(loss=f"{loss_value:.3f}", q_per_s=f"{rate:.0f}")
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     checkpoint(epoch, i + 1)
                 stop_on(signum, epoch, i + 1)

@@ -2004,6 +2004,26 @@ def one_block(monkeypatch):
     monkeypatch.setitem(TINY_VIT, "depth", 1)
 
 
+def test_the_progress_bar_gives_the_run_s_rate_which_under_torchrun_is_every_process_s(tmp_path, monkeypatch,
+                                                                                      capsys, one_block):
+    """Each process counts its own questions; the processes step together on equal shares of the batches, so the
+    run's rate is the main process's times their number, and that is what its bar shows."""
+    import train
+    from vqa.distributed import Processes
+
+    one, two = Processes(), Processes(rank=0, world_size=2)
+    assert train.questions_per_second(40, 2.0, one) == 20 and train.questions_per_second(40, 2.0, two) == 40
+    real, steps = train.questions_per_second, []
+
+    def marked(seen, seconds, procs):  # the bar shows what the function gives, once a step
+        steps.append(real(seen, seconds, procs))
+        return 12345.0
+
+    monkeypatch.setattr(train, "questions_per_second", marked)
+    assert train.cli(["--config", str(tiny_config(tmp_path)), "--epochs", "1", "--progress", "true"]) == 0
+    assert len(steps) == 2 and "q_per_s=12345" in capsys.readouterr().err  # 8 images in batches of 4: 2 steps
+
+
 def test_each_epoch_draws_another_order_of_the_images_and_the_same_again_on_resume():
     """The shuffled batches are a pure function of (seed, epoch): each epoch's order is its own, and repeatable."""
     import train
