@@ -517,3 +517,23 @@ def test_pretrained_weights_that_do_not_fit_the_shape_the_arguments_build_are_a_
                                          r"as pretrained, without those arguments, or give weights of that shape as "
                                          r"checkpoint_path$"):
         vit.create_backbone("vit_small_patch14_dinov2", img_size=28, pretrained=True, **{**TINY, "depth": 1})
+
+
+@pytest.mark.parametrize("message", ["PytorchStreamReader failed reading zip archive: failed finding central directory",
+                                     ""])
+def test_another_failure_of_a_pretrained_load_is_not_blamed_on_the_arguments(monkeypatch, message):
+    """A damaged file in the hub's cache, say: timm's own error, as without arguments, not a shape that does not fit."""
+    import timm
+
+    build = timm.create_model
+
+    def damaged(name, pretrained=False, **kwargs):
+        model = build(name, **kwargs)
+        if pretrained:
+            raise RuntimeError(message)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", damaged)
+    with pytest.raises(RuntimeError) as e:
+        tiny_backbone(pretrained=True, drop_path_rate=0.1)
+    assert str(e.value) == message

@@ -99,7 +99,7 @@ def create_backbone(
         raise PretrainedWeightsUnavailable(name, reason) from None
     except RuntimeError as e:  # the strict load of weights made for the model as named, into another shape
         lines = str(e).strip().splitlines()
-        if not (pretrained and extra and lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1):
+        if not (pretrained and extra and len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict")):
             raise
         first = lines[1].strip()  # "size mismatch for pos_embed: ...", "Unexpected key(s) in state_dict: ..."
         first = first if len(first) <= 160 else first[:157] + "..."
