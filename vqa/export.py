@@ -9,7 +9,6 @@ too (the command prints the exact call), and it serves as ``--checkpoint_path`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_pat
     """Writes the run's encoder to ``out``; returns the timm call that loads it. ``checkpoint_path``: a local
     copy of the weights the run started from (``load_run``). An existing ``out`` is replaced only with
     ``overwrite``: a run that started from it records its SHA-256 and would refuse the new bytes."""
-    from .run_files import RUN_FILES, load_run, weights_file
+    from .run_files import RUN_FILES, load_run, vision_kwargs_record, weights_file
 
     if out.suffix != ".safetensors":
         raise VQAError(f"--out '{out}' must end in .safetensors: timm picks its loader by the extension")
@@ -55,7 +54,7 @@ def export_encoder(run_dir: Path, out: Path, which: str = "best", checkpoint_pat
         trained = f.metadata() or {}
     name, size, extra = cfg.model.vision_model, cfg.model.img_size, cfg.model.vision_kwargs
     metadata = {"architecture": name, "img_size": str(size), "run": str(run_dir.resolve()), "weights": weights.name,
-                **({"vision_kwargs": json.dumps(extra, default=str)} if extra else {}),
+                **({"vision_kwargs": vision_kwargs_record(extra)} if extra else {}),
                 **{k: trained[k] for k in ("epoch", "val_accuracy") if k in trained}}
     try:
         lora.save_merged(model.backbone, out, metadata)

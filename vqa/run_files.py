@@ -102,18 +102,22 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
         raise VQAError(f"{e}{exported_shape(checkpoint_path or m.checkpoint_path, m.vision_kwargs)}") from None
 
 
+def vision_kwargs_record(vision_kwargs: dict) -> str:
+    """``vision_kwargs`` as an export's metadata records them: JSON, a value JSON has no form for as its text."""
+    return json.dumps(vision_kwargs, default=str)
+
+
 def exported_shape(path: str | None, vision_kwargs: dict) -> str:
     """What to add to a checkpoint's load error where ``path`` is an export whose run built its encoder with other
     ``vision_kwargs`` (recorded in the file's metadata; none recorded: none given): the likely cause."""
     if path is None or not str(path).endswith(".safetensors"):
         return ""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        metadata = load_weights(None, Path(path))
         exported = json.loads(metadata.get("vision_kwargs", "{}"))
-    except (OSError, SafetensorError, ValueError):  # unreadable, or a record that is no JSON: nothing to add
+    except (VQAError, OSError, ValueError):  # unreadable, or a record that is no JSON: nothing to add
         return ""
-    if "architecture" not in metadata or exported == json.loads(json.dumps(vision_kwargs, default=str)):
+    if "architecture" not in metadata or exported == json.loads(vision_kwargs_record(vision_kwargs)):
         return ""  # not written by python -m vqa.export, or built as this run builds it
     return (f"; the file is an export of a run whose image encoder was built with vision_kwargs {exported}, this "
             f"run's are {vision_kwargs}: give the same (--vision_kwargs \"{exported}\")")
