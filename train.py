@@ -5,7 +5,7 @@
     python train.py --config configs/demo.yaml --overwrite   # start over where a run is (deletes it)
     torchrun --nproc_per_node 4 train.py --config configs/dinov2_base_vqa.yaml   # 4 GPUs, DDP
 
-Any config key can be overridden on the command line (``--vision_lora_r 4``, ``--lr 3e-4``).
+Any config key can be overridden on the command line (``--vision_lora_r 4``, ``--lr 3e-4``); ``--help`` lists them.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import lora
 from vqa import distributed
 from vqa.answer_weights import load_answer_weights
 from vqa.cli import run_tool, user_path
-from vqa.config import DataConfig, RunConfig, load_config
+from vqa.config import DataConfig, RunConfig, key_help, load_config
 from vqa.data import CSVData, VQADataset, bad_images, build_transform, chunks, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
@@ -679,8 +681,28 @@ def check_config_outside_run(config: Path | None, run: Path) -> None:
                    f"configs/, or choose another --output_dir")
 
 
+def config_keys_help() -> str:
+    """The config keys, laid out as argparse lays out options, for the end of ``--help``: train.py parses them itself
+    (``load_config``), so they are listed by a parser of their own that never parses."""
+    listing = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
+    for section, keys in key_help().items():
+        group = listing.add_argument_group(f"config keys, section {section}")
+        for name, metavar, text in keys:
+            group.add_argument(f"--{name}", metavar=metavar, help=text.replace("%", "%%"))  # argparse's % formatting
+    intro = ("Each config key below overrides the config file's value: --key VALUE, --key=VALUE or --section.key "
+             "VALUE (a true/false key alone means true). A default holds where neither sets the key.")
+    return help_paragraph(intro) + "\n\n" + listing.format_help()
+
+
+def help_paragraph(text: str) -> str:
+    """``text`` wrapped to the terminal's width as argparse wraps its help."""
+    return textwrap.fill(text, shutil.get_terminal_size().columns - 2)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other --key value pairs override the config.")
+    # Raw: the keys' listing is laid out already; the texts are wrapped as argparse wraps its own.
+    parser = argparse.ArgumentParser(description=help_paragraph(__doc__.splitlines()[0]), epilog=config_keys_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=user_path, help="YAML config, e.g. configs/demo.yaml")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", type=user_path, metavar="RUN_DIR", help="continue the run in this folder")

@@ -1055,15 +1055,21 @@ def test_the_optimizer_is_fused_adamw_stepping_like_the_default_one():
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
-def test_help_lists_the_options(capsys):
+def test_help_lists_the_options_and_every_config_key(capsys, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train
 
+    monkeypatch.setenv("COLUMNS", "60")
     with pytest.raises(SystemExit) as done:
         train.cli(["--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and all(option in out for option in ("--config", "--resume", "--overwrite"))
-    assert "Other --key value pairs override the config." in out
+    # Then every config key, by section, as argparse lays out options, wrapped to the terminal's width.
+    keys = out.split("config keys, section data:")[1]
+    for section, names in (("model", ["vision_model", "vision_kwargs"]), ("train", ["output_dir", "progress"])):
+        assert f"config keys, section {section}:" in keys and all(f"--{name} " in keys for name in names)
+    assert "--vision_lora_r INT" in keys and "LoRA rank (default: 8)" in keys
+    assert "--section.key VALUE" in out and max(len(line) for line in out.splitlines()) <= 58
 
 
 class Payload:

@@ -6,7 +6,7 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from vqa.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config, parse_overrides
+from vqa.config import DataConfig, ModelConfig, RunConfig, TrainConfig, key_help, load_config, parse_overrides
 from vqa.errors import VQAError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,3 +403,40 @@ def test_vision_kwargs_that_timm_could_not_take_or_the_run_sets_itself_are_refus
     with pytest.raises(VQAError) as e:
         load_config(None, ["--vision_kwargs", value])
     assert message in str(e.value) and len(str(e.value)) < 300  # a long value is cut short
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def test_key_help_lists_every_key_with_its_field_s_comment_and_default():
+    listing = key_help()
+    assert {s: [name for name, _, _ in keys] for s, keys in listing.items()} == {
+        s: [f.name for f in dataclasses.fields(c)] for s, c in SECTIONS.items()}
+    described = {name: (metavar, text) for keys in listing.values() for name, metavar, text in keys}
+    assert described["vision_lora_r"] == ("INT", "LoRA rank (default: 8)")
+    assert described["vision_kwargs"] == ("MAPPING", "more timm.create_model arguments (default: {})")
+    assert described["answer_weights"][0] == "PATH" and described["answer_weights"][1].endswith("(default: none)")
+    assert described["use_type_loss"] == ("{true,false}", "add the question-type cross-entropy to the answer loss "
+                                                           "(default: false)")
+    assert described["lr"][0] == "FLOAT" and described["device"][0] == "TEXT"
+    # Every field carries its one-line comment (the house style), and the listing finds each one.
+    assert all(not text.startswith("(default:") for _, text in described.values())
+
+
+def test_key_help_defaults_read_back_as_the_defaults():
+    given = []
+    for keys in key_help().values():
+        for name, _, text in keys:
+            given += [f"--{name}", text.rsplit("(default: ", 1)[1][:-1]]
+    assert load_config(None, given) == RunConfig()
+
+
+def test_key_help_without_the_source_gives_the_defaults_alone(monkeypatch):
+    import inspect
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    described = {name: text for keys in key_help().values() for name, _, text in keys}
+    assert described["vision_lora_r"] == "(default: 8)" and described["train_csv"] == "(default: data/synth/train.csv)"

@@ -12,9 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import inspect
+import io
 import keyword
 import math
 import os
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +27,14 @@ import yaml
 
 from .errors import VQAError, unreadable
 
-__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides"]
+__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides", "key_help"]
 
 
 @dataclass
 class DataConfig:
     train_csv: str = "data/synth/train.csv"  # one row per question: image, question, answer[, question_type]
     val_csv: str = "data/synth/val.csv"  # evaluated after every epoch
-    answer_weights: str | None = None  # JSON from `python -m vqa.answer_weights`; None = unweighted loss
+    answer_weights: str | None = None  # JSON from `python -m vqa.answer_weights`; none: an unweighted loss
     synthetic: bool = False  # generate the synthetic shapes data set as DIR/{train,val}.csv if both are missing
     synthetic_train_images: int = 2000  # images (5 questions each) generated for training
     synthetic_val_images: int = 300  # images generated for validation
@@ -192,6 +196,62 @@ _PATH_KEYS = {"data": ("train_csv", "val_csv", "answer_weights"), "model": ("che
 _KEY_SECTION = {f.name: s for s, c in _SECTIONS.items() for f in dataclasses.fields(c)}
 _KEY_TYPE = {name: hint for c in _SECTIONS.values() for name, hint in typing.get_type_hints(c).items()}
 assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTIONS.values()), "config keys must be unique"
+
+
+def key_help() -> dict[str, list[tuple[str, str, str]]]:
+    """Every config key by section, as ``train.py --help`` lists it: ``(name, what it takes, help)``, the help being
+    the comment on the key's field in this file (left out where the source cannot be read) and its default as the
+    command line writes it."""
+    listing = {}
+    for section, cls in _SECTIONS.items():
+        comments, defaults = _field_comments(cls), cls()
+        listing[section] = []
+        for f in dataclasses.fields(cls):
+            default = f"(default: {_as_typed(getattr(defaults, f.name))})"
+            text = f"{comments[f.name]} {default}" if f.name in comments else default
+            listing[section].append((f.name, _metavar(f.name), text))
+    return listing
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The comment closing each field's line in the source of the dataclass ``cls`` (``{}`` without the source)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no .py file beside the bytecode
+        return {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    opening: dict[int, str] = {}  # line -> the name that opens it, in the class body
+    comments = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        line, column = token.start
+        if token.type == tokenize.NAME and column == 4:
+            opening.setdefault(line, token.string)
+        elif token.type == tokenize.COMMENT and opening.get(line) in fields:
+            comments[opening[line]] = token.string.lstrip("#").strip()
+    return comments
+
+
+def _metavar(key: str) -> str:
+    """What ``--key`` takes, in a word."""
+    if any(key in keys for keys in _PATH_KEYS.values()):
+        return "PATH"
+    kind = _KEY_TYPE[key]
+    if type(None) in typing.get_args(kind):  # str | None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is dict:
+        return "MAPPING"
+    return {bool: "{true,false}", int: "INT", float: "FLOAT"}.get(kind, "TEXT")
+
+
+def _as_typed(value) -> str:
+    """``value`` as the command line gives it: ``none``, ``true``, ``{drop_path_rate: 0.1}``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=2**31).strip()
+    return str(value)
 
 
 def _unknown_key(key: str, section: str | None, flag: bool) -> str:
