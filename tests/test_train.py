@@ -134,6 +134,78 @@ def test_evaluate_takes_the_csv_option_its_error_suggests(trained, tmp_path, cap
     assert "overall" in capsys.readouterr().out
 
 
+def test_predictions_of_a_csv_are_each_question_s_own_in_the_csv_s_order(trained, tmp_path, capsys):
+    import csv
+
+    import vqa.evaluate
+    import vqa.predict
+    from vqa.data import build_transform
+    from vqa.predictions import ANSWER_COLUMNS, COLUMNS
+    from vqa.run_files import load_run
+
+    tmp, _ = trained
+    run, val = tmp / "run", tmp / "data" / "val.csv"
+    rows = list(csv.DictReader(val.open()))
+    # Without answers, the images' questions interleaved (the dataset groups them by image) and some images named
+    # another way: the file gives them back in this order, as this file names them.
+    shuffled = rows[1::2] + rows[::2]
+    shutil.copytree(val.parent / "images", tmp_path / "images")
+    questions = tmp_path / "questions.csv"
+    with questions.open("w", newline="") as f:
+        f.write("question,image\n")
+        for i, row in enumerate(shuffled):
+            f.write(f"\"{row['question']}\",{'./' if i % 3 else ''}{row['image']}\n")
+    out = tmp_path / "out" / "predictions.csv"
+    args = ["--run", str(run), "--csv", str(questions), "--out", str(out), "--batch_size", "3"]
+    assert vqa.predict.main(args) == 0
+    assert f"wrote the {len(rows)} predictions (4 images) to {out}" in capsys.readouterr().out
+    got = list(csv.DictReader(out.open()))
+    assert list(got[0]) == list(COLUMNS)
+    assert [(r["image"], r["question"]) for r in got] == [(r["image"], r["question"]) for r in shuffled]
+    model, tokenizer, answers, cfg = load_run(run)
+    transform = build_transform(model.backbone, cfg.model.img_size)
+    for row in got:  # each question alone gives the same answer and probability
+        [(answer, p)] = vqa.predict.predict(model, tokenizer, answers, transform, val.parent / row["image"],
+                                            row["question"], top_k=1)[0]
+        assert (row["prediction"], float(row["probability"])) == (answer, pytest.approx(p, abs=2e-4)), row
+    assert len({r["probability"] for r in got}) > len(got) // 2  # apart enough to tell rows apart
+
+    scored = tmp_path / "scored.csv"
+    assert vqa.evaluate.main(["--run", str(run), "--csv", str(val), "--predictions", str(scored)]) == 0
+    printed = capsys.readouterr().out
+    table = list(csv.DictReader(scored.open()))
+    assert list(table[0]) == list(ANSWER_COLUMNS) and [r["answer"] for r in table] == [r["answer"] for r in rows]
+    hits = sum(int(r["correct"]) for r in table)
+    assert [r["correct"] for r in table] == [str(int(r["prediction"] == r["answer"])) for r in table]
+    overall = [line for line in printed.splitlines() if line.startswith("overall")][0]
+    assert overall.split()[-2] == f"{100 * hits / len(table):.2f}%"  # the file scores as the table does
+    by_question = {(r["image"], r["question"]): r["prediction"] for r in got}
+    assert all(by_question[r["image"], r["question"]] == r["prediction"] for r in table)  # the two tools agree
+
+
+def test_predictions_write_over_an_earlier_predictions_file_only(trained, tmp_path, capsys):
+    import vqa.evaluate
+    import vqa.predict
+
+    tmp, _ = trained
+    run, val = tmp / "run", tmp / "data" / "val.csv"
+    before = val.read_bytes()
+    for out, message in [(val, "exists and is not a predictions file"), (tmp_path, "is a folder")]:
+        assert vqa.predict.main(["--run", str(run), "--csv", str(val), "--out", str(out)]) == 2
+        assert f"--out '{out}' {message}" in capsys.readouterr().err
+        assert vqa.evaluate.main(["--run", str(run), "--csv", str(val), "--predictions", str(out)]) == 2
+        assert f"--predictions '{out}' {message}" in capsys.readouterr().err
+    assert val.read_bytes() == before
+    earlier = tmp_path / "p.csv"
+    assert vqa.evaluate.main(["--run", str(run), "--csv", str(val), "--predictions", str(earlier)]) == 0
+    assert vqa.predict.main(["--run", str(run), "--csv", str(val), "--out", str(earlier)]) == 0  # the other kind
+    assert earlier.read_text().startswith("image,question,question_type,prediction,probability\n")
+    for wrong in (["--csv", str(val)], ["--csv", str(val), "--out", str(earlier), "--question", "Is it?"], []):
+        with pytest.raises(SystemExit) as e:
+            vqa.predict.main(["--run", str(run), *wrong])
+        assert e.value.code == 2 and "--csv and --out" in capsys.readouterr().err
+
+
 def test_predict_gives_the_worded_type_where_the_run_trained_no_type_head(trained):
     from vqa.data import build_transform
     from vqa.predict import predict

@@ -357,14 +357,16 @@ class VQADataset(torch.utils.data.Dataset):
     """Items are images with all their questions: ``(pixels, [(ids, answer_id, type_id), ...])``."""
 
     def __init__(self, rows: list[Row], transform, tokenizer: Tokenizer, answers: AnswerVocab) -> None:
-        groups: dict[Path, list[Row]] = {}
-        for row in rows:
-            groups.setdefault(row.image, []).append(row)
+        groups: dict[Path, list[int]] = {}
+        for number, row in enumerate(rows):
+            groups.setdefault(row.image, []).append(number)
         self.images = list(groups)
         self.questions = [
-            [(tokenizer.encode(r.question), answers.id(r.answer), QUESTION_TYPES.index(r.question_type)) for r in group]
+            [(tokenizer.encode(rows[i].question), answers.id(rows[i].answer), QUESTION_TYPES.index(rows[i].question_type))
+             for i in group]
             for group in groups.values()
         ]
+        self.row_order = [i for group in groups.values() for i in group]  # each question's row, in the items' order
         self.transform = transform
 
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ from .cli import run_tool, user_path
 from .data import VQADataset, build_transform, chunks, collate, read_split
 from .errors import VQAError
 from .metrics import TypeAccuracy, format_accuracy_table
+from .predictions import check_out, predictions_table, write_predictions
 
 __all__ = ["evaluate", "make_loader"]
 
@@ -112,11 +113,13 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             predictions: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Runs the model with its adapters merged (base-model speed) and returns per-type accuracy.
 
     ``reduce`` combines the hit and question counts of processes that each evaluated a share (a sum
-    over ranks), so every process returns the accuracy over all of them."""
+    over ranks), so every process returns the accuracy over all of them. ``predictions``, where given, gets
+    each batch's predicted classes and their probabilities (on the CPU), in the loader's order."""
     was_training = model.training
     model.eval()
     meter = TypeAccuracy()
@@ -125,7 +128,11 @@ def evaluate(model: nn.Module, loader, device: torch.device,
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device):
                 out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
-            meter.update(out.logits.argmax(-1), batch["answer"], batch["question_type"])
+            predicted = out.logits.argmax(-1)
+            meter.update(predicted, batch["answer"], batch["question_type"])
+            if predictions is not None:
+                probability = out.logits.float().softmax(-1).gather(-1, predicted[:, None])[:, 0]
+                predictions.append((predicted.cpu(), probability.cpu()))
     model.train(was_training)
     if reduce is not None:
         meter.correct, meter.total = reduce(meter.correct), reduce(meter.total)
@@ -164,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--which", choices=("best", "last"), default="best",
                         help="the weights of the best validation epoch (default) or of the last one")
     parser.add_argument("--checkpoint_path", "--checkpoint-path", type=user_path, metavar="PATH", help=CHECKPOINT_HELP)
+    parser.add_argument("--predictions", type=user_path, metavar="OUT",
+                        help="also write every question's answer, prediction, its probability and whether they match "
+                             "to this CSV (replacing only an earlier such file)")
     args = parser.parse_args(argv)
     try:
+        if args.predictions:
+            check_out(args.predictions, "--predictions")
         device = pick_device(args.device)
         model, tokenizer, answers, cfg = load_run(args.run, device, args.which, args.checkpoint_path, parser.prog)
         data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows,
@@ -175,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)
         batches = chunks(list(range(len(dataset))), args.batch_size)
         loader = make_loader(dataset, batches, args.num_workers, pin_memory=device.type == "cuda")
-        metrics = evaluate(model, loader, device)
+        collected = [] if args.predictions else None
+        metrics = evaluate(model, loader, device, predictions=collected)
+        if args.predictions:
+            table = predictions_table(data, dataset, collected, answers, with_answers=True)
+            write_predictions(args.predictions, table, "--predictions")
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
               f"run never trained on, which counts as wrong")
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")  # again, under the table
+    if args.predictions:
+        print(f"wrote the {len(data.rows)} predictions to {args.predictions}")
     return 0
 
 

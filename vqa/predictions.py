@@ -1,0 +1,91 @@
+"""A trained run's answer to every question of a CSV, written as a CSV of its own, one row per question in the
+input's order: ``python -m vqa.predict --csv`` (questions with or without answers) and ``python -m vqa.evaluate
+--predictions`` (with the answer and whether the prediction matched it, for error analysis).
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from torch import Tensor
+
+from lora import atomic_write
+
+from .data import CSVData, VQADataset
+from .errors import VQAError
+from .text import AnswerVocab
+
+__all__ = ["COLUMNS", "ANSWER_COLUMNS", "check_out", "predictions_table", "write_predictions"]
+
+COLUMNS = ("image", "question", "question_type", "prediction", "probability")
+ANSWER_COLUMNS = ("image", "question", "question_type", "answer", "prediction", "probability", "correct")
+
+
+def check_out(path: Path, option: str) -> None:
+    """Refuses a ``path`` that is no file to write, or a file other than an earlier predictions file (the input
+    CSV, say): found before the model runs, so a mistake costs no time."""
+    if path.is_dir():
+        raise VQAError(f"{option} '{path}' is a folder; give the CSV file to write, e.g. {path / 'predictions.csv'}")
+    if path.exists() and not path.is_file():  # a pipe or a device: reading it to look would block
+        raise VQAError(f"{option} '{path}' exists and is not a file; give the CSV file to write")
+    if path.exists() and not _predictions_like(path):
+        raise VQAError(f"{option} '{path}' exists and is not a predictions file (its first line is not "
+                       f"{','.join(COLUMNS)} or {','.join(ANSWER_COLUMNS)}), so it is not written over; give "
+                       f"another path")
+
+
+def _predictions_like(path: Path) -> bool:
+    """Whether ``path`` starts with a predictions file's header: an earlier one, which a new one may replace."""
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            header = f.readline(1000).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return header in (",".join(COLUMNS), ",".join(ANSWER_COLUMNS))
+
+
+def predictions_table(data: CSVData, dataset: VQADataset, predicted: list[tuple[Tensor, Tensor]],
+                      answers: AnswerVocab, with_answers: bool) -> list[dict[str, str]]:
+    """One record per row of ``data``, in its order, from ``predicted``: the ``(class, probability)`` batches
+    ``evaluate`` collected over ``dataset`` in the dataset's order. ``image`` is relative to the CSV's folder
+    (absolute where the row's image lies outside it)."""
+    classes = [int(i) for batch, _ in predicted for i in batch]
+    probabilities = [float(p) for _, batch in predicted for p in batch]
+    order = dataset.row_order  # the row of each question, in the order the dataset gives them
+    if len(classes) != len(order):
+        raise ValueError(f"{len(classes)} predictions for {len(order)} questions")
+    by_row = {row: (c, p) for row, c, p in zip(order, classes, probabilities)}
+    root = data.path.parent.resolve()
+    table = []
+    for number, row in enumerate(data.rows):
+        c, p = by_row[number]
+        record = {"image": _shown(row.image, root), "question": row.question, "question_type": row.question_type,
+                  "prediction": answers.itos[c], "probability": f"{p:.4f}"}
+        if with_answers:
+            record["answer"] = row.answer
+            record["correct"] = str(int(answers.id(row.answer) == c))  # as evaluation counts it
+        table.append(record)
+    return table
+
+
+def _shown(image: Path, root: Path) -> str:
+    try:
+        return image.relative_to(root).as_posix()
+    except ValueError:  # outside the CSV's folder (allow_outside_paths)
+        return str(image)
+
+
+def write_predictions(path: Path, table: list[dict[str, str]], option: str) -> None:
+    """Writes ``table`` to ``path`` as CSV, atomically (a crash leaves the old file or none)."""
+    columns = ANSWER_COLUMNS if table and "answer" in table[0] else COLUMNS
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(text.getvalue())
+    except OSError as e:
+        raise VQAError(f"cannot write {option} '{path}' ({e.strerror or e}); check that its folder exists and is "
+                       f"writable") from None
