@@ -10,7 +10,6 @@ Any config key can be overridden on the command line (``--vision_lora_r 4``, ``-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -33,17 +32,20 @@ import lora
 from vqa import distributed
 from vqa.answer_weights import load_answer_weights
 from vqa.cli import run_tool, user_path
-from vqa.config import DataConfig, RunConfig, key_help, load_config
-from vqa.data import CSVData, VQADataset, bad_images, build_transform, chunks, read_split
-from vqa.errors import VQAError
+from vqa.config import RunConfig, key_help, load_config
+from vqa.data import VQADataset, build_transform, chunks
+from vqa.errors import VQAError, preview
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
+from vqa.resume import (check_answers_known, check_inputs_found, check_resumable, check_same_images,
+                        check_same_processes, check_started_here, rng_state, saved_rngs, set_rng_state)
+from vqa.run_data import prepare_data
 from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
                            load_checkpoint, load_vocabularies, missing_backbone, never_checkpointed, random_backbone,
-                           read_history,
-                           remove_run, save_checkpoint, train_command, trained_files, weights_sha256, write_text)
+                           read_history, remove_run, save_checkpoint, train_command, trained_files, weights_sha256,
+                           write_text)
 from vqa.run_lock import RunLock
-from vqa.text import AnswerVocab, Tokenizer, normalize_answer
+from vqa.text import AnswerVocab, Tokenizer
 
 
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -86,34 +88,6 @@ def make_optimizer(model, cfg: RunConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused or None)
 
 
-def rng_state() -> dict:
-    _, key, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", key, position, cached normal)
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": key.tolist(),
-             "numpy_position": [pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    pos, has_gauss, gauss = state.get("numpy_position", (624, 0, 0.0))  # older runs kept the key alone
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# What --resume may change: where things are, how long to train, how to run. The rest is held by the
-# checkpoint (the model's shapes, the optimizer's learning rates and weight decay, the schedule) or fixes
-# the batch order the saved position points into (batch size, seed).
-RESUME_MAY_CHANGE = {
-    "train_csv", "val_csv", "answer_weights", "synthetic", "synthetic_train_images", "synthetic_val_images",
-    "skip_bad_rows", "allow_outside_paths", "checkpoint_path", "grad_checkpointing", "output_dir", "epochs",
-    "grad_clip", "type_loss_weight", "device", "checkpoint_every", "num_workers", "progress",
-}
-
-
 class _Stopped(Exception):
     """A stop every process agreed on during validation, carrying the signal."""
 
@@ -122,208 +96,11 @@ class _Stopped(Exception):
         self.signum = signum
 
 
-def check_resumable(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
-    """Refuses a resume whose overrides change a setting the run cannot take up halfway."""
-    for section, values in saved.to_dict().items():
-        for key, value in values.items():
-            given = getattr(getattr(cfg, section), key)
-            if key not in RESUME_MAY_CHANGE and given != value:
-                raise VQAError(f"--resume cannot change '{key}' ({value!r} in {source}, {given!r} here): the run's "
-                               f"checkpoint or batch order holds it; to change it, start a new run in another "
-                               f"--output_dir")
-    before, now = saved.model.checkpoint_path, cfg.model.checkpoint_path
-    # A pretrained run may take a local copy of the hub's weights (offline, say); a random run has its own
-    # base weights in backbone.safetensors, and a run from a file must keep to that file.
-    if (before is None) != (now is None) and not (before is None and saved.model.pretrained):
-        started = "from that file" if before else "from random weights, kept in backbone.safetensors"
-        raise VQAError(f"--resume may move the run's checkpoint_path, not {'drop' if before else 'add'} it ({before!r} "
-                       f"in {source}, {now!r} here): the run's base weights came {started}; to train from other "
-                       f"weights, start a new run in another --output_dir")
-
-
-def check_started_here(cfg: RunConfig, saved: RunConfig, source: Path) -> None:
-    """Refuses to resume a run from before config.yaml kept its paths absolute where its relative paths would mean
-    other files (a synthetic set generated here, say). Its relative output_dir tells: where it leads to the run
-    from here, this is the folder the run started in; where the run's path ends in it but it does not lead
-    here, the run started elsewhere; where it tells nothing (it is absolute), the files must all be here."""
-    relative = saved.relative_paths()
-    started = relative.pop("output_dir", None)
-    given = cfg.relative_paths()
-    kept = {k: v for k, v in relative.items() if given.get(k) == v}  # not given again
-    run = Path(cfg.train.output_dir).resolve()
-    if not kept or started is not None and Path(started).resolve() == run:
-        return
-    parts = Path(started).parts if started is not None else ()
-    if parts and ".." not in parts and run.parts[-len(parts):] == parts:  # the run's folder less its output_dir
-        where = (f"'{Path(*run.parts[:-len(parts)])}' (where the run started if it was not copied or moved since, "
-                 f"output_dir '{started}'), not here")
-    elif all(Path(v).exists() for v in kept.values()):
-        return  # an absolute output_dir, or a run copied or moved since: its files are taken to be these
-    else:
-        where = "the folder the run started in, and not all of them are here"
-    raise VQAError(f"{source} is from before a run's config.yaml kept its paths absolute: its relative path(s) "
-                   f"{', '.join(f'{k} {v!r}' for k, v in kept.items())} mean files in {where}; resume from there, "
-                   f"or give each as an absolute path (--{next(iter(kept))} /FULL/PATH)")
-
-
-def check_inputs_found(cfg: RunConfig, source: Path) -> None:
-    """Names every file the resumed run reads that is missing, at once, and asks where it is now: a file that
-    moved is to be given anew, not made again (the synthetic set excepted, which is made where it is missing)."""
-    inputs = {"checkpoint_path": cfg.model.checkpoint_path, "answer_weights": cfg.data.answer_weights,
-              **({} if generates_synthetic(cfg) else {"train_csv": cfg.data.train_csv, "val_csv": cfg.data.val_csv})}
-    missing = {key: path for key, path in inputs.items() if path is not None and not Path(path).exists()}
-    if missing:
-        raise VQAError(f"the run reads {', '.join(f'{k} {v!r}' for k, v in missing.items())}, which "
-                       f"do{'es' if len(missing) == 1 else ''} not exist (set in {source}, or here); if moved, give "
-                       f"where they are now: {' '.join(f'--{k} NEW_PATH' for k in missing)}")
-
-
-def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
-    """A resumed run keeps its answer classes: training rows whose answer is not among them would train on
-    nothing (an ignored target; a batch of only those gives a loss of nan)."""
-    unknown = sorted({normalize_answer(r.answer) for r in rows} - set(answers.itos))
-    if unknown:
-        raise VQAError(f"{len(unknown)} training answer(s) are not among the run's {len(answers)} answer classes "
-                       f"({run / 'answers.json'}), e.g. {_preview(unknown)}; a resumed run keeps its classes: "
-                       f"train on these answers in a new run (another --output_dir)")
-
-
-def check_same_images(images: int, recorded: int | None, train_data: CSVData, run: Path, processes: int,
-                      cfg: RunConfig, saved: RunConfig) -> None:
-    """A resumed run trains on the images it started on (``recorded`` in its checkpoint; ``None``: a run from
-    before the record, not checked), which may have moved or been renamed: the cosine schedule's length and
-    the saved position in the epoch's shuffled batches both count them. Under torchrun every process reads
-    the whole CSV, so the count is the data set's, whatever the number of processes. The advice carries the
-    data settings this resume changed (``cfg`` against the run's ``saved`` config) into its commands."""
-    if recorded is None or images == recorded:
-        return
-    skipped = f" (after {len(train_data.skipped)} skipped bad row(s))" if train_data.skipped else ""
-    encoder, n = run / "encoder.safetensors", 1
-    while encoder.exists():  # perhaps the start of a new run already: export refuses to write over it
-        n += 1
-        encoder = run / f"encoder-{n}.safetensors"
-    export = ["python", "-m", "vqa.export", "--run", str(run), "--out", str(encoder)]
-    if cfg.model.checkpoint_path and cfg.model.checkpoint_path != saved.model.checkpoint_path:
-        export += ["--checkpoint_path", cfg.model.checkpoint_path]  # where the starting weights are now
-    changed = []
-    for f in dataclasses.fields(cfg.data):
-        value = getattr(cfg.data, f.name)
-        if f.name != "train_csv" and value != getattr(saved.data, f.name):  # "none": a file the resume dropped
-            changed += [f"--{f.name}", str(value).lower() if isinstance(value, bool) or value is None else str(value)]
-    new_run = train_command("--config", str(run / "config.yaml"), "--output_dir", "NEW_RUN", "--train_csv",
-                            str(train_data.path), *changed, "--checkpoint_path", str(encoder), processes=processes)
-    export = shlex.join(export)
-    raise VQAError(f"train_csv '{train_data.path}' holds {images} training image(s){skipped}, but the run trained on "
-                   f"{recorded} ({run / 'checkpoint.pt'}): resume continues training on the same data, which may "
-                   f"have moved or been renamed (point --train_csv at it), since the learning-rate schedule and the "
-                   f"saved position in the epoch's shuffled batches count its images. To train on other data, start "
-                   f"a new run, e.g. from this one's encoder: {export}, then {new_run}")
-
-
 def questions_per_second(seen: int, seconds: float, procs: distributed.Processes) -> float:
     """The run's training rate for the progress bar, from this process's ``seen`` questions: each process takes an
     equal share of the batches, in step with the others (a collective every step), so the run's is N times this
     process's (its own alone would read 1/N of the run's under torchrun)."""
     return seen * procs.world_size / seconds
-
-
-def saved_rngs(state: dict) -> list[dict]:
-    """The random state of each process that wrote the checkpoint ``state``, in rank order."""
-    return state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]  # "rng": older runs
-
-
-def check_same_processes(state: dict, run: Path, processes: int) -> None:
-    """A resumed run keeps its number of processes: each continues its own random stream, and the saved position
-    counts that process's share of the epoch's batches."""
-    written = len(saved_rngs(state))
-    if written != processes:
-        command = train_command("--resume", str(run), processes=written)
-        raise VQAError(f"{run / 'checkpoint.pt'} was written by {written} training process(es), this resume runs "
-                       f"{processes}; resume with the same number, {command}, so every process continues its own "
-                       f"random stream")
-
-
-def _preview(items, limit: int = 3) -> str:
-    items = list(items)
-    return ", ".join(repr(i) for i in items[:limit]) + (", ..." if len(items) > limit else "")
-
-
-def check_synthetic_paths(train_csv: Path, val_csv: Path) -> None:
-    """With ``synthetic`` on and ``train_csv`` missing, the generator writes DIR/train.csv, DIR/val.csv and
-    DIR/images/: refuses unless those are the configured paths and no val.csv would be overwritten. A
-    mistyped path to one's own data would otherwise fill its folder with shapes, over its files."""
-    how = "point train_csv and val_csv at DIR/train.csv and DIR/val.csv of an empty DIR, or set --synthetic false"
-    if train_csv.name != "train.csv" or val_csv != train_csv.parent / "val.csv":
-        raise VQAError(f"config key 'synthetic' is on and train_csv '{train_csv}' does not exist, but the "
-                       f"synthetic data set can only be written as DIR/train.csv and DIR/val.csv; {how}")
-    if train_csv.exists():  # not a file (a folder): the CSV could not be written there
-        raise VQAError(f"config key 'synthetic' is on and train_csv '{train_csv}' is not a file (a folder?), so the "
-                       f"synthetic data set cannot be written there; check the train_csv path, or {how}")
-    if val_csv.exists():
-        raise VQAError(f"config key 'synthetic' is on and '{train_csv}' does not exist, but '{val_csv}' does: "
-                       f"generating the data set would overwrite it; check the train_csv path, or {how}")
-
-
-def generates_synthetic(cfg: RunConfig) -> bool:
-    """Whether the run makes its synthetic data set (both CSVs and the images): it is on, and train_csv missing."""
-    return cfg.data.synthetic and not Path(cfg.data.train_csv).is_file()
-
-
-def shared_bad_images(images: list[Path], procs: distributed.Processes) -> dict[Path, str]:
-    """``bad_images`` with the decoding shared out: each process decodes every N-th image, and every process gets
-    every bad one (so all stop with the same error, or skip the same rows)."""
-    found = bad_images(images[procs.rank::procs.world_size])
-    return {image: error for share in distributed.gather(found, procs) for image, error in share.items()}
-
-
-def prepare_data(cfg: RunConfig, procs: distributed.Processes, images: int | None = None,
-                 saved: RunConfig | None = None):
-    """The training and validation data, the synthetic set generated first where it is on and missing.
-    A resumed run (its ``saved`` config) generates only the set it trained on: one, of its ``images`` (the
-    training images it recorded; ``None``: not known)."""
-    d = cfg.data
-    generated = generates_synthetic(cfg)  # this process's look: all look before any writes
-    if generated:
-        check_synthetic_paths(Path(d.train_csv), Path(d.val_csv))  # in every process: all refuse alike
-        if saved is not None and not saved.data.synthetic:
-            raise VQAError(f"resume would generate a synthetic data set in {Path(d.train_csv).parent}, but the run "
-                           f"did not train on one (synthetic is off in its config.yaml); point --train_csv and "
-                           f"--val_csv at the data it trained on")
-        if images is not None and d.synthetic_train_images != images:
-            raise VQAError(f"resume would generate the synthetic data set in {Path(d.train_csv).parent} with "
-                           f"{d.synthetic_train_images} training images (synthetic_train_images), but the run "
-                           f"trained on {images}; give --synthetic_train_images {images} to generate its data set "
-                           f"again (the run's seed draws the same images)")
-    # In every process, whatever it found (another writer could make processes disagree): the same barriers.
-    distributed.barrier(procs)  # every process has looked for the files before the main one writes them
-    if generated and procs.is_main:
-        from vqa.synth import generate
-
-        out = Path(d.train_csv).parent
-        print(f"generating the synthetic shapes data set in {out} ...")
-        generate(out, train_images=d.synthetic_train_images, val_images=d.synthetic_val_images,
-                 seed=cfg.train.seed)
-    distributed.barrier(procs)  # the other processes read what the main one generated
-    options = dict(skip_bad_rows=d.skip_bad_rows, allow_outside_paths=d.allow_outside_paths,
-                   find_bad=lambda images: shared_bad_images(images, procs))
-    train_data, val_data = read_split(d.train_csv, **options), read_split(d.val_csv, **options)
-    if d.synthetic and not generated and saved is None and procs.is_main:
-        note_synthetic_size(d, train_data, val_data)
-    return train_data, val_data
-
-
-def note_synthetic_size(d: DataConfig, train_data: CSVData, val_data: CSVData) -> None:
-    """A synthetic set found in the folder (made before, by a smaller trial run, say) is used as it is: another
-    number of images than the config's is said, lest the run pass for another. Not where rows were skipped: a
-    skipped row's image may be missing from the count."""
-    found = {key: len({row.image for row in data.rows}) for key, data in
-             (("synthetic_train_images", train_data), ("synthetic_val_images", val_data))}
-    other = [f"{key} ({getattr(d, key)})" for key, n in found.items() if n != getattr(d, key)]
-    if other and not (train_data.skipped or val_data.skipped):
-        train_images, val_images = found.values()
-        print(f"note: training on the data set already in {Path(d.train_csv).parent} ({train_images} training, "
-              f"{val_images} validation images); {' and '.join(other)} appl{'ies' if len(other) == 1 else 'y'} "
-              f"only to a set generated where none is")
 
 
 def main(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -395,7 +172,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         table = load_answer_weights(cfg.data.answer_weights)
         if not any(a in table for a in answers.itos):
             raise VQAError(f"answer weights file '{cfg.data.answer_weights}' weighs none of the run's "
-                           f"{len(answers)} answers (it has e.g. {_preview(table)}, the run {_preview(answers.itos)}); "
+                           f"{len(answers)} answers (it has e.g. {preview(table)}, the run {preview(answers.itos)}); "
                            f"make it from this training CSV with python -m vqa.answer_weights")
         class_weights = torch.tensor([table.get(a, 1.0) for a in answers.itos], device=device)
 

@@ -473,8 +473,7 @@ def test_the_sum_over_processes_adds_every_process_s_share(monkeypatch):
 def test_the_image_check_is_shared_out_and_every_process_learns_every_bad_image(monkeypatch, tmp_path):
     """Each process decodes every N-th image, not all of them, and every process ends with every bad image, so all
     stop with the same error or skip the same rows. (Rank 1 of 2 here; rank 0's findings simulated in the gather.)"""
-    sys.path.insert(0, str(ROOT))
-    import train
+    from vqa import run_data
 
     images = [tmp_path / f"{i}.png" for i in range(5)]
     decoded = []
@@ -483,9 +482,9 @@ def test_the_image_check_is_shared_out_and_every_process_learns_every_bad_image(
         decoded.extend(share)
         return {image: f"{image.name} is corrupt" for image in share if image.stem in ("1", "2")}
 
-    monkeypatch.setattr(train, "bad_images", bad_images)
+    monkeypatch.setattr(run_data, "bad_images", bad_images)
     monkeypatch.setattr(distributed, "gather", lambda found, procs: [{images[2]: "2.png is corrupt"}, found])
-    got = train.shared_bad_images(images, distributed.Processes(1, 2))
+    got = run_data.shared_bad_images(images, distributed.Processes(1, 2))
     assert decoded == images[1::2]
     assert got == {images[1]: "1.png is corrupt", images[2]: "2.png is corrupt"}
 

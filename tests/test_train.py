@@ -1840,6 +1840,7 @@ def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monke
     import torch.distributed as dist
 
     import train
+    from vqa import run_data
     from vqa.config import load_config
 
     def setup(device):  # one gloo process posing as rank 0 of 2 (as in test_train's process-group test)
@@ -1856,7 +1857,7 @@ def test_under_torchrun_the_schedule_counts_each_process_s_steps(tmp_path, monke
         raise Planned
 
     monkeypatch.setattr(train.distributed, "setup", setup)
-    monkeypatch.setattr(train, "shared_bad_images", lambda images, procs: train.bad_images(images))  # all, alone
+    monkeypatch.setattr(run_data, "shared_bad_images", lambda images, procs: run_data.bad_images(images))  # all, alone
     monkeypatch.setattr(train, "warmup_cosine", recording)
     cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=2))  # 8 images: 4 batches, 2 per process
     try:
@@ -1872,6 +1873,7 @@ def test_the_data_s_image_check_is_shared_out_among_this_run_s_processes(tmp_pat
     """Both splits' images go to shared_bad_images with the run's processes (rank 0 of 2 here, the collectives
     left out), where each process would otherwise decode them all."""
     import train
+    from vqa import run_data
     from vqa.config import load_config
 
     procs, shared = train.distributed.Processes(0, 2), []
@@ -1881,7 +1883,7 @@ def test_the_data_s_image_check_is_shared_out_among_this_run_s_processes(tmp_pat
         return {}
 
     monkeypatch.setattr(train.distributed, "barrier", lambda processes: None)
-    monkeypatch.setattr(train, "shared_bad_images", sharing)
+    monkeypatch.setattr(run_data, "shared_bad_images", sharing)
     train.prepare_data(load_config(tiny_config(tmp_path)), procs)
     assert shared == [(8, procs), (4, procs)]  # 8 training images, then 4 validation ones
 

@@ -1,6 +1,6 @@
 """The error type for user mistakes (bad data, bad config): command-line tools print it without a traceback."""
 
-__all__ = ["VQAError", "unreadable"]
+__all__ = ["VQAError", "unreadable", "preview"]
 
 
 class VQAError(ValueError):
@@ -20,3 +20,9 @@ class VQAError(ValueError):
 def unreadable(kind: str, path, error: OSError, advice: str = "check its permissions") -> VQAError:
     """The error for a file of ``kind`` the OS would not let us read (permissions, a name too long, ...)."""
     return VQAError(f"cannot read {kind} '{path}' ({error.strerror or error}); {advice}")
+
+
+def preview(items, limit: int = 3) -> str:
+    """The first ``limit`` of ``items`` for a message, as reprs, with ", ..." where there are more."""
+    items = list(items)
+    return ", ".join(repr(i) for i in items[:limit]) + (", ..." if len(items) > limit else "")
