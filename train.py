@@ -472,14 +472,28 @@ def config_keys_help() -> str:
 
 
 def help_paragraph(text: str) -> str:
-    """``text`` wrapped to the terminal's width as argparse wraps its help."""
-    return textwrap.fill(text, shutil.get_terminal_size().columns - 2)
+    """``text`` wrapped to the terminal's width as argparse wraps its help (11 columns at the least)."""
+    return textwrap.fill(text, max(shutil.get_terminal_size().columns - 2, 11))
+
+
+class _HelpWithKeys(argparse.Action):
+    """``-h``/``--help``: argparse's help, ending with the config keys, read only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.epilog = config_keys_help()
+        parser.print_help()
+        parser.exit()
 
 
 def cli(argv: list[str] | None = None) -> int:
     # Raw: the keys' listing is laid out already; the texts are wrapped as argparse wraps its own.
-    parser = argparse.ArgumentParser(description=help_paragraph(__doc__.splitlines()[0]), epilog=config_keys_help(),
+    parser = argparse.ArgumentParser(description=help_paragraph(__doc__.splitlines()[0]), add_help=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action=_HelpWithKeys, help="show this help message, then the config keys, "
+                                                                    "and exit")
     parser.add_argument("--config", type=user_path, help="YAML config, e.g. configs/demo.yaml")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", type=user_path, metavar="RUN_DIR", help="continue the run in this folder")

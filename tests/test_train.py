@@ -142,44 +142,57 @@ def test_predictions_of_a_csv_are_each_question_s_own_in_the_csv_s_order(trained
     from vqa.data import build_transform
     from vqa.predictions import ANSWER_COLUMNS, COLUMNS
     from vqa.run_files import load_run
+    from vqa.text import normalize_answer
 
     tmp, _ = trained
     run, val = tmp / "run", tmp / "data" / "val.csv"
     rows = list(csv.DictReader(val.open()))
-    # Without answers, the images' questions interleaved (the dataset groups them by image) and some images named
-    # another way: the file gives them back in this order, as this file names them.
-    shuffled = rows[1::2] + rows[::2]
+    # Without answers, the images' questions interleaved (the dataset groups them by image), some images named
+    # another way, one question asked twice, a blank line: the file gives them back in this order, as written.
+    asked = rows[1::2] + rows[::2] + rows[:1]
     shutil.copytree(val.parent / "images", tmp_path / "images")
     questions = tmp_path / "questions.csv"
-    with questions.open("w", newline="") as f:
-        f.write("question,image\n")
-        for i, row in enumerate(shuffled):
-            f.write(f"\"{row['question']}\",{'./' if i % 3 else ''}{row['image']}\n")
+    written = [("./" if i % 3 else "") + row["image"] for i, row in enumerate(asked)]
+    lines = [f"\"{row['question']}\",{image}\n" for row, image in zip(asked, written)]
+    questions.write_text("question,image\n" + "".join(lines[:3]) + "\n" + "".join(lines[3:]))
     out = tmp_path / "out" / "predictions.csv"
     args = ["--run", str(run), "--csv", str(questions), "--out", str(out), "--batch_size", "3"]
     assert vqa.predict.main(args) == 0
-    assert f"wrote the {len(rows)} predictions (4 images) to {out}" in capsys.readouterr().out
+    assert f"wrote the {len(asked)} predictions (4 images) to {out}" in capsys.readouterr().out
     got = list(csv.DictReader(out.open()))
     assert list(got[0]) == list(COLUMNS)
-    assert [(r["image"], r["question"]) for r in got] == [(r["image"], r["question"]) for r in shuffled]
+    assert [(r["row"], r["image"], r["question"]) for r in got] == [
+        (str(n), image, row["question"]) for n, (row, image) in enumerate(zip(asked, written), start=1)]
     model, tokenizer, answers, cfg = load_run(run)
     transform = build_transform(model.backbone, cfg.model.img_size)
     for row in got:  # each question alone gives the same answer and probability
-        [(answer, p)] = vqa.predict.predict(model, tokenizer, answers, transform, val.parent / row["image"],
+        [(answer, p)] = vqa.predict.predict(model, tokenizer, answers, transform, tmp_path / row["image"],
                                             row["question"], top_k=1)[0]
         assert (row["prediction"], float(row["probability"])) == (answer, pytest.approx(p, abs=2e-4)), row
     assert len({r["probability"] for r in got}) > len(got) // 2  # apart enough to tell rows apart
 
+    # Scored: answers spelt otherwise than the classes (" RED." is red) count as evaluation counts them. The first
+    # row's answer is its prediction so spelt, the second's another class.
+    by_question = {(r["image"].removeprefix("./"), r["question"]): r["prediction"] for r in got}
+    predicted = [by_question[r["image"], r["question"]] for r in rows[:2]]
+    other = next(a for a in answers.itos if a != predicted[1])
+    respelt = [{**r, "answer": f" {answer.upper()}."} for r, answer in zip(rows, [predicted[0], other])] + rows[2:]
+    scored_csv = tmp_path / "scored_in.csv"
+    with scored_csv.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(respelt)
     scored = tmp_path / "scored.csv"
-    assert vqa.evaluate.main(["--run", str(run), "--csv", str(val), "--predictions", str(scored)]) == 0
+    assert vqa.evaluate.main(["--run", str(run), "--csv", str(scored_csv), "--predictions", str(scored)]) == 0
     printed = capsys.readouterr().out
     table = list(csv.DictReader(scored.open()))
-    assert list(table[0]) == list(ANSWER_COLUMNS) and [r["answer"] for r in table] == [r["answer"] for r in rows]
+    assert list(table[0]) == list(ANSWER_COLUMNS)
+    assert [r["answer"] for r in table] == [r["answer"].strip() for r in respelt]
+    assert [r["correct"] for r in table] == [str(int(r["prediction"] == normalize_answer(r["answer"]))) for r in table]
+    assert [r["correct"] for r in table[:2]] == ["1", "0"] and table[0]["answer"] != table[0]["prediction"]
     hits = sum(int(r["correct"]) for r in table)
-    assert [r["correct"] for r in table] == [str(int(r["prediction"] == r["answer"])) for r in table]
     overall = [line for line in printed.splitlines() if line.startswith("overall")][0]
     assert overall.split()[-2] == f"{100 * hits / len(table):.2f}%"  # the file scores as the table does
-    by_question = {(r["image"], r["question"]): r["prediction"] for r in got}
     assert all(by_question[r["image"], r["question"]] == r["prediction"] for r in table)  # the two tools agree
 
 
@@ -190,20 +203,34 @@ def test_predictions_write_over_an_earlier_predictions_file_only(trained, tmp_pa
     tmp, _ = trained
     run, val = tmp / "run", tmp / "data" / "val.csv"
     before = val.read_bytes()
-    for out, message in [(val, "exists and is not a predictions file"), (tmp_path, "is a folder")]:
+    (tmp_path / "a_file").write_text("")
+    refused = [(val, "is the input CSV (--csv), which is not written over"), (tmp_path, "is a folder"),
+               (tmp_path / "a_file" / "p.csv", f"cannot be written: '{tmp_path / 'a_file'}' is a file, not a folder")]
+    for out, message in refused:
         assert vqa.predict.main(["--run", str(run), "--csv", str(val), "--out", str(out)]) == 2
         assert f"--out '{out}' {message}" in capsys.readouterr().err
         assert vqa.evaluate.main(["--run", str(run), "--csv", str(val), "--predictions", str(out)]) == 2
         assert f"--predictions '{out}' {message}" in capsys.readouterr().err
-    assert val.read_bytes() == before
+    other = tmp_path / "other.csv"
+    other.write_bytes(before)
+    assert vqa.predict.main(["--run", str(run), "--csv", str(val), "--out", str(other)]) == 2
+    assert f"--out '{other}' exists and is not a predictions file" in capsys.readouterr().err
+    assert val.read_bytes() == before == other.read_bytes()
     earlier = tmp_path / "p.csv"
+    earlier.write_text("")  # an empty file (mktemp's) holds nothing to lose
     assert vqa.evaluate.main(["--run", str(run), "--csv", str(val), "--predictions", str(earlier)]) == 0
+    saved = earlier.read_text()
+    earlier.write_bytes(b"\xef\xbb\xbf" + saved.replace("\n", "\r\n").encode())  # as a spreadsheet saves it
     assert vqa.predict.main(["--run", str(run), "--csv", str(val), "--out", str(earlier)]) == 0  # the other kind
-    assert earlier.read_text().startswith("image,question,question_type,prediction,probability\n")
-    for wrong in (["--csv", str(val)], ["--csv", str(val), "--out", str(earlier), "--question", "Is it?"], []):
+    assert earlier.read_text().startswith("row,image,question,question_type,prediction,probability\n")
+    for wrong, message in [(["--csv", str(val)], "--csv and --out go together"),
+                           (["--csv", str(val), "--out", str(earlier), "--question", "Is it?"], "--csv and --out go"),
+                           (["--csv", str(val), "--out", str(earlier), "--top_k", "2"], "--top_k lists one question"),
+                           (["--image", str(val), "--question", "Is it?", "--batch_size", "2"], "--batch_size is for"),
+                           ([], "give --image and --question")]:
         with pytest.raises(SystemExit) as e:
             vqa.predict.main(["--run", str(run), *wrong])
-        assert e.value.code == 2 and "--csv and --out" in capsys.readouterr().err
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_predict_gives_the_worded_type_where_the_run_trained_no_type_head(trained):
@@ -1142,6 +1169,25 @@ def test_help_lists_the_options_and_every_config_key(capsys, monkeypatch):
         assert f"config keys, section {section}:" in keys and all(f"--{name} " in keys for name in names)
     assert "--vision_lora_r INT" in keys and "LoRA rank (default: 8)" in keys
     assert "--section.key VALUE" in out and max(len(line) for line in out.splitlines()) <= 58
+
+
+def test_help_shows_a_key_s_text_as_written_and_is_read_only_for_help(capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    monkeypatch.setenv("COLUMNS", "1")  # narrower than any word: wrapped at argparse's least width, no error
+    monkeypatch.setattr(train, "key_help", lambda: {"train": [("lr", "FLOAT", "50% of %(default)s (default: 0.001)")]})
+    with pytest.raises(SystemExit):
+        train.cli(["--help"])
+    assert "50% of %(default)s" in " ".join(capsys.readouterr().out.split())  # argparse formats no % in it
+
+    def unread():
+        raise AssertionError("the config keys' help was read without --help")
+
+    monkeypatch.setattr(train, "key_help", unread)
+    with pytest.raises(SystemExit) as done:
+        train.cli([])  # nothing to train: argparse's usage error, the keys' help unread
+    assert done.value.code == 2 and "nothing to train" in capsys.readouterr().err
 
 
 class Payload:

@@ -505,6 +505,15 @@ def test_answer_column_is_optional_when_not_required(folder):
     assert [(r.question, r.answer) for r in rows] == [("What?", "")]
 
 
+def test_rows_keep_their_number_and_image_as_written_and_questions_alone_may_repeat(folder):
+    text = "image,question\n./img/a.png,What?\n\nimg/a.png,What?\n"  # a blank line is no row
+    rows = read_csv(write(folder, text), require_answer=False).rows  # two requests for one answer: both answered
+    assert [(r.number, r.given_image, r.image) for r in rows] == [(1, "./img/a.png", folder / "img" / "a.png"),
+                                                                  (2, "img/a.png", folder / "img" / "a.png")]
+    with pytest.raises(VQAError, match=r"row 2 \(line 4\) repeats row 1 \(line 2\) exactly"):
+        read_csv(write(folder, text.replace("What?", "What?,red").replace("image,question", "image,question,answer")))
+
+
 def test_rows_that_differ_only_in_question_type_are_not_duplicates(folder):
     path = write(folder, "image,question,answer,question_type\nimg/a.png,What?,red,color\nimg/a.png,What?,red,other\n")
     assert [r.question_type for r in read_csv(path).rows] == ["color", "other"]

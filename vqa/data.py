@@ -42,6 +42,8 @@ class Row:
     answer: str  # raw text; normalised when looked up
     question_type: str
     where: str  # "file.csv row 12 (line 13)", for messages
+    number: int  # the row's number, as messages count it (12 there: the header and blank lines are no rows)
+    given_image: str  # the image as the CSV writes it
 
 
 @dataclass
@@ -94,7 +96,8 @@ def read_csv(
     """Reads and validates a VQA CSV; image paths are resolved but the images are not opened here.
 
     A path that leaves the CSV's folder (absolute, or through ``..``) is refused unless
-    ``allow_outside_paths``. Exact duplicate rows are an error (skipped with ``skip_bad_rows``).
+    ``allow_outside_paths``. Exact duplicate rows are an error (skipped with ``skip_bad_rows``) where answers are
+    required: they would count twice. Without answers (questions to predict) a question may be asked twice.
     """
     path = Path(path)
     if path.is_dir():
@@ -140,9 +143,9 @@ def read_csv(
                 f"not closed on it, so the lines up to {end} are read as one row, the rows there inside one field; "
                 f"close or remove the quote (--skip_bad_rows cannot tell where the rows inside begin)")
         try:
-            row = _parse_row(record, where, root, require_answer, allow_outside_paths)
+            row = _parse_row(record, where, number, root, require_answer, allow_outside_paths)
             key = (row.image, row.question, row.answer, row.question_type)
-            if key in seen:
+            if key in seen and require_answer:  # it would count twice; a question asked twice harms no prediction
                 raise VQAError(f"{where} repeats {seen[key]} exactly; remove the duplicate")
             seen[key] = at
         except VQAError as e:
@@ -208,7 +211,8 @@ def _holds_rows(swallowed: list[str], image_at: int, need: int, root: Path) -> b
     return False
 
 
-def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow_outside: bool) -> Row:
+def _parse_row(record: dict, where: str, number: int, root: Path, require_answer: bool,
+               allow_outside: bool) -> Row:
     if None in record:  # more fields than header columns: a stray comma or an unquoted field
         raise VQAError(f"{where} has more fields than the header has columns; quote fields that contain commas")
     image = (record.get("image") or "").strip()
@@ -238,7 +242,7 @@ def _parse_row(record: dict, where: str, root: Path, require_answer: bool, allow
             f"{where}: image path '{image}' points outside the CSV's folder {root}{link}; "
             f"move the image under it or pass --allow_outside_paths"
         )
-    return Row(resolved, question, answer, qtype, where)
+    return Row(resolved, question, answer, qtype, where, number, image)
 
 
 def load_image(path: Path) -> Image.Image:

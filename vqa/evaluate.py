@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.predictions:
-            check_out(args.predictions, "--predictions")
+            check_out(args.predictions, "--predictions", args.csv)
         device = pick_device(args.device)
         model, tokenizer, answers, cfg = load_run(args.run, device, args.which, args.checkpoint_path, parser.prog)
         data = read_split(args.csv, skip_bad_rows=args.skip_bad_rows,
@@ -189,9 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         loader = make_loader(dataset, batches, args.num_workers, pin_memory=device.type == "cuda")
         collected = [] if args.predictions else None
         metrics = evaluate(model, loader, device, predictions=collected)
-        if args.predictions:
-            table = predictions_table(data, dataset, collected, answers, with_answers=True)
-            write_predictions(args.predictions, table, "--predictions")
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -202,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
               f"run never trained on, which counts as wrong")
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")  # again, under the table
-    if args.predictions:
+    if args.predictions:  # after the table, which a file that cannot be written (a full disk) then does not cost
+        try:
+            write_predictions(args.predictions, predictions_table(data, dataset, collected, answers, with_answers=True),
+                              "--predictions")
+        except VQAError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote the {len(data.rows)} predictions to {args.predictions}")
     return 0
 

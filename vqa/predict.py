@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=user_path, help="run folder written by train.py")
     parser.add_argument("--image", type=user_path, help="image file (any format Pillow reads)")
     parser.add_argument("--question", help='the question, quoted: "How many circles are there?"')
-    parser.add_argument("--top_k", "--top-k", type=at_least(1), default=5, help="answers to list (default 5)")
+    parser.add_argument("--top_k", "--top-k", type=at_least(1), help="answers to list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--checkpoint_path", "--checkpoint-path", type=user_path, metavar="PATH", help=CHECKPOINT_HELP)
     many = parser.add_argument_group("every question of a CSV, in place of --image and --question")
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "not needed; python -m vqa.evaluate scores one)")
     many.add_argument("--out", type=user_path, help="the CSV to write: image, question, question_type, prediction, "
                                                     "probability, a row per question (replacing only an earlier such file)")
-    many.add_argument("--batch_size", "--batch-size", type=at_least(1), default=32, help="images per batch (default 32)")
-    many.add_argument("--num_workers", "--num-workers", type=at_least(0), default=0,
+    many.add_argument("--batch_size", "--batch-size", type=at_least(1), help="images per batch (default 32)")
+    many.add_argument("--num_workers", "--num-workers", type=at_least(0),
                       help="loader processes decoding images (default 0: in this process)")
     many.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true",
                       help="leave out rows with a missing or unreadable image, or a bad field, and count them")
@@ -68,11 +68,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="let image paths leave the CSV's folder (absolute or ../); also on where the run "
                            "trained with it")
     args = parser.parse_args(argv)
+    csv_only = [name for name in ("batch_size", "num_workers", "skip_bad_rows", "allow_outside_paths")
+                if getattr(args, name) not in (None, False)]
     if args.csv or args.out:
         if not (args.csv and args.out) or args.image or args.question is not None:
             parser.error("--csv and --out go together, in place of --image and --question")
+        if args.top_k is not None:
+            parser.error("--top_k lists one question's answers; with --csv each question gets its most likely one")
     elif not (args.image and args.question is not None):
         parser.error("give --image and --question (one question), or --csv and --out (a file of them)")
+    elif csv_only:
+        parser.error(f"--{csv_only[0]} is for --csv (a file of questions); one question takes --image and --question")
     try:
         if args.csv:
             return predict_csv(args, parser.prog)
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, answers, cfg = load_run(args.run, pick_device(args.device),
                                                   checkpoint_path=args.checkpoint_path, tool=parser.prog)
         transform = build_transform(model.backbone, cfg.model.img_size)
-        ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k,
+        ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k or 5,
                                 type_head=cfg.train.use_type_loss)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,7 +103,7 @@ def predict_csv(args: argparse.Namespace, tool: str) -> int:
     """``--csv``: the run's answer to every question of the CSV, in batches, written to ``--out``."""
     from .run_files import load_run
 
-    check_out(args.out, "--out")
+    check_out(args.out, "--out", args.csv)
     device = pick_device(args.device)
     model, tokenizer, answers, cfg = load_run(args.run, device, checkpoint_path=args.checkpoint_path, tool=tool)
     data = read_csv(args.csv, require_answer=False, skip_bad_rows=args.skip_bad_rows,
@@ -106,7 +112,7 @@ def predict_csv(args: argparse.Namespace, tool: str) -> int:
     if data.skipped:
         print(data.skipped_note())  # now: the prediction may take a while
     dataset = VQADataset(data.rows, build_transform(model.backbone, cfg.model.img_size), tokenizer, answers)
-    loader = make_loader(dataset, chunks(list(range(len(dataset))), args.batch_size), args.num_workers,
+    loader = make_loader(dataset, chunks(list(range(len(dataset))), args.batch_size or 32), args.num_workers or 0,
                          pin_memory=device.type == "cuda")
     collected: list = []
     evaluate(model, loader, device, predictions=collected)

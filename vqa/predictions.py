@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 from torch import Tensor
@@ -18,17 +19,26 @@ from .text import AnswerVocab
 
 __all__ = ["COLUMNS", "ANSWER_COLUMNS", "check_out", "predictions_table", "write_predictions"]
 
-COLUMNS = ("image", "question", "question_type", "prediction", "probability")
-ANSWER_COLUMNS = ("image", "question", "question_type", "answer", "prediction", "probability", "correct")
+# ``row``: the input row's number as the tools' messages count it (the header and blank lines are no rows), to join
+# the two files on; rows --skip_bad_rows leaves out are not in the file.
+COLUMNS = ("row", "image", "question", "question_type", "prediction", "probability")
+ANSWER_COLUMNS = ("row", "image", "question", "question_type", "answer", "prediction", "probability", "correct")
 
 
-def check_out(path: Path, option: str) -> None:
-    """Refuses a ``path`` that is no file to write, or a file other than an earlier predictions file (the input
-    CSV, say): found before the model runs, so a mistake costs no time."""
+def check_out(path: Path, option: str, csv_path: Path) -> None:
+    """Refuses a ``path`` that cannot be written, the input ``csv_path`` itself, or a file other than an earlier
+    predictions file: found before the model runs, so a mistake costs no time."""
     if path.is_dir():
         raise VQAError(f"{option} '{path}' is a folder; give the CSV file to write, e.g. {path / 'predictions.csv'}")
     if path.exists() and not path.is_file():  # a pipe or a device: reading it to look would block
         raise VQAError(f"{option} '{path}' exists and is not a file; give the CSV file to write")
+    folder = next(p for p in path.absolute().parents if p.exists())  # the folder, or where the missing ones begin
+    if not folder.is_dir():
+        raise VQAError(f"{option} '{path}' cannot be written: '{folder}' is a file, not a folder; give another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VQAError(f"{option} '{path}' cannot be written: folder '{folder}' is not writable; give another path")
+    if path.exists() and csv_path.exists() and os.path.samefile(path, csv_path):
+        raise VQAError(f"{option} '{path}' is the input CSV (--csv), which is not written over; give another path")
     if path.exists() and not _predictions_like(path):
         raise VQAError(f"{option} '{path}' exists and is not a predictions file (its first line is not "
                        f"{','.join(COLUMNS)} or {','.join(ANSWER_COLUMNS)}), so it is not written over; give "
@@ -36,44 +46,36 @@ def check_out(path: Path, option: str) -> None:
 
 
 def _predictions_like(path: Path) -> bool:
-    """Whether ``path`` starts with a predictions file's header: an earlier one, which a new one may replace."""
+    """Whether ``path`` is empty or starts with a predictions file's header (a spreadsheet may have saved it with a
+    byte order mark, or CRLF line ends): an earlier one, which a new one may replace."""
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             header = f.readline(1000).rstrip("\r\n")
     except (OSError, UnicodeDecodeError):
         return False
-    return header in (",".join(COLUMNS), ",".join(ANSWER_COLUMNS))
+    return header in ("", ",".join(COLUMNS), ",".join(ANSWER_COLUMNS))
 
 
 def predictions_table(data: CSVData, dataset: VQADataset, predicted: list[tuple[Tensor, Tensor]],
                       answers: AnswerVocab, with_answers: bool) -> list[dict[str, str]]:
     """One record per row of ``data``, in its order, from ``predicted``: the ``(class, probability)`` batches
-    ``evaluate`` collected over ``dataset`` in the dataset's order. ``image`` is relative to the CSV's folder
-    (absolute where the row's image lies outside it)."""
+    ``evaluate`` collected over ``dataset`` in the dataset's order. ``image`` as the CSV writes it."""
     classes = [int(i) for batch, _ in predicted for i in batch]
     probabilities = [float(p) for _, batch in predicted for p in batch]
     order = dataset.row_order  # the row of each question, in the order the dataset gives them
     if len(classes) != len(order):
         raise ValueError(f"{len(classes)} predictions for {len(order)} questions")
     by_row = {row: (c, p) for row, c, p in zip(order, classes, probabilities)}
-    root = data.path.parent.resolve()
     table = []
-    for number, row in enumerate(data.rows):
-        c, p = by_row[number]
-        record = {"image": _shown(row.image, root), "question": row.question, "question_type": row.question_type,
-                  "prediction": answers.itos[c], "probability": f"{p:.4f}"}
+    for i, row in enumerate(data.rows):
+        c, p = by_row[i]
+        record = {"row": str(row.number), "image": row.given_image, "question": row.question,
+                  "question_type": row.question_type, "prediction": answers.itos[c], "probability": f"{p:.4f}"}
         if with_answers:
             record["answer"] = row.answer
             record["correct"] = str(int(answers.id(row.answer) == c))  # as evaluation counts it
         table.append(record)
     return table
-
-
-def _shown(image: Path, root: Path) -> str:
-    try:
-        return image.relative_to(root).as_posix()
-    except ValueError:  # outside the CSV's folder (allow_outside_paths)
-        return str(image)
 
 
 def write_predictions(path: Path, table: list[dict[str, str]], option: str) -> None:
