@@ -276,20 +276,25 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     # The current epoch's training seconds: those before a resume (or the epoch's end), and since when they
     # count on (None: stopped, for validation).
     clock: list = [0.0, None]
+    # This process's sum of its steps' losses in the current epoch, and their number (those before a resume too).
+    losses: list = [0.0, 0]
 
     def epoch_seconds() -> float:
         return clock[0] + (time.perf_counter() - clock[1] if clock[1] is not None else 0.0)
 
     def checkpoint(epoch: int, batch: int) -> None:
-        rngs = distributed.gather(rng_state(), procs)  # every process's generators, in rank order
+        # Every process's generators and epoch losses, in rank order.
+        rngs, tallies = zip(*distributed.gather((rng_state(), list(losses)), procs))
         if procs.is_main:
             save_checkpoint({
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng_per_process": rngs,
+                "scheduler": scheduler.state_dict(), "rng_per_process": list(rngs),
                 "epoch": epoch, "batch": batch, "step": step, "best": best, "base_sha256": base_sha256,
                 "base_weights_sha256": base_weights_sha256,
                 "train_images": len(train_set),  # resume refuses another count: the schedule and order hold it
-                "epoch_seconds": epoch_seconds() if batch else 0.0,  # the epoch's training so far, for its log
+                # The epoch's training so far, for its log: seconds, and each process's loss tally.
+                "epoch_seconds": epoch_seconds() if batch else 0.0,
+                "epoch_losses_per_process": list(tallies) if batch else [[0.0, 0]] * procs.world_size,
             }, run / "checkpoint.pt")
         distributed.barrier(procs)  # no process leaves (a stop) before the file is complete
 
@@ -347,6 +352,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                        dynamic_ncols=True)
             tic, seen = time.perf_counter(), 0
             clock[:] = [state.get("epoch_seconds", 0.0) if resume and epoch == start_epoch else 0.0, tic]
+            # A run checkpointed before the tally was kept (2026-11-29) logs the loss of the steps since its resume.
+            before = state.get("epoch_losses_per_process") if resume and epoch == start_epoch else None
+            losses[:] = before[procs.rank] if before else [0.0, 0]
             for i, batch in enumerate(bar, start=done):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device):
@@ -374,6 +382,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 scheduler.step()
                 step += 1
                 seen += len(batch["answer"])
+                losses[0] += loss_value
+                losses[1] += 1
                 rate = questions_per_second(seen, time.perf_counter() - tic, procs)
                 bar.set_postfix(loss=f"{loss_value:.3f}", q_per_s=f"{rate:.0f}")
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
@@ -392,7 +402,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                                    lambda n: distributed.sum_over_ranks(n, procs, device))
             except _Stopped as stop:  # the epoch's training is saved; resume validates it again
                 stop_on(stop.signum, epoch, len(batches))
-            metrics.update(epoch=epoch + 1, step=step, train_seconds=round(seconds, 2))
+            total, count = distributed.sum_over_ranks(torch.tensor(losses, dtype=torch.float64), procs, device).tolist()
+            # The mean of every process's step losses (each the loss a step optimised, with the type loss).
+            # None where a checkpoint from before the tally (2026-11-29) resumed at the epoch's end: no step of it ran.
+            train_loss = {"train_loss": total / count} if count else {}
+            metrics.update(epoch=epoch + 1, step=step, **train_loss, train_seconds=round(seconds, 2))
             is_best = metrics["accuracy"] > best
             best = max(best, metrics["accuracy"])
             if procs.is_main:
@@ -411,7 +425,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                                           {**meta, "model": cfg.model.vision_model, "img_size": str(cfg.model.img_size)})
             checkpoint(epoch + 1, 0)
             if procs.is_main:  # said once saved: a stdout that is gone (`| head`, a closed terminal) loses nothing
-                print(f"epoch {epoch + 1}: val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s training)")
+                said = f"train loss {train_loss['train_loss']:.4f}, " if train_loss else ""
+                print(f"epoch {epoch + 1}: {said}val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s "
+                      f"training)")
             stop_on(agreed_signal(), epoch + 1, 0)
     finally:
         for s, handler in previous.items():

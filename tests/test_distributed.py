@@ -441,6 +441,10 @@ def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(t
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    # The epoch the stop cut logs the mean loss of every process's steps, those before the stop too.
+    logged = [[json.loads(line)["train_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+              for folder in (uninterrupted[0] / "run", run)]
+    assert logged[1] == pytest.approx(logged[0], rel=1e-6, abs=0) and len(logged[0]) == 3
 
 
 if __name__ == "__main__":

@@ -946,6 +946,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     head_b = load_file(str(run / "model_last.safetensors"))
     for key in head_a:
         torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
+    # The epoch the kill cut logs the loss of all its steps, those before the resume too.
+    logged = [[json.loads(line)["train_loss"] for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+              for folder in (tmp_path / "a", tmp_path / "b")]
+    assert logged[1] == pytest.approx(logged[0], rel=1e-6, abs=0) and len(logged[0]) == 3
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -2148,6 +2152,27 @@ def test_the_progress_bar_gives_the_run_s_rate_which_under_torchrun_is_every_pro
     monkeypatch.setattr(train, "questions_per_second", marked)
     assert train.cli(["--config", str(tiny_config(tmp_path)), "--epochs", "1", "--progress", "true"]) == 0
     assert len(steps) == 2 and "q_per_s=12345" in capsys.readouterr().err  # 8 images in batches of 4: 2 steps
+
+
+def test_each_epoch_logs_the_mean_of_its_steps_losses(tmp_path, monkeypatch, capsys, one_block):
+    """metrics.jsonl's train_loss is the mean of the epoch's step losses, each the loss the step optimised (the
+    answer loss plus the weighted type loss), and the epoch's line says it."""
+    import train
+
+    terms, cross_entropy = [], train.F.cross_entropy
+
+    def recording(*args, **kwargs):
+        terms.append(cross_entropy(*args, **kwargs))
+        return terms[-1]
+
+    monkeypatch.setattr(train.F, "cross_entropy", recording)
+    assert train.cli(["--config", str(tiny_config(tmp_path)), "--type_loss_weight", "0.25"]) == 0
+    steps = [(answer + 0.25 * question_type).item() for answer, question_type in zip(terms[::2], terms[1::2])]
+    assert len(steps) == 4  # 2 epochs of 8 images in batches of 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_loss"] for m in logged] == [(0.0 + steps[0] + steps[1]) / 2, (0.0 + steps[2] + steps[3]) / 2]
+    out = capsys.readouterr().out
+    assert f"epoch 2: train loss {logged[1]['train_loss']:.4f}, val accuracy {100 * logged[1]['accuracy']:.2f}%" in out
 
 
 def test_each_epoch_draws_another_order_of_the_images_and_the_same_again_on_resume():
