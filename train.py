@@ -404,7 +404,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 stop_on(stop.signum, epoch, len(batches))
             total, count = distributed.sum_over_ranks(torch.tensor(losses, dtype=torch.float64), procs, device).tolist()
             # The mean of every process's step losses (each the loss a step optimised, with the type loss).
-            # None where a checkpoint from before the tally (2026-11-29) resumed at the epoch's end: no step of it ran.
+            # Left out where a checkpoint from before the tally (2026-11-29) resumed at the epoch's end: no step of
+            # it ran here, and the ones before were not counted.
             train_loss = {"train_loss": total / count} if count else {}
             metrics.update(epoch=epoch + 1, step=step, **train_loss, train_seconds=round(seconds, 2))
             is_best = metrics["accuracy"] > best

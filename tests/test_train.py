@@ -912,16 +912,18 @@ sys.exit(train.cli(sys.argv[2:]))
 """
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL mid-epoch, resume, and land on the weights of a run that was never interrupted."""
+@pytest.mark.parametrize("checkpoints, position", [(6, (1, 1, 5)), (5, (1, 0, 4)), (4, (0, 4, 4))])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, checkpoints, position):
+    """SIGKILL mid-epoch (or at an epoch's end, or after its last step and before its validation), resume, and
+    land on the weights and the logged losses of a run that was never interrupted."""
     sys.path.insert(0, str(ROOT))
     import train
 
     killed = tiny_config(tmp_path / "b", checkpoint_every=1, epochs=3, batch_size=2)
     run = tmp_path / "b" / "run"
     # 4 steps an epoch, each checkpointed, then the epoch's own: the 6th is epoch 2's first step, of 3 epochs.
-    proc = subprocess.Popen([sys.executable, "-c", STOP_AFTER_CHECKPOINTS, "6", "--config", str(killed)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AFTER_CHECKPOINTS, str(checkpoints), "--config", str(killed)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
         for line in proc.stdout:  # up to the line it prints as it stops, or to its end
@@ -933,7 +935,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         proc.communicate()
     assert lines[-1:] == ["saved\n"], "".join(lines)[-3000:]
     before = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert (before["epoch"], before["batch"], before["step"]) == (1, 1, 5)  # killed mid-epoch, before the end
+    assert (before["epoch"], before["batch"], before["step"]) == position
     # The resume and the uninterrupted run, in this process (a process of its own spends seconds on imports).
     assert train.cli(["--resume", str(run)]) == 0
     assert train.cli(["--config", str(tiny_config(tmp_path / "a", checkpoint_every=1, epochs=3, batch_size=2))]) == 0
@@ -946,7 +948,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     head_b = load_file(str(run / "model_last.safetensors"))
     for key in head_a:
         torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
-    # The epoch the kill cut logs the loss of all its steps, those before the resume too.
+    # The epoch the kill cut logs the loss of all its steps, those before the resume too, and the next epoch its own.
     logged = [[json.loads(line)["train_loss"] for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
               for folder in (tmp_path / "a", tmp_path / "b")]
     assert logged[1] == pytest.approx(logged[0], rel=1e-6, abs=0) and len(logged[0]) == 3
@@ -2173,6 +2175,17 @@ def test_each_epoch_logs_the_mean_of_its_steps_losses(tmp_path, monkeypatch, cap
     assert [m["train_loss"] for m in logged] == [(0.0 + steps[0] + steps[1]) / 2, (0.0 + steps[2] + steps[3]) / 2]
     out = capsys.readouterr().out
     assert f"epoch 2: train loss {logged[1]['train_loss']:.4f}, val accuracy {100 * logged[1]['accuracy']:.2f}%" in out
+    # Under torchrun the mean covers every process's steps: another process's tally, simulated in the sum (the loss
+    # tally is the one float64 sum; validation sums integer counts).
+    real_sum = train.distributed.sum_over_ranks
+
+    def with_another(t, procs, device):
+        return t + torch.tensor([10.0, 3]) if t.dtype == torch.float64 else real_sum(t, procs, device)
+
+    monkeypatch.setattr(train.distributed, "sum_over_ranks", with_another)
+    assert train.cli(["--config", str(tiny_config(tmp_path / "two")), "--type_loss_weight", "0.25"]) == 0
+    both = [json.loads(line) for line in (tmp_path / "two" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_loss"] for m in both] == [(2 * m["train_loss"] + 10.0) / 5 for m in logged]  # the same steps
 
 
 def test_each_epoch_draws_another_order_of_the_images_and_the_same_again_on_resume():
