@@ -516,6 +516,9 @@ def cli(argv: list[str] | None = None) -> int:
     start.add_argument("--resume", type=user_path, metavar="RUN_DIR", help="continue the run in this folder")
     start.add_argument("--overwrite", action="store_true",
                        help="start a new run even where output_dir holds one, deleting that run's files")
+    parser.add_argument("--print_config", "--print-config", action="store_true",
+                        help="print the config this command would train with (the file, or the run's, and the "
+                             "overrides, checked) as YAML, a file for --config, and exit")
     args, overrides = parser.parse_known_args(argv)
     if not (args.config or args.resume or overrides):
         # Nothing asked for: the defaults alone would start a 10-epoch ViT-S run at 224 px in runs/demo.
@@ -537,7 +540,11 @@ def cli(argv: list[str] | None = None) -> int:
             cfg = load_config(args.resume / "config.yaml", overrides + ["--output_dir", str(args.resume)])
         else:
             cfg = load_config(args.config, overrides)
-            check_config_outside_run(args.config, Path(cfg.train.output_dir))
+            if not args.print_config:  # printing writes nothing: no config.yaml of yours can be replaced
+                check_config_outside_run(args.config, Path(cfg.train.output_dir))
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
         main(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except KeyboardInterrupt:  # a Ctrl-C after a first signal (which would stop at a checkpoint), or before training
         message = "error: interrupted, so stopped at once"

@@ -1177,6 +1177,27 @@ def test_help_lists_the_options_and_every_config_key(capsys, monkeypatch):
     assert "--section.key VALUE" in out and max(len(line) for line in out.splitlines()) <= 58
 
 
+def test_print_config_prints_what_would_train_as_a_config_file_and_writes_nothing(trained, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.config import load_config
+
+    config, overrides = tiny_config(tmp_path), ["--lr", "3e-4", "--vision_kwargs", "{depth: 1}", "--use_type_loss"]
+    assert train.cli(["--config", str(config), *overrides, "--print_config"]) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert load_config(tmp_path / "printed.yaml") == load_config(config, overrides)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml", "tiny.yaml"]  # no run, no data made
+    assert train.cli(["--config", str(config), "--lr", "-1", "--print_config"]) == 2  # checked as for training
+    assert "'lr' must be > 0" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(trained[0] / "run", run)
+    before = run_bytes(run)
+    assert train.cli(["--resume", str(run), "--epochs", "5", "--print-config"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # the run's own, here and as resume would run it
+    want = {**saved, "train": {**saved["train"], "epochs": 5, "output_dir": str(run)}}
+    assert yaml.safe_load(capsys.readouterr().out) == want and run_bytes(run) == before
+
+
 def test_help_shows_a_key_s_text_as_written_and_is_read_only_for_help(capsys, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train
