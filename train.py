@@ -543,7 +543,8 @@ def cli(argv: list[str] | None = None) -> int:
             if not args.print_config:  # printing writes nothing: no config.yaml of yours can be replaced
                 check_config_outside_run(args.config, Path(cfg.train.output_dir))
         if args.print_config:
-            print(cfg.to_yaml(), end="")
+            if os.environ.get("RANK", "0") == "0":  # one copy, not one per torchrun process
+                print(cfg.to_yaml(), end="")
             return 0
         main(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except KeyboardInterrupt:  # a Ctrl-C after a first signal (which would stop at a checkpoint), or before training

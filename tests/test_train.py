@@ -1177,7 +1177,8 @@ def test_help_lists_the_options_and_every_config_key(capsys, monkeypatch):
     assert "--section.key VALUE" in out and max(len(line) for line in out.splitlines()) <= 58
 
 
-def test_print_config_prints_what_would_train_as_a_config_file_and_writes_nothing(trained, tmp_path, capsys):
+def test_print_config_prints_what_would_train_as_a_config_file_and_writes_nothing(trained, tmp_path, capsys,
+                                                                                     monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train
     from vqa.config import load_config
@@ -1189,6 +1190,9 @@ def test_print_config_prints_what_would_train_as_a_config_file_and_writes_nothin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml", "tiny.yaml"]  # no run, no data made
     assert train.cli(["--config", str(config), "--lr", "-1", "--print_config"]) == 2  # checked as for training
     assert "'lr' must be > 0" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # under torchrun: the main process alone prints it
+    assert train.cli(["--config", str(config), "--print_config"]) == 0 and capsys.readouterr().out == ""
+    monkeypatch.delenv("RANK")
     run = tmp_path / "run"
     shutil.copytree(trained[0] / "run", run)
     before = run_bytes(run)
