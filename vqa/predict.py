@@ -46,8 +46,8 @@ def predict(model, tokenizer, answers, transform, image: Path, question: str, to
 def main(argv: list[str] | None = None) -> int:
     from .run_files import CHECKPOINT_HELP, load_run
 
-    parser = argparse.ArgumentParser(prog="python -m vqa.predict",
-                                     description="Answer a question about an image, or every question of a CSV, with a trained run.")
+    parser = argparse.ArgumentParser(prog="python -m vqa.predict", description="Answer a question about an image, or "
+                                     "every question of a CSV, with a trained run.")
     parser.add_argument("--run", required=True, type=user_path, help="run folder written by train.py")
     parser.add_argument("--image", type=user_path, help="image file (any format Pillow reads)")
     parser.add_argument("--question", help='the question, quoted: "How many circles are there?"')
@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     many = parser.add_argument_group("every question of a CSV, in place of --image and --question")
     many.add_argument("--csv", type=user_path, help="CSV with image and question columns (an answer column is "
                                                     "not needed; python -m vqa.evaluate scores one)")
-    many.add_argument("--out", type=user_path, help="the CSV to write: image, question, question_type, prediction, "
-                                                    "probability, a row per question (replacing only an earlier such file)")
+    many.add_argument("--out", type=user_path, help="the CSV to write: row, image, question, question_type, "
+                                                    "prediction, probability, a row per question (replacing only an "
+                                                    "earlier such file)")
     many.add_argument("--batch_size", "--batch-size", type=at_least(1), help="images per batch (default 32)")
     many.add_argument("--num_workers", "--num-workers", type=at_least(0),
                       help="loader processes decoding images (default 0: in this process)")
