@@ -42,8 +42,8 @@ class Row:
     answer: str  # raw text; normalised when looked up
     question_type: str
     where: str  # "file.csv row 12 (line 13)", for messages
-    number: int  # the row's number, as messages count it (12 there: the header and blank lines are no rows)
-    given_image: str  # the image as the CSV writes it
+    number: int = 0  # the row's number, as messages count it (12 there: the header and blank lines are no rows)
+    given_image: str = ""  # the image as the CSV writes it ("" for a row made otherwise: ``image`` then)
 
 
 @dataclass

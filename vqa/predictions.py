@@ -69,7 +69,7 @@ def predictions_table(data: CSVData, dataset: VQADataset, predicted: list[tuple[
     table = []
     for i, row in enumerate(data.rows):
         c, p = by_row[i]
-        record = {"row": str(row.number), "image": row.given_image, "question": row.question,
+        record = {"row": str(row.number), "image": row.given_image or str(row.image), "question": row.question,
                   "question_type": row.question_type, "prediction": answers.itos[c], "probability": f"{p:.4f}"}
         if with_answers:
             record["answer"] = row.answer
