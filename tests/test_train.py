@@ -1193,8 +1193,7 @@ def test_print_config_prints_what_would_train_as_a_config_file_and_writes_nothin
     monkeypatch.setenv("RANK", "1")  # under torchrun: the main process alone prints it
     assert train.cli(["--config", str(config), "--print_config"]) == 0 and capsys.readouterr().out == ""
     monkeypatch.delenv("RANK")
-    run = tmp_path / "run"
-    shutil.copytree(trained[0] / "run", run)
+    run = copied_run(trained, tmp_path)
     before = run_bytes(run)
     assert train.cli(["--resume", str(run), "--epochs", "5", "--print-config"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())  # the run's own, here and as resume would run it

@@ -27,7 +27,8 @@ import yaml
 
 from .errors import VQAError, unreadable
 
-__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides", "key_help"]
+__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "parse_overrides", "key_help",
+           "command_line_value"]
 
 
 @dataclass
@@ -207,7 +208,7 @@ def key_help() -> dict[str, list[tuple[str, str, str]]]:
         comments, defaults = _field_comments(cls), cls()
         listing[section] = []
         for f in dataclasses.fields(cls):
-            default = f"(default: {_as_typed(getattr(defaults, f.name))})"
+            default = f"(default: {command_line_value(getattr(defaults, f.name))})"
             text = f"{comments[f.name]} {default}" if f.name in comments else default
             listing[section].append((f.name, _metavar(f.name), text))
     return listing
@@ -243,8 +244,8 @@ def _metavar(key: str) -> str:
     return {bool: "{true,false}", int: "INT", float: "FLOAT"}.get(kind, "TEXT")
 
 
-def _as_typed(value) -> str:
-    """``value`` as the command line gives it: ``none``, ``true``, ``{drop_path_rate: 0.1}``."""
+def command_line_value(value) -> str:
+    """A config value as the command line gives it: ``none``, ``true``, ``{drop_path_rate: 0.1}``."""
     if value is None:
         return "none"
     if isinstance(value, bool):

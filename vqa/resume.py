@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, command_line_value
 from .data import CSVData
 from .errors import VQAError, preview
 from .run_data import generates_synthetic
@@ -137,7 +137,7 @@ def check_same_images(images: int, recorded: int | None, train_data: CSVData, ru
     for f in dataclasses.fields(cfg.data):
         value = getattr(cfg.data, f.name)
         if f.name != "train_csv" and value != getattr(saved.data, f.name):  # "none": a file the resume dropped
-            changed += [f"--{f.name}", str(value).lower() if isinstance(value, bool) or value is None else str(value)]
+            changed += [f"--{f.name}", command_line_value(value)]
     new_run = train_command("--config", str(run / "config.yaml"), "--output_dir", "NEW_RUN", "--train_csv",
                             str(train_data.path), *changed, "--checkpoint_path", str(encoder), processes=processes)
     export = shlex.join(export)
