@@ -37,6 +37,7 @@ from vqa.data import VQADataset, build_transform, chunks
 from vqa.errors import VQAError, preview
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
+from vqa.model import answer_loss
 from vqa.resume import (check_answers_known, check_inputs_found, check_resumable, check_same_images,
                         check_same_processes, check_started_here, rng_state, saved_rngs, set_rng_state)
 from vqa.run_data import prepare_data
@@ -162,10 +163,19 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             log(f"{split}: {data.skipped_note()}")
     if resume:
         tokenizer, answers = load_vocabularies(run)
-        check_answers_known(train_data.rows, answers, run)
+        check_answers_known(train_data.rows, answers, run, cfg.data.min_answer_count)
     else:
         tokenizer = Tokenizer.build((r.question for r in train_data.rows), max_length=cfg.data.max_question_length)
-        answers = AnswerVocab.build(r.answer for r in train_data.rows)
+        # Every person's answer counts.
+        answers = AnswerVocab.build((a for r in train_data.rows for a in r.all_answers), cfg.data.min_answer_count)
+    trained_rows = [r for r in train_data.rows if any(answers.id(a) >= 0 for a in r.all_answers)]
+    if not trained_rows:
+        raise VQAError(f"no answer of train_csv is given min_answer_count ({cfg.data.min_answer_count}) times, so "
+                       f"there is no answer class to train; lower --min_answer_count")
+    if len(trained_rows) < len(train_data.rows):
+        log(f"train_csv: {len(train_data.rows) - len(trained_rows)} of {len(train_data.rows)} questions have no "
+            f"answer given min_answer_count ({cfg.data.min_answer_count}) times; they are left out of training")
+    train_data.rows = trained_rows
 
     class_weights = None  # read before the model is built: a bad file costs no time
     if cfg.data.answer_weights:
@@ -359,7 +369,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device):
                     out = net(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
-                    loss = F.cross_entropy(out.logits.float(), batch["answer"], weight=class_weights, ignore_index=-1)
+                    loss = answer_loss(out.logits, batch, class_weights)
                     if t.use_type_loss:
                         loss = loss + t.type_loss_weight * F.cross_entropy(out.type_logits.float(), batch["question_type"])
                 loss_value = loss.item()  # the step's one wait for the GPU; backward and the update queue behind it

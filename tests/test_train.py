@@ -196,6 +196,86 @@ def test_predictions_of_a_csv_are_each_question_s_own_in_the_csv_s_order(trained
     assert all(by_question[r["image"], r["question"]] == r["prediction"] for r in table)  # the two tools agree
 
 
+def test_a_run_on_several_answers_a_question_learns_every_answer_and_scores_vqa_accuracy(trained, tmp_path, capsys):
+    import csv
+
+    import train
+    import vqa.evaluate
+    from vqa.text import normalize_answer
+
+    tmp, _ = trained
+    shutil.copytree(tmp / "data" / "images", tmp_path / "images")
+    answered = {}
+    for split in ("train", "val"):  # each question's answer from three people, another from one or two: for a
+        rows = list(csv.DictReader((tmp / "data" / f"{split}.csv").open()))  # third of them "zebra", no one's answer
+        others = ["zebra", "no", "red"]
+        answered[split] = [{"image": r["image"], "question": r["question"], "answers": "|".join(
+            [r["answer"]] * 3 + [others[i % 3]] * (1 + i % 2))} for i, r in enumerate(rows)]
+        with (tmp_path / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "question", "answers"])
+            writer.writeheader()
+            writer.writerows(answered[split])
+    run = tmp_path / "run"
+    assert train.cli(["--config", str(tiny_config(tmp_path, epochs=1)), "--synthetic", "false", "--train_csv",
+                      str(tmp_path / "train.csv"), "--val_csv", str(tmp_path / "val.csv")]) == 0
+    assert "zebra" in json.loads((run / "answers.json").read_text())["answers"]  # every person's answer is a class
+    scored = tmp_path / "scored.csv"
+    assert vqa.evaluate.main(["--run", str(run), "--which", "last", "--csv", str(tmp_path / "val.csv"),
+                              "--predictions", str(scored)]) == 0
+    printed = capsys.readouterr().out
+    table = list(csv.DictReader(scored.open()))
+    assert [r["answer"] for r in table] == [r["answers"] for r in answered["val"]]
+    credits = []
+    for r in table:  # VQA v2's accuracy, each answer left out in turn
+        given = [normalize_answer(a) for a in r["answer"].split("|")]
+        left_out = [min(1, (given[:i] + given[i + 1:]).count(r["prediction"]) / 3) for i in range(len(given))]
+        credits.append(sum(left_out) / len(given))
+        assert float(r["correct"]) == pytest.approx(credits[-1], abs=1e-4), r
+    assert {r["correct"] for r in table} - {"0", "1"}  # some are worth part of a question
+    overall = [line for line in printed.splitlines() if line.startswith("overall")][0]
+    assert overall.split()[-2] == f"{100 * sum(credits) / len(credits):.2f}%"
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"{100 * last['accuracy']:.2f}%" == overall.split()[-2]  # validation scores as evaluation does
+    # A question none of whose answers the run knows is counted as such; one answer it does not know keeps a resume
+    # from training on it.
+    for split, answers in (("val", "giraffe|okapi"), ("train", "giraffe|" + answered["train"][0]["answers"])):
+        with (tmp_path / f"new_{split}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "question", "answers"])
+            writer.writeheader()
+            writer.writerows([{**answered[split][0], "answers": answers}] + answered[split][1:])
+    assert vqa.evaluate.main(["--run", str(run), "--csv", str(tmp_path / "new_val.csv")]) == 0
+    assert (f"1 of {len(table)} question(s) ({100 / len(table):.1f}%) have no answer the run trained on, which "
+            f"counts as wrong") in capsys.readouterr().out
+    assert train.cli(["--resume", str(run), "--epochs", "2", "--train_csv", str(tmp_path / "new_train.csv")]) == 2
+    assert "1 training answer(s) are not among the run's" in capsys.readouterr().err
+
+
+def test_answers_given_under_min_answer_count_times_are_no_class_and_their_questions_sit_out(trained, tmp_path,
+                                                                                            capsys):
+    import csv
+    from collections import Counter
+
+    import train
+    from vqa.text import normalize_answer
+
+    tmp, _ = trained
+    shutil.copytree(tmp / "data", tmp_path / "data")
+    counts = Counter(normalize_answer(r["answer"]) for r in csv.DictReader((tmp_path / "data" / "train.csv").open()))
+    least = sorted(set(counts.values()))[1]  # the rarest answers are left out, the others kept
+    run = tmp_path / "run"
+    args = ["--synthetic", "false", "--min_answer_count", str(least)]
+    assert train.cli(["--config", str(tiny_config(tmp_path, epochs=1))] + args) == 0
+    assert set(json.loads((run / "answers.json").read_text())["answers"]) == {a for a, n in counts.items() if n >= least}
+    left_out = sum(n for n in counts.values() if n < least)
+    assert (f"train_csv: {left_out} of {sum(counts.values())} questions have no answer given min_answer_count "
+            f"({least}) times; they are left out of training") in capsys.readouterr().out
+    assert train.cli(["--resume", str(run), "--epochs", "2"]) == 0  # the answers left out are no new classes
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert train.cli(["--config", str(tiny_config(tmp_path, epochs=1)), "--output_dir", str(tmp_path / "none"),
+                      "--synthetic", "false", "--min_answer_count", "1000"]) == 2
+    assert "no answer of train_csv is given min_answer_count (1000) times" in capsys.readouterr().err
+
+
 def test_predictions_write_over_an_earlier_predictions_file_only(trained, tmp_path, capsys):
     import vqa.evaluate
     import vqa.predict
@@ -2200,11 +2280,11 @@ def test_each_epoch_logs_the_mean_of_its_steps_losses(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert f"epoch 2: train loss {logged[1]['train_loss']:.4f}, val accuracy {100 * logged[1]['accuracy']:.2f}%" in out
     # Under torchrun the mean covers every process's steps: another process's tally, simulated in the sum (the loss
-    # tally is the one float64 sum; validation sums integer counts).
+    # tally is the one sum of two numbers; validation sums a credit and a count per question type).
     real_sum = train.distributed.sum_over_ranks
 
     def with_another(t, procs, device):
-        return t + torch.tensor([10.0, 3]) if t.dtype == torch.float64 else real_sum(t, procs, device)
+        return t + torch.tensor([10.0, 3]) if t.shape == (2,) else real_sum(t, procs, device)
 
     monkeypatch.setattr(train.distributed, "sum_over_ranks", with_another)
     assert train.cli(["--config", str(tiny_config(tmp_path / "two")), "--type_loss_weight", "0.25"]) == 0
@@ -2904,14 +2984,16 @@ def test_every_training_step_runs_the_model_in_training_mode(tmp_path, monkeypat
     """Dropout and BatchNorm's running statistics act in every training step, in an epoch after a validation
     (which runs the model in eval mode) too."""
     import train
+    import vqa.model
     from vqa.config import load_config
 
     models, build = [], train.build_model
     monkeypatch.setattr(train, "build_model", lambda *a, **k: models.append(build(*a, **k)) or models[-1])
     modes, real = [], train.F.cross_entropy
+    steps = (train.__file__, vqa.model.__file__)  # the type loss, and the answer loss (vqa.model.answer_loss)
 
     def recording(*args, **kwargs):
-        if sys._getframe(1).f_code.co_filename == train.__file__:  # train.py's step losses only
+        if sys._getframe(1).f_code.co_filename in steps:  # the step's losses only
             modes.append(all(m.training for m in models[0].modules()))
         return real(*args, **kwargs)
 

@@ -354,7 +354,8 @@ class _TurnsUnreadable(torch.utils.data.Dataset):
     def __getitem__(self, index):
         if index == 1:
             raise VQAError("image 'images/b.png' cannot be decoded; it is corrupt or truncated")
-        return torch.zeros(3, 2, 2), [([2, 3], 0, 0)]  # pixels, then (token ids, answer, type) per question
+        # pixels, then (token ids, answer, type, several answers' counts) per question
+        return torch.zeros(3, 2, 2), [([2, 3], 0, 0, ())]
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -732,3 +733,50 @@ def test_a_repeated_row_is_named_whole_in_a_folder_whose_name_has_spaces(tmp_pat
     png(spaced / "img" / "a.png")
     with pytest.raises(VQAError, match=r"my data/data\.csv row 2 \(line 3\) repeats row 1 \(line 2\) exactly"):
         read_csv(write(spaced, HEADER + "img/a.png,What?,red\nimg/a.png,What?,red\n"))
+
+
+def test_an_answers_column_gives_each_question_several_answers_and_its_most_frequent_as_the_answer(folder):
+    path = write(folder, "image,question,answers\n"
+                         "img/a.png,What color?, Red | blue|red.|RED \n"  # "red" three times once normalised
+                         "img/b.png,How many?,two|2|three|3\n"  # a tie: the first given of the two
+                         "img/b.png,Is it big?,yes\n")
+    rows = read_csv(path).rows
+    assert [r.answers for r in rows] == [("Red", "blue", "red.", "RED"), ("two", "2", "three", "3"), ("yes",)]
+    assert [r.answer for r in rows] == ["Red", "two", "yes"]
+    assert [r.all_answers for r in read_csv(write(folder, HEADER + "img/a.png,What?,red\n", "one.csv")).rows] == [
+        ("red",)]  # one answer each: the answer alone
+    # The same question, answers and image twice counts twice: an error; other answers make another row.
+    with pytest.raises(VQAError, match=r"row 2 \(line 3\) repeats row 1 \(line 2\) exactly"):
+        read_csv(write(folder, "image,question,answers\nimg/a.png,What?,red|blue\nimg/a.png,What?,red|blue\n"))
+    assert len(read_csv(write(folder, "image,question,answers\nimg/a.png,What?,red|blue\nimg/a.png,What?,red\n"))
+               .rows) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("image,question,answer,answers\nimg/a.png,What?,red,red|blue\n",
+     "has both an 'answer' and an 'answers' column; keep one"),
+    ("image,question,answers\nimg/a.png,What?,red||blue\n", r"row 1 \(line 2\) has an empty answer among its answers "
+                                                           r"'red\|\|blue'"),
+    ("image,question,answers\nimg/a.png,What?,red|\n", "has an empty answer among its answers"),
+    ("image,question,answers\nimg/a.png,What?,red|?!\n", "has the answer '\\?!', which is empty once normalised"),
+    ("image,question,answers\nimg/a.png,What?,\n", "has an empty 'answers'; fill it in"),
+    ("image,question\nimg/a.png,What?\n", r"has no 'answer' column .* must name image, question, answer \(or answers: "
+                                          r"several answers to each question, separated by \|\)"),
+])
+def test_bad_several_answers_are_errors_naming_the_row(folder, content, message):
+    with pytest.raises(VQAError, match=message):
+        read_csv(write(folder, content))
+
+
+def test_questions_with_several_answers_collate_to_each_answer_s_count(folder):
+    path = write(folder, "image,question,answers\nimg/a.png,What color?,red|blue|red|maybe\nimg/b.png,What?,blue\n")
+    rows = read_csv(path).rows
+    answers = AnswerVocab(["blue", "red"])  # "maybe" is not in the vocabulary
+    dataset = VQADataset(rows, lambda im: torch.zeros(3, 2, 2), Tokenizer.build(r.question for r in rows), answers)
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["answer"].tolist() == [1, 0]
+    assert batch["answer_ids"].tolist() == [[1, 0, -1], [0, -1, -1]]  # padded with -1
+    assert batch["answer_counts"].tolist() == [[2, 1, 1], [1, 0, 0]]  # and 0
+    one_answer = read_csv(write(folder, HEADER + "img/a.png,What?,red\n", "one.csv")).rows
+    batch = collate([VQADataset(one_answer, lambda im: torch.zeros(3, 2, 2), Tokenizer.build(["What?"]), answers)[0]])
+    assert "answer_ids" not in batch and batch["answer"].tolist() == [1]  # no counts to give: the answer says it all

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 from vqa.answer_weights import compute_answer_weights, load_answer_weights, main as answer_weights_main
 from vqa.errors import VQAError
-from vqa.metrics import TypeAccuracy, format_accuracy_table
+from vqa.metrics import TypeAccuracy, format_accuracy_table, vqa_credit
 from vqa.text import QUESTION_TYPES
 
 COUNT, COLOR, LOCATION, YESNO = (QUESTION_TYPES.index(t) for t in ("count", "color", "location", "yes/no"))
@@ -34,6 +35,40 @@ def test_per_type_accuracy_on_a_hand_made_example():
     }
     table = format_accuracy_table(m)
     assert "count              66.67%          3" in table and table.splitlines()[-1].startswith("overall")
+
+
+def _leave_one_out_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA v2's accuracy as its evaluation script defines it, answer by answer (exact match for one answer)."""
+    if len(answers) == 1:
+        return float(answers[0] == prediction)
+    scores = [min(1.0, sum(a == prediction for a in answers[:i] + answers[i + 1:]) / 3) for i in range(len(answers))]
+    return sum(scores) / len(scores)
+
+
+@given(st.lists(st.sampled_from("abc"), min_size=1, max_size=12), st.sampled_from("abcd"))
+def test_vqa_credit_is_the_mean_over_each_answer_left_out(answers, prediction):
+    matches = sum(a == prediction for a in answers)
+    credit = vqa_credit(torch.tensor([matches]), torch.tensor([len(answers)]))
+    assert float(credit) == pytest.approx(_leave_one_out_accuracy(prediction, answers), abs=1e-12)
+
+
+def test_vqa_credit_of_ten_answers_is_a_third_of_the_matches_up_to_nearly_one():
+    credit = vqa_credit(torch.arange(11), torch.full((11,), 10))
+    assert credit.tolist() == pytest.approx([0, 0.3, 0.6, 0.9] + [1] * 7)
+
+
+def test_accuracy_with_several_answers_a_question_is_vqa_credit_where_given():
+    meter = TypeAccuracy()
+    # count: ten answers, "1" (class 1) given by two people and "2" (class 2) by eight; a prediction of 1 earns 0.6.
+    # color: one answer (class 4), predicted: 1. color: three answers of which two outside the vocabulary (-1)
+    # and none the prediction: 0.
+    ids = torch.tensor([[1, 2, -1], [4, -1, -1], [3, -1, -1]])
+    counts = torch.tensor([[2, 8, 0], [1, 0, 0], [1, 2, 0]])
+    meter.update(torch.tensor([1, 4, 0]), torch.tensor([2, 4, 3]), torch.tensor([COUNT, COLOR, COLOR]), ids, counts)
+    m = meter.compute()
+    assert m["per_type"]["count"] == {"accuracy": pytest.approx(0.6), "count": 1}
+    assert m["per_type"]["color"] == {"accuracy": pytest.approx(0.5), "count": 2}
+    assert m["accuracy"] == pytest.approx(1.6 / 3)
 
 
 def test_answer_weights_formula_and_clipping():
@@ -85,6 +120,9 @@ def test_answer_weights_cli_round_trip(tmp_path):
     out.write_text('{"two": 2, "2": 1.5}')  # an older weights file, refused now: regenerating it is the fix
     assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 0
     assert load_answer_weights(out) == weights
+    csv.write_text("image,question,answers\na.png,Is it?,yes|yes|no\na.png,Is it really?,yes\na.png,How many?,two\n")
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 0  # each person's answer counts
+    assert load_answer_weights(out) == pytest.approx(compute_answer_weights(["yes", "yes", "no", "yes", "two"]))
 
 
 @pytest.mark.parametrize("target", ["the CSV", "a run's answers.json", "a path under a file"])

@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lora
 from vqa import DeterministicVQA
+from vqa.model import answer_loss
 
 
 def tiny_model(**kwargs):
@@ -233,3 +235,31 @@ def test_the_type_loss_trains_the_question_encoder_and_not_the_image_side():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.question_encoder.parameters())
     for module in (model.answer_head, model.fusion, model.image_mlp):
         assert all(p.grad is None for p in module.parameters())
+
+
+def test_the_answer_loss_of_one_answer_each_is_cross_entropy_whichever_way_the_batch_gives_it():
+    logits = torch.randn(5, 7)
+    answer = torch.tensor([3, 0, 6, 3, 2])
+    weight = torch.rand(7) + 0.1
+    as_several = {"answer": answer, "answer_ids": torch.stack([answer, torch.full_like(answer, -1)], 1),
+                  "answer_counts": torch.tensor([[1, 0]] * 5)}
+    for w in (None, weight):
+        expected = F.cross_entropy(logits, answer, weight=w)
+        assert torch.equal(answer_loss(logits, {"answer": answer}, w), expected)
+        assert torch.allclose(answer_loss(logits, as_several, w), expected)
+
+
+def test_the_answer_loss_of_several_answers_targets_each_by_its_share_and_weight():
+    logits = torch.randn(2, 5, requires_grad=True)
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0])
+    # Question 0: answer 1 from three people, answer 4 from one, an answer outside the vocabulary from one;
+    # question 1: answer 2 alone.
+    batch = {"answer": torch.tensor([1, 2]), "answer_ids": torch.tensor([[1, 4, -1], [2, -1, -1]]),
+             "answer_counts": torch.tensor([[3, 1, 1], [1, 0, 0]])}
+    loss = answer_loss(logits, batch, weight)
+    log_p = logits.log_softmax(-1)
+    terms = [(2.0 * 3 / 5, log_p[0, 1]), (3.0 * 1 / 5, log_p[0, 4]), (0.5 * 1, log_p[1, 2])]
+    expected = -sum(w * lp for w, lp in terms) / sum(w for w, _ in terms)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert logits.grad[1].sum().abs() < 1e-6 and logits.grad[0, 1] < 0 < logits.grad[0, 0]  # towards the targets

@@ -2,7 +2,8 @@
 
     python -m vqa.answer_weights --train_csv data/train.csv --out answer_weights.json
 
-For an answer seen ``n_a`` times among ``N`` training questions with ``K`` distinct answers:
+For an answer seen ``n_a`` times among ``N`` training answers with ``K`` distinct ones (a CSV with an ``answers``
+column counts each person's answer):
 
     w_a = clip( sqrt(N / (K * n_a)), min_weight, max_weight )
 
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"number), so it is not written over; give another path"
                            f"{f', e.g. {other}' if other != args.out else ''}")
         data = read_csv(args.train_csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=args.allow_outside_paths)
-        weights = compute_answer_weights((r.answer for r in data.rows), args.min_weight, args.max_weight)
+        weights = compute_answer_weights((a for r in data.rows for a in r.all_answers), args.min_weight,
+                                         args.max_weight)
         try:
             with atomic_write(args.out, "w") as f:
                 f.write(json.dumps(weights, indent=1) + "\n")

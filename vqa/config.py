@@ -33,7 +33,7 @@ __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config
 
 @dataclass
 class DataConfig:
-    train_csv: str = "data/synth/train.csv"  # one row per question: image, question, answer[, question_type]
+    train_csv: str = "data/synth/train.csv"  # rows: image, question, answer (or answers: a|b|c)[, question_type]
     val_csv: str = "data/synth/val.csv"  # evaluated after every epoch
     answer_weights: str | None = None  # JSON from `python -m vqa.answer_weights`; none: an unweighted loss
     synthetic: bool = False  # generate the synthetic shapes data set as DIR/{train,val}.csv if both are missing
@@ -42,9 +42,10 @@ class DataConfig:
     skip_bad_rows: bool = False  # skip and count bad rows/images instead of stopping
     allow_outside_paths: bool = False  # let CSV image paths leave the CSV's folder (absolute or ../)
     max_question_length: int = 32  # tokens, [CLS] included; longer questions are cut
+    min_answer_count: int = 1  # an answer given fewer times in train_csv is no class (its questions left out)
 
     def __post_init__(self) -> None:
-        _positive(self, "synthetic_train_images", "synthetic_val_images", "max_question_length")
+        _positive(self, "synthetic_train_images", "synthetic_val_images", "max_question_length", "min_answer_count")
         _expand_home(self, *_PATH_KEYS["data"])
 
 

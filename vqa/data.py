@@ -4,6 +4,10 @@ A CSV has one row per question with columns ``image`` (a path relative to the CS
 ``answer`` and optionally ``question_type``; extra columns are ignored. Every problem is reported as a
 ``VQAError`` naming the file and row. With ``skip_bad_rows`` a bad row is skipped and counted instead.
 
+In place of ``answer``, an ``answers`` column may give several people's answers to each question, separated by
+``|`` (VQA v2 has ten): training targets each answer by its share of them, and evaluation scores a prediction
+with VQA v2's accuracy (``metrics.vqa_credit``).
+
 Questions about the same image share one pass of the image encoder: an item of ``VQADataset`` is an
 image with all its questions, and ``collate`` returns an ``image_index`` mapping questions to images.
 """
@@ -14,6 +18,7 @@ import difflib
 import io
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +38,26 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("image", "question", "answer")
+ANSWERS_COLUMN = "answers"  # in place of "answer": several answers to each question, separated by "|"
+ANSWER_SEPARATOR = "|"
+_OR_ANSWERS = f" (or {ANSWERS_COLUMN}: several answers to each question, separated by {ANSWER_SEPARATOR})"
 
 
 @dataclass(frozen=True)
 class Row:
     image: Path  # resolved absolute path
     question: str
-    answer: str  # raw text; normalised when looked up
+    answer: str  # raw text; normalised when looked up. With several answers, the most frequent (the first of a tie)
     question_type: str
     where: str  # "file.csv row 12 (line 13)", for messages
     number: int = 0  # the row's number, as messages count it (12 there: the header and blank lines are no rows)
     given_image: str = ""  # the image as the CSV writes it ("" for a row made otherwise: ``image`` then)
+    answers: tuple[str, ...] = ()  # every answer an ``answers`` column gives, raw, in its order; () for one answer
+
+    @property
+    def all_answers(self) -> tuple[str, ...]:
+        """The row's answers, raw: its ``answers``, or its one ``answer``."""
+        return self.answers or (self.answer,)
 
 
 @dataclass
@@ -114,12 +128,17 @@ def read_csv(
     reader = csv.DictReader(lines)
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns
-    required = REQUIRED_COLUMNS if require_answer else REQUIRED_COLUMNS[:2]
+    several = require_answer and ANSWERS_COLUMN in columns
+    if several and "answer" in columns:
+        raise VQAError(f"{path} has both an 'answer' and an 'answers' column; keep one: 'answer' for one answer to "
+                       f"each question, 'answers' for several, separated by {ANSWER_SEPARATOR}")
+    required = REQUIRED_COLUMNS[:2] + ((ANSWERS_COLUMN,) if several else REQUIRED_COLUMNS[2:] if require_answer else ())
     missing = [c for c in required if c not in columns]
     if missing:
         raise VQAError(
             f"{path} has no '{missing[0]}' column (columns found: {', '.join(columns) or 'none'}); "
-            f"the header must name {', '.join(required)}{_header_hint(missing[0], columns)}"
+            f"the header must name {', '.join(required)}{_OR_ANSWERS if missing[0] == 'answer' else ''}"
+            f"{_header_hint(missing[0], columns)}"
         )
     root = path.parent.resolve()
     data = CSVData(path, [])
@@ -143,8 +162,9 @@ def read_csv(
                 f"not closed on it, so the lines up to {end} are read as one row, the rows there inside one field; "
                 f"close or remove the quote (--skip_bad_rows cannot tell where the rows inside begin)")
         try:
-            row = _parse_row(record, where, number, root, require_answer, allow_outside_paths)
-            key = (row.image, row.question, row.answer, row.question_type)
+            row = _parse_row(record, where, number, root, require_answer and not several, several,
+                             allow_outside_paths)
+            key = (row.image, row.question, row.answer, row.answers, row.question_type)
             if key in seen and require_answer:  # it would count twice; a question asked twice harms no prediction
                 raise VQAError(f"{where} repeats {seen[key]} exactly; remove the duplicate")
             seen[key] = at
@@ -211,19 +231,27 @@ def _holds_rows(swallowed: list[str], image_at: int, need: int, root: Path) -> b
     return False
 
 
-def _parse_row(record: dict, where: str, number: int, root: Path, require_answer: bool,
+def _parse_row(record: dict, where: str, number: int, root: Path, require_answer: bool, several: bool,
                allow_outside: bool) -> Row:
     if None in record:  # more fields than header columns: a stray comma or an unquoted field
         raise VQAError(f"{where} has more fields than the header has columns; quote fields that contain commas")
     image = (record.get("image") or "").strip()
     question = " ".join((record.get("question") or "").split())
-    answer = (record.get("answer") or "").strip()
-    for name, value in (("image", image), ("question", question)) + ((("answer", answer),) if require_answer else ()):
+    answer = (record.get(ANSWERS_COLUMN if several else "answer") or "").strip()
+    for name, value in (("image", image), ("question", question)) + (
+            (((ANSWERS_COLUMN if several else "answer"), answer),) if require_answer or several else ()):
         if not value:
             raise VQAError(f"{where} has an empty '{name}'; fill it in or delete the row")
-    if require_answer and not normalize_answer(answer):
-        raise VQAError(f"{where} has the answer '{answer}', which is empty once normalised (it is all "
-                       f"punctuation, which is dropped); give the answer in words or digits")
+    answers = tuple(a.strip() for a in answer.split(ANSWER_SEPARATOR)) if several else ()
+    if "" in answers:
+        raise VQAError(f"{where} has an empty answer among its answers '{answer}' (two {ANSWER_SEPARATOR} in a row, or "
+                       f"one at an end); separate the answers with one {ANSWER_SEPARATOR} each")
+    for given in answers or ((answer,) if require_answer else ()):
+        if not normalize_answer(given):
+            raise VQAError(f"{where} has the answer '{given}', which is empty once normalised (it is all "
+                           f"punctuation, which is dropped); give the answer in words or digits")
+    if answers:
+        answer = _most_frequent(answers)
     qtype = (record.get("question_type") or "").strip().lower() or infer_question_type(question)
     if qtype not in QUESTION_TYPES:
         raise VQAError(f"{where} has question_type '{qtype}'; use one of {', '.join(QUESTION_TYPES)} or leave it empty")
@@ -242,7 +270,13 @@ def _parse_row(record: dict, where: str, number: int, root: Path, require_answer
             f"{where}: image path '{image}' points outside the CSV's folder {root}{link}; "
             f"move the image under it or pass --allow_outside_paths"
         )
-    return Row(resolved, question, answer, qtype, where, number, image)
+    return Row(resolved, question, answer, qtype, where, number, image, answers)
+
+
+def _most_frequent(answers: tuple[str, ...]) -> str:
+    """The answer given most often once normalised, as first written; of a tie, the one given first."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    return next(a for a in answers if counts[normalize_answer(a)] == max(counts.values()))
 
 
 def load_image(path: Path) -> Image.Image:
@@ -358,7 +392,9 @@ def build_transform(backbone: nn.Module, img_size: int):
 
 
 class VQADataset(torch.utils.data.Dataset):
-    """Items are images with all their questions: ``(pixels, [(ids, answer_id, type_id), ...])``."""
+    """Items are images with all their questions: ``(pixels, [(ids, answer_id, type_id, given), ...])``, where
+    ``given`` is ``()`` for a question with one answer and, for one with several, a ``(answer_id, count)`` pair for
+    each distinct answer (id -1 for an answer outside the vocabulary)."""
 
     def __init__(self, rows: list[Row], transform, tokenizer: Tokenizer, answers: AnswerVocab) -> None:
         groups: dict[Path, list[int]] = {}
@@ -366,7 +402,8 @@ class VQADataset(torch.utils.data.Dataset):
             groups.setdefault(row.image, []).append(number)
         self.images = list(groups)
         self.questions = [
-            [(tokenizer.encode(rows[i].question), answers.id(rows[i].answer), QUESTION_TYPES.index(rows[i].question_type))
+            [(tokenizer.encode(rows[i].question), answers.id(rows[i].answer), QUESTION_TYPES.index(rows[i].question_type),
+              _answer_counts(rows[i].answers, answers))
              for i in group]
             for group in groups.values()
         ]
@@ -380,19 +417,35 @@ class VQADataset(torch.utils.data.Dataset):
         return self.transform(load_image(self.images[index])), self.questions[index]
 
 
+def _answer_counts(given: tuple[str, ...], answers: AnswerVocab) -> tuple[tuple[int, int], ...]:
+    """``(answer_id, count)`` for each distinct answer of ``given``, normalised, in the order first given."""
+    counts = Counter(normalize_answer(a) for a in given)
+    return tuple((answers.stoi.get(answer, -1), n) for answer, n in counts.items())
+
+
 def collate(items) -> dict[str, Tensor]:
-    """Stacks images and pads questions; ``image_index[q]`` is the image of question ``q``."""
+    """Stacks images and pads questions; ``image_index[q]`` is the image of question ``q``.
+
+    Where a question of the batch has several answers, ``answer_ids`` and ``answer_counts`` (``(B_q, K)``, padded
+    with -1 and 0) give each question's distinct answers and how many people gave each (its one answer, once, for
+    a question with one)."""
     pixels = torch.stack([pixels for pixels, _ in items])  # (B_img, 3, H, W)
     questions = [(i, q) for i, (_, qs) in enumerate(items) for q in qs]
-    length = max(len(ids) for _, (ids, _, _) in questions)
+    length = max(len(ids) for _, (ids, _, _, _) in questions)
     input_ids = torch.zeros(len(questions), length, dtype=torch.long)  # (B_q, L), 0 = [PAD]
-    for row, (_, (ids, _, _)) in enumerate(questions):
+    for row, (_, (ids, _, _, _)) in enumerate(questions):
         input_ids[row, : len(ids)] = torch.tensor(ids)
-    return {
+    batch = {
         "pixel_values": pixels,
         "input_ids": input_ids,
         "attention_mask": (input_ids != Tokenizer.PAD).long(),
         "image_index": torch.tensor([i for i, _ in questions]),
-        "answer": torch.tensor([a for _, (_, a, _) in questions]),  # -1: not in the training vocabulary
-        "question_type": torch.tensor([t for _, (_, _, t) in questions]),
+        "answer": torch.tensor([a for _, (_, a, _, _) in questions]),  # -1: not in the training vocabulary
+        "question_type": torch.tensor([t for _, (_, _, t, _) in questions]),
     }
+    if any(several for _, (_, _, _, several) in questions):
+        given = [several or ((a, 1),) for _, (_, a, _, several) in questions]
+        width = max(len(g) for g in given)
+        batch["answer_ids"] = torch.tensor([[a for a, _ in g] + [-1] * (width - len(g)) for g in given])
+        batch["answer_counts"] = torch.tensor([[n for _, n in g] + [0] * (width - len(g)) for g in given])
+    return batch

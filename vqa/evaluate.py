@@ -129,7 +129,8 @@ def evaluate(model: nn.Module, loader, device: torch.device,
             with autocast(device):
                 out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
             predicted = out.logits.argmax(-1)
-            meter.update(predicted, batch["answer"], batch["question_type"])
+            meter.update(predicted, batch["answer"], batch["question_type"], batch.get("answer_ids"),
+                         batch.get("answer_counts"))
             if predictions is not None:
                 probability = out.logits.float().softmax(-1).gather(-1, predicted[:, None])[:, 0]
                 predictions.append((predicted.cpu(), probability.cpu()))
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vqa.evaluate",
                                      description="Per-question-type accuracy of a trained run on a CSV.")
     parser.add_argument("--run", required=True, type=user_path, help="run folder written by train.py")
-    parser.add_argument("--csv", required=True, type=user_path, help="CSV with image, question, answer columns")
+    parser.add_argument("--csv", required=True, type=user_path,
+                        help="CSV with image, question, answer (or answers: several, as a|b|c) columns")
     parser.add_argument("--batch_size", "--batch-size", type=at_least(1), default=32, help="images per batch")
     parser.add_argument("--num_workers", "--num-workers", type=at_least(0), default=0,
                         help="loader processes decoding images (default 0: in this process)")
@@ -193,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_accuracy_table(metrics))
-    unseen = sum(answers.id(row.answer) < 0 for row in data.rows)
+    unseen = sum(all(answers.id(a) < 0 for a in row.all_answers) for row in data.rows)
     if unseen:  # a low score this explains: no prediction can be right for them
-        print(f"{unseen} of {len(data.rows)} question(s) ({100 * unseen / len(data.rows):.1f}%) have an answer the "
-              f"run never trained on, which counts as wrong")
+        print(f"{unseen} of {len(data.rows)} question(s) ({100 * unseen / len(data.rows):.1f}%) have "
+              f"{'no answer the run' if any(row.answers for row in data.rows) else 'an answer the run never'} "
+              f"trained on, which counts as wrong")
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")  # again, under the table
     if args.predictions:  # after the table, which a file that cannot be written (a full disk) then does not cost

@@ -13,6 +13,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vit
@@ -20,7 +21,7 @@ from lora.layer import no_autocast
 
 from .text import QUESTION_TYPES
 
-__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention"]
+__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention", "answer_loss"]
 
 
 class VQAOutput(NamedTuple):
@@ -179,3 +180,21 @@ class DeterministicVQA(nn.Module):
             k: v for k, v in self.state_dict().items()
             if (params[k].requires_grad if k in params else not k.startswith("backbone."))
         }
+
+
+def answer_loss(logits: Tensor, batch: dict[str, Tensor], weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy of the answer logits (in fp32) against the batch's answers, ``weight`` per answer class.
+
+    A question with several answers (``answer_ids`` and ``answer_counts`` in the batch, as ``collate`` gives them)
+    targets each by its share of them: the loss is ``sum_q sum_a w_a p_qa (-log softmax_qa) / sum_q sum_a w_a p_qa``
+    over known answers, which for questions with one answer each is what ``F.cross_entropy`` computes."""
+    logits = logits.float()
+    if "answer_ids" not in batch:
+        return F.cross_entropy(logits, batch["answer"], weight=weight, ignore_index=-1)
+    ids, counts = batch["answer_ids"], batch["answer_counts"]
+    known = ids >= 0
+    ids = ids.clamp(min=0)
+    share = counts * known / counts.sum(1, keepdim=True)  # an answer outside the vocabulary is no target
+    if weight is not None:
+        share = share * weight[ids]
+    return -(share * logits.log_softmax(-1).gather(1, ids)).sum() / share.sum()

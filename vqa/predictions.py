@@ -1,6 +1,7 @@
 """A trained run's answer to every question of a CSV, written as a CSV of its own, one row per question in the
 input's order: ``python -m vqa.predict --csv`` (questions with or without answers) and ``python -m vqa.evaluate
---predictions`` (with the answer and whether the prediction matched it, for error analysis).
+--predictions`` (with the answer and whether the prediction matched it, for error analysis; for a question with
+several answers, all of them, separated by ``|``, and the prediction's VQA accuracy, 0 to 1).
 """
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import io
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from lora import atomic_write
 
-from .data import CSVData, VQADataset
+from .data import ANSWER_SEPARATOR, CSVData, VQADataset
 from .errors import VQAError
+from .metrics import vqa_credit
 from .text import AnswerVocab
 
 __all__ = ["COLUMNS", "ANSWER_COLUMNS", "check_out", "predictions_table", "write_predictions"]
@@ -72,8 +75,10 @@ def predictions_table(data: CSVData, dataset: VQADataset, predicted: list[tuple[
         record = {"row": str(row.number), "image": row.given_image or str(row.image), "question": row.question,
                   "question_type": row.question_type, "prediction": answers.itos[c], "probability": f"{p:.4f}"}
         if with_answers:
-            record["answer"] = row.answer
-            record["correct"] = str(int(answers.id(row.answer) == c))  # as evaluation counts it
+            given = row.all_answers
+            record["answer"] = ANSWER_SEPARATOR.join(given)
+            matches = sum(answers.id(a) == c for a in given)  # as evaluation counts it
+            record["correct"] = f"{float(vqa_credit(torch.tensor(matches), torch.tensor(len(given)))):.4g}"
         table.append(record)
     return table
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shlex
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -106,10 +107,11 @@ def check_inputs_found(cfg: RunConfig, source: Path) -> None:
                        f"where they are now: {' '.join(f'--{k} NEW_PATH' for k in missing)}")
 
 
-def check_answers_known(rows, answers: AnswerVocab, run: Path) -> None:
-    """A resumed run keeps its answer classes: training rows whose answer is not among them would train on
-    nothing (an ignored target; a batch of only those gives a loss of nan)."""
-    unknown = sorted({normalize_answer(r.answer) for r in rows} - set(answers.itos))
+def check_answers_known(rows, answers: AnswerVocab, run: Path, min_count: int = 1) -> None:
+    """A resumed run keeps its answer classes: training answers given ``min_count`` times (the run's
+    ``min_answer_count``) that are not among them would be left out where the run trained on them."""
+    counts = Counter(normalize_answer(a) for r in rows for a in r.all_answers)
+    unknown = sorted({a for a, n in counts.items() if n >= min_count} - set(answers.itos))
     if unknown:
         raise VQAError(f"{len(unknown)} training answer(s) are not among the run's {len(answers)} answer classes "
                        f"({run / 'answers.json'}), e.g. {preview(unknown)}; a resumed run keeps its classes: "

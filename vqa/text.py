@@ -176,9 +176,10 @@ class AnswerVocab:
             self.stoi.setdefault(a, i)
 
     @classmethod
-    def build(cls, answers: Iterable[str]) -> "AnswerVocab":
+    def build(cls, answers: Iterable[str], min_count: int = 1) -> "AnswerVocab":
+        """The answers given at least ``min_count`` times, once normalised."""
         counts = Counter(normalize_answer(a) for a in answers)
-        return cls(a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return cls(a for a, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count)
 
     def __len__(self) -> int:
         return len(self.itos)
