@@ -244,8 +244,10 @@ def test_a_run_on_several_answers_a_question_learns_every_answer_and_scores_vqa_
             writer.writeheader()
             writer.writerows([{**answered[split][0], "answers": answers}] + answered[split][1:])
     assert vqa.evaluate.main(["--run", str(run), "--csv", str(tmp_path / "new_val.csv")]) == 0
+    printed = capsys.readouterr().out
     assert (f"1 of {len(table)} question(s) ({100 / len(table):.1f}%) have no answer the run trained on, which "
-            f"counts as wrong") in capsys.readouterr().out
+            f"counts as wrong") in printed
+    assert "1 question(s) have 2 or 3 answers, where VQA accuracy gives a prediction all of them share 1/3" in printed
     assert train.cli(["--resume", str(run), "--epochs", "2", "--train_csv", str(tmp_path / "new_train.csv")]) == 2
     assert "1 training answer(s) are not among the run's" in capsys.readouterr().err
 

@@ -92,6 +92,7 @@ def test_bad_csv_is_a_clear_error_naming_file_and_row(folder, content, message):
     ("image;question;answer", "the columns are separated by semicolons: save the file with commas"),
     ("image\tquestion\tanswer", "the columns are separated by tabs"),
     ("Image,Question,Answer", "names are lower case: 'Image' should be 'image'"),
+    ("image,question,Answers", "names are lower case: 'Answers' should be 'answers'"),
     ("image,question,anwser", r"\(is 'anwser' a misspelt 'answer'\?\)"),
     ("img/b.png,What?,blue", "the first line is read as the header: add one above the rows"),
 ])
@@ -760,6 +761,8 @@ def test_an_answers_column_gives_each_question_several_answers_and_its_most_freq
     ("image,question,answers\nimg/a.png,What?,red|\n", "has an empty answer among its answers"),
     ("image,question,answers\nimg/a.png,What?,red|?!\n", "has the answer '\\?!', which is empty once normalised"),
     ("image,question,answers\nimg/a.png,What?,\n", "has an empty 'answers'; fill it in"),
+    ("image,question,answer\nimg/a.png,What?,yes|no\n", "has the answer 'yes\\|no', with \\| between answers: "
+                                                       "several answers to a question go in an 'answers' column"),
     ("image,question\nimg/a.png,What?\n", r"has no 'answer' column .* must name image, question, answer \(or answers: "
                                           r"several answers to each question, separated by \|\)"),
 ])

@@ -123,6 +123,8 @@ def test_answer_weights_cli_round_trip(tmp_path):
     csv.write_text("image,question,answers\na.png,Is it?,yes|yes|no\na.png,Is it really?,yes\na.png,How many?,two\n")
     assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 0  # each person's answer counts
     assert load_answer_weights(out) == pytest.approx(compute_answer_weights(["yes", "yes", "no", "yes", "two"]))
+    assert answer_weights_main(["--train_csv", str(csv), "--out", str(out), "--min_answer_count", "2"]) == 0
+    assert load_answer_weights(out) == {"yes": 1.0}  # the one class given twice: of average frequency among them
 
 
 @pytest.mark.parametrize("target", ["the CSV", "a run's answers.json", "a path under a file"])

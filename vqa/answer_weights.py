@@ -3,7 +3,7 @@
     python -m vqa.answer_weights --train_csv data/train.csv --out answer_weights.json
 
 For an answer seen ``n_a`` times among ``N`` training answers with ``K`` distinct ones (a CSV with an ``answers``
-column counts each person's answer):
+column counts each person's answer; with ``--min_answer_count``, of the answers given that many times alone):
 
     w_a = clip( sqrt(N / (K * n_a)), min_weight, max_weight )
 
@@ -29,11 +29,17 @@ from .text import normalize_answer
 __all__ = ["compute_answer_weights", "load_answer_weights"]
 
 
-def compute_answer_weights(answers: Iterable[str], min_weight: float = 0.1, max_weight: float = 10.0) -> dict[str, float]:
-    """``{normalised answer: weight}`` by the formula in this module's docstring."""
+def compute_answer_weights(answers: Iterable[str], min_weight: float = 0.1, max_weight: float = 10.0,
+                           min_count: int = 1) -> dict[str, float]:
+    """``{normalised answer: weight}`` by the formula in this module's docstring, over the answers given at least
+    ``min_count`` times (a run's classes under its ``min_answer_count``)."""
     counts = Counter(normalize_answer(a) for a in answers)
     if not counts:
         raise VQAError("cannot compute answer weights from no answers")
+    counts = Counter({a: n for a, n in counts.items() if n >= min_count})
+    if not counts:
+        raise VQAError(f"no answer is given {min_count} times (--min_answer_count), so none would be weighed; give "
+                       f"the training run's min_answer_count")
     total, distinct = sum(counts.values()), len(counts)
     return {
         a: min(max_weight, max(min_weight, math.sqrt(total / (distinct * n))))
@@ -100,6 +106,7 @@ class _Pairs(list):
 
 def main(argv: list[str] | None = None) -> int:
     from .data import read_csv
+    from .evaluate import at_least
 
     parser = argparse.ArgumentParser(prog="python -m vqa.answer_weights",
                                      description="Per-answer loss weights that balance rare answers.")
@@ -111,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="w = clip(sqrt(N / (K * n)), min, max) for an answer seen n times among N questions "
                              "with K answers (default: 0.1)")
     parser.add_argument("--max_weight", "--max-weight", type=float, default=10.0, help="(default: 10.0)")
+    parser.add_argument("--min_answer_count", "--min-answer-count", type=at_least(1), default=1,
+                        help="weigh only the answers given at least this many times, the training run's classes "
+                             "under its min_answer_count (default: 1, every answer)")
     parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
     parser.add_argument("--allow_outside_paths", action="store_true",
                         help="let image paths leave the CSV's folder (absolute or ../)")
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"{f', e.g. {other}' if other != args.out else ''}")
         data = read_csv(args.train_csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=args.allow_outside_paths)
         weights = compute_answer_weights((a for r in data.rows for a in r.all_answers), args.min_weight,
-                                         args.max_weight)
+                                         args.max_weight, args.min_answer_count)
         try:
             with atomic_write(args.out, "w") as f:
                 f.write(json.dumps(weights, indent=1) + "\n")

@@ -90,8 +90,9 @@ def _header_hint(missing: str, columns: list[str]) -> str:
         if len(columns) == 1 and separator in columns[0]:
             return f"; the columns are separated by {name}: save the file with commas"
     for column in columns:
-        if column.lower() == missing:
-            return f"; names are lower case: '{column}' should be '{missing}'"
+        for name in (missing, ANSWERS_COLUMN) if missing == "answer" else (missing,):
+            if column.lower() == name:
+                return f"; names are lower case: '{column}' should be '{name}'"
     close = difflib.get_close_matches(missing, columns, n=1, cutoff=0.75)
     if close:
         return f" (is '{close[0]}' a misspelt '{missing}'?)"
@@ -252,6 +253,10 @@ def _parse_row(record: dict, where: str, number: int, root: Path, require_answer
                            f"punctuation, which is dropped); give the answer in words or digits")
     if answers:
         answer = _most_frequent(answers)
+    elif require_answer and ANSWER_SEPARATOR in answer:  # "yes|no": several answers under the one-answer header
+        raise VQAError(f"{where} has the answer '{answer}', with {ANSWER_SEPARATOR} between answers: several answers to "
+                       f"a question go in an '{ANSWERS_COLUMN}' column; rename the 'answer' column to "
+                       f"'{ANSWERS_COLUMN}', or take the {ANSWER_SEPARATOR} out of the answer")
     qtype = (record.get("question_type") or "").strip().lower() or infer_question_type(question)
     if qtype not in QUESTION_TYPES:
         raise VQAError(f"{where} has question_type '{qtype}'; use one of {', '.join(QUESTION_TYPES)} or leave it empty")

@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{unseen} of {len(data.rows)} question(s) ({100 * unseen / len(data.rows):.1f}%) have "
               f"{'no answer the run' if any(row.answers for row in data.rows) else 'an answer the run never'} "
               f"trained on, which counts as wrong")
+    few = sum(1 < len(row.answers) < 4 for row in data.rows)
+    if few:  # VQA accuracy is made for ten answers
+        print(f"{few} question(s) have 2 or 3 answers, where VQA accuracy gives a prediction all of them share 1/3 "
+              f"or 2/3 (made for ten answers, it gives 1 from four)")
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad row(s) (--skip_bad_rows)")  # again, under the table
     if args.predictions:  # after the table, which a file that cannot be written (a full disk) then does not cost

@@ -113,7 +113,8 @@ def check_answers_known(rows, answers: AnswerVocab, run: Path, min_count: int = 
     counts = Counter(normalize_answer(a) for r in rows for a in r.all_answers)
     unknown = sorted({a for a, n in counts.items() if n >= min_count} - set(answers.itos))
     if unknown:
-        raise VQAError(f"{len(unknown)} training answer(s) are not among the run's {len(answers)} answer classes "
+        given = f" given min_answer_count ({min_count}) times" if min_count > 1 else ""
+        raise VQAError(f"{len(unknown)} training answer(s){given} are not among the run's {len(answers)} answer classes "
                        f"({run / 'answers.json'}), e.g. {preview(unknown)}; a resumed run keeps its classes: "
                        f"train on these answers in a new run (another --output_dir)")
 
@@ -128,6 +129,8 @@ def check_same_images(images: int, recorded: int | None, train_data: CSVData, ru
     if recorded is None or images == recorded:
         return
     skipped = f" (after {len(train_data.skipped)} skipped bad row(s))" if train_data.skipped else ""
+    if cfg.data.min_answer_count > 1:
+        skipped += f" with a question whose answer is given min_answer_count ({cfg.data.min_answer_count}) times"
     encoder, n = run / "encoder.safetensors", 1
     while encoder.exists():  # perhaps the start of a new run already: export refuses to write over it
         n += 1
