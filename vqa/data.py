@@ -129,11 +129,12 @@ def read_csv(
     reader = csv.DictReader(lines)
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns
-    several = require_answer and ANSWERS_COLUMN in columns
-    if several and "answer" in columns:
+    # The column the answers are read from: none for questions to predict.
+    answer_column = None if not require_answer else ANSWERS_COLUMN if ANSWERS_COLUMN in columns else "answer"
+    if answer_column == ANSWERS_COLUMN and "answer" in columns:
         raise VQAError(f"{path} has both an 'answer' and an 'answers' column; keep one: 'answer' for one answer to "
                        f"each question, 'answers' for several, separated by {ANSWER_SEPARATOR}")
-    required = REQUIRED_COLUMNS[:2] + ((ANSWERS_COLUMN,) if several else REQUIRED_COLUMNS[2:] if require_answer else ())
+    required = REQUIRED_COLUMNS[:2] + ((answer_column,) if answer_column else ())
     missing = [c for c in required if c not in columns]
     if missing:
         raise VQAError(
@@ -163,8 +164,7 @@ def read_csv(
                 f"not closed on it, so the lines up to {end} are read as one row, the rows there inside one field; "
                 f"close or remove the quote (--skip_bad_rows cannot tell where the rows inside begin)")
         try:
-            row = _parse_row(record, where, number, root, require_answer and not several, several,
-                             allow_outside_paths)
+            row = _parse_row(record, where, number, root, answer_column, allow_outside_paths)
             key = (row.image, row.question, row.answer, row.answers, row.question_type)
             if key in seen and require_answer:  # it would count twice; a question asked twice harms no prediction
                 raise VQAError(f"{where} repeats {seen[key]} exactly; remove the duplicate")
@@ -232,28 +232,27 @@ def _holds_rows(swallowed: list[str], image_at: int, need: int, root: Path) -> b
     return False
 
 
-def _parse_row(record: dict, where: str, number: int, root: Path, require_answer: bool, several: bool,
+def _parse_row(record: dict, where: str, number: int, root: Path, answer_column: str | None,
                allow_outside: bool) -> Row:
     if None in record:  # more fields than header columns: a stray comma or an unquoted field
         raise VQAError(f"{where} has more fields than the header has columns; quote fields that contain commas")
     image = (record.get("image") or "").strip()
     question = " ".join((record.get("question") or "").split())
-    answer = (record.get(ANSWERS_COLUMN if several else "answer") or "").strip()
-    for name, value in (("image", image), ("question", question)) + (
-            (((ANSWERS_COLUMN if several else "answer"), answer),) if require_answer or several else ()):
+    answer = (record.get(answer_column) or "").strip() if answer_column else ""
+    for name, value in (("image", image), ("question", question)) + (((answer_column, answer),) if answer_column else ()):
         if not value:
             raise VQAError(f"{where} has an empty '{name}'; fill it in or delete the row")
-    answers = tuple(a.strip() for a in answer.split(ANSWER_SEPARATOR)) if several else ()
+    answers = tuple(a.strip() for a in answer.split(ANSWER_SEPARATOR)) if answer_column == ANSWERS_COLUMN else ()
     if "" in answers:
         raise VQAError(f"{where} has an empty answer among its answers '{answer}' (two {ANSWER_SEPARATOR} in a row, or "
                        f"one at an end); separate the answers with one {ANSWER_SEPARATOR} each")
-    for given in answers or ((answer,) if require_answer else ()):
+    for given in answers or ((answer,) if answer_column else ()):
         if not normalize_answer(given):
             raise VQAError(f"{where} has the answer '{given}', which is empty once normalised (it is all "
                            f"punctuation, which is dropped); give the answer in words or digits")
     if answers:
         answer = _most_frequent(answers)
-    elif require_answer and ANSWER_SEPARATOR in answer:  # "yes|no": several answers under the one-answer header
+    elif ANSWER_SEPARATOR in answer:  # "yes|no": several answers under the one-answer header
         raise VQAError(f"{where} has the answer '{answer}', with {ANSWER_SEPARATOR} between answers: several answers to "
                        f"a question go in an '{ANSWERS_COLUMN}' column; rename the 'answer' column to "
                        f"'{ANSWERS_COLUMN}', or take the {ANSWER_SEPARATOR} out of the answer")
