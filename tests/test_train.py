@@ -207,7 +207,7 @@ def test_a_run_on_several_answers_a_question_learns_every_answer_and_scores_vqa_
     shutil.copytree(tmp / "data" / "images", tmp_path / "images")
     answered = {}
     for split in ("train", "val"):  # each question's answer from three people, another from one or two: for a
-        rows = list(csv.DictReader((tmp / "data" / f"{split}.csv").open()))  # third of them "zebra", no one's answer
+        rows = list(csv.DictReader((tmp / "data" / f"{split}.csv").open()))  # third, "zebra", never a true answer
         others = ["zebra", "no", "red"]
         answered[split] = [{"image": r["image"], "question": r["question"], "answers": "|".join(
             [r["answer"]] * 3 + [others[i % 3]] * (1 + i % 2))} for i, r in enumerate(rows)]

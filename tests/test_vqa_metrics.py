@@ -52,7 +52,7 @@ def test_vqa_credit_is_the_mean_over_each_answer_left_out(answers, prediction):
     assert float(credit) == pytest.approx(_leave_one_out_accuracy(prediction, answers), abs=1e-12)
 
 
-def test_vqa_credit_of_ten_answers_is_a_third_of_the_matches_up_to_nearly_one():
+def test_vqa_credit_of_ten_answers_is_three_tenths_a_match_and_one_from_four():
     credit = vqa_credit(torch.arange(11), torch.full((11,), 10))
     assert credit.tolist() == pytest.approx([0, 0.3, 0.6, 0.9] + [1] * 7)
 
