@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from vqa.data import VQADataset, build_transform, check_images, chunks, collate, load_image, read_csv, read_split
 from vqa.errors import VQAError
 from vqa.evaluate import _worker_start_method, make_loader
-from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer
+from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer, normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "image,question,answer\n"
@@ -475,7 +475,8 @@ def test_a_sigterm_to_the_process_group_leaves_loader_workers_running(folder, de
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.binary(max_size=300)
-       | st.lists(st.sampled_from(list('ab,"\n\r \x00é') + ["img/a.png", "../x.png", HEADER]), max_size=40).map("".join))
+       | st.lists(st.sampled_from(list('ab,"\n\r \x00é|') + ["img/a.png", "../x.png", HEADER,
+                                                               "image,question,answers\n"]), max_size=40).map("".join))
 def test_any_file_gives_rows_or_our_error(folder, content):
     path = write(folder, content, name="fuzz.csv")
     try:
@@ -483,6 +484,7 @@ def test_any_file_gives_rows_or_our_error(folder, content):
     except VQAError:
         return
     assert data.rows and all(r.question and r.answer for r in data.rows)
+    assert all(all(normalize_answer(a) for a in r.all_answers) and r.answer in r.all_answers for r in data.rows)
 
 
 @pytest.mark.parametrize("n, size", [(5, 2), (4, 2), (1, 3), (0, 2)])
