@@ -20,9 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from lora import atomic_write
-
-from .cli import run_tool, user_path
+from .cli import run_tool, user_path, write_out
 from .errors import VQAError, unreadable
 from .text import normalize_answer
 
@@ -142,12 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         data = read_csv(args.train_csv, skip_bad_rows=args.skip_bad_rows, allow_outside_paths=args.allow_outside_paths)
         weights = compute_answer_weights((a for r in data.rows for a in r.all_answers), args.min_weight,
                                          args.max_weight, args.min_answer_count)
-        try:
-            with atomic_write(args.out, "w") as f:
-                f.write(json.dumps(weights, indent=1) + "\n")
-        except OSError as e:
-            raise VQAError(f"cannot write --out '{args.out}' ({e.strerror or e}); check that its folder exists and "
-                           f"is writable") from None
+        write_out(args.out, json.dumps(weights, indent=1) + "\n", "--out")
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

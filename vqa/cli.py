@@ -4,9 +4,12 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from .config import expand_home
+from lora import atomic_write
 
-__all__ = ["run_tool", "user_path"]
+from .config import expand_home
+from .errors import VQAError
+
+__all__ = ["run_tool", "user_path", "write_out"]
 
 
 def run_tool(main: Callable[[], int]) -> NoReturn:
@@ -26,3 +29,14 @@ def user_path(text: str) -> Path:
         return Path(expand_home(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def write_out(path: Path, text: str, option: str) -> None:
+    """Writes a tool's output ``text`` to ``path`` atomically (a crash leaves the old file or none); an error of the
+    file system as the tools' error naming ``option``."""
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise VQAError(f"cannot write {option} '{path}' ({e.strerror or e}); check that its folder exists and is "
+                       f"writable") from None

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lora import atomic_write
-
+from .cli import write_out
 from .data import ANSWER_SEPARATOR, CSVData, VQADataset
 from .errors import VQAError
 from .metrics import vqa_credit
@@ -90,9 +89,4 @@ def write_predictions(path: Path, table: list[dict[str, str]], option: str) -> N
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
-    try:
-        with atomic_write(path, "w") as f:
-            f.write(text.getvalue())
-    except OSError as e:
-        raise VQAError(f"cannot write {option} '{path}' ({e.strerror or e}); check that its folder exists and is "
-                       f"writable") from None
+    write_out(path, text.getvalue(), option)

@@ -1,0 +1,109 @@
+"""python -m vqa.vqa2: VQA v2's JSON files as a CSV the data reader takes, answers and all."""
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from vqa.data import read_csv
+from vqa.vqa2 import main
+
+TEN = ["yes"] * 7 + ["no", "yes|no", "?!"]  # a | inside an answer, and one empty once normalised
+
+
+@pytest.fixture
+def vqa2(tmp_path):
+    """A split of three questions about two COCO images, in VQA v2's files, the images under the CSV's folder."""
+    images = tmp_path / "train2014"
+    images.mkdir()
+    for image_id in (9, 25):
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(images / f"COCO_train2014_{image_id:012d}.jpg", format="JPEG")
+    questions = [{"image_id": 9, "question": "Is it red?", "question_id": 90},
+                 {"image_id": 9, "question": "How many  circles are there?", "question_id": 91},
+                 {"image_id": 25, "question": "What is it made of?", "question_id": 250}]
+    annotations = [  # in another order than the questions
+        {"question_id": 250, "image_id": 25, "answer_type": "other", "answers": [{"answer": "Wood"}] * 6
+         + [{"answer": "metal"}] * 4},
+        {"question_id": 90, "image_id": 9, "answer_type": "yes/no", "answers": [{"answer": a} for a in TEN]},
+        {"question_id": 91, "image_id": 9, "answer_type": "number", "answers": [{"answer": "2"}] * 9
+         + [{"answer": "two "}]},
+    ]
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": questions}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": annotations}))
+    return tmp_path
+
+
+def run(folder, *extra):
+    return main(["--questions", str(folder / "q.json"), "--annotations", str(folder / "a.json"), "--images",
+                 str(folder / "train2014"), "--out", str(folder / "train.csv"), *extra])
+
+
+def test_every_question_gets_its_answers_and_its_type_in_the_questions_order(vqa2, capsys):
+    assert run(vqa2) == 0
+    assert "wrote 3 questions about 2 images" in capsys.readouterr().out
+    rows = read_csv(vqa2 / "train.csv").rows
+    assert [r.given_image for r in rows] == ["train2014/COCO_train2014_000000000009.jpg"] * 2 + [
+        "train2014/COCO_train2014_000000000025.jpg"]
+    assert [r.question for r in rows] == ["Is it red?", "How many circles are there?", "What is it made of?"]
+    assert [r.answers for r in rows] == [tuple(["yes"] * 7 + ["no", "yes no"]), tuple(["2"] * 9 + ["two"]),
+                                         tuple(["Wood"] * 6 + ["metal"] * 4)]
+    assert [r.answer for r in rows] == ["yes", "2", "Wood"]
+    assert [r.question_type for r in rows] == ["yes/no", "count", "other"]  # the last one from its wording
+
+
+def test_the_answer_left_out_is_said(vqa2, capsys):
+    assert run(vqa2) == 0
+    assert "left out 1 answer(s) empty once normalised" in capsys.readouterr().out
+
+
+def test_a_test_split_has_no_answers_and_its_images_are_test2015_s(vqa2):
+    folder = vqa2 / "train2014"
+    for image in folder.iterdir():
+        image.rename(folder / image.name.replace("train2014", "test2015"))
+    (vqa2 / "q.json").write_text(json.dumps({**json.loads((vqa2 / "q.json").read_text()),
+                                             "data_subtype": "test-dev2015"}))
+    assert main(["--questions", str(vqa2 / "q.json"), "--images", str(folder), "--out", str(vqa2 / "test.csv")]) == 0
+    assert (vqa2 / "test.csv").read_text().splitlines()[0] == "image,question"
+    rows = read_csv(vqa2 / "test.csv", require_answer=False).rows
+    assert rows[2].given_image == "train2014/COCO_test2015_000000000025.jpg"
+
+
+def test_images_outside_the_csv_s_folder_are_named_by_absolute_paths(vqa2, tmp_path_factory, capsys):
+    out = tmp_path_factory.mktemp("elsewhere") / "train.csv"
+    assert run(vqa2, "--out", str(out)) == 0
+    assert "train with --allow_outside_paths" in capsys.readouterr().out
+    rows = read_csv(out, allow_outside_paths=True).rows
+    assert rows[0].given_image == str(vqa2 / "train2014" / "COCO_train2014_000000000009.jpg")
+
+
+def test_missing_images_are_an_error_or_with_the_option_left_out(vqa2, capsys):
+    (vqa2 / "train2014" / "COCO_train2014_000000000025.jpg").unlink()
+    assert run(vqa2) == 2
+    assert "1 of the 2 images are not in --images" in capsys.readouterr().err and not (vqa2 / "train.csv").exists()
+    assert run(vqa2, "--skip_missing_images") == 0
+    assert "left out 1 question(s) about 1 image(s) not in --images" in capsys.readouterr().out
+    assert [r.question for r in read_csv(vqa2 / "train.csv").rows] == ["Is it red?", "How many circles are there?"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "a.json").write_text('{"annotations": [}'), "--annotations '.*a.json' is not a JSON file"),
+    (lambda f: (f / "q.json").write_text('{"images": []}'), "holds no list 'questions', as VQA v2's questions file"),
+    (lambda f: (f / "a.json").write_text(json.dumps({"annotations": []})),
+     "question 0 \\(question_id 90\\) has no annotation in .*a.json; give the annotations of the same split"),
+    (lambda f: (f / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": [
+        {"image_id": 9, "question": "Is it red?", "question_id": 90}]})),
+     "annotates 2 question\\(s\\) that .*q.json does not ask"),
+    (lambda f: (f / "q.json").write_text(json.dumps({"questions": []})), "names no data_subtype; give the images'"),
+    (lambda f: (f / "train.csv").write_text("mine"), "--out '.*train.csv' exists; add --overwrite"),
+])
+def test_bad_input_is_an_error_naming_the_file_and_the_fix(vqa2, capsys, damage, message):
+    damage(vqa2)
+    assert run(vqa2) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+
+
+def test_overwrite_replaces_only_with_the_option(vqa2):
+    (vqa2 / "train.csv").write_text("mine")
+    assert run(vqa2, "--overwrite") == 0
+    assert (vqa2 / "train.csv").read_text().startswith("image,question,answers,question_type\n")

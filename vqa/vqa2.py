@@ -1,0 +1,173 @@
+"""VQA v2's JSON files as this project's CSV: every question with its ten answers.
+
+    python -m vqa.vqa2 --questions v2_OpenEnded_mscoco_train2014_questions.json \\
+        --annotations v2_mscoco_train2014_annotations.json --images data/vqa/train2014 --out data/vqa/train.csv
+
+The CSV has ``image``, ``question``, ``answers`` (the ten, separated by ``|``) and ``question_type``: ``yes/no``
+and ``count`` from VQA v2's answer types ``yes/no`` and ``number``, empty for ``other`` (inferred from the wording
+when read). Without ``--annotations`` (the test splits) it has ``image`` and ``question``, for ``python -m
+vqa.predict --csv``. The images are COCO's, ``COCO_<subtype>_<image id in 12 digits>.jpg`` in ``--images``; the
+subtype is the questions file's ``data_subtype`` (``test-dev2015`` questions are about ``test2015`` images) unless
+``--subtype`` names it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from .cli import run_tool, user_path, write_out
+from .data import ANSWER_SEPARATOR, ANSWERS_COLUMN
+from .errors import VQAError, unreadable
+from .text import normalize_answer
+
+__all__ = ["vqa2_rows", "main"]
+
+# VQA v2's answer types as this project's question types; "other" is left to the wording.
+_TYPES = {"yes/no": "yes/no", "number": "count"}
+# The subtype of a questions file whose images are another split's.
+_IMAGE_SUBTYPES = {"test-dev2015": "test2015"}
+
+
+def _load(path: Path, option: str, key: str) -> tuple[dict, list]:
+    """The JSON object in ``path`` and the list under its ``key``; errors say which file and what it lacks."""
+    if not path.is_file():
+        raise VQAError(f"{option} '{path}' {'is a folder' if path.is_dir() else 'does not exist'}; give VQA v2's "
+                       f"JSON file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as e:
+        raise unreadable(option, path, e) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise VQAError(f"{option} '{path}' is not a JSON file ({e}); give VQA v2's JSON file") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise VQAError(f"{option} '{path}' holds no list '{key}', as VQA v2's {option[2:]} file does; check that "
+                       f"this is that file")
+    return data, data[key]
+
+
+def _field(entry, name: str, kind: type, where: str):
+    value = entry.get(name) if isinstance(entry, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise VQAError(f"{where} has no {kind.__name__} '{name}' (got {value!r}); check that this is VQA v2's file")
+    return value
+
+
+def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: str, questions_path: Path,
+              annotations_path: Path | None) -> tuple[list[dict[str, str]], int, int]:
+    """The CSV's rows, in the questions file's order, with the image paths as ``images / name``; also the number of
+    answers left out (empty once normalised) and of questions left out for having no answer left."""
+    by_question = {}
+    for i, entry in enumerate(annotations or []):
+        where = f"{annotations_path} annotation {i}"
+        qid = _field(entry, "question_id", int, where)
+        if qid in by_question:
+            raise VQAError(f"{where} is the second annotation of question {qid}; give VQA v2's file as it comes")
+        by_question[qid] = entry
+    rows, dropped, unanswered, asked = [], 0, 0, set()
+    for i, entry in enumerate(questions):
+        where = f"{questions_path} question {i}"
+        qid = _field(entry, "question_id", int, where)
+        image_id = _field(entry, "image_id", int, where)
+        question = " ".join(_field(entry, "question", str, where).split())
+        asked.add(qid)
+        row = {"image": str(images / f"COCO_{subtype}_{image_id:012d}.jpg"), "question": question}
+        if annotations is not None:
+            if qid not in by_question:
+                raise VQAError(f"{where} (question_id {qid}) has no annotation in {annotations_path}; give the "
+                               f"annotations of the same split as the questions")
+            note = by_question[qid]
+            where = f"{annotations_path}, the annotation of question {qid}"
+            given = [_field(a, "answer", str, where).strip().replace(ANSWER_SEPARATOR, " ")
+                     for a in _field(note, "answers", list, where)]
+            kept = [a for a in given if normalize_answer(a)]
+            dropped += len(given) - len(kept)
+            if not kept:
+                unanswered += 1
+                continue
+            row[ANSWERS_COLUMN] = ANSWER_SEPARATOR.join(kept)
+            row["question_type"] = _TYPES.get(note.get("answer_type"), "")
+        rows.append(row)
+    strays = sorted(set(by_question) - asked)
+    if strays:
+        raise VQAError(f"{annotations_path} annotates {len(strays)} question(s) that {questions_path} does not ask "
+                       f"(question_id {strays[0]}, ...); give the questions of the same split as the annotations")
+    return rows, dropped, unanswered
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vqa.vqa2", description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", required=True, type=user_path,
+                        help="VQA v2's questions JSON (v2_OpenEnded_mscoco_<split>_questions.json)")
+    parser.add_argument("--annotations", type=user_path,
+                        help="VQA v2's annotations JSON of the same split (none for the test splits)")
+    parser.add_argument("--images", required=True, type=user_path, help="the folder of the split's COCO images")
+    parser.add_argument("--out", required=True, type=user_path, help="the CSV to write")
+    parser.add_argument("--subtype", help="the images' subtype in their names (default: the questions file's "
+                                          "data_subtype; test2015 for test-dev2015)")
+    parser.add_argument("--skip_missing_images", "--skip-missing-images", action="store_true",
+                        help="leave out the questions about images not in --images, and count them")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    try:
+        inputs = [p for p in (args.questions, args.annotations) if p is not None]
+        if args.out.is_dir():
+            raise VQAError(f"--out '{args.out}' is a folder; give the CSV file to write, e.g. {args.out / 'train.csv'}")
+        if any(args.out.exists() and p.exists() and os.path.samefile(args.out, p) for p in inputs):
+            raise VQAError(f"--out '{args.out}' is an input file; give another path")
+        if args.out.exists() and not args.overwrite:
+            raise VQAError(f"--out '{args.out}' exists; add --overwrite to replace it, or give another path")
+        if not args.images.is_dir():
+            raise VQAError(f"--images '{args.images}' is not a folder; give the folder of the split's COCO images")
+        info, questions = _load(args.questions, "--questions", "questions")
+        annotations = _load(args.annotations, "--annotations", "annotations")[1] if args.annotations else None
+        subtype = args.subtype or info.get("data_subtype")
+        if not isinstance(subtype, str) or not subtype:
+            raise VQAError(f"--questions '{args.questions}' names no data_subtype; give the images' with --subtype, "
+                           f"e.g. --subtype train2014")
+        subtype = _IMAGE_SUBTYPES.get(subtype, subtype) if not args.subtype else subtype
+        folder = args.out.resolve().parent  # as the CSV reader resolves its folder and the images
+        images = args.images.resolve()
+        inside = images.is_relative_to(folder)
+        rows, dropped, unanswered = vqa2_rows(questions, annotations, images, subtype, args.questions,
+                                              args.annotations)
+        found = {image: Path(image).is_file() for image in {row["image"] for row in rows}}
+        missing = sorted(image for image, there in found.items() if not there)
+        if missing and not args.skip_missing_images:
+            raise VQAError(f"{len(missing)} of the {len(found)} images are not in --images '{args.images}', e.g. "
+                           f"{missing[0]}; check --images and --subtype, or pass --skip_missing_images to leave their "
+                           f"questions out")
+        left_out = [row for row in rows if not found[row["image"]]]
+        rows = [row for row in rows if found[row["image"]]]
+        if not rows:
+            raise VQAError(f"no question is left to write to --out '{args.out}'")
+        for row in rows:
+            if inside:  # relative to the CSV's folder, as the CSV reader takes them
+                row["image"] = Path(row["image"]).relative_to(folder).as_posix()
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_out(args.out, text.getvalue(), "--out")
+    except VQAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(rows)} questions about {len(found) - len(missing)} images to {args.out}")
+    if left_out:
+        print(f"left out {len(left_out)} question(s) about {len(missing)} image(s) not in --images "
+              f"(--skip_missing_images)")
+    if dropped or unanswered:
+        print(f"left out {dropped} answer(s) empty once normalised (all punctuation)"
+              + (f", and {unanswered} question(s) with no answer left" if unanswered else ""))
+    if not inside:
+        print(f"the images are outside the CSV's folder, so the CSV names them by absolute paths: train with "
+              f"--allow_outside_paths (the tools take it too), or put the images under {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main)
