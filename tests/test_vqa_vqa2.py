@@ -94,6 +94,10 @@ def test_missing_images_are_an_error_or_with_the_option_left_out(vqa2, capsys):
         {"image_id": 9, "question": "Is it red?", "question_id": 90}]})),
      "annotates 2 question\\(s\\) that .*q.json does not ask"),
     (lambda f: (f / "q.json").write_text(json.dumps({"questions": []})), "names no data_subtype; give the images'"),
+    (lambda f: (f / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": [
+        {"image_id": 9, "question": "Is it red?", "question_id": 90}] * 2})), "question 1 asks question_id 90 a second"),
+    (lambda f: (f / "a.json").write_text(json.dumps({"annotations": [{"question_id": 90, "answers": "yes"}]})),
+     "the annotation of question 90 has no list 'answers'"),
     (lambda f: (f / "train.csv").write_text("mine"), "--out '.*train.csv' exists; add --overwrite"),
 ])
 def test_bad_input_is_an_error_naming_the_file_and_the_fix(vqa2, capsys, damage, message):

@@ -74,6 +74,8 @@ def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: 
         qid = _field(entry, "question_id", int, where)
         image_id = _field(entry, "image_id", int, where)
         question = " ".join(_field(entry, "question", str, where).split())
+        if qid in asked:
+            raise VQAError(f"{where} asks question_id {qid} a second time; give VQA v2's file as it comes")
         asked.add(qid)
         row = {"image": str(images / f"COCO_{subtype}_{image_id:012d}.jpg"), "question": question}
         if annotations is not None:
