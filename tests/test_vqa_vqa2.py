@@ -1,5 +1,7 @@
 """python -m vqa.vqa2: VQA v2's JSON files as a CSV the data reader takes, answers and all."""
+import csv
 import json
+import os
 import re
 
 import pytest
@@ -41,6 +43,8 @@ def run(folder, *extra):
 def test_every_question_gets_its_answers_and_its_type_in_the_questions_order(vqa2, capsys):
     assert run(vqa2) == 0
     assert "wrote 3 questions about 2 images" in capsys.readouterr().out
+    with (vqa2 / "train.csv").open(newline="") as f:  # the types as written: VQA v2's answer types, "other" left out
+        assert [r["question_type"] for r in csv.DictReader(f)] == ["yes/no", "count", ""]
     rows = read_csv(vqa2 / "train.csv").rows
     assert [r.given_image for r in rows] == ["train2014/COCO_train2014_000000000009.jpg"] * 2 + [
         "train2014/COCO_train2014_000000000025.jpg"]
@@ -85,6 +89,37 @@ def test_missing_images_are_an_error_or_with_the_option_left_out(vqa2, capsys):
     assert [r.question for r in read_csv(vqa2 / "train.csv").rows] == ["Is it red?", "How many circles are there?"]
 
 
+def test_a_question_repeated_exactly_is_left_out_and_counted_and_any_answer_type_is_read(vqa2, capsys):
+    questions = json.loads((vqa2 / "q.json").read_text())
+    questions["questions"].append({**questions["questions"][0], "question_id": 92})  # "Is it red?" again
+    annotations = json.loads((vqa2 / "a.json").read_text())
+    annotations["annotations"].append({**annotations["annotations"][1], "question_id": 92})
+    annotations["annotations"][0]["answer_type"] = ["other"]  # no type of VQA v2's: left to the wording
+    (vqa2 / "q.json").write_text(json.dumps(questions))
+    (vqa2 / "a.json").write_text(json.dumps(annotations))
+    assert run(vqa2) == 0
+    assert "left out 1 question(s) repeating an earlier one exactly" in capsys.readouterr().out
+    assert [r.question for r in read_csv(vqa2 / "train.csv").rows] == [
+        "Is it red?", "How many circles are there?", "What is it made of?"]
+
+
+def test_subtype_names_the_images_and_an_image_linked_from_outside_is_named_by_its_absolute_path(
+        vqa2, tmp_path_factory, capsys):
+    elsewhere = tmp_path_factory.mktemp("coco")
+    for image in (vqa2 / "train2014").iterdir():
+        name = image.name.replace("train2014", "val2014")
+        if name.endswith("25.jpg"):  # a link to a file outside the CSV's folder, which the CSV reader follows
+            image.rename(elsewhere / name)
+            os.symlink(elsewhere / name, vqa2 / "train2014" / name)
+        else:
+            image.rename(image.with_name(name))
+    assert run(vqa2, "--subtype", "val2014") == 0
+    assert "1 image(s) are outside the CSV's folder (or links to files outside it)" in capsys.readouterr().out
+    rows = read_csv(vqa2 / "train.csv", allow_outside_paths=True).rows
+    assert [r.given_image for r in rows] == ["train2014/COCO_val2014_000000000009.jpg"] * 2 + [
+        str(vqa2 / "train2014" / "COCO_val2014_000000000025.jpg")]
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "a.json").write_text('{"annotations": [}'), "--annotations '.*a.json' is not a JSON file"),
     (lambda f: (f / "q.json").write_text('{"images": []}'), "holds no list 'questions', as VQA v2's questions file"),
@@ -99,6 +134,11 @@ def test_missing_images_are_an_error_or_with_the_option_left_out(vqa2, capsys):
     (lambda f: (f / "a.json").write_text(json.dumps({"annotations": [{"question_id": 90, "answers": "yes"}]})),
      "the annotation of question 90 has no list 'answers'"),
     (lambda f: (f / "train.csv").write_text("mine"), "--out '.*train.csv' exists; add --overwrite"),
+    (lambda f: (f / "train.csv").symlink_to(f / "q.json"), "--out '.*train.csv' is the --questions file"),
+    (lambda f: (f / "a.json").write_text(json.dumps({"annotations": json.loads((f / "a.json").read_text())[
+        "annotations"] * 2})), "annotation 3 is the second annotation of question 250"),
+    (lambda f: (f / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": [
+        {"image_id": 9, "question": " \n ", "question_id": 90}]})), r"\(question_id 90\) asks nothing"),
 ])
 def test_bad_input_is_an_error_naming_the_file_and_the_fix(vqa2, capsys, damage, message):
     damage(vqa2)

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .cli import run_tool, user_path, write_out
@@ -58,9 +59,10 @@ def _field(entry, name: str, kind: type, where: str):
 
 
 def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: str, questions_path: Path,
-              annotations_path: Path | None) -> tuple[list[dict[str, str]], int, int]:
-    """The CSV's rows, in the questions file's order, with the image paths as ``images / name``; also the number of
-    answers left out (empty once normalised) and of questions left out for having no answer left."""
+              annotations_path: Path | None) -> tuple[list[dict[str, str]], Counter]:
+    """The CSV's rows, in the questions file's order, with the image paths as ``images / name``; also what was left
+    out: ``answers`` empty once normalised, questions ``unanswered`` once those were, and questions ``repeated``
+    exactly (image, question, answers), which would count twice."""
     by_question = {}
     for i, entry in enumerate(annotations or []):
         where = f"{annotations_path} annotation {i}"
@@ -68,12 +70,15 @@ def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: 
         if qid in by_question:
             raise VQAError(f"{where} is the second annotation of question {qid}; give VQA v2's file as it comes")
         by_question[qid] = entry
-    rows, dropped, unanswered, asked = [], 0, 0, set()
+    rows, left_out, asked, written = [], Counter(), set(), set()
     for i, entry in enumerate(questions):
         where = f"{questions_path} question {i}"
         qid = _field(entry, "question_id", int, where)
         image_id = _field(entry, "image_id", int, where)
         question = " ".join(_field(entry, "question", str, where).split())
+        if not question:
+            raise VQAError(f"{where} (question_id {qid}) asks nothing: its question is empty; give VQA v2's file as it "
+                           f"comes")
         if qid in asked:
             raise VQAError(f"{where} asks question_id {qid} a second time; give VQA v2's file as it comes")
         asked.add(qid)
@@ -87,18 +92,34 @@ def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: 
             given = [_field(a, "answer", str, where).strip().replace(ANSWER_SEPARATOR, " ")
                      for a in _field(note, "answers", list, where)]
             kept = [a for a in given if normalize_answer(a)]
-            dropped += len(given) - len(kept)
+            left_out["answers"] += len(given) - len(kept)
             if not kept:
-                unanswered += 1
+                left_out["unanswered"] += 1
                 continue
             row[ANSWERS_COLUMN] = ANSWER_SEPARATOR.join(kept)
-            row["question_type"] = _TYPES.get(note.get("answer_type"), "")
+            answer_type = note.get("answer_type")
+            row["question_type"] = _TYPES.get(answer_type, "") if isinstance(answer_type, str) else ""
+        key = tuple(row.values())
+        if key in written:  # the CSV reader refuses it: it would count twice
+            left_out["repeated"] += 1
+            continue
+        written.add(key)
         rows.append(row)
     strays = sorted(set(by_question) - asked)
     if strays:
         raise VQAError(f"{annotations_path} annotates {len(strays)} question(s) that {questions_path} does not ask "
                        f"(question_id {strays[0]}, ...); give the questions of the same split as the annotations")
-    return rows, dropped, unanswered
+    return rows, left_out
+
+
+def _said(left_out: Counter, missing: list) -> list[str]:
+    """What was left out, a line each."""
+    said = {"no image": f"question(s) about {len(missing)} image(s) not in --images (--skip_missing_images)",
+            "answers": "answer(s) empty once normalised (all punctuation)",
+            "unanswered": "question(s) with no answer left once those were",
+            "repeated": "question(s) repeating an earlier one exactly (image, question and answers), which would "
+                        "count twice"}
+    return [f"left out {left_out[what]} {text}" for what, text in said.items() if left_out[what]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:
-        inputs = [p for p in (args.questions, args.annotations) if p is not None]
+        inputs = [(o, p) for o, p in (("--questions", args.questions), ("--annotations", args.annotations)) if p]
         if args.out.is_dir():
             raise VQAError(f"--out '{args.out}' is a folder; give the CSV file to write, e.g. {args.out / 'train.csv'}")
-        if any(args.out.exists() and p.exists() and os.path.samefile(args.out, p) for p in inputs):
-            raise VQAError(f"--out '{args.out}' is an input file; give another path")
+        for option, path in inputs:
+            if args.out.exists() and path.exists() and os.path.samefile(args.out, path):
+                raise VQAError(f"--out '{args.out}' is the {option} file; give another path")
         if args.out.exists() and not args.overwrite:
             raise VQAError(f"--out '{args.out}' exists; add --overwrite to replace it, or give another path")
         if not args.images.is_dir():
@@ -133,23 +155,26 @@ def main(argv: list[str] | None = None) -> int:
                            f"e.g. --subtype train2014")
         subtype = _IMAGE_SUBTYPES.get(subtype, subtype) if not args.subtype else subtype
         folder = args.out.resolve().parent  # as the CSV reader resolves its folder and the images
-        images = args.images.resolve()
-        inside = images.is_relative_to(folder)
-        rows, dropped, unanswered = vqa2_rows(questions, annotations, images, subtype, args.questions,
-                                              args.annotations)
+        rows, left_out = vqa2_rows(questions, annotations, args.images.resolve(), subtype, args.questions,
+                                   args.annotations)
         found = {image: Path(image).is_file() for image in {row["image"] for row in rows}}
         missing = sorted(image for image, there in found.items() if not there)
         if missing and not args.skip_missing_images:
             raise VQAError(f"{len(missing)} of the {len(found)} images are not in --images '{args.images}', e.g. "
                            f"{missing[0]}; check --images and --subtype, or pass --skip_missing_images to leave their "
                            f"questions out")
-        left_out = [row for row in rows if not found[row["image"]]]
+        left_out["no image"] = sum(not found[row["image"]] for row in rows)
         rows = [row for row in rows if found[row["image"]]]
         if not rows:
-            raise VQAError(f"no question is left to write to --out '{args.out}'")
-        for row in rows:
-            if inside:  # relative to the CSV's folder, as the CSV reader takes them
-                row["image"] = Path(row["image"]).relative_to(folder).as_posix()
+            raise VQAError(f"no question is left to write to --out '{args.out}': {'; '.join(_said(left_out, missing))}; "
+                           f"check the files and --images")
+        outside = 0
+        for row in rows:  # relative to the CSV's folder, as the CSV reader takes them, where it will find them there
+            image = Path(row["image"])
+            if image.resolve().is_relative_to(folder):  # not a link to a file elsewhere
+                row["image"] = image.relative_to(folder).as_posix()
+            else:
+                outside += 1
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
@@ -159,15 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(rows)} questions about {len(found) - len(missing)} images to {args.out}")
-    if left_out:
-        print(f"left out {len(left_out)} question(s) about {len(missing)} image(s) not in --images "
-              f"(--skip_missing_images)")
-    if dropped or unanswered:
-        print(f"left out {dropped} answer(s) empty once normalised (all punctuation)"
-              + (f", and {unanswered} question(s) with no answer left" if unanswered else ""))
-    if not inside:
-        print(f"the images are outside the CSV's folder, so the CSV names them by absolute paths: train with "
-              f"--allow_outside_paths (the tools take it too), or put the images under {folder}")
+    for line in _said(left_out, missing):
+        print(line)
+    if outside:
+        print(f"{outside} image(s) are outside the CSV's folder (or links to files outside it), so the CSV names them "
+              f"by absolute paths: train with --allow_outside_paths (the tools take it too), or put the images under "
+              f"{folder}")
     return 0
 
 
