@@ -246,12 +246,14 @@ def _parse_row(record: dict, where: str, number: int, root: Path, answer_column:
     if "" in answers:
         raise VQAError(f"{where} has an empty answer among its answers '{answer}' (two {ANSWER_SEPARATOR} in a row, or "
                        f"one at an end); separate the answers with one {ANSWER_SEPARATOR} each")
-    for given in answers or ((answer,) if answer_column else ()):
-        if not normalize_answer(given):
-            raise VQAError(f"{where} has the answer '{given}', which is empty once normalised (it is all "
+    given = answers or ((answer,) if answer_column else ())
+    normalised = [normalize_answer(a) for a in given]  # once: a VQA v2 split holds millions of answers
+    for raw, norm in zip(given, normalised):
+        if not norm:
+            raise VQAError(f"{where} has the answer '{raw}', which is empty once normalised (it is all "
                            f"punctuation, which is dropped); give the answer in words or digits")
     if answers:
-        answer = _most_frequent(answers)
+        answer = _most_frequent(answers, normalised)
     elif ANSWER_SEPARATOR in answer:  # "yes|no": several answers under the one-answer header
         raise VQAError(f"{where} has the answer '{answer}', with {ANSWER_SEPARATOR} between answers: several answers to "
                        f"a question go in an '{ANSWERS_COLUMN}' column; rename the 'answer' column to "
@@ -277,10 +279,11 @@ def _parse_row(record: dict, where: str, number: int, root: Path, answer_column:
     return Row(resolved, question, answer, qtype, where, number, image, answers)
 
 
-def _most_frequent(answers: tuple[str, ...]) -> str:
-    """The answer given most often once normalised, as first written; of a tie, the one given first."""
-    counts = Counter(normalize_answer(a) for a in answers)
-    return next(a for a in answers if counts[normalize_answer(a)] == max(counts.values()))
+def _most_frequent(answers: tuple[str, ...], normalised: list[str]) -> str:
+    """The answer given most often once ``normalised``, as first written; of a tie, the one given first."""
+    counts = Counter(normalised)
+    most = max(counts.values())
+    return next(a for a, norm in zip(answers, normalised) if counts[norm] == most)
 
 
 def load_image(path: Path) -> Image.Image:

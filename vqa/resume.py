@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import shlex
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from .data import CSVData
 from .errors import VQAError, preview
 from .run_data import generates_synthetic
 from .run_files import train_command
-from .text import AnswerVocab, normalize_answer
+from .text import AnswerVocab
 
 __all__ = ["RESUME_MAY_CHANGE", "rng_state", "set_rng_state", "check_resumable", "check_started_here",
            "check_inputs_found", "check_answers_known", "check_same_images", "saved_rngs", "check_same_processes"]
@@ -110,8 +109,8 @@ def check_inputs_found(cfg: RunConfig, source: Path) -> None:
 def check_answers_known(rows, answers: AnswerVocab, run: Path, min_count: int = 1) -> None:
     """A resumed run keeps its answer classes: training answers given ``min_count`` times (the run's
     ``min_answer_count``) that are not among them would be left out where the run trained on them."""
-    counts = Counter(normalize_answer(a) for r in rows for a in r.all_answers)
-    unknown = sorted({a for a, n in counts.items() if n >= min_count} - set(answers.itos))
+    classes = AnswerVocab.build((a for r in rows for a in r.all_answers), min_count)  # as a new run would have them
+    unknown = sorted(set(classes.itos) - set(answers.itos))
     if unknown:
         given = f" given min_answer_count ({min_count}) times" if min_count > 1 else ""
         raise VQAError(f"{len(unknown)} training answer(s){given} are not among the run's {len(answers)} answer classes "
