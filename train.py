@@ -37,7 +37,7 @@ from vqa.data import VQADataset, build_transform, chunks
 from vqa.errors import VQAError, preview
 from vqa.evaluate import autocast, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
-from vqa.model import answer_loss
+from vqa.model import answer_loss, answer_loss_total
 from vqa.resume import (check_answers_known, check_inputs_found, check_resumable, check_same_images,
                         check_same_processes, check_started_here, rng_state, saved_rngs, set_rng_state)
 from vqa.run_data import prepare_data
@@ -53,6 +53,28 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> li
     """The epoch's shuffled batches, a pure function of (seed, epoch) so a resumed run sees the same order."""
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     return chunks(order, batch_size)
+
+
+def groups_of(batches, size: int):
+    """``batches`` (any iterable) in lists of ``size``, the last one perhaps shorter."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def loss_shares(group: list[dict], weight: torch.Tensor | None) -> list[tuple[float, float]]:
+    """Each batch's share of its step's answer loss and question-type loss. Both losses are means over a batch
+    (the answer loss weighted), so the step scales each batch's by its part of the step's divisor: the weight of its
+    answers (``answer_loss_total``), and its questions. The gradients summed are then those of one batch of all the
+    step's questions. One batch a step: exactly (1.0, 1.0)."""
+    answers = [float(answer_loss_total(batch, weight)) for batch in group]
+    questions = [len(batch["question_type"]) for batch in group]
+    return [(a / sum(answers), q / sum(questions)) for a, q in zip(answers, questions)]
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):
@@ -185,6 +207,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                            f"{len(answers)} answers (it has e.g. {preview(table)}, the run {preview(answers.itos)}); "
                            f"make it from this training CSV with python -m vqa.answer_weights")
         class_weights = torch.tensor([table.get(a, 1.0) for a in answers.itos], device=device)
+    cpu_weights = class_weights.cpu() if class_weights is not None else None  # for the batches' loss shares
 
     backbone_file = run / "backbone.safetensors"
     from_random = random_backbone(cfg)
@@ -227,7 +250,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     val_loader = make_loader(val_set, val_batches, t.num_workers, pin)
 
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
+    batches_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)  # the last step may have fewer batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.epochs * steps_per_epoch, t.warmup_ratio))
     if not resume:
         if procs.is_main:
@@ -357,48 +381,60 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             model.train()
             batches = distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, epoch), procs)
             done = start_batch if epoch == start_epoch else 0
-            bar = tqdm(make_loader(train_set, batches[done:], t.num_workers, pin), total=len(batches), initial=done,
-                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or not procs.is_main,
-                       dynamic_ncols=True)
+            loader = make_loader(train_set, batches[done:], t.num_workers, pin)
+            # A step is grad_accum_steps batches (a resume starts at a step's first); the bar counts steps.
+            bar = tqdm(groups_of(loader, t.grad_accum_steps), total=math.ceil(len(batches) / t.grad_accum_steps),
+                       initial=done // t.grad_accum_steps, desc=f"epoch {epoch + 1}/{t.epochs}",
+                       disable=not t.progress or not procs.is_main, dynamic_ncols=True)
             tic, seen = time.perf_counter(), 0
             clock[:] = [state.get("epoch_seconds", 0.0) if resume and epoch == start_epoch else 0.0, tic]
             # A run checkpointed before the tally was kept (2026-11-29) logs the loss of the steps since its resume.
             before = state.get("epoch_losses_per_process") if resume and epoch == start_epoch else None
             losses[:] = before[procs.rank] if before else [0.0, 0]
-            for i, batch in enumerate(bar, start=done):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device):
-                    out = net(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
-                    loss = answer_loss(out.logits, batch, class_weights)
-                    if t.use_type_loss:
-                        loss = loss + t.type_loss_weight * F.cross_entropy(out.type_logits.float(), batch["question_type"])
-                loss_value = loss.item()  # the step's one wait for the GPU; backward and the update queue behind it
-                # The step's one collective: every process stops on a loss that is not finite anywhere, now,
-                # and on a signal that reached any of them, after this step.
-                finite = math.isfinite(loss_value)
-                not_finite_anywhere, signum = distributed.max_over_ranks([not finite, signal_got()], procs, device)
-                if not_finite_anywhere:
-                    loss_text = "not finite in another process" if finite else loss_value
-                    kept = "no checkpoint had been written yet"
-                    if (run / "checkpoint.pt").is_file():
-                        kept = f"{run / 'checkpoint.pt'} still holds the last good state"
-                    raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without "
-                                   f"saving, so {kept}. Lower --lr or check the data")
+            i = done  # the epoch's batches trained so far
+            for group in bar:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                step_loss = 0.0
+                for batch, (answer_share, type_share) in zip(group, loss_shares(group, cpu_weights)):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    with autocast(device):
+                        out = net(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                  batch["image_index"])
+                        loss = answer_share * answer_loss(out.logits, batch, class_weights)
+                        if t.use_type_loss:
+                            type_loss = F.cross_entropy(out.type_logits.float(), batch["question_type"])
+                            loss = loss + t.type_loss_weight * type_share * type_loss
+                    loss_value = loss.item()  # the batch's one wait for the GPU; backward and the update queue behind it
+                    # The batch's one collective: every process stops on a loss that is not finite anywhere, now,
+                    # and on a signal that reached any of them, after this step.
+                    finite = math.isfinite(loss_value)
+                    not_finite_anywhere, signum = distributed.max_over_ranks([not finite, signal_got()], procs, device)
+                    if not_finite_anywhere:
+                        loss_text = "not finite in another process" if finite else loss_value
+                        kept = "no checkpoint had been written yet"
+                        if (run / "checkpoint.pt").is_file():
+                            kept = f"{run / 'checkpoint.pt'} still holds the last good state"
+                        raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without "
+                                       f"saving, so {kept}. Lower --lr or check the data")
+                    # Under DDP every batch's backward averages the gradients over the processes, onto what the
+                    # step's batches before it left: the sum is the same, and no_sync, which would save those
+                    # all-reduces, breaks with static_graph (pytorch#187732).
+                    loss.backward()
+                    step_loss += loss_value
+                    seen += len(batch["answer"])
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                seen += len(batch["answer"])
-                losses[0] += loss_value
+                i += len(group)
+                losses[0] += step_loss
                 losses[1] += 1
                 rate = questions_per_second(seen, time.perf_counter() - tic, procs)
-                bar.set_postfix(loss=f"{loss_value:.3f}", q_per_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{step_loss:.3f}", q_per_s=f"{rate:.0f}")
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
-                    checkpoint(epoch, i + 1)
-                stop_on(signum, epoch, i + 1)
+                    checkpoint(epoch, i)
+                stop_on(signum, epoch, i)
             bar.close()
             seconds = epoch_seconds()  # with the part trained before a resume
             clock[:] = [seconds, None]

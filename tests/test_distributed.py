@@ -66,14 +66,19 @@ def batch(kind: str, rows: slice):
             lambda out: nn.functional.cross_entropy(out.logits, answers[rows]))  # a mean: halves average
 
 
-def train(model: nn.Module, step_model: nn.Module, kind: str, shares: list[slice]) -> None:
+def train(model: nn.Module, step_model: nn.Module, kind: str, shares: list[slice], accumulate: bool = False) -> None:
     """SGD steps on the mean of the shares' losses: what DDP computes from one share per process (each
-    share a forward of its own, so the VQA model's BatchNorm sees each share's statistics, as in DDP)."""
+    share a forward of its own, so the VQA model's BatchNorm sees each share's statistics, as in DDP).
+    ``accumulate``: each share's loss / len(shares) gets a backward of its own, as train.py's grad_accum_steps does."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(STEPS):
-        losses = [loss_of(step_model(*inputs)) for inputs, loss_of in (batch(kind, rows) for rows in shares)]
         optimizer.zero_grad()
-        (sum(losses) / len(losses)).backward()
+        if accumulate:
+            for inputs, loss_of in (batch(kind, rows) for rows in shares):
+                (loss_of(step_model(*inputs)) / len(shares)).backward()
+        else:
+            losses = [loss_of(step_model(*inputs)) for inputs, loss_of in (batch(kind, rows) for rows in shares)]
+            (sum(losses) / len(losses)).backward()
         optimizer.step()
 
 
@@ -86,6 +91,10 @@ MODELS = {"vit": adapted_vit, "vqa": vqa_model}
 
 def halves() -> list[slice]:
     return [slice(0, BATCH // 2), slice(BATCH // 2, BATCH)]
+
+
+def quarters() -> list[slice]:
+    return [slice(i, i + BATCH // 4) for i in range(0, BATCH, BATCH // 4)]
 
 
 def ddp_worker(out: Path) -> None:
@@ -101,6 +110,11 @@ def ddp_worker(out: Path) -> None:
         save_file(dict(model.named_buffers()), str(out / f"{kind}_rank{procs.rank}_own_buffers.safetensors"))
         distributed.sync_buffers(model, procs)  # as train.py does before evaluating
         save_file(dict(model.named_buffers()), str(out / f"{kind}_rank{procs.rank}_buffers.safetensors"))
+    # Two quarters a process, each with a backward of its own inside one DDP step (no no_sync).
+    model = vqa_model()
+    train(model, distributed.wrap(model, procs, device, [model.type_head]), "vqa",
+          quarters()[2 * procs.rank:2 * procs.rank + 2], accumulate=True)
+    save_file(parameters(model), str(out / f"accumulated_rank{procs.rank}.safetensors"))
     distributed.teardown(procs)
 
 
@@ -153,6 +167,21 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(kind, ddp
         assert torch.equal(synced[0][key], own[0][key]) and torch.equal(synced[1][key], own[0][key]), key
     if kind == "vqa":
         assert not torch.equal(own[0]["image_norm.running_mean"], own[1]["image_norm.running_mean"])
+
+
+def test_ddp_with_two_batches_a_step_in_each_process_trains_as_one_process_on_all_four(ddp_trained):
+    """train.py's grad_accum_steps under DDP: every batch's backward all-reduces onto what the step's earlier
+    batches left (DDP with static_graph, no no_sync), which sums to the mean of all four quarters' losses."""
+    reference = vqa_model()
+    train(reference, reference, "vqa", quarters())
+    expected = parameters(reference)
+    halves_trained = load_file(str(ddp_trained / "vqa_rank0.safetensors"))  # BatchNorm saw halves there
+    assert any(not torch.equal(halves_trained[k], expected[k]) for k in expected)
+    for rank in (0, 1):
+        got = load_file(str(ddp_trained / f"accumulated_rank{rank}.safetensors"))
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_each_process_gets_an_equal_disjoint_share_of_the_batches():

@@ -994,16 +994,19 @@ sys.exit(train.cli(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("checkpoints, position", [(6, (1, 1, 5)), (5, (1, 0, 4)), (4, (0, 4, 4))])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, checkpoints, position):
+@pytest.mark.parametrize("checkpoints, position, accumulate", [(6, (1, 1, 5), 1), (5, (1, 0, 4), 1),
+                                                                (4, (0, 4, 4), 1), (4, (1, 2, 3), 2)])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, checkpoints, position, accumulate):
     """SIGKILL mid-epoch (or at an epoch's end, or after its last step and before its validation), resume, and
-    land on the weights and the logged losses of a run that was never interrupted."""
+    land on the weights and the logged losses of a run that was never interrupted. Also with 2 batches a step."""
     sys.path.insert(0, str(ROOT))
     import train
 
-    killed = tiny_config(tmp_path / "b", checkpoint_every=1, epochs=3, batch_size=2)
+    options = dict(checkpoint_every=1, epochs=3, batch_size=2, grad_accum_steps=accumulate)
+    killed = tiny_config(tmp_path / "b", **options)
     run = tmp_path / "b" / "run"
-    # 4 steps an epoch, each checkpointed, then the epoch's own: the 6th is epoch 2's first step, of 3 epochs.
+    # 4 steps an epoch, each checkpointed, then the epoch's own: the 6th is epoch 2's first step, of 3 epochs. With
+    # 2 batches a step, 2 steps an epoch: the 4th is epoch 2's first step, at its second batch.
     proc = subprocess.Popen([sys.executable, "-c", STOP_AFTER_CHECKPOINTS, str(checkpoints), "--config", str(killed)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -1020,7 +1023,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, checkpoints, position)
     assert (before["epoch"], before["batch"], before["step"]) == position
     # The resume and the uninterrupted run, in this process (a process of its own spends seconds on imports).
     assert train.cli(["--resume", str(run)]) == 0
-    assert train.cli(["--config", str(tiny_config(tmp_path / "a", checkpoint_every=1, epochs=3, batch_size=2))]) == 0
+    assert train.cli(["--config", str(tiny_config(tmp_path / "a", **options))]) == 0
     a = read_adapter(tmp_path / "a" / "run" / "adapter_last.safetensors")
     b = read_adapter(run / "adapter_last.safetensors")
     assert a.keys() == b.keys()
@@ -1526,6 +1529,7 @@ def test_parameter_groups_give_each_part_its_rate_and_decay_only_matrices():
 
 @pytest.mark.parametrize("args, message", [
     (["--batch_size", "2"], "--resume cannot change 'batch_size' (4 in "),
+    (["--grad_accum_steps", "2"], "--resume cannot change 'grad_accum_steps' (1 in "),
     (["--seed", "7"], "--resume cannot change 'seed' (0 in "),
     (["--warmup_ratio", "0.5"], "--resume cannot change 'warmup_ratio'"),
     (["--use_type_loss", "false"], "--resume cannot change 'use_type_loss'"),
@@ -1609,6 +1613,115 @@ def test_the_step_loss_is_the_answer_loss_plus_the_weighted_type_loss_and_gradie
     train.main(load_config(tmp / "tiny.yaml", ["--output_dir", str(tmp_path / "run0"), "--epochs", "1",
                                                 "--grad_clip", "0"]))
     assert clips == []  # 0 disables clipping
+
+
+def test_the_loss_shares_make_a_step_of_several_batches_the_loss_of_one_batch_of_all_their_questions():
+    """Scaled by their shares, the batches' answer and type losses add up to the losses of the batches put together,
+    with answer weights, questions of several answers beside questions of one, and batches of other sizes."""
+    import train
+    from vqa.model import answer_loss
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.rand(6, generator=g) + 0.2
+
+    def several(ids, counts):
+        ids = torch.tensor(ids)
+        return {"answer": ids[:, 0], "answer_ids": ids, "answer_counts": torch.tensor(counts),
+                "question_type": torch.randint(0, 5, (len(ids),), generator=g)}
+
+    def single(ids):
+        return {"answer": torch.tensor(ids), "question_type": torch.randint(0, 5, (len(ids),), generator=g)}
+
+    def as_several(batch, k):  # a batch of one answer a question as collate gives it beside one of several
+        if "answer_ids" in batch:
+            pad = k - batch["answer_ids"].shape[1]
+            return {**batch, "answer_ids": F.pad(batch["answer_ids"], (0, pad), value=-1),
+                    "answer_counts": F.pad(batch["answer_counts"], (0, pad))}
+        n = len(batch["answer"])
+        return {**batch, "answer_ids": torch.cat([batch["answer"][:, None], torch.full((n, k - 1), -1)], 1),
+                "answer_counts": torch.cat([torch.ones(n, 1, dtype=torch.long), torch.zeros(n, k - 1, dtype=torch.long)], 1)}
+
+    groups = [
+        [single([5, 5, 1]), single([0, 2]), single([4])],
+        [single([3, 1]), several([[1, 4, -1], [2, 5, 0]], [[3, 1, 1], [1, 1, 2]]), several([[0]], [[4]])],
+    ]
+    for group in groups:
+        logits = [torch.randn(len(b["answer"]), 6, generator=g) for b in group]
+        type_logits = [torch.randn(len(b["answer"]), 5, generator=g) for b in group]
+        k = max(b["answer_ids"].shape[1] if "answer_ids" in b else 1 for b in group)
+        joined = [as_several(b, k) for b in group] if k > 1 else group
+        whole = {key: torch.cat([b[key] for b in joined]) for key in joined[0]}
+        for w in (None, weight):
+            shares = train.loss_shares(group, w)
+            assert len({a for a, _ in shares}) == len(group)  # unequal shares: a mean of the losses would be wrong
+            answers = sum(a * answer_loss(x, b, w) for (a, _), x, b in zip(shares, logits, group))
+            assert answers.item() == pytest.approx(answer_loss(torch.cat(logits), whole, w).item(), rel=1e-5)
+            types = sum(q * F.cross_entropy(x, b["question_type"]) for (_, q), x, b in zip(shares, type_logits, group))
+            assert types.item() == pytest.approx(
+                F.cross_entropy(torch.cat(type_logits), whole["question_type"]).item(), rel=1e-5)
+    assert train.loss_shares([single([5, 5, 1])], weight) == [(1.0, 1.0)]  # one batch a step: its loss as it is
+
+
+def test_a_step_of_accumulated_batches_has_the_gradients_of_one_batch_of_all_of_them(tmp_path, monkeypatch):
+    """grad_accum_steps 2 with batches of 2 images takes the steps of batches of 4 (the same images in the same
+    order), with the same gradients, loss and schedule. BatchNorm is taken out, as its statistics are a batch's own;
+    answer weights make the two halves of a step weigh differently."""
+    import train
+    from vqa.config import load_config
+
+    monkeypatch.setattr(torch.nn.BatchNorm1d, "forward", lambda self, x: x)
+    grads, real_step = [], torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        grads[-1].append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({"yes": 4.0, "no": 0.5, "1": 3.0, "2": 0.25, "red": 2.0}))
+    runs = {}
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        grads.append([])
+        run = tmp_path / f"run{accumulate}"
+        train.main(load_config(tiny_config(tmp_path, epochs=1), [
+            "--batch_size", str(batch_size), "--grad_accum_steps", str(accumulate), "--output_dir", str(run),
+            "--answer_weights", str(weights), "--vision_lora_dropout", "0", "--dropout", "0", "--grad_clip", "0"]))
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        runs[accumulate] = {**json.loads((run / "metrics.jsonl").read_text()),
+                            "lr": [g["lr"] for g in state["optimizer"]["param_groups"]]}
+    one, accumulated = grads
+    assert len(one) == len(accumulated) == 2 and runs[2]["step"] == runs[1]["step"] == 2
+    assert runs[2]["lr"] == runs[1]["lr"]  # the schedule counts steps, not batches
+    for a, b in zip(one, accumulated):
+        assert [g is None for g in a] == [g is None for g in b]
+        for x, y in zip(a, b):
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-7)
+    assert runs[2]["train_loss"] == pytest.approx(runs[1]["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("accumulate, at_call, position", [(1, 3, (0, 3, 3)), (2, 3, (0, 4, 2)), (2, 2, (0, 2, 1))])
+def test_a_signal_stops_training_after_the_step_it_came_in_with_accumulated_batches(tmp_path, monkeypatch,
+                                                                                    accumulate, at_call, position):
+    """With 2 batches a step, a SIGTERM during a step's first batch (call 3: step 2's first) stops after that step's
+    second batch; the checkpoint's position is the step's end."""
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=3, batch_size=2, use_type_loss=False,
+                                  grad_accum_steps=accumulate))  # 4 batches an epoch
+    calls, loss_fn = [], train.F.cross_entropy
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", signalling)
+    state = run_until_stopped(train, cfg)
+    assert (state["epoch"], state["batch"], state["step"]) == position
+    assert len(calls) == position[1]  # no batch after the step's last
 
 
 def test_a_repeated_sigterm_during_a_step_changes_nothing(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import lora
 from vqa import DeterministicVQA
-from vqa.model import answer_loss
+from vqa.model import answer_loss, answer_loss_total
 
 
 def tiny_model(**kwargs):
@@ -263,3 +263,28 @@ def test_the_answer_loss_of_several_answers_targets_each_by_its_share_and_weight
     assert torch.allclose(loss, expected)
     loss.backward()
     assert logits.grad[0, 1] < 0 < logits.grad[0, 0] and logits.grad[1, 2] < 0  # towards the targets, from the rest
+
+
+def test_answer_loss_total_is_what_the_answer_loss_divides_by():
+    """Times the total, the loss is its sum over the batch's answers, each weighted by its share and class weight:
+    what a step of several batches adds up before dividing by all of theirs."""
+    logits = torch.randn(4, 6)
+    weight = torch.rand(6) + 0.1
+    single = {"answer": torch.tensor([5, 0, 0, 3]), "question_type": torch.zeros(4, dtype=torch.long)}
+    several = {"answer": torch.tensor([1, 2, 4, 0]), "answer_ids": torch.tensor([[1, 4, -1], [2, -1, -1], [4, 0, 1],
+                                                                                  [0, -1, -1]]),
+               "answer_counts": torch.tensor([[3, 1, 1], [1, 0, 0], [1, 1, 1], [2, 0, 0]])}
+    log_p = logits.log_softmax(-1)
+    for w in (None, weight):
+        ws = torch.ones(6) if w is None else w
+        summed = F.cross_entropy(logits, single["answer"], weight=w, reduction="sum")
+        assert answer_loss_total(single, w).item() == pytest.approx(ws[single["answer"]].sum().item(), rel=1e-6)
+        assert (answer_loss(logits, single, w) * answer_loss_total(single, w)).item() == pytest.approx(summed.item(),
+                                                                                                      rel=1e-5)
+        # Question 0's third answer is outside the vocabulary: it keeps its share, and weighs nothing.
+        shares = [[(1, 3 / 5), (4, 1 / 5)], [(2, 1.0)], [(4, 1 / 3), (0, 1 / 3), (1, 1 / 3)], [(0, 1.0)]]
+        total = sum(ws[a] * p for q in shares for a, p in q)
+        summed = -sum(ws[a] * p * log_p[i, a] for i, q in enumerate(shares) for a, p in q)
+        assert answer_loss_total(several, w).item() == pytest.approx(total.item(), rel=1e-6)
+        assert (answer_loss(logits, several, w) * answer_loss_total(several, w)).item() == pytest.approx(
+            summed.item(), rel=1e-5)

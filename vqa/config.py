@@ -95,7 +95,8 @@ class ModelConfig:
 class TrainConfig:
     output_dir: str = "runs/demo"  # run folder: config, vocabularies, checkpoints, adapter, metrics
     epochs: int = 10  # passes over the training images
-    batch_size: int = 32  # images per step; each brings all its questions
+    batch_size: int = 32  # images per batch; each brings all its questions
+    grad_accum_steps: int = 1  # batches whose gradients are summed into one optimizer step (as one batch of all)
     lr: float = 1e-3  # peak learning rate of the decoder and heads
     lr_encoder: float = 1e-3  # peak learning rate of LoRA adapters and unfrozen backbone blocks
     weight_decay: float = 0.01  # AdamW weight decay on matrices (not on biases, norms, embeddings' positions)
@@ -110,7 +111,7 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size")
+        _positive(self, "epochs", "batch_size", "grad_accum_steps")
         _expand_home(self, *_PATH_KEYS["train"])
         for key in ("lr", "lr_encoder"):
             if not getattr(self, key) > 0:

@@ -21,7 +21,7 @@ from lora.layer import no_autocast
 
 from .text import QUESTION_TYPES
 
-__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention", "answer_loss"]
+__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention", "answer_loss", "answer_loss_total"]
 
 
 class VQAOutput(NamedTuple):
@@ -187,14 +187,32 @@ def answer_loss(logits: Tensor, batch: dict[str, Tensor], weight: Tensor | None 
 
     A question with several answers (``answer_ids`` and ``answer_counts`` in the batch, as ``collate`` gives them)
     targets each by its share of them: the loss is ``sum_q sum_a w_a p_qa (-log softmax_qa) / sum_q sum_a w_a p_qa``
-    over known answers, which for questions with one answer each is what ``F.cross_entropy`` computes."""
+    over known answers, which for questions with one answer each is what ``F.cross_entropy`` computes. The divisor
+    is ``answer_loss_total(batch, weight)``."""
     logits = logits.float()
     if "answer_ids" not in batch:
         return F.cross_entropy(logits, batch["answer"], weight=weight, ignore_index=-1)
+    ids, share = _answer_shares(batch, weight)
+    return -(share * logits.log_softmax(-1).gather(1, ids)).sum() / share.sum()
+
+
+def answer_loss_total(batch: dict[str, Tensor], weight: Tensor | None = None) -> Tensor:
+    """What ``answer_loss`` divides its sum by: the weight of the batch's known answers (a question's several
+    answers share its one). It needs no logits: a step that sums the gradients of several batches scales each
+    batch's loss by its total over all of theirs before any of them runs."""
+    if "answer_ids" not in batch:
+        known = batch["answer"][batch["answer"] >= 0]
+        return torch.tensor(float(known.numel())) if weight is None else weight[known].sum()
+    return _answer_shares(batch, weight)[1].sum()
+
+
+def _answer_shares(batch: dict[str, Tensor], weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The answers of each question, ``(B_q, K)`` class ids (0 where none), and each one's weight: its share of
+    the question's answers times its class's weight, 0 for an answer outside the vocabulary."""
     ids, counts = batch["answer_ids"], batch["answer_counts"]
     known = ids >= 0
     ids = ids.clamp(min=0)
-    share = counts * known / counts.sum(1, keepdim=True)  # an answer outside the vocabulary is no target
+    share = counts * known / counts.sum(1, keepdim=True)
     if weight is not None:
         share = share * weight[ids]
-    return -(share * logits.log_softmax(-1).gather(1, ids)).sum() / share.sum()
+    return ids, share
