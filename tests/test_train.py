@@ -278,6 +278,40 @@ def test_answers_given_under_min_answer_count_times_are_no_class_and_their_quest
     assert "no answer of train_csv is given min_answer_count (1000) times" in capsys.readouterr().err
 
 
+def test_a_vqa2_split_converted_predicted_and_made_results_answers_each_question_as_predict_does(trained, tmp_path,
+                                                                                                capsys):
+    """The VQA v2 test-server path: vqa.vqa2 (no annotations), vqa.predict --csv, vqa.vqa2_results."""
+    import csv
+
+    import vqa.predict
+    import vqa.vqa2
+    import vqa.vqa2_results
+
+    tmp, _ = trained
+    rows = list(csv.DictReader((tmp / "data" / "val.csv").open()))
+    images = tmp_path / "test2015"
+    images.mkdir()
+    ids = {}  # each synthetic image as a COCO one
+    for row in rows:
+        image_id = ids.setdefault(row["image"], 100 + len(ids))
+        shutil.copy(tmp / "data" / row["image"], images / f"COCO_test2015_{image_id:012d}.jpg")
+    questions = [{"image_id": ids[r["image"]], "question": r["question"], "question_id": 7000 + i}
+                 for i, r in enumerate(rows)]
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "test-dev2015", "questions": questions}))
+    assert vqa.vqa2.main(["--questions", str(tmp_path / "q.json"), "--images", str(images),
+                          "--out", str(tmp_path / "test.csv")]) == 0
+    assert vqa.predict.main(["--run", str(tmp / "run"), "--csv", str(tmp_path / "test.csv"),
+                             "--out", str(tmp_path / "p.csv")]) == 0
+    assert vqa.vqa2_results.main(["--questions", str(tmp_path / "q.json"), "--predictions", str(tmp_path / "p.csv"),
+                                  "--out", str(tmp_path / "results.json")]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["question_id"] for r in results] == [q["question_id"] for q in questions]
+    predicted = [r["prediction"] for r in csv.DictReader((tmp_path / "p.csv").open())]
+    assert [r["answer"] for r in results] == predicted  # no question repeats another here: the CSV's order
+    assert len(set(predicted)) > 1
+
+
 def test_predictions_write_over_an_earlier_predictions_file_only(trained, tmp_path, capsys):
     import vqa.evaluate
     import vqa.predict

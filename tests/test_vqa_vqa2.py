@@ -151,3 +151,101 @@ def test_overwrite_replaces_only_with_the_option(vqa2):
     (vqa2 / "train.csv").write_text("mine")
     assert run(vqa2, "--overwrite") == 0
     assert (vqa2 / "train.csv").read_text().startswith("image,question,answers,question_type\n")
+
+
+def predicted(folder, csv_path, answers):
+    """A predictions file of ``csv_path``'s questions, as python -m vqa.predict --csv writes one, with ``answers``
+    as the predictions; returns its path."""
+    from vqa.predictions import write_predictions
+
+    table = [{"row": str(r.number), "image": r.given_image, "question": r.question, "question_type": r.question_type,
+              "prediction": answer, "probability": "0.5000"}
+             for r, answer in zip(read_csv(csv_path, require_answer=False).rows, answers, strict=True)]
+    write_predictions(folder / "predictions.csv", table, "--out")
+    return folder / "predictions.csv"
+
+
+def test_results_answer_every_question_by_its_id_and_a_repeat_as_the_question_it_repeats(vqa2, capsys):
+    from vqa.vqa2_results import main as results
+
+    questions = json.loads((vqa2 / "q.json").read_text())
+    questions["questions"].insert(1, {"image_id": 25, "question": "What is it  made of?", "question_id": 251})
+    (vqa2 / "q.json").write_text(json.dumps(questions))
+    assert main(["--questions", str(vqa2 / "q.json"), "--images", str(vqa2 / "train2014"),
+                 "--out", str(vqa2 / "test.csv")]) == 0
+    assert "left out 1 question(s) repeating an earlier one" in capsys.readouterr().out
+    predictions = predicted(vqa2, vqa2 / "test.csv", ["yes", "wood", "2"])  # the CSV's three: 90, 251, 91
+    out = vqa2 / "results.json"
+    assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out)]) == 0
+    assert "wrote the answers to the 4 questions" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == [{"question_id": 90, "answer": "yes"}, {"question_id": 251, "answer": "wood"},
+                                           {"question_id": 91, "answer": "2"}, {"question_id": 250, "answer": "wood"}]
+    # vqa.evaluate's predictions file (with the answers) is taken too; a question it lacks is an error, nothing written.
+    with predictions.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    with predictions.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "answer", "correct"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**r, "answer": "yes|no", "correct": "0"} for r in rows[:2])
+    out.unlink()
+    assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 4 questions of --questions have no prediction" in err and "question_id 91" in err
+    assert "without --skip_bad_rows" in err and "--subtype" not in err and not out.exists()
+
+
+def test_results_of_other_images_name_the_subtype_and_extra_predictions_are_left_out_and_said(vqa2, capsys):
+    from vqa.vqa2_results import main as results
+
+    assert main(["--questions", str(vqa2 / "q.json"), "--images", str(vqa2 / "train2014"),
+                 "--out", str(vqa2 / "test.csv")]) == 0
+    predictions = predicted(vqa2, vqa2 / "test.csv", ["yes", "2", "wood"])
+    args = ["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(vqa2 / "r.json")]
+    assert results([*args, "--subtype", "val2014"]) == 2
+    assert "none of their images is named as the predictions' (COCO_train2014_" in capsys.readouterr().err
+    questions = json.loads((vqa2 / "q.json").read_text())
+    del questions["questions"][0]
+    (vqa2 / "q.json").write_text(json.dumps(questions))
+    assert results(args) == 0
+    assert "left out 1 prediction(s) of questions that" in capsys.readouterr().out
+    assert [r["question_id"] for r in json.loads((vqa2 / "r.json").read_text())] == [91, 250]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("columns", "has no prediction column, as a predictions file does"),
+    ("twice", "answers one question twice, differently: line 2 'yes' and line 5 'no'"),
+    ("empty", "line 3 has an empty prediction"),
+    ("short", "line 3 is short of columns"),
+    ("out is input", "--out '{out}' is the --predictions file"),
+    ("out exists", "--out '{out}' exists; add --overwrite"),
+    ("out is a folder", "--out '{out}' is a folder; give the file to write, e.g. {out}/results.json"),
+    ("missing", "--predictions '{predictions}' does not exist"),
+])
+def test_bad_results_input_is_an_error_naming_the_file_and_the_fix(vqa2, capsys, damage, message):
+    from vqa.vqa2_results import main as results
+
+    assert main(["--questions", str(vqa2 / "q.json"), "--images", str(vqa2 / "train2014"),
+                 "--out", str(vqa2 / "test.csv")]) == 0
+    predictions = predicted(vqa2, vqa2 / "test.csv", ["yes", "2", "wood"])
+    out = vqa2 / "results.json"
+    lines = predictions.read_text().splitlines()
+    if damage == "columns":
+        predictions.write_text("\n".join([lines[0].replace("prediction", "answer"), *lines[1:]]) + "\n")
+    elif damage == "twice":
+        predictions.write_text("\n".join([*lines, lines[1].replace(",yes,", ",no,")]) + "\n")
+    elif damage == "empty":
+        predictions.write_text("\n".join([lines[0], lines[1], lines[2].replace(",2,", ",,"), lines[3]]) + "\n")
+    elif damage == "short":
+        predictions.write_text("\n".join([lines[0], lines[1], lines[2].rsplit(",", 3)[0], lines[3]]) + "\n")
+    elif damage == "out is input":
+        out = predictions
+    elif damage == "out exists":
+        out.write_text("[]")
+    elif damage == "out is a folder":
+        out.mkdir()
+    elif damage == "missing":
+        predictions.unlink()
+    before = out.read_bytes() if out.is_file() else out.is_dir()
+    assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out)]) == 2
+    assert message.format(out=out, predictions=predictions) in capsys.readouterr().err
+    assert (out.read_bytes() if out.is_file() else out.is_dir()) == before

@@ -1,5 +1,6 @@
 """What the command-line tools share: their entry point, and their path arguments."""
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -9,7 +10,7 @@ from lora import atomic_write
 from .config import expand_home
 from .errors import VQAError
 
-__all__ = ["run_tool", "user_path", "write_out"]
+__all__ = ["run_tool", "user_path", "check_new_out", "write_out"]
 
 
 def run_tool(main: Callable[[], int]) -> NoReturn:
@@ -29,6 +30,18 @@ def user_path(text: str) -> Path:
         return Path(expand_home(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_new_out(out: Path, overwrite: bool, inputs: dict[str, Path | None], example: str) -> None:
+    """Refuses a tool's ``--out`` that is a folder (``example``: a file name to suggest in it), one of its ``inputs``
+    (by option), or a file that exists, unless ``overwrite``: before any work, so a mistake costs no time."""
+    if out.is_dir():
+        raise VQAError(f"--out '{out}' is a folder; give the file to write, e.g. {out / example}")
+    for option, path in inputs.items():
+        if path is not None and out.exists() and path.exists() and os.path.samefile(out, path):
+            raise VQAError(f"--out '{out}' is the {option} file; give another path")
+    if out.exists() and not overwrite:
+        raise VQAError(f"--out '{out}' exists; add --overwrite to replace it, or give another path")
 
 
 def write_out(path: Path, text: str, option: str) -> None:

@@ -16,17 +16,16 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
-from .cli import run_tool, user_path, write_out
+from .cli import check_new_out, run_tool, user_path, write_out
 from .data import ANSWER_SEPARATOR, ANSWERS_COLUMN
 from .errors import VQAError, unreadable
 from .text import normalize_answer
 
-__all__ = ["vqa2_rows", "main"]
+__all__ = ["vqa2_rows", "read_vqa2_file", "vqa2_field", "coco_image", "image_subtype", "main"]
 
 # VQA v2's answer types as this project's question types; "other" is left to the wording.
 _TYPES = {"yes/no": "yes/no", "number": "count"}
@@ -34,7 +33,7 @@ _TYPES = {"yes/no": "yes/no", "number": "count"}
 _IMAGE_SUBTYPES = {"test-dev2015": "test2015"}
 
 
-def _load(path: Path, option: str, key: str) -> tuple[dict, list]:
+def read_vqa2_file(path: Path, option: str, key: str) -> tuple[dict, list]:
     """The JSON object in ``path`` and the list under its ``key``; errors say which file and what it lacks."""
     if not path.is_file():
         raise VQAError(f"{option} '{path}' {'is a folder' if path.is_dir() else 'does not exist'}; give VQA v2's "
@@ -51,11 +50,28 @@ def _load(path: Path, option: str, key: str) -> tuple[dict, list]:
     return data, data[key]
 
 
-def _field(entry, name: str, kind: type, where: str):
+def vqa2_field(entry, name: str, kind: type, where: str):
     value = entry.get(name) if isinstance(entry, dict) else None
     if not isinstance(value, kind) or isinstance(value, bool):
         raise VQAError(f"{where} has no {kind.__name__} '{name}' (got {value!r}); check that this is VQA v2's file")
     return value
+
+
+def coco_image(subtype: str, image_id: int) -> str:
+    """The file name of a COCO image: ``COCO_<subtype>_<image id in 12 digits>.jpg``."""
+    return f"COCO_{subtype}_{image_id:012d}.jpg"
+
+
+def image_subtype(info: dict, given: str | None, questions_path: Path) -> str:
+    """The subtype in the images' names: ``given`` (``--subtype``), else the questions file's ``data_subtype`` (that
+    of the split whose images it asks about)."""
+    if given:
+        return given
+    subtype = info.get("data_subtype")
+    if not isinstance(subtype, str) or not subtype:
+        raise VQAError(f"--questions '{questions_path}' names no data_subtype; give the images' with --subtype, "
+                       f"e.g. --subtype train2014")
+    return _IMAGE_SUBTYPES.get(subtype, subtype)
 
 
 def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: str, questions_path: Path,
@@ -66,31 +82,31 @@ def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: 
     by_question = {}
     for i, entry in enumerate(annotations or []):
         where = f"{annotations_path} annotation {i}"
-        qid = _field(entry, "question_id", int, where)
+        qid = vqa2_field(entry, "question_id", int, where)
         if qid in by_question:
             raise VQAError(f"{where} is the second annotation of question {qid}; give VQA v2's file as it comes")
         by_question[qid] = entry
     rows, left_out, asked, written = [], Counter(), set(), set()
     for i, entry in enumerate(questions):
         where = f"{questions_path} question {i}"
-        qid = _field(entry, "question_id", int, where)
-        image_id = _field(entry, "image_id", int, where)
-        question = " ".join(_field(entry, "question", str, where).split())
+        qid = vqa2_field(entry, "question_id", int, where)
+        image_id = vqa2_field(entry, "image_id", int, where)
+        question = " ".join(vqa2_field(entry, "question", str, where).split())
         if not question:
             raise VQAError(f"{where} (question_id {qid}) asks nothing: its question is empty; give VQA v2's file as it "
                            f"comes")
         if qid in asked:
             raise VQAError(f"{where} asks question_id {qid} a second time; give VQA v2's file as it comes")
         asked.add(qid)
-        row = {"image": str(images / f"COCO_{subtype}_{image_id:012d}.jpg"), "question": question}
+        row = {"image": str(images / coco_image(subtype, image_id)), "question": question}
         if annotations is not None:
             if qid not in by_question:
                 raise VQAError(f"{where} (question_id {qid}) has no annotation in {annotations_path}; give the "
                                f"annotations of the same split as the questions")
             note = by_question[qid]
             where = f"{annotations_path}, the annotation of question {qid}"
-            given = [_field(a, "answer", str, where).strip().replace(ANSWER_SEPARATOR, " ")
-                     for a in _field(note, "answers", list, where)]
+            given = [vqa2_field(a, "answer", str, where).strip().replace(ANSWER_SEPARATOR, " ")
+                     for a in vqa2_field(note, "answers", list, where)]
             kept = [a for a in given if normalize_answer(a)]
             left_out["answers"] += len(given) - len(kept)
             if not kept:
@@ -137,23 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:
-        inputs = [(o, p) for o, p in (("--questions", args.questions), ("--annotations", args.annotations)) if p]
-        if args.out.is_dir():
-            raise VQAError(f"--out '{args.out}' is a folder; give the CSV file to write, e.g. {args.out / 'train.csv'}")
-        for option, path in inputs:
-            if args.out.exists() and path.exists() and os.path.samefile(args.out, path):
-                raise VQAError(f"--out '{args.out}' is the {option} file; give another path")
-        if args.out.exists() and not args.overwrite:
-            raise VQAError(f"--out '{args.out}' exists; add --overwrite to replace it, or give another path")
+        check_new_out(args.out, args.overwrite, {"--questions": args.questions, "--annotations": args.annotations},
+                      "train.csv")
         if not args.images.is_dir():
             raise VQAError(f"--images '{args.images}' is not a folder; give the folder of the split's COCO images")
-        info, questions = _load(args.questions, "--questions", "questions")
-        annotations = _load(args.annotations, "--annotations", "annotations")[1] if args.annotations else None
-        subtype = args.subtype or info.get("data_subtype")
-        if not isinstance(subtype, str) or not subtype:
-            raise VQAError(f"--questions '{args.questions}' names no data_subtype; give the images' with --subtype, "
-                           f"e.g. --subtype train2014")
-        subtype = _IMAGE_SUBTYPES.get(subtype, subtype) if not args.subtype else subtype
+        info, questions = read_vqa2_file(args.questions, "--questions", "questions")
+        annotations = read_vqa2_file(args.annotations, "--annotations", "annotations")[1] if args.annotations else None
+        subtype = image_subtype(info, args.subtype, args.questions)
         folder = args.out.resolve().parent  # as the CSV reader resolves its folder and the images
         rows, left_out = vqa2_rows(questions, annotations, args.images.resolve(), subtype, args.questions,
                                    args.annotations)
