@@ -433,6 +433,44 @@ def test_the_checkpoint_a_run_started_from_may_move_but_not_change(trained, tmp_
     load_run(second)  # config.yaml now names the moved copy
 
 
+def test_adapters_on_every_linear_layer_of_the_blocks_train_and_reach_the_adapter_file_and_the_export(tmp_path,
+                                                                                                   capsys):
+    """vision_lora_targets qkv,proj,fc1,fc2: every adapter gets gradients (each B leaves zero), the adapter file
+    holds them all and fits timm's model alone, and the export, merged, computes what the run's model does."""
+    import timm
+
+    import lora
+    import train
+    from vqa.export import main as export
+    from vqa.run_files import load_run
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    assert train.cli(["--config", str(cfg), "--vision_lora_targets", "fc2, qkv,fc1,proj"]) == 0
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["vision_lora_targets"] == "qkv,proj,fc1,fc2"
+    adapter = load_file(str(run / "adapter_last.safetensors"))
+    layers = [f"blocks.{i}.{name}" for i in range(TINY_VIT["depth"])
+              for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert sorted(adapter) == sorted(f"{layer}.{p}" for layer in layers for p in ("lora_A", "lora_B"))
+    assert all(adapter[f"{layer}.lora_B"].abs().max() > 0 for layer in layers)  # every one trained
+    assert adapter["blocks.0.attn.qkv.lora_A"].shape[0] == 3 * 4 and adapter["blocks.0.mlp.fc1.lora_A"].shape[0] == 4
+    encoder = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=28, **TINY_VIT)
+    model, *_ = load_run(run, which="last")
+    # The run's base weights (its backbone.safetensors, random ones here), then its adapter file on them.
+    encoder.load_state_dict(load_file(str(run / "backbone.safetensors")))
+    assert sorted(lora.load_adapter(encoder, run / "adapter_last.safetensors")) == sorted(layers)
+    out = tmp_path / "encoder.safetensors"
+    assert export(["--run", str(run), "--which", "last", "--out", str(out)]) == 0
+    plain = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=28, checkpoint_path=str(out),
+                              **TINY_VIT).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = model.backbone.eval()(x)
+        torch.testing.assert_close(encoder.eval()(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+
+
 def test_a_run_from_an_export_built_with_other_vision_kwargs_is_told_the_file_s(trained, tmp_path, capsys):
     """An exported encoder holds the shape its run's vision_kwargs built: a new run from it with other ones fails
     to load it, and the error names the file's, recorded in its metadata."""
@@ -1564,6 +1602,7 @@ def test_parameter_groups_give_each_part_its_rate_and_decay_only_matrices():
 @pytest.mark.parametrize("args, message", [
     (["--batch_size", "2"], "--resume cannot change 'batch_size' (4 in "),
     (["--grad_accum_steps", "2"], "--resume cannot change 'grad_accum_steps' (1 in "),
+    (["--vision_lora_targets", "qkv,fc2"], "--resume cannot change 'vision_lora_targets' ('qkv' in "),
     (["--seed", "7"], "--resume cannot change 'seed' (0 in "),
     (["--warmup_ratio", "0.5"], "--resume cannot change 'warmup_ratio'"),
     (["--use_type_loss", "false"], "--resume cannot change 'use_type_loss'"),

@@ -478,6 +478,34 @@ def test_add_lora_defaults_are_the_documented_ones():
         assert isinstance(layer.lora_dropout, torch.nn.Identity)
 
 
+def test_add_lora_on_every_linear_layer_of_a_dinov2_base_block_counts_what_each_layer_s_shape_gives():
+    """qkv keeps its three adapters; proj, fc1 and fc2 get one each. r = 8 on DINOv2-base: per block
+    3 (768 r + r 768) + (768 r + r 768) + (768 r + r 3072) + (3072 r + r 768), the qkv's 442,368 among them."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch14_dinov2", num_classes=0)
+    names = vit.add_lora(model, targets=("fc2", "qkv", "fc1", "proj"))
+    assert names == [f"blocks.{i}.{layer}" for i in range(12) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert {n: l.splits for n, l in lora.lora_layers(model) if n.startswith("blocks.0.")} == {
+        "blocks.0.attn.qkv": 3, "blocks.0.attn.proj": 1, "blocks.0.mlp.fc1": 1, "blocks.0.mlp.fc2": 1}
+    lora.mark_only_lora_as_trainable(model)
+    per_block = 3 * (768 * 8 + 8 * 768) + (768 * 8 + 8 * 768) + 2 * (768 * 8 + 8 * 3072)
+    assert lora.count_parameters(model)[0] == 12 * per_block == 442_368 + 884_736
+
+
+@pytest.mark.parametrize("targets", ["qkv", (), ("qkv", "mlp")])
+def test_add_lora_targets_are_a_tuple_of_the_layer_names_it_knows(targets):
+    with pytest.raises(ValueError, match="add_lora targets are some of qkv, proj, fc1, fc2"):
+        vit.add_lora(tiny_backbone(), targets=targets)
+
+
+def test_the_config_s_lora_targets_are_vit_s():
+    from vqa.config import LORA_TARGETS
+
+    assert LORA_TARGETS == tuple(vit.LORA_TARGETS)
+
+
 def test_a_checkpoint_with_a_flattened_patch_kernel_loads_as_timm_loads_it(tmp_path):
     """Old timm checkpoints hold the patch embedding as a linear layer's (embed_dim, 3 * p * p) matrix, which timm's
     filter reshapes to the conv kernel: only a 4-D kernel is compared with the model's, so such a file still loads."""

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 import lora
 
-__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "freeze_backbone", "torch_load_failure",
-           "PretrainedWeightsUnavailable"]
+__all__ = ["create_backbone", "load_backbone_checkpoint", "add_lora", "LORA_TARGETS", "freeze_backbone",
+           "torch_load_failure", "PretrainedWeightsUnavailable"]
 
 
 class PretrainedWeightsUnavailable(FileNotFoundError):
@@ -225,15 +225,28 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | os.PathLike) 
     model.load_state_dict(state, strict=not adapters)  # every other key was checked above
 
 
-def add_lora(backbone: VisionTransformer, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> list[str]:
-    """Injects separate q/k/v LoRA adapters into every block's fused ``qkv``; returns the layer names.
+# The block layers add_lora adapts, by the names it takes: the fused q/k/v projection (three adapters), the attention
+# output and the MLP's two layers.
+LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def add_lora(backbone: VisionTransformer, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: tuple[str, ...] = ("qkv",)) -> list[str]:
+    """Injects LoRA adapters into every block's ``targets`` (of ``LORA_TARGETS``; by default the fused ``qkv``, with
+    separate q/k/v adapters); returns the layer names, block by block.
 
     Also makes the block input require grad while gradient checkpointing is on: with reentrant
     checkpointing, a segment whose inputs need no grad would otherwise give its LoRA weights no gradient.
     """
-    names = lora.inject_lora(backbone, targets=("qkv",), r=r, alpha=alpha, dropout=dropout, splits=3)
+    if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
+        raise ValueError(f"add_lora targets are some of {', '.join(LORA_TARGETS)} (a tuple), got {targets!r}")
+    names = []
+    for target in dict.fromkeys(targets):
+        names += lora.inject_lora(backbone, targets=(LORA_TARGETS[target],), r=r, alpha=alpha, dropout=dropout,
+                                  splits=3 if target == "qkv" else 1)
     _force_grad_into_blocks(backbone)
-    return names
+    order = {name: i for i, (name, _) in enumerate(backbone.named_modules())}
+    return sorted(names, key=order.__getitem__)
 
 
 def _force_grad_into_blocks(backbone: VisionTransformer) -> None:

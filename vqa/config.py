@@ -60,6 +60,7 @@ class ModelConfig:
     vision_lora_r: int = 8  # LoRA rank
     vision_lora_alpha: float = 16.0  # LoRA scaling numerator: scaling = alpha / r
     vision_lora_dropout: float = 0.1  # dropout on the adapters' input
+    vision_lora_targets: str = "qkv"  # each block's layers with adapters, of qkv, proj, fc1, fc2: e.g. qkv,proj,fc1,fc2
     unfreeze_encoder_layers: int = 0  # also train the last N backbone blocks and the final norm (0: only LoRA)
     grad_checkpointing: bool = False  # recompute backbone activations in backward to save memory
     hidden_dim: int = 256  # width of question encoder and fusion decoder
@@ -85,6 +86,13 @@ class ModelConfig:
         for key in ("vision_lora_dropout", "dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise VQAError(f"config key '{key}' must be in [0, 1), got {getattr(self, key)}")
+        targets = [t.strip() for t in self.vision_lora_targets.split(",")]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or len(set(targets)) < len(targets):
+            wrong = f"'{unknown[0]}' is none of them" if unknown else "a layer is named twice"
+            raise VQAError(f"config key 'vision_lora_targets' names block layers, of {', '.join(LORA_TARGETS)}, with "
+                           f"commas between (e.g. qkv,proj,fc1,fc2); {wrong} in {self.vision_lora_targets!r}")
+        self.vision_lora_targets = ",".join(t for t in LORA_TARGETS if t in targets)  # one spelling of each choice
         if self.unfreeze_encoder_layers < 0:
             raise VQAError(f"config key 'unfreeze_encoder_layers' must be >= 0, got {self.unfreeze_encoder_layers}")
         if self.hidden_dim % self.num_heads:
@@ -187,6 +195,8 @@ class RunConfig:
         return cls(**sections)
 
 
+# The names vision_lora_targets takes (vit.LORA_TARGETS; not imported, which would bring timm into every tool).
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 # timm.create_model arguments the run sets itself, which vision_kwargs may not set.
 _OWN_KEYS = {
     "img_size": "it is a config key of its own (--img_size)",

@@ -59,7 +59,8 @@ class GatedQuestionAttention(nn.Module):
 
 
 class DeterministicVQA(nn.Module):
-    """Image encoder (timm ViT, LoRA on every qkv) + question encoder + gated question-to-image attention."""
+    """Image encoder (timm ViT, LoRA on every qkv, or the blocks' ``vision_lora_targets``) + question encoder + gated
+    question-to-image attention."""
 
     def __init__(
         self,
@@ -72,6 +73,7 @@ class DeterministicVQA(nn.Module):
         vision_lora_r: int = 8,
         vision_lora_alpha: float = 16.0,
         vision_lora_dropout: float = 0.1,
+        vision_lora_targets: tuple[str, ...] = ("qkv",),
         vocab_size: int = 1000,
         num_answers: int = 1000,
         max_question_length: int = 32,
@@ -120,7 +122,8 @@ class DeterministicVQA(nn.Module):
         # Adapters last, so the decoder starts from the same random draw with or without LoRA: variants
         # compared with one seed differ only in what they train.
         if use_vision_lora:
-            vit.add_lora(self.backbone, r=vision_lora_r, alpha=vision_lora_alpha, dropout=vision_lora_dropout)
+            vit.add_lora(self.backbone, r=vision_lora_r, alpha=vision_lora_alpha, dropout=vision_lora_dropout,
+                         targets=vision_lora_targets)
 
     def decoder_modules(self) -> list[nn.Module]:
         """Everything outside the backbone."""

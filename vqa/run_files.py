@@ -85,6 +85,7 @@ def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_pa
             vision_lora_r=m.vision_lora_r,
             vision_lora_alpha=m.vision_lora_alpha,
             vision_lora_dropout=m.vision_lora_dropout,
+            vision_lora_targets=tuple(m.vision_lora_targets.split(",")),
             vocab_size=vocab_size,
             num_answers=num_answers,
             max_question_length=cfg.data.max_question_length,
