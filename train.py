@@ -384,7 +384,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             loader = make_loader(train_set, batches[done:], t.num_workers, pin)
             # A step is grad_accum_steps batches (a resume starts at a step's first); the bar counts steps.
             bar = tqdm(groups_of(loader, t.grad_accum_steps), total=math.ceil(len(batches) / t.grad_accum_steps),
-                       initial=done // t.grad_accum_steps, desc=f"epoch {epoch + 1}/{t.epochs}",
+                       initial=math.ceil(done / t.grad_accum_steps), desc=f"epoch {epoch + 1}/{t.epochs}",
                        disable=not t.progress or not procs.is_main, dynamic_ncols=True)
             tic, seen = time.perf_counter(), 0
             clock[:] = [state.get("epoch_seconds", 0.0) if resume and epoch == start_epoch else 0.0, tic]

@@ -1735,10 +1735,12 @@ def test_the_loss_shares_make_a_step_of_several_batches_the_loss_of_one_batch_of
     assert train.loss_shares([single([5, 5, 1])], weight) == [(1.0, 1.0)]  # one batch a step: its loss as it is
 
 
-def test_a_step_of_accumulated_batches_has_the_gradients_of_one_batch_of_all_of_them(tmp_path, monkeypatch):
-    """grad_accum_steps 2 with batches of 2 images takes the steps of batches of 4 (the same images in the same
-    order), with the same gradients, loss and schedule. BatchNorm is taken out, as its statistics are a batch's own;
-    answer weights make the two halves of a step weigh differently."""
+@pytest.mark.parametrize("half", [2, 3])
+def test_a_step_of_accumulated_batches_has_the_gradients_of_one_batch_of_all_of_them(tmp_path, monkeypatch, half):
+    """grad_accum_steps 2 with batches of ``half`` images takes the steps of batches of twice that (the same images in
+    the same order), with the same gradients, loss and schedule; of 8 images, batches of 3 make a last step of one
+    batch. BatchNorm is taken out, as its statistics are a batch's own; answer weights make the halves of a step
+    weigh differently."""
     import train
     from vqa.config import load_config
 
@@ -1753,18 +1755,18 @@ def test_a_step_of_accumulated_batches_has_the_gradients_of_one_batch_of_all_of_
     weights = tmp_path / "weights.json"
     weights.write_text(json.dumps({"yes": 4.0, "no": 0.5, "1": 3.0, "2": 0.25, "red": 2.0}))
     runs = {}
-    for batch_size, accumulate in ((4, 1), (2, 2)):
+    for batch_size, accumulate in ((2 * half, 1), (half, 2)):
         grads.append([])
         run = tmp_path / f"run{accumulate}"
-        train.main(load_config(tiny_config(tmp_path, epochs=1), [
+        train.main(load_config(tiny_config(tmp_path, epochs=2), [
             "--batch_size", str(batch_size), "--grad_accum_steps", str(accumulate), "--output_dir", str(run),
             "--answer_weights", str(weights), "--vision_lora_dropout", "0", "--dropout", "0", "--grad_clip", "0"]))
         state = torch.load(run / "checkpoint.pt", weights_only=True)
-        runs[accumulate] = {**json.loads((run / "metrics.jsonl").read_text()),
+        runs[accumulate] = {**json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]),
                             "lr": [g["lr"] for g in state["optimizer"]["param_groups"]]}
     one, accumulated = grads
-    assert len(one) == len(accumulated) == 2 and runs[2]["step"] == runs[1]["step"] == 2
-    assert runs[2]["lr"] == runs[1]["lr"]  # the schedule counts steps, not batches
+    assert len(one) == len(accumulated) == 4 and runs[2]["step"] == runs[1]["step"] == 4
+    assert runs[2]["lr"] == runs[1]["lr"]  # the schedule counts steps, not batches (epoch 2's steps tell)
     for a, b in zip(one, accumulated):
         assert [g is None for g in a] == [g is None for g in b]
         for x, y in zip(a, b):
