@@ -500,6 +500,23 @@ def test_add_lora_targets_are_a_tuple_of_the_layer_names_it_knows(targets):
         vit.add_lora(tiny_backbone(), targets=targets)
 
 
+def test_add_lora_targets_only_the_blocks_and_refuses_a_layer_a_block_lacks_before_adapting_any():
+    """An attention-pool head (global_pool='map', SigLIP's default) has an mlp.fc1 and fc2 of its own, outside the
+    blocks and outside forward_features: no adapter goes there. A model whose blocks lack a target (a SwiGLU MLP
+    with fc1_g and fc1_x) is refused with no layer adapted."""
+    model = tiny_backbone(global_pool="map")
+    assert hasattr(model.attn_pool.mlp, "fc1")
+    assert vit.add_lora(model, targets=("fc1", "fc2")) == [f"blocks.{i}.mlp.{fc}" for i in range(TINY["depth"])
+                                                           for fc in ("fc1", "fc2")]
+    swiglu = tiny_backbone()
+    for block in swiglu.blocks:
+        block.mlp.fc1_g, block.mlp.fc1_x = block.mlp.fc1, torch.nn.Linear(32, 128)
+        del block.mlp.fc1
+    with pytest.raises(ValueError, match="add_lora target 'fc1': block 0 of this model has no linear layer mlp.fc1"):
+        vit.add_lora(swiglu, targets=("qkv", "fc1"))
+    assert list(lora.lora_layers(swiglu)) == []
+
+
 def test_the_config_s_lora_targets_are_vit_s():
     from vqa.config import LORA_TARGETS
 

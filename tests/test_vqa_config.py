@@ -405,9 +405,12 @@ def test_vision_kwargs_that_timm_could_not_take_or_the_run_sets_itself_are_refus
     assert message in str(e.value) and len(str(e.value)) < 300  # a long value is cut short
 
 
-def test_lora_targets_are_read_in_one_spelling_and_unknown_or_repeated_layers_are_refused():
+def test_lora_targets_are_read_in_one_spelling_and_unknown_or_repeated_layers_are_refused(tmp_path):
     assert load_config(None, ["--vision_lora_targets", " fc2,qkv ,proj"]).model.vision_lora_targets == "qkv,proj,fc2"
     assert load_config(None, []).model.vision_lora_targets == "qkv"
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("model:\n  vision_lora_targets: [fc1, qkv]\n")  # a YAML list of the names is taken too
+    assert load_config(listed, []).model.vision_lora_targets == "qkv,fc1"
     for value, wrong in (("qkv,mlp", "'mlp' is none of them"), ("qkv,,fc1", "'' is none of them"),
                          ("fc1,fc1", "a layer is named twice")):
         with pytest.raises(VQAError, match="config key 'vision_lora_targets' names block layers, of qkv, proj, fc1, "

@@ -175,6 +175,9 @@ def test_results_answer_every_question_by_its_id_and_a_repeat_as_the_question_it
                  "--out", str(vqa2 / "test.csv")]) == 0
     assert "left out 1 question(s) repeating an earlier one" in capsys.readouterr().out
     predictions = predicted(vqa2, vqa2 / "test.csv", ["yes", "wood", "2"])  # the CSV's three: 90, 251, 91
+    text = predictions.read_text()  # one image named as a CSV written on Windows may name it
+    predictions.write_text(text.replace("train2014/COCO_train2014_000000000025.jpg",
+                                        "C:\\data\\train2014\\COCO_train2014_000000000025.jpg"))
     out = vqa2 / "results.json"
     assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out)]) == 0
     assert "wrote the answers to the 4 questions" in capsys.readouterr().out
@@ -191,7 +194,8 @@ def test_results_answer_every_question_by_its_id_and_a_repeat_as_the_question_it
     assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "1 of the 4 questions of --questions have no prediction" in err and "question_id 91" in err
-    assert "without --skip_bad_rows" in err and "--subtype" not in err and not out.exists()
+    assert "(without --skip_bad_rows), a CSV made with neither --annotations nor --skip_missing_images" in err
+    assert "--subtype" not in err and not out.exists()
 
 
 def test_results_of_other_images_name_the_subtype_and_extra_predictions_are_left_out_and_said(vqa2, capsys):
@@ -215,7 +219,8 @@ def test_results_of_other_images_name_the_subtype_and_extra_predictions_are_left
     ("columns", "has no prediction column, as a predictions file does"),
     ("twice", "answers one question twice, differently: line 2 'yes' and line 5 'no'"),
     ("empty", "line 3 has an empty prediction"),
-    ("short", "line 3 is short of columns"),
+    ("short", "line 3 has fewer fields than its header"),
+    ("long", "line 3 has more fields than its header"),
     ("out is input", "--out '{out}' is the --predictions file"),
     ("out exists", "--out '{out}' exists; add --overwrite"),
     ("out is a folder", "--out '{out}' is a folder; give the file to write, e.g. {out}/results.json"),
@@ -237,6 +242,8 @@ def test_bad_results_input_is_an_error_naming_the_file_and_the_fix(vqa2, capsys,
         predictions.write_text("\n".join([lines[0], lines[1], lines[2].replace(",2,", ",,"), lines[3]]) + "\n")
     elif damage == "short":
         predictions.write_text("\n".join([lines[0], lines[1], lines[2].rsplit(",", 3)[0], lines[3]]) + "\n")
+    elif damage == "long":
+        predictions.write_text("\n".join([lines[0], lines[1], lines[2] + ",0.9", lines[3]]) + "\n")
     elif damage == "out is input":
         out = predictions
     elif damage == "out exists":

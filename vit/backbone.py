@@ -240,13 +240,31 @@ def add_lora(backbone: VisionTransformer, *, r: int = 8, alpha: float = 16.0, dr
     """
     if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
         raise ValueError(f"add_lora targets are some of {', '.join(LORA_TARGETS)} (a tuple), got {targets!r}")
+    targets = tuple(dict.fromkeys(targets))
+    for i, block in enumerate(backbone.blocks):  # all checked before any is adapted
+        for target in targets:
+            layer = _submodule(block, LORA_TARGETS[target])
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"add_lora target '{target}': block {i} of this model has no linear layer "
+                                 f"{LORA_TARGETS[target]} (its MLP may be another kind, e.g. a SwiGLU with fc1_g and "
+                                 f"fc1_x); leave '{target}' out of the targets")
     names = []
-    for target in dict.fromkeys(targets):
-        names += lora.inject_lora(backbone, targets=(LORA_TARGETS[target],), r=r, alpha=alpha, dropout=dropout,
+    for target in targets:  # inside the blocks only: an attention-pool head (global_pool='map') has an mlp.fc1 too
+        inside = re.compile(rf"blocks\.\d+\.{re.escape(LORA_TARGETS[target])}")
+        names += lora.inject_lora(backbone, targets=(inside,), r=r, alpha=alpha, dropout=dropout,
                                   splits=3 if target == "qkv" else 1)
     _force_grad_into_blocks(backbone)
     order = {name: i for i, (name, _) in enumerate(backbone.named_modules())}
     return sorted(names, key=order.__getitem__)
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    """``module``'s submodule at the dotted ``path``, or None."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
 
 
 def _force_grad_into_blocks(backbone: VisionTransformer) -> None:

@@ -56,7 +56,7 @@ class ModelConfig:
     img_size: int = 224  # input side in pixels; a multiple of the patch size (14)
     pretrained: bool = False  # download timm's pretrained weights (needs internet)
     checkpoint_path: str | None = None  # local .safetensors/.pth backbone weights instead of a download
-    use_vision_lora: bool = True  # LoRA on every qkv of the image encoder
+    use_vision_lora: bool = True  # LoRA in every block of the image encoder (on vision_lora_targets)
     vision_lora_r: int = 8  # LoRA rank
     vision_lora_alpha: float = 16.0  # LoRA scaling numerator: scaling = alpha / r
     vision_lora_dropout: float = 0.1  # dropout on the adapters' input
@@ -197,6 +197,8 @@ class RunConfig:
 
 # The names vision_lora_targets takes (vit.LORA_TARGETS; not imported, which would bring timm into every tool).
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+# Text keys holding names separated by commas, which a YAML file may also give as a list.
+_NAME_LISTS = {"vision_lora_targets"}
 # timm.create_model arguments the run sets itself, which vision_kwargs may not set.
 _OWN_KEYS = {
     "img_size": "it is a config key of its own (--img_size)",
@@ -367,6 +369,8 @@ def _coerce(key: str, value, annotation, where: str):
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if key in _NAME_LISTS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # a YAML list of names, [qkv, proj], as the command line writes them
     elif typing.get_origin(annotation) is dict:
         if isinstance(value, str) and value.lower() in ("none", "null", ""):
             return {}

@@ -49,9 +49,10 @@ def read_predictions(path: Path) -> dict[tuple[str, str], str]:
                                f"does; give the CSV {_MADE_BY} wrote")
             for record in reader:
                 line = reader.line_num
-                if any(record[column] is None for column in _NEEDED):
-                    raise VQAError(f"--predictions '{path}' line {line} is short of columns; give the CSV {_MADE_BY} "
-                                   f"wrote, unedited")
+                if any(record[column] is None for column in _NEEDED) or None in record:
+                    what = "more fields than its header" if None in record else "fewer fields than its header"
+                    raise VQAError(f"--predictions '{path}' line {line} has {what}; give the CSV {_MADE_BY} wrote, "
+                                   f"unedited")
                 key, answer = _key(record["image"], record["question"]), record["prediction"].strip()
                 if not answer:
                     raise VQAError(f"--predictions '{path}' line {line} has an empty prediction; give the CSV "
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"subtype is another, give it with --subtype")
             raise VQAError(f"{len(unanswered)} of the {len(questions)} questions of --questions have no prediction in "
                            f"--predictions '{args.predictions}', e.g. question_id {qid} ({image}: {question!r}){hint}; "
-                           f"predict every question of the CSV python -m vqa.vqa2 made from these questions, without "
-                           f"--skip_bad_rows")
+                           f"predict every question of the CSV python -m vqa.vqa2 made from these questions (without "
+                           f"--skip_bad_rows), a CSV made with neither --annotations nor --skip_missing_images, which "
+                           f"leave questions out")
         write_out(args.out, json.dumps(results), "--out")
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
