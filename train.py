@@ -348,6 +348,20 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         """The signal any process got (0: none), in every process."""
         return distributed.max_over_ranks([signal_got()], procs, device)[0]
 
+    def batch_check(loss_value: float, epoch: int) -> int:
+        """The batch's one collective: every process stops on a loss that is not finite anywhere, now, and learns of
+        a signal that reached any of them, to stop on after this step; returns that signal (0: none)."""
+        finite = math.isfinite(loss_value)
+        not_finite_anywhere, signum = distributed.max_over_ranks([not finite, signal_got()], procs, device)
+        if not_finite_anywhere:
+            loss_text = "not finite in another process" if finite else loss_value
+            kept = "no checkpoint had been written yet"
+            if (run / "checkpoint.pt").is_file():
+                kept = f"{run / 'checkpoint.pt'} still holds the last good state"
+            raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
+                           f"{kept}. Lower --lr or check the data")
+        return signum
+
     def stop_on(signum: int, epoch: int, batch: int) -> None:
         """Checkpoints and exits on ``signum`` (0: goes on), a value every process holds: all processes stop at
         the same step, whichever of them got the signal."""
@@ -405,17 +419,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                             type_loss = F.cross_entropy(out.type_logits.float(), batch["question_type"])
                             loss = loss + t.type_loss_weight * type_share * type_loss
                     loss_value = loss.item()  # the batch's one wait for the GPU; backward and the update queue behind it
-                    # The batch's one collective: every process stops on a loss that is not finite anywhere, now,
-                    # and on a signal that reached any of them, after this step.
-                    finite = math.isfinite(loss_value)
-                    not_finite_anywhere, signum = distributed.max_over_ranks([not finite, signal_got()], procs, device)
-                    if not_finite_anywhere:
-                        loss_text = "not finite in another process" if finite else loss_value
-                        kept = "no checkpoint had been written yet"
-                        if (run / "checkpoint.pt").is_file():
-                            kept = f"{run / 'checkpoint.pt'} still holds the last good state"
-                        raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without "
-                                       f"saving, so {kept}. Lower --lr or check the data")
+                    signum = batch_check(loss_value, epoch)
                     # Under DDP every batch's backward averages the gradients over the processes, onto what the
                     # step's batches before it left: the sum is the same, and no_sync, which would save those
                     # all-reduces, breaks with static_graph (pytorch#187732).
