@@ -43,8 +43,8 @@ from vqa.resume import (check_answers_known, check_inputs_found, check_resumable
 from vqa.run_data import prepare_data
 from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
                            load_checkpoint, load_vocabularies, missing_backbone, never_checkpointed, random_backbone,
-                           read_history, remove_run, save_checkpoint, train_command, trained_files, weights_sha256,
-                           write_text)
+                           read_history, remove_run, save_checkpoint, train_command, trained_files,
+                           vision_kwargs_record, weights_sha256, write_text)
 from vqa.run_lock import RunLock
 from vqa.text import AnswerVocab, Tokenizer
 
@@ -473,7 +473,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                     if has_lora:
                         # Keyed as the timm backbone, so that lora.load_adapter fits it to timm.create_model(...).
                         lora.save_adapter(model.backbone, run / f"adapter_{tag}.safetensors",
-                                          {**meta, "model": cfg.model.vision_model, "img_size": str(cfg.model.img_size)})
+                                          {**meta, "model": cfg.model.vision_model, "img_size": str(cfg.model.img_size),
+                                           "vision_kwargs": vision_kwargs_record(cfg.model.vision_kwargs)})
             checkpoint(epoch + 1, 0)
             if procs.is_main:  # said once saved: a stdout that is gone (`| head`, a closed terminal) loses nothing
                 said = f"train loss {train_loss['train_loss']:.4f}, " if train_loss else ""
@@ -588,6 +589,8 @@ def cli(argv: list[str] | None = None) -> int:
                 raise VQAError(f"'{args.resume}' is not a run folder (it has no config.yaml); --resume takes the "
                                f"output_dir of a run train.py started")
             cfg = load_config(args.resume / "config.yaml", overrides + ["--output_dir", str(args.resume)])
+            if args.print_config:  # as the resume would refuse it (main checks this and more before training)
+                check_resumable(cfg, load_config(args.resume / "config.yaml", []), args.resume / "config.yaml")
         else:
             cfg = load_config(args.config, overrides)
             if not args.print_config:  # printing writes nothing: no config.yaml of yours can be replaced

@@ -74,6 +74,9 @@ def test_training_writes_every_artefact_and_reports(trained):
     assert set(lines[-1]["per_type"]) <= {"count", "color", "location", "yes/no", "shape"}
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["vision_lora_alpha"] == 8.0  # the override
     adapter = load_file(str(run / "adapter_last.safetensors"))
+    with safe_open(str(run / "adapter_last.safetensors"), framework="pt") as f:  # what timm needs to build the model
+        assert (f.metadata()["model"], json.loads(f.metadata()["vision_kwargs"])) == ("vit_small_patch14_dinov2",
+                                                                                     TINY_VIT)
     depth = TINY_VIT["depth"]
     assert all(".lora_" in k for k in adapter) and len(adapter) == 2 * depth  # each block's (A, B)
     import timm
@@ -1356,6 +1359,8 @@ def test_print_config_prints_what_would_train_as_a_config_file_and_writes_nothin
     saved = yaml.safe_load((run / "config.yaml").read_text())  # the run's own, here and as resume would run it
     want = {**saved, "train": {**saved["train"], "epochs": 5, "output_dir": str(run)}}
     assert yaml.safe_load(capsys.readouterr().out) == want and run_bytes(run) == before
+    assert train.cli(["--resume", str(run), "--grad_accum_steps", "2", "--print_config"]) == 2  # as resume refuses it
+    assert "--resume cannot change 'grad_accum_steps'" in capsys.readouterr().err and run_bytes(run) == before
 
 
 def test_help_shows_a_key_s_text_as_written_and_is_read_only_for_help(capsys, monkeypatch):

@@ -411,8 +411,10 @@ def test_lora_targets_are_read_in_one_spelling_and_unknown_or_repeated_layers_ar
     listed = tmp_path / "listed.yaml"
     listed.write_text("model:\n  vision_lora_targets: [fc1, qkv]\n")  # a YAML list of the names is taken too
     assert load_config(listed, []).model.vision_lora_targets == "qkv,fc1"
+    assert load_config(None, ["--vision_lora_targets", "[proj, qkv]"]).model.vision_lora_targets == "qkv,proj"
     for value, wrong in (("qkv,mlp", "'mlp' is none of them"), ("qkv,,fc1", "'' is none of them"),
-                         ("fc1,fc1", "a layer is named twice")):
+                         ("fc1,fc1", "a layer is named twice"),
+                         (" ", r"it names none \(to train without adapters, set use_vision_lora false\)")):
         with pytest.raises(VQAError, match="config key 'vision_lora_targets' names block layers, of qkv, proj, fc1, "
                                            f"fc2, with commas between .*; {wrong}"):
             load_config(None, ["--vision_lora_targets", value])

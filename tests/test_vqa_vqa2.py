@@ -75,7 +75,8 @@ def test_a_test_split_has_no_answers_and_its_images_are_test2015_s(vqa2):
 def test_images_outside_the_csv_s_folder_are_named_by_absolute_paths(vqa2, tmp_path_factory, capsys):
     out = tmp_path_factory.mktemp("elsewhere") / "train.csv"
     assert run(vqa2, "--out", str(out)) == 0
-    assert "train with --allow_outside_paths" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "2 image(s) are outside the CSV's folder" in said and "train with --allow_outside_paths" in said  # 3 rows
     rows = read_csv(out, allow_outside_paths=True).rows
     assert rows[0].given_image == str(vqa2 / "train2014" / "COCO_train2014_000000000009.jpg")
 
@@ -133,7 +134,8 @@ def test_subtype_names_the_images_and_an_image_linked_from_outside_is_named_by_i
         {"image_id": 9, "question": "Is it red?", "question_id": 90}] * 2})), "question 1 asks question_id 90 a second"),
     (lambda f: (f / "a.json").write_text(json.dumps({"annotations": [{"question_id": 90, "answers": "yes"}]})),
      "the annotation of question 90 has no list 'answers'"),
-    (lambda f: (f / "train.csv").write_text("mine"), "--out '.*train.csv' exists; add --overwrite"),
+    (lambda f: (f / "train.csv").write_text("image,question\nold.jpg,Is it?\n"), "--out '.*train.csv' exists; add "
+                                                                                 "--overwrite"),
     (lambda f: (f / "train.csv").symlink_to(f / "q.json"), "--out '.*train.csv' is the --questions file"),
     (lambda f: (f / "a.json").write_text(json.dumps({"annotations": json.loads((f / "a.json").read_text())[
         "annotations"] * 2})), "annotation 3 is the second annotation of question 250"),
@@ -147,10 +149,18 @@ def test_bad_input_is_an_error_naming_the_file_and_the_fix(vqa2, capsys, damage,
     assert err.startswith("error: ") and re.search(message, err), err
 
 
-def test_overwrite_replaces_only_with_the_option(vqa2):
-    (vqa2 / "train.csv").write_text("mine")
+def test_overwrite_replaces_only_an_earlier_csv_of_the_tool(vqa2, capsys):
+    """--overwrite replaces a CSV this tool wrote, and no other file: a run's answers.json given as --out by mistake,
+    another split's annotations, one's own CSV of other columns."""
+    (vqa2 / "train.csv").write_text("image,question\nold.jpg,Is it?\n")
     assert run(vqa2, "--overwrite") == 0
     assert (vqa2 / "train.csv").read_text().startswith("image,question,answers,question_type\n")
+    mine = "image,question,answer\na.jpg,Is it?,yes\n"
+    for name, text in (("answers.json", '{"itos": ["yes"]}'), ("mine.csv", mine)):
+        (vqa2 / name).write_text(text)
+        assert run(vqa2, "--out", str(vqa2 / name), "--overwrite") == 2
+        assert "exists and is not a CSV python -m vqa.vqa2 wrote, so it is not written over" in capsys.readouterr().err
+        assert (vqa2 / name).read_text() == text
 
 
 def predicted(folder, csv_path, answers):
@@ -213,6 +223,13 @@ def test_results_of_other_images_name_the_subtype_and_extra_predictions_are_left
     assert results(args) == 0
     assert "left out 1 prediction(s) of questions that" in capsys.readouterr().out
     assert [r["question_id"] for r in json.loads((vqa2 / "r.json").read_text())] == [91, 250]
+    assert results(args) == 2 and "exists; add --overwrite" in capsys.readouterr().err
+    assert results([*args, "--overwrite"]) == 0  # an earlier results file is replaced
+    (vqa2 / "q.json").write_text(json.dumps(questions | {"questions": questions["questions"] + [
+        {"image_id": 77, "question": "Is it new?", "question_id": 770}]}))  # an image the predictions lack
+    assert results([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 3 questions" in err and "question_id 770" in err and "--subtype" not in err  # no subtype hint
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -223,6 +240,8 @@ def test_results_of_other_images_name_the_subtype_and_extra_predictions_are_left
     ("long", "line 3 has more fields than its header"),
     ("out is input", "--out '{out}' is the --predictions file"),
     ("out exists", "--out '{out}' exists; add --overwrite"),
+    ("out is another file", "--out '{out}' exists and is not a results file (a JSON list of question_id and "
+                            "answer), so it is not written over, even with --overwrite"),
     ("out is a folder", "--out '{out}' is a folder; give the file to write, e.g. {out}/results.json"),
     ("missing", "--predictions '{predictions}' does not exist"),
 ])
@@ -247,12 +266,16 @@ def test_bad_results_input_is_an_error_naming_the_file_and_the_fix(vqa2, capsys,
     elif damage == "out is input":
         out = predictions
     elif damage == "out exists":
-        out.write_text("[]")
+        out.write_text('[{"question_id": 1, "answer": "yes"}]')
+    elif damage == "out is another file":
+        out.write_text('{"annotations": []}')
     elif damage == "out is a folder":
         out.mkdir()
     elif damage == "missing":
         predictions.unlink()
     before = out.read_bytes() if out.is_file() else out.is_dir()
-    assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out)]) == 2
+    overwrite = ["--overwrite"] if damage == "out is another file" else []
+    assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out),
+                    *overwrite]) == 2
     assert message.format(out=out, predictions=predictions) in capsys.readouterr().err
     assert (out.read_bytes() if out.is_file() else out.is_dir()) == before

@@ -10,7 +10,7 @@ from lora import atomic_write
 from .config import expand_home
 from .errors import VQAError
 
-__all__ = ["run_tool", "user_path", "check_new_out", "write_out"]
+__all__ = ["run_tool", "user_path", "check_new_out", "first_line", "write_out"]
 
 
 def run_tool(main: Callable[[], int]) -> NoReturn:
@@ -32,16 +32,30 @@ def user_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def check_new_out(out: Path, overwrite: bool, inputs: dict[str, Path | None], example: str) -> None:
+def check_new_out(out: Path, overwrite: bool, inputs: dict[str, Path | None], example: str,
+                  earlier: Callable[[Path], bool], what: str) -> None:
     """Refuses a tool's ``--out`` that is a folder (``example``: a file name to suggest in it), one of its ``inputs``
-    (by option), or a file that exists, unless ``overwrite``: before any work, so a mistake costs no time."""
+    (by option), a file that exists without ``overwrite``, and with it any file but an ``earlier`` output of the tool
+    (``what``: such a file, in words): before any work, so a mistake costs no time."""
     if out.is_dir():
         raise VQAError(f"--out '{out}' is a folder; give the file to write, e.g. {out / example}")
     for option, path in inputs.items():
         if path is not None and out.exists() and path.exists() and os.path.samefile(out, path):
             raise VQAError(f"--out '{out}' is the {option} file; give another path")
+    if out.exists() and (not out.is_file() or not earlier(out)):
+        raise VQAError(f"--out '{out}' exists and is not {what}, so it is not written over, even with --overwrite; "
+                       f"give another path")
     if out.exists() and not overwrite:
         raise VQAError(f"--out '{out}' exists; add --overwrite to replace it, or give another path")
+
+
+def first_line(path: Path) -> str | None:
+    """The first line of a text file (a byte order mark and the line end left out), or None if it is unreadable."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return f.readline(1000).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_out(path: Path, text: str, option: str) -> None:

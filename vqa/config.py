@@ -86,10 +86,15 @@ class ModelConfig:
         for key in ("vision_lora_dropout", "dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise VQAError(f"config key '{key}' must be in [0, 1), got {getattr(self, key)}")
-        targets = [t.strip() for t in self.vision_lora_targets.split(",")]
+        given = self.vision_lora_targets.strip()
+        if given.startswith("[") and given.endswith("]"):  # a YAML list on the command line: "[qkv, proj]"
+            given = given[1:-1]
+        targets = [t.strip() for t in given.split(",")]
         unknown = [t for t in targets if t not in LORA_TARGETS]
         if unknown or len(set(targets)) < len(targets):
             wrong = f"'{unknown[0]}' is none of them" if unknown else "a layer is named twice"
+            if not given.strip():
+                wrong = "it names none (to train without adapters, set use_vision_lora false)"
             raise VQAError(f"config key 'vision_lora_targets' names block layers, of {', '.join(LORA_TARGETS)}, with "
                            f"commas between (e.g. qkv,proj,fc1,fc2); {wrong} in {self.vision_lora_targets!r}")
         self.vision_lora_targets = ",".join(t for t in LORA_TARGETS if t in targets)  # one spelling of each choice

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .cli import write_out
+from .cli import first_line, write_out
 from .data import ANSWER_SEPARATOR, CSVData, VQADataset
 from .errors import VQAError
 from .metrics import vqa_credit
@@ -50,12 +50,7 @@ def check_out(path: Path, option: str, csv_path: Path) -> None:
 def _predictions_like(path: Path) -> bool:
     """Whether ``path`` is empty or starts with a predictions file's header (a spreadsheet may have saved it with a
     byte order mark, or CRLF line ends): an earlier one, which a new one may replace."""
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            header = f.readline(1000).rstrip("\r\n")
-    except (OSError, UnicodeDecodeError):
-        return False
-    return header in ("", ",".join(COLUMNS), ",".join(ANSWER_COLUMNS))
+    return first_line(path) in ("", ",".join(COLUMNS), ",".join(ANSWER_COLUMNS))
 
 
 def predictions_table(data: CSVData, dataset: VQADataset, predicted: list[tuple[Tensor, Tensor]],

@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .cli import check_new_out, run_tool, user_path, write_out
+from .cli import check_new_out, first_line, run_tool, user_path, write_out
 from .data import ANSWER_SEPARATOR, ANSWERS_COLUMN
 from .errors import VQAError, unreadable
 from .text import normalize_answer
@@ -29,6 +29,8 @@ __all__ = ["vqa2_rows", "read_vqa2_file", "vqa2_field", "coco_image", "image_sub
 
 # VQA v2's answer types as this project's question types; "other" is left to the wording.
 _TYPES = {"yes/no": "yes/no", "number": "count"}
+# The first line of the CSVs this tool writes (an empty file too): with --overwrite, it replaces only such a file.
+_HEADERS = ("", "image,question", f"image,question,{ANSWERS_COLUMN},question_type")
 # The subtype of a questions file whose images are another split's.
 _IMAGE_SUBTYPES = {"test-dev2015": "test2015"}
 
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_new_out(args.out, args.overwrite, {"--questions": args.questions, "--annotations": args.annotations},
-                      "train.csv")
+                      "train.csv", lambda path: first_line(path) in _HEADERS, "a CSV python -m vqa.vqa2 wrote")
         if not args.images.is_dir():
             raise VQAError(f"--images '{args.images}' is not a folder; give the folder of the split's COCO images")
         info, questions = read_vqa2_file(args.questions, "--questions", "questions")
@@ -174,13 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise VQAError(f"no question is left to write to --out '{args.out}': {'; '.join(_said(left_out, missing))}; "
                            f"check the files and --images")
-        outside = 0
+        outside = set()
         for row in rows:  # relative to the CSV's folder, as the CSV reader takes them, where it will find them there
             image = Path(row["image"])
             if image.resolve().is_relative_to(folder):  # not a link to a file elsewhere
                 row["image"] = image.relative_to(folder).as_posix()
             else:
-                outside += 1
+                outside.add(image)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in _said(left_out, missing):
         print(line)
     if outside:
-        print(f"{outside} image(s) are outside the CSV's folder (or links to files outside it), so the CSV names them "
+        print(f"{len(outside)} image(s) are outside the CSV's folder (or links to files outside it), so the CSV names them "
               f"by absolute paths: train with --allow_outside_paths (the tools take it too), or put the images under "
               f"{folder}")
     return 0

@@ -34,6 +34,17 @@ def _key(image: str, question: str) -> tuple[str, str]:
     return image.replace("\\", "/").rsplit("/", 1)[-1], " ".join(question.split())
 
 
+def _results_like(path: Path) -> bool:
+    """Whether ``path`` is empty or starts as a results file: an earlier one, which --overwrite may replace."""
+    try:
+        with path.open("rb") as f:
+            start = f.read(64)
+    except OSError:
+        return False
+    text = start.decode("utf-8", "replace").lstrip("\ufeff").replace(" ", "").replace("\n", "")
+    return text in ("", "[]") or text.startswith('[{"question_id"')
+
+
 def read_predictions(path: Path) -> dict[tuple[str, str], str]:
     """The predictions file's answer to each (image file name, question)."""
     if not path.is_file():
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_new_out(args.out, args.overwrite, {"--questions": args.questions, "--predictions": args.predictions},
-                      "results.json")
+                      "results.json", _results_like, "a results file (a JSON list of question_id and answer)")
         info, questions = read_vqa2_file(args.questions, "--questions", "questions")
         subtype = image_subtype(info, args.subtype, args.questions)
         predictions = read_predictions(args.predictions)
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             qid, (image, question) = unanswered[0]
             names = {name for name, _ in predictions}
             hint = ""
-            if names and not any(key[0] in names for _, key in unanswered):  # no image in common
+            if not results and names and not any(key[0] in names for _, key in unanswered):  # no image in common
                 hint = (f"; none of their images is named as the predictions' ({next(iter(names))}): if the images' "
                         f"subtype is another, give it with --subtype")
             raise VQAError(f"{len(unanswered)} of the {len(questions)} questions of --questions have no prediction in "
