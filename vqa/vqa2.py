@@ -53,6 +53,7 @@ def read_vqa2_file(path: Path, option: str, key: str) -> tuple[dict, list]:
 
 
 def vqa2_field(entry, name: str, kind: type, where: str):
+    """``entry[name]``, which must be a ``kind`` (a bool is no int); the error names ``where`` it was looked for."""
     value = entry.get(name) if isinstance(entry, dict) else None
     if not isinstance(value, kind) or isinstance(value, bool):
         raise VQAError(f"{where} has no {kind.__name__} '{name}' (got {value!r}); check that this is VQA v2's file")
