@@ -396,17 +396,18 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             batches = distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, epoch), procs)
             done = start_batch if epoch == start_epoch else 0
             loader = make_loader(train_set, batches[done:], t.num_workers, pin)
-            # A step is grad_accum_steps batches (a resume starts at a step's first); the bar counts steps.
-            bar = tqdm(groups_of(loader, t.grad_accum_steps), total=math.ceil(len(batches) / t.grad_accum_steps),
-                       initial=math.ceil(done / t.grad_accum_steps), desc=f"epoch {epoch + 1}/{t.epochs}",
-                       disable=not t.progress or not procs.is_main, dynamic_ncols=True)
+            # A step is grad_accum_steps batches (a resume starts at a step's first). The bar counts steps, each once it
+            # is taken, so that the line a stop prints shows the step it saved.
+            bar = tqdm(total=math.ceil(len(batches) / t.grad_accum_steps), initial=math.ceil(done / t.grad_accum_steps),
+                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or not procs.is_main,
+                       dynamic_ncols=True)
             tic, seen = time.perf_counter(), 0
             clock[:] = [state.get("epoch_seconds", 0.0) if resume and epoch == start_epoch else 0.0, tic]
             # A run checkpointed before the tally was kept (2026-11-29) logs the loss of the steps since its resume.
             before = state.get("epoch_losses_per_process") if resume and epoch == start_epoch else None
             losses[:] = before[procs.rank] if before else [0.0, 0]
             i = done  # the epoch's batches trained so far
-            for group in bar:
+            for group in groups_of(loader, t.grad_accum_steps):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for batch, (answer_share, type_share) in zip(group, loss_shares(group, cpu_weights)):
@@ -435,7 +436,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 losses[0] += step_loss
                 losses[1] += 1
                 rate = questions_per_second(seen, time.perf_counter() - tic, procs)
-                bar.set_postfix(loss=f"{step_loss:.3f}", q_per_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{step_loss:.3f}", q_per_s=f"{rate:.0f}", refresh=False)
+                bar.update()
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     checkpoint(epoch, i)
                 stop_on(signum, epoch, i)
