@@ -278,17 +278,21 @@ def nan_worker(argv: list[str]) -> int:
     return train.cli(argv)
 
 
-def test_a_loss_that_is_not_finite_in_one_process_stops_every_process(tmp_path):
+@pytest.mark.parametrize("accumulate, step", [(1, 3), (2, 2)])
+def test_a_loss_that_is_not_finite_in_one_process_stops_every_process(tmp_path, accumulate, step):
     """Rank 1 alone sees a NaN loss; both processes stop at the same step, with an error naming it, and no
-    process hangs in a collective the other never joins. The last good checkpoint stays."""
-    # 8 images in batches of 2 over 2 processes: 2 steps an epoch, so the NaN comes at epoch 2, step 3.
-    config = tiny_config(tmp_path, batch_size=2, device="cpu", use_type_loss=False)
+    process hangs in a collective the other never joins. The last good checkpoint stays. Also with 2 batches a
+    step, each batch's backward all-reducing inside the step."""
+    # 8 images in batches of 2 over 2 processes: 2 batches an epoch each, so the NaN comes in epoch 2's first batch:
+    # step 3, or with 2 batches a step, step 2.
+    config = tiny_config(tmp_path, batch_size=2, device="cpu", use_type_loss=False, grad_accum_steps=accumulate)
     result = torchrun(__file__, "nan-on-rank-1", "--config", str(config), timeout=120)
     assert result.returncode != 0
-    assert "error: loss is nan at epoch 2, step 3" in result.stderr, result.stderr[-3000:]
-    assert "error: loss is not finite in another process at epoch 2, step 3" in result.stderr, result.stderr[-3000:]
+    assert f"error: loss is nan at epoch 2, step {step}" in result.stderr, result.stderr[-3000:]
+    assert f"error: loss is not finite in another process at epoch 2, step {step}" in result.stderr, \
+        result.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, 2)  # the end of epoch 1, untouched
+    assert (state["epoch"], state["step"]) == (1, 2 // accumulate)  # the end of epoch 1, untouched
 
 
 def validation_signal_worker(argv: list[str]) -> int:
