@@ -1,6 +1,7 @@
 """Question tokenizer, answer normalisation and vocabulary, question-type inference."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -79,8 +80,15 @@ def normalize_answer(answer: str) -> str:
     to ninety-nine become their number (``"Twenty-One"`` and ``"twenty one"`` become ``"21"``); ``"1,000"``
     becomes ``"1000"``, while ``"3.5"`` and ``"-5"`` stay; the letter of ``"A"`` and ``"vitamin A"`` stays.
     """
+    return _normalized(str(answer))
+
+
+# A VQA v2 split holds millions of answers and a few hundred thousand distinct ones, and a run looks each up several
+# times (reading, the classes, the dataset, the resume check): each is worked out once (about 5 us) and then recalled.
+@functools.lru_cache(maxsize=1 << 20)
+def _normalized(answer: str) -> str:
     # As questions are read: a full-width "３" is 3, a typographic minus "−5" is -5.
-    text = unicodedata.normalize("NFKC", str(answer)).translate(_ASCII_MARKS).lower()
+    text = unicodedata.normalize("NFKC", answer).translate(_ASCII_MARKS).lower()
     words = _punctuation_to_spaces(text).split()
     # "a red car" is "red car", but a last word stays even where it is spelt as an article: the answer "A" of a
     # multiple choice, "vitamin A".
