@@ -18,6 +18,7 @@ import io
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from .cli import check_new_out, first_line, run_tool, user_path, write_out
@@ -25,7 +26,7 @@ from .data import ANSWER_SEPARATOR, ANSWERS_COLUMN
 from .errors import VQAError, unreadable
 from .text import normalize_answer
 
-__all__ = ["vqa2_rows", "read_vqa2_file", "vqa2_field", "coco_image", "image_subtype", "main"]
+__all__ = ["vqa2_rows", "asked_questions", "read_vqa2_file", "vqa2_field", "coco_image", "image_subtype", "main"]
 
 # VQA v2's answer types as this project's question types; "other" is left to the wording.
 _TYPES = {"yes/no": "yes/no", "number": "count"}
@@ -77,6 +78,21 @@ def image_subtype(info: dict, given: str | None, questions_path: Path) -> str:
     return _IMAGE_SUBTYPES.get(subtype, subtype)
 
 
+def asked_questions(questions: list, questions_path: Path) -> Iterator[tuple[str, int, int, str]]:
+    """Each entry of a questions file's list, in its order, as ``(where, question_id, image_id, question)``, ``where``
+    naming it for messages and the question's whitespace collapsed; a question_id asked twice is an error."""
+    asked = set()
+    for i, entry in enumerate(questions):
+        where = f"{questions_path} question {i}"
+        qid = vqa2_field(entry, "question_id", int, where)
+        image_id = vqa2_field(entry, "image_id", int, where)
+        question = " ".join(vqa2_field(entry, "question", str, where).split())
+        if qid in asked:
+            raise VQAError(f"{where} asks question_id {qid} a second time; give VQA v2's file as it comes")
+        asked.add(qid)
+        yield where, qid, image_id, question
+
+
 def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: str, questions_path: Path,
               annotations_path: Path | None) -> tuple[list[dict[str, str]], Counter]:
     """The CSV's rows, in the questions file's order, with the image paths as ``images / name``; also what was left
@@ -90,16 +106,10 @@ def vqa2_rows(questions: list, annotations: list | None, images: Path, subtype: 
             raise VQAError(f"{where} is the second annotation of question {qid}; give VQA v2's file as it comes")
         by_question[qid] = entry
     rows, left_out, asked, written = [], Counter(), set(), set()
-    for i, entry in enumerate(questions):
-        where = f"{questions_path} question {i}"
-        qid = vqa2_field(entry, "question_id", int, where)
-        image_id = vqa2_field(entry, "image_id", int, where)
-        question = " ".join(vqa2_field(entry, "question", str, where).split())
+    for where, qid, image_id, question in asked_questions(questions, questions_path):
         if not question:
             raise VQAError(f"{where} (question_id {qid}) asks nothing: its question is empty; give VQA v2's file as it "
                            f"comes")
-        if qid in asked:
-            raise VQAError(f"{where} asks question_id {qid} a second time; give VQA v2's file as it comes")
         asked.add(qid)
         row = {"image": str(images / coco_image(subtype, image_id)), "question": question}
         if annotations is not None:

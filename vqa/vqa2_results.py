@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .cli import check_new_out, run_tool, user_path, write_out
 from .errors import VQAError, unreadable
-from .vqa2 import coco_image, image_subtype, read_vqa2_file, vqa2_field
+from .vqa2 import asked_questions, coco_image, image_subtype, read_vqa2_file
 
 __all__ = ["read_predictions", "vqa2_results", "main"]
 
@@ -84,15 +84,9 @@ def vqa2_results(questions: list, predictions: dict[tuple[str, str], str], subty
                  questions_path: Path) -> tuple[list[dict], list[tuple[int, tuple[str, str]]], int]:
     """The results, in the questions' order; the questions with no prediction, ``(question_id, key)``; and how many
     predictions answer no question of the file."""
-    results, unanswered, asked, used = [], [], set(), set()
-    for i, entry in enumerate(questions):
-        where = f"{questions_path} question {i}"
-        qid = vqa2_field(entry, "question_id", int, where)
-        if qid in asked:
-            raise VQAError(f"{where} asks question_id {qid} a second time; give VQA v2's file as it comes")
-        asked.add(qid)
-        key = _key(coco_image(subtype, vqa2_field(entry, "image_id", int, where)),
-                   vqa2_field(entry, "question", str, where))
+    results, unanswered, used = [], [], set()
+    for _, qid, image_id, question in asked_questions(questions, questions_path):
+        key = _key(coco_image(subtype, image_id), question)
         if key in predictions:
             results.append({"question_id": qid, "answer": predictions[key]})
             used.add(key)
