@@ -55,6 +55,12 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> li
     return chunks(order, batch_size)
 
 
+def stalled(epochs_done: int, best_epoch: int, patience: int) -> bool:
+    """Whether early stopping ends a run after ``epochs_done`` epochs: its validation accuracy, best at epoch
+    ``best_epoch``, has not risen in the ``patience`` epochs since (0: never stops early)."""
+    return patience > 0 and epochs_done - best_epoch >= patience
+
+
 def groups_of(batches, size: int):
     """``batches`` (any iterable) in lists of ``size``, the last one perhaps shorter."""
     group = []
@@ -279,6 +285,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             lora.save_safetensors({k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k},
                                   backbone_file)
     start_epoch, start_batch, best, step = 0, 0, -1.0, 0
+    best_epoch = 0  # the epoch that reached ``best``
     if resume:
         copy_weights(model, state["model"], run / "checkpoint.pt")
         if base_sha256 is not None:
@@ -294,6 +301,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         set_rng_state(saved_rngs(state)[procs.rank])
         start_epoch, start_batch, best, step = state["epoch"], state["batch"], state["best"], state["step"]
+        # A checkpoint from before 2026-11-29 has no best_epoch: the first logged epoch that reached the best.
+        best_epoch = state["best_epoch"] if "best_epoch" in state else next(
+            (record["epoch"] for record in history if record.get("accuracy") == best), start_epoch)
         if t.epochs < start_epoch + (start_batch > 0):  # a position inside an epoch: that epoch has begun
             begun = f" and {start_batch} batch(es) of epoch {start_epoch + 1}" if start_batch else ""
             raise VQAError(f"{run} has trained {start_epoch} epoch{'s' * (start_epoch != 1)}{begun} already; --epochs "
@@ -301,6 +311,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if start_epoch == t.epochs:
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")
+        elif not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience):
+            log(f"{run} stopped early after epoch {start_epoch} (its best validation accuracy is epoch {best_epoch}'s), "
+                f"so there is nothing to train; to train on, add --early_stopping_patience N with N > "
+                f"{start_epoch - best_epoch}, or 0 to train every epoch")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
         resolved = cfg.with_absolute_paths().with_paths_spelt_as(saved)
@@ -323,7 +337,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             save_checkpoint({
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng_per_process": list(rngs),
-                "epoch": epoch, "batch": batch, "step": step, "best": best, "base_sha256": base_sha256,
+                "epoch": epoch, "batch": batch, "step": step, "best": best, "best_epoch": best_epoch,
+                "base_sha256": base_sha256,
                 "base_weights_sha256": base_weights_sha256,
                 "train_images": len(train_set),  # resume refuses another count: the schedule and order hold it
                 # The epoch's training so far, for its log: seconds, and each process's loss tally.
@@ -390,8 +405,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = {}
+    ended_early = not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience)
     try:
-        for epoch in range(start_epoch, t.epochs):
+        for epoch in range(start_epoch, start_epoch if ended_early else t.epochs):
             model.train()
             batches = distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, epoch), procs)
             done = start_batch if epoch == start_epoch else 0
@@ -461,7 +477,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             train_loss = {"train_loss": total / count} if count else {}
             metrics.update(epoch=epoch + 1, step=step, **train_loss, train_seconds=round(seconds, 2))
             is_best = metrics["accuracy"] > best
-            best = max(best, metrics["accuracy"])
+            if is_best:
+                best, best_epoch = metrics["accuracy"], epoch + 1
             if procs.is_main:
                 # A run killed after this write and before its checkpoint repeats the epoch: one line per epoch.
                 history = [record for record in history if record["epoch"] <= epoch] + [metrics]
@@ -483,6 +500,12 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 print(f"epoch {epoch + 1}: {said}val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s "
                       f"training)")
             stop_on(agreed_signal(), epoch + 1, 0)
+            if epoch + 1 < t.epochs and stalled(epoch + 1, best_epoch, t.early_stopping_patience):
+                # Every process holds the same accuracies (their counts summed), so all of them stop here.
+                log(f"early stopping: validation accuracy has not risen above epoch {best_epoch}'s "
+                    f"{100 * best:.2f}% in {epoch + 1 - best_epoch} epochs (early_stopping_patience "
+                    f"{t.early_stopping_patience}); model_best.safetensors holds epoch {best_epoch}")
+                break
     finally:
         for s, handler in previous.items():
             if not (stopping and s == signal.SIGTERM):  # stopping on a signal leaves SIGTERM ignored (above)

@@ -542,6 +542,46 @@ def test_more_epochs_on_a_finished_run_step_at_the_rates_of_the_longer_schedule(
         assert [lr for lr, _ in groups] == pytest.approx([base * factor(done + i) for _, base in groups], rel=1e-12)
 
 
+def test_early_stopping_ends_a_run_whose_accuracy_has_not_risen_for_patience_epochs(tmp_path, monkeypatch, capsys):
+    """Validation accuracy 0.5, 0.6, 0.6 (a tie is no rise), 0.55: with a patience of 2 the run ends after
+    epoch 4 of 6, its best weights epoch 2's. A resume with that patience has nothing to train, also from a
+    checkpoint written before the best epoch was kept (it is read from the metrics); a larger patience trains on."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    accuracies, evaluate = iter([0.5, 0.6, 0.6, 0.55, 0.9, 0.9]), train.evaluate
+
+    def scripted(*args):
+        return {**evaluate(*args), "accuracy": next(accuracies)}
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    config = tiny_config(tmp_path, epochs=6, early_stopping_patience=2, use_type_loss=False)
+    run = tmp_path / "run"
+    assert train.cli(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 4:" in out and "epoch 5:" not in out
+    assert "not risen above epoch 2's 60.00% in 2 epochs (early_stopping_patience 2)" in out
+    assert [r["accuracy"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [
+        0.5, 0.6, 0.6, 0.55]
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["best"], state["best_epoch"]) == (4, 0, 0.6, 2)
+    assert file_metadata(run / "model_best.safetensors")["epoch"] == "2"
+
+    before = run_bytes(run)
+    assert train.cli(["--resume", str(run)]) == 0
+    assert "stopped early after epoch 4" in capsys.readouterr().out and run_bytes(run) == before
+    del state["best_epoch"]  # as a checkpoint from before 2026-11-29
+    torch.save(state, run / "checkpoint.pt")
+    before = run_bytes(run)
+    assert train.cli(["--resume", str(run)]) == 0
+    assert "N > 2, or 0" in capsys.readouterr().out and run_bytes(run) == before
+
+    assert train.cli(["--resume", str(run), "--early_stopping_patience", "3"]) == 0
+    assert "epoch 6:" in capsys.readouterr().out  # 0.9 at epoch 5, then a tie: 1 epoch without a rise
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["best_epoch"] == 5
+    assert file_metadata(run / "model_best.safetensors")["epoch"] == "5"
+
+
 @pytest.mark.parametrize("killed", ["before its random backbone was written", "during epoch 1",
                                     "between epoch 1's metrics and weights", "between epoch 1's weights and its checkpoint"])
 def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_its_errors_say(killed, trained, tmp_path,

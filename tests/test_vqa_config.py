@@ -88,6 +88,7 @@ def test_flag_followed_by_a_flag_means_true():
         (["--lr", "0"], "'lr' must be > 0"),
         (["--lr_encoder", "0"], "'lr_encoder' must be > 0"),
         (["--checkpoint_every", "-1"], "'checkpoint_every' must be >= 0"),
+        (["--early_stopping_patience", "-1"], "'early_stopping_patience' must be >= 0"),
         (["--num_workers", "-1"], "'num_workers' must be >= 0"),
         (["--question_layers", "-1"], "'question_layers' must be >= 0"),
         (["--epochs", "0"], "'epochs' must be > 0"),

@@ -108,6 +108,7 @@ class ModelConfig:
 class TrainConfig:
     output_dir: str = "runs/demo"  # run folder: config, vocabularies, checkpoints, adapter, metrics
     epochs: int = 10  # passes over the training images
+    early_stopping_patience: int = 0  # stop once val accuracy has not risen for N epochs; 0 = train every epoch
     batch_size: int = 32  # images per batch; each brings all its questions
     grad_accum_steps: int = 1  # batches whose gradients are summed into one optimizer step (as one batch of all)
     lr: float = 1e-3  # peak learning rate of the decoder and heads
@@ -131,7 +132,8 @@ class TrainConfig:
                 raise VQAError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
             raise VQAError(f"config key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
-        for key in ("weight_decay", "grad_clip", "type_loss_weight", "checkpoint_every", "num_workers"):
+        for key in ("early_stopping_patience", "weight_decay", "grad_clip", "type_loss_weight", "checkpoint_every",
+                    "num_workers"):
             if getattr(self, key) < 0:
                 raise VQAError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.seed < 2**31:  # numpy takes seeds below 2**32, and each process adds to the seed
