@@ -312,9 +312,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")
         elif not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience):
-            log(f"{run} stopped early after epoch {start_epoch} (its best validation accuracy is epoch {best_epoch}'s), "
-                f"so there is nothing to train; to train on, add --early_stopping_patience N with N > "
-                f"{start_epoch - best_epoch}, or 0 to train every epoch")
+            log(f"{run} stopped early after epoch {start_epoch} (its best validation accuracy is epoch "
+                f"{best_epoch}'s), so there is nothing to train; to train on, add --early_stopping_patience N with "
+                f"N > {start_epoch - best_epoch}, or 0 to train every epoch")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
         resolved = cfg.with_absolute_paths().with_paths_spelt_as(saved)
@@ -467,15 +467,21 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             distributed.sync_buffers(model, procs)
             try:
                 metrics = evaluate(model, stoppable(val_loader), device,
-                                   lambda n: distributed.sum_over_ranks(n, procs, device))
+                                   lambda n: distributed.sum_over_ranks(n, procs, device), losses=True,
+                                   class_weights=class_weights)
             except _Stopped as stop:  # the epoch's training is saved; resume validates it again
                 stop_on(stop.signum, epoch, len(batches))
             total, count = distributed.sum_over_ranks(torch.tensor(losses, dtype=torch.float64), procs, device).tolist()
             # The mean of every process's step losses (each the loss a step optimised, with the type loss).
             # Left out where a checkpoint from before the tally (2026-11-29) resumed at the epoch's end: no step of
             # it ran here, and the ones before were not counted.
-            train_loss = {"train_loss": total / count} if count else {}
-            metrics.update(epoch=epoch + 1, step=step, **train_loss, train_seconds=round(seconds, 2))
+            logged = {"train_loss": total / count} if count else {}
+            # The loss training optimises, over the validation set as one batch (none where it has no known answer).
+            val_loss, type_loss = metrics.pop("answer_loss", None), metrics.pop("type_loss", None)
+            if val_loss is not None:
+                val_loss += t.type_loss_weight * type_loss if t.use_type_loss else 0.0
+                logged.update({"val_loss": val_loss} if math.isfinite(val_loss) else {})  # JSON has no NaN
+            metrics.update(epoch=epoch + 1, step=step, **logged, train_seconds=round(seconds, 2))
             is_best = metrics["accuracy"] > best
             if is_best:
                 best, best_epoch = metrics["accuracy"], epoch + 1
@@ -496,7 +502,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                                            "vision_kwargs": vision_kwargs_record(cfg.model.vision_kwargs)})
             checkpoint(epoch + 1, 0)
             if procs.is_main:  # said once saved: a stdout that is gone (`| head`, a closed terminal) loses nothing
-                said = f"train loss {train_loss['train_loss']:.4f}, " if train_loss else ""
+                said = "".join(f"{name.replace('_', ' ')} {logged[name]:.4f}, " for name in ("train_loss", "val_loss")
+                               if name in logged)
                 print(f"epoch {epoch + 1}: {said}val accuracy {100 * metrics['accuracy']:.2f}% ({seconds:.0f} s "
                       f"training)")
             stop_on(agreed_signal(), epoch + 1, 0)

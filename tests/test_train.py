@@ -551,8 +551,8 @@ def test_early_stopping_ends_a_run_whose_accuracy_has_not_risen_for_patience_epo
 
     accuracies, evaluate = iter([0.5, 0.6, 0.6, 0.55, 0.9, 0.9]), train.evaluate
 
-    def scripted(*args):
-        return {**evaluate(*args), "accuracy": next(accuracies)}
+    def scripted(*args, **kwargs):
+        return {**evaluate(*args, **kwargs), "accuracy": next(accuracies)}
 
     monkeypatch.setattr(train, "evaluate", scripted)
     config = tiny_config(tmp_path, epochs=6, early_stopping_patience=2, use_type_loss=False)
@@ -1176,12 +1176,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def nan_after(loss_fn, calls: int):
-    """``loss_fn``, returning NaN from its ``calls + 1``-th call on."""
+    """``loss_fn``, returning NaN from its ``calls + 1``-th call in training on (validation's, under no_grad, are left
+    as they are and not counted)."""
     made = []
 
     def poisoned(*args, **kwargs):
-        made.append(1)
         loss = loss_fn(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return loss
+        made.append(1)
         return loss * float("nan") if len(made) > calls else loss
 
     return poisoned
@@ -1666,12 +1669,13 @@ def test_resume_refuses_what_fixes_the_batch_order_or_the_schedule(trained, tmp_
 
 
 def recording_cross_entropy(monkeypatch, train):
-    """Records each call's ``weight`` and result; returns the list."""
+    """Records each training loss call's ``weight`` and result (not validation's, under no_grad); returns the list."""
     calls, real = [], train.F.cross_entropy
 
     def recording(*args, **kwargs):
         loss = real(*args, **kwargs)
-        calls.append((kwargs.get("weight"), loss.item()))
+        if torch.is_grad_enabled():
+            calls.append((kwargs.get("weight"), loss.item()))
         return loss
 
     monkeypatch.setattr(train.F, "cross_entropy", recording)
@@ -1713,8 +1717,8 @@ def test_the_step_loss_is_the_answer_loss_plus_the_weighted_type_loss_and_gradie
     calls = recording_cross_entropy(monkeypatch, train)
     losses, isfinite = [], math.isfinite
 
-    def recording_isfinite(x):  # train.py calls it once a step, on the step's loss.item(); others call it too
-        if sys._getframe(1).f_code.co_filename == train.__file__:
+    def recording_isfinite(x):  # train.py's batch_check calls it once a step, on the step's loss.item()
+        if sys._getframe(1).f_code.co_name == "batch_check":
             losses.append(x)
         return isfinite(x)
 
@@ -1733,6 +1737,31 @@ def test_the_step_loss_is_the_answer_loss_plus_the_weighted_type_loss_and_gradie
     assert clips == []  # 0 disables clipping
 
 
+def _several(ids, counts, g):
+    """A loss batch of questions with several answers (class ids, -1 for none known, and how many gave each)."""
+    ids = torch.tensor(ids)
+    return {"answer": ids[:, 0], "answer_ids": ids, "answer_counts": torch.tensor(counts),
+            "question_type": torch.randint(0, 5, (len(ids),), generator=g)}
+
+
+def _single(ids, g):
+    """A loss batch of questions with one answer each (class ids, -1 for none known)."""
+    return {"answer": torch.tensor(ids), "question_type": torch.randint(0, 5, (len(ids),), generator=g)}
+
+
+def _joined(group):
+    """The batches of ``group`` as one, those of one answer a question as collate gives them beside several."""
+    k = max(b["answer_ids"].shape[1] if "answer_ids" in b else 1 for b in group)
+    if k > 1:
+        group = [
+            {**b, "answer_ids": F.pad(b["answer_ids"], (0, k - b["answer_ids"].shape[1]), value=-1),
+             "answer_counts": F.pad(b["answer_counts"], (0, k - b["answer_counts"].shape[1]))} if "answer_ids" in b
+            else {**b, "answer_ids": F.pad(b["answer"][:, None], (0, k - 1), value=-1),
+                  "answer_counts": F.pad(torch.ones(len(b["answer"]), 1, dtype=torch.long), (0, k - 1))}
+            for b in group]
+    return {key: torch.cat([b[key] for b in group]) for key in group[0]}
+
+
 def test_the_loss_shares_make_a_step_of_several_batches_the_loss_of_one_batch_of_all_their_questions():
     """Scaled by their shares, the batches' answer and type losses add up to the losses of the batches put together,
     with answer weights, questions of several answers beside questions of one, and batches of other sizes."""
@@ -1741,34 +1770,14 @@ def test_the_loss_shares_make_a_step_of_several_batches_the_loss_of_one_batch_of
 
     g = torch.Generator().manual_seed(0)
     weight = torch.rand(6, generator=g) + 0.2
-
-    def several(ids, counts):
-        ids = torch.tensor(ids)
-        return {"answer": ids[:, 0], "answer_ids": ids, "answer_counts": torch.tensor(counts),
-                "question_type": torch.randint(0, 5, (len(ids),), generator=g)}
-
-    def single(ids):
-        return {"answer": torch.tensor(ids), "question_type": torch.randint(0, 5, (len(ids),), generator=g)}
-
-    def as_several(batch, k):  # a batch of one answer a question as collate gives it beside one of several
-        if "answer_ids" in batch:
-            pad = k - batch["answer_ids"].shape[1]
-            return {**batch, "answer_ids": F.pad(batch["answer_ids"], (0, pad), value=-1),
-                    "answer_counts": F.pad(batch["answer_counts"], (0, pad))}
-        n = len(batch["answer"])
-        return {**batch, "answer_ids": torch.cat([batch["answer"][:, None], torch.full((n, k - 1), -1)], 1),
-                "answer_counts": torch.cat([torch.ones(n, 1, dtype=torch.long), torch.zeros(n, k - 1, dtype=torch.long)], 1)}
-
     groups = [
-        [single([5, 5, 1]), single([0, 2]), single([4])],
-        [single([3, 1]), several([[1, 4, -1], [2, 5, 0]], [[3, 1, 1], [1, 1, 2]]), several([[0]], [[4]])],
+        [_single([5, 5, 1], g), _single([0, 2], g), _single([4], g)],
+        [_single([3, 1], g), _several([[1, 4, -1], [2, 5, 0]], [[3, 1, 1], [1, 1, 2]], g), _several([[0]], [[4]], g)],
     ]
     for group in groups:
         logits = [torch.randn(len(b["answer"]), 6, generator=g) for b in group]
         type_logits = [torch.randn(len(b["answer"]), 5, generator=g) for b in group]
-        k = max(b["answer_ids"].shape[1] if "answer_ids" in b else 1 for b in group)
-        joined = [as_several(b, k) for b in group] if k > 1 else group
-        whole = {key: torch.cat([b[key] for b in joined]) for key in joined[0]}
+        whole = _joined(group)
         for w in (None, weight):
             shares = train.loss_shares(group, w)
             assert len({a for a, _ in shares}) == len(group)  # unequal shares: a mean of the losses would be wrong
@@ -1777,7 +1786,61 @@ def test_the_loss_shares_make_a_step_of_several_batches_the_loss_of_one_batch_of
             types = sum(q * F.cross_entropy(x, b["question_type"]) for (_, q), x, b in zip(shares, type_logits, group))
             assert types.item() == pytest.approx(
                 F.cross_entropy(torch.cat(type_logits), whole["question_type"]).item(), rel=1e-5)
-    assert train.loss_shares([single([5, 5, 1])], weight) == [(1.0, 1.0)]  # one batch a step: its loss as it is
+    assert train.loss_shares([_single([5, 5, 1], g)], weight) == [(1.0, 1.0)]  # one batch a step: its loss as it is
+
+
+class _Given(torch.nn.Module):
+    """A model that gives the answer and type logits it is handed, batch by batch."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = iter(outputs)
+
+    def forward(self, *inputs):
+        from vqa.model import VQAOutput
+        return VQAOutput(*next(self.outputs))
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_evaluate_gives_the_training_losses_of_all_its_batches_as_one_batch(several):
+    """evaluate's answer_loss and type_loss are the losses of every question put in one batch (answer weights, a
+    batch with no known answer, batches of other sizes, questions of several answers beside ones of one), with
+    the sums of the other processes added in; a set with no known answer has no answer_loss."""
+    from vqa.evaluate import evaluate
+    from vqa.model import answer_loss
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.rand(6, generator=g) + 0.2
+    group = [_single([5, 5, 1], g), _single([-1, -1], g), _single([4], g)]
+    if several:
+        group[2] = _several([[1, 4, -1], [2, 5, 0]], [[3, 1, 1], [1, 1, 2]], g)
+    outputs = [(torch.randn(len(b["answer"]), 6, generator=g), torch.randn(len(b["answer"]), 5, generator=g))
+               for b in group]
+    whole, logits, type_logits = _joined(group), *(torch.cat(x) for x in zip(*outputs))
+    inputs = ("pixel_values", "input_ids", "attention_mask", "image_index")  # _Given's model reads none of them
+    group = [{**b, **dict.fromkeys(inputs, torch.zeros(len(b["answer"])))} for b in group]
+    for w in (None, weight):
+        m = evaluate(_Given(outputs), group, torch.device("cpu"), losses=True, class_weights=w)
+        assert m["answer_loss"] == pytest.approx(answer_loss(logits, whole, w).item(), rel=1e-6)
+        assert m["type_loss"] == pytest.approx(F.cross_entropy(type_logits, whole["question_type"]).item(), rel=1e-6)
+
+    def with_another(t):  # another process's sums, (answer loss, type loss) above their divisors
+        return t + torch.tensor([[3.0, 1.0], [2.0, 4.0]], dtype=t.dtype) if t.shape == (2, 2) else t
+
+    m = evaluate(_Given(outputs), group, torch.device("cpu"), with_another, losses=True, class_weights=weight)
+    total = answer_loss(logits, whole, weight).item() * _answer_total(whole, weight)
+    assert m["answer_loss"] == pytest.approx((total + 3.0) / (_answer_total(whole, weight) + 2.0), rel=1e-6)
+    n = len(whole["question_type"])
+    assert m["type_loss"] == pytest.approx((F.cross_entropy(type_logits, whole["question_type"]).item() * n + 1.0)
+                                           / (n + 4.0), rel=1e-6)
+    m = evaluate(_Given(outputs[1:2]), group[1:2], torch.device("cpu"), losses=True)
+    assert "answer_loss" not in m and m["type_loss"] > 0
+    assert "type_loss" not in evaluate(_Given(outputs), group, torch.device("cpu"))  # only when asked
+
+
+def _answer_total(batch, weight) -> float:
+    from vqa.model import answer_loss_total
+    return float(answer_loss_total(batch, weight))
 
 
 @pytest.mark.parametrize("half", [2, 3])
@@ -2503,8 +2566,10 @@ def test_each_epoch_logs_the_mean_of_its_steps_losses(tmp_path, monkeypatch, cap
     terms, cross_entropy = [], train.F.cross_entropy
 
     def recording(*args, **kwargs):
-        terms.append(cross_entropy(*args, **kwargs))
-        return terms[-1]
+        loss = cross_entropy(*args, **kwargs)
+        if torch.is_grad_enabled():  # training's, not validation's
+            terms.append(loss)
+        return loss
 
     monkeypatch.setattr(train.F, "cross_entropy", recording)
     assert train.cli(["--config", str(tiny_config(tmp_path)), "--type_loss_weight", "0.25"]) == 0
@@ -2513,7 +2578,8 @@ def test_each_epoch_logs_the_mean_of_its_steps_losses(tmp_path, monkeypatch, cap
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["train_loss"] for m in logged] == [(0.0 + steps[0] + steps[1]) / 2, (0.0 + steps[2] + steps[3]) / 2]
     out = capsys.readouterr().out
-    assert f"epoch 2: train loss {logged[1]['train_loss']:.4f}, val accuracy {100 * logged[1]['accuracy']:.2f}%" in out
+    assert (f"epoch 2: train loss {logged[1]['train_loss']:.4f}, val loss {logged[1]['val_loss']:.4f}, val accuracy "
+            f"{100 * logged[1]['accuracy']:.2f}%") in out
     # Under torchrun the mean covers every process's steps: another process's tally, simulated in the sum (the loss
     # tally is the one sum of two numbers; validation sums a credit and a count per question type).
     real_sum = train.distributed.sum_over_ranks
@@ -2525,6 +2591,51 @@ def test_each_epoch_logs_the_mean_of_its_steps_losses(tmp_path, monkeypatch, cap
     assert train.cli(["--config", str(tiny_config(tmp_path / "two")), "--type_loss_weight", "0.25"]) == 0
     both = [json.loads(line) for line in (tmp_path / "two" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["train_loss"] for m in both] == [(2 * m["train_loss"] + 10.0) / 5 for m in logged]  # the same steps
+
+
+@pytest.mark.parametrize("type_loss", [True, False])
+def test_each_epoch_logs_the_loss_training_optimises_on_the_validation_set(tmp_path, type_loss, one_block):
+    """metrics.jsonl's val_loss is the answer loss, with the run's answer weights, plus the weighted type loss
+    (with use_type_loss), of the last weights on every validation question as one batch."""
+    import train
+    from vqa.answer_weights import load_answer_weights
+    from vqa.data import VQADataset, build_transform, read_split
+    from vqa.evaluate import make_loader
+    from vqa.model import answer_loss
+    from vqa.run_files import load_run
+
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({"yes": 4.0, "no": 0.5, "1": 3.0, "2": 0.25, "red": 2.0}))
+    config = tiny_config(tmp_path, epochs=1, use_type_loss=type_loss, type_loss_weight=0.25)
+    assert train.cli(["--config", str(config), "--answer_weights", str(weights)]) == 0
+    (logged,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    model, tokenizer, answers, cfg = load_run(tmp_path / "run", which="last")
+    val = VQADataset(read_split(cfg.data.val_csv).rows, build_transform(model.backbone, cfg.model.img_size),
+                     tokenizer, answers)
+    (batch,) = make_loader(val, [list(range(len(val)))])
+    table = load_answer_weights(weights)
+    with torch.no_grad():
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
+    expected = answer_loss(out.logits, batch, torch.tensor([table.get(a, 1.0) for a in answers.itos]))
+    if type_loss:
+        expected = expected + 0.25 * F.cross_entropy(out.type_logits, batch["question_type"])
+    assert logged["val_loss"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_a_validation_loss_that_is_not_finite_is_left_out_of_the_metrics_file(tmp_path, monkeypatch, one_block):
+    """JSON has no NaN (Python writes one that other readers refuse): such a val_loss is not logged."""
+    import train
+
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "answer_loss": math.nan})
+    assert train.cli(["--config", str(tiny_config(tmp_path, epochs=1))]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.jsonl")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    (logged,) = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert "val_loss" not in logged and "train_loss" in logged
 
 
 def test_each_epoch_draws_another_order_of_the_images_and_the_same_again_on_resume():
@@ -2567,8 +2678,8 @@ def test_a_stopped_and_resumed_run_checkpoints_logs_and_keeps_its_best_epoch_as_
     calls, loss_fn = [], train.F.cross_entropy
 
     def signalling(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # step 3: epoch 2's first
+        calls.append(torch.is_grad_enabled())  # training's loss, not validation's
+        if calls.count(True) == 3 and calls[-1]:  # step 3: epoch 2's first
             os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py's handler, in this process
         return loss_fn(*args, **kwargs)
 
@@ -3228,7 +3339,7 @@ def test_every_training_step_runs_the_model_in_training_mode(tmp_path, monkeypat
     steps = (train.__file__, vqa.model.__file__)  # the type loss, and the answer loss (vqa.model.answer_loss)
 
     def recording(*args, **kwargs):
-        if sys._getframe(1).f_code.co_filename in steps:  # the step's losses only
+        if sys._getframe(1).f_code.co_filename in steps and torch.is_grad_enabled():  # the step's losses only
             modes.append(all(m.training for m in models[0].modules()))
         return real(*args, **kwargs)
 

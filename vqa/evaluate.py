@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lora
@@ -21,6 +22,7 @@ from .cli import run_tool, user_path
 from .data import VQADataset, build_transform, chunks, collate, read_split
 from .errors import VQAError
 from .metrics import TypeAccuracy, format_accuracy_table
+from .model import answer_loss_sum, answer_loss_total
 from .predictions import check_out, predictions_table, write_predictions
 
 __all__ = ["evaluate", "make_loader"]
@@ -114,21 +116,31 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             predictions: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+             predictions: list[tuple[torch.Tensor, torch.Tensor]] | None = None, losses: bool = False,
+             class_weights: torch.Tensor | None = None) -> dict:
     """Runs the model with its adapters merged (base-model speed) and returns per-type accuracy.
 
     ``reduce`` combines the hit and question counts of processes that each evaluated a share (a sum
     over ranks), so every process returns the accuracy over all of them. ``predictions``, where given, gets
-    each batch's predicted classes and their probabilities (on the CPU), in the loader's order."""
+    each batch's predicted classes and their probabilities (on the CPU), in the loader's order. With
+    ``losses``, the result also has the training losses, each over all the questions as one batch:
+    ``answer_loss`` (with ``class_weights``; left out where no answer is a class) and ``type_loss``."""
     was_training = model.training
     model.eval()
     meter = TypeAccuracy()
+    # The answer loss's and the type loss's sums over the batches (row 0) and divisors (row 1), on the device.
+    sums = torch.zeros(2, 2, dtype=torch.float64, device=device)
     with lora.merged(model, keep_buffer=False):  # during training, hold no extra copy between evaluations
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device):
                 out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
             predicted = out.logits.argmax(-1)
+            if losses:
+                type_loss = F.cross_entropy(out.type_logits.float(), batch["question_type"], reduction="sum")
+                sums += torch.stack([torch.stack([answer_loss_sum(out.logits, batch, class_weights), type_loss]),
+                                     torch.stack([answer_loss_total(batch, class_weights).to(device),
+                                                  torch.tensor(float(len(batch["question_type"])), device=device)])])
             meter.update(predicted, batch["answer"], batch["question_type"], batch.get("answer_ids"),
                          batch.get("answer_counts"))
             if predictions is not None:
@@ -137,7 +149,13 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     model.train(was_training)
     if reduce is not None:
         meter.correct, meter.total = reduce(meter.correct), reduce(meter.total)
-    return meter.compute()
+        sums = reduce(sums) if losses else sums  # a process with no batch adds zeros
+    metrics = meter.compute()
+    if losses:
+        for name, total, count in zip(("answer_loss", "type_loss"), sums[0].tolist(), sums[1].tolist()):
+            if count > 0:
+                metrics[name] = total / count
+    return metrics
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

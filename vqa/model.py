@@ -21,7 +21,7 @@ from lora.layer import no_autocast
 
 from .text import QUESTION_TYPES
 
-__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention", "answer_loss", "answer_loss_total"]
+__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention", "answer_loss", "answer_loss_sum", "answer_loss_total"]
 
 
 class VQAOutput(NamedTuple):
@@ -192,11 +192,19 @@ def answer_loss(logits: Tensor, batch: dict[str, Tensor], weight: Tensor | None 
     targets each by its share of them: the loss is ``sum_q sum_a w_a p_qa (-log softmax_qa) / sum_q sum_a w_a p_qa``
     over known answers, which for questions with one answer each is what ``F.cross_entropy`` computes. The divisor
     is ``answer_loss_total(batch, weight)``."""
+    if "answer_ids" not in batch:
+        return F.cross_entropy(logits.float(), batch["answer"], weight=weight, ignore_index=-1)
+    return answer_loss_sum(logits, batch, weight) / _answer_shares(batch, weight)[1].sum()
+
+
+def answer_loss_sum(logits: Tensor, batch: dict[str, Tensor], weight: Tensor | None = None) -> Tensor:
+    """``answer_loss`` times its divisor, ``answer_loss_total``: summed over several batches, and divided by their
+    totals' sum, it gives the loss of one batch of all of them (0 for a batch with no known answer)."""
     logits = logits.float()
     if "answer_ids" not in batch:
-        return F.cross_entropy(logits, batch["answer"], weight=weight, ignore_index=-1)
+        return F.cross_entropy(logits, batch["answer"], weight=weight, ignore_index=-1, reduction="sum")
     ids, share = _answer_shares(batch, weight)
-    return -(share * logits.log_softmax(-1).gather(1, ids)).sum() / share.sum()
+    return -(share * logits.log_softmax(-1).gather(1, ids)).sum()
 
 
 def answer_loss_total(batch: dict[str, Tensor], weight: Tensor | None = None) -> Tensor:
