@@ -35,7 +35,7 @@ from vqa.cli import run_tool, user_path
 from vqa.config import RunConfig, key_help, load_config
 from vqa.data import VQADataset, build_transform, chunks
 from vqa.errors import VQAError, preview
-from vqa.evaluate import autocast, evaluate, make_loader, pick_device
+from vqa.evaluate import autocast, autocast_dtype, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.model import answer_loss, answer_loss_total
 from vqa.resume import (check_answers_known, check_inputs_found, check_resumable, check_same_images,
@@ -256,6 +256,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     val_loader = make_loader(val_set, val_batches, t.num_workers, pin)
 
     optimizer = make_optimizer(model, cfg)
+    # fp16's 5 exponent bits underflow small gradients: the loss is scaled up for backward, and the gradients down
+    # before clipping; a step whose gradients overflowed is skipped (the fused AdamW kernel reads the verdict) and
+    # the scale lowered. Disabled (bf16, fp32), the scaler passes everything through unchanged.
+    amp_dtype = autocast_dtype(device, t.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batches_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)  # the last step may have fewer batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.epochs * steps_per_epoch, t.warmup_ratio))
@@ -295,6 +300,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                                "resume with --checkpoint_path PATH")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler.is_enabled() and state.get("scaler"):  # an fp16 run's scale (none from a run in another precision)
+            scaler.load_state_dict(state["scaler"])
         # The optimizer kept the old schedule's last rate (0 once a run has finished); with --epochs the
         # schedule is another, so the next step takes the rate this one gives it.
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -336,7 +343,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if procs.is_main:
             save_checkpoint({
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng_per_process": list(rngs),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_per_process": list(rngs),
                 "epoch": epoch, "batch": batch, "step": step, "best": best, "best_epoch": best_epoch,
                 "base_sha256": base_sha256,
                 "base_weights_sha256": base_weights_sha256,
@@ -373,8 +380,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             kept = "no checkpoint had been written yet"
             if (run / "checkpoint.pt").is_file():
                 kept = f"{run / 'checkpoint.pt'} still holds the last good state"
+            # fp16 holds no value above 65,504: activations beyond it turn to inf and then NaN in the loss.
+            fp16_hint = ", resume with --precision bf16 (on GPUs from Ampere on) or fp32," if scaler.is_enabled() else ""
             raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
-                           f"{kept}. Lower --lr or check the data")
+                           f"{kept}. Lower --lr{fp16_hint} or check the data")
         return signum
 
     def stop_on(signum: int, epoch: int, batch: int) -> None:
@@ -428,7 +437,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 step_loss = 0.0
                 for batch, (answer_share, type_share) in zip(group, loss_shares(group, cpu_weights)):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with autocast(device):
+                    with autocast(device, t.precision):
                         out = net(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                   batch["image_index"])
                         loss = answer_share * answer_loss(out.logits, batch, class_weights)
@@ -440,12 +449,14 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                     # Under DDP every batch's backward averages the gradients over the processes, onto what the
                     # step's batches before it left: the sum is the same, and no_sync, which would save those
                     # all-reduces, breaks with static_graph (pytorch#187732).
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     step_loss += loss_value
                     seen += len(batch["answer"])
                 if t.grad_clip:
+                    scaler.unscale_(optimizer)  # clip the true gradients
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
                 i += len(group)
@@ -468,7 +479,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             try:
                 metrics = evaluate(model, stoppable(val_loader), device,
                                    lambda n: distributed.sum_over_ranks(n, procs, device), losses=True,
-                                   class_weights=class_weights)
+                                   class_weights=class_weights, precision=t.precision)
             except _Stopped as stop:  # the epoch's training is saved; resume validates it again
                 stop_on(stop.signum, epoch, len(batches))
             total, count = distributed.sum_over_ranks(torch.tensor(losses, dtype=torch.float64), procs, device).tolist()

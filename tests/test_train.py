@@ -1203,6 +1203,18 @@ def test_a_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path, mon
     assert not (Path(cfg.train.output_dir) / "checkpoint.pt").exists()
 
 
+def test_a_nonfinite_loss_in_fp16_names_the_precisions_to_resume_with(tmp_path, monkeypatch):
+    """fp16 overflows above 65,504, so a loss that turns non-finite under it may be fp16's doing, not the rate's."""
+    import train
+    from vqa.config import load_config
+
+    cfg = load_config(tiny_config(tmp_path, epochs=2, precision="fp16"))
+    monkeypatch.setattr(train.F, "cross_entropy", nan_after(train.F.cross_entropy, 2 * 2))
+    with pytest.raises(train.VQAError, match=r"still holds the last good state. Lower --lr, resume with --precision "
+                                             r"bf16 \(on GPUs from Ampere on\) or fp32, or check the data"):
+        train.main(cfg)
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train
@@ -1542,15 +1554,109 @@ def test_auto_picks_cuda_where_there_is_one_and_a_cuda_index_must_exist(monkeypa
     assert pick_device("auto") == torch.device("cpu")
 
 
-def test_autocast_is_bf16_on_cuda_and_off_on_the_cpu():
+def test_auto_precision_is_bf16_on_gpus_from_ampere_on_fp16_before_and_fp32_on_the_cpu(monkeypatch):
     from contextlib import nullcontext
 
-    from vqa.evaluate import autocast
+    from vqa.evaluate import autocast, autocast_dtype
 
-    assert isinstance(autocast(torch.device("cpu")), nullcontext)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(autocast(cpu), nullcontext) and autocast_dtype(cpu) is None
+    for capability, dtype in [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), torch.float16),
+                              ((7, 0), torch.float16)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert autocast_dtype(cuda) == dtype
     with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():  # "CUDA is not available"
-        cuda = autocast(torch.device("cuda"))
-    assert isinstance(cuda, torch.autocast) and (cuda.device, cuda.fast_dtype) == ("cuda", torch.bfloat16)
+        context = autocast(cuda)
+    assert isinstance(context, torch.autocast) and (context.device, context.fast_dtype) == ("cuda", torch.float16)
+    for device in (cpu, cuda):  # named, a precision is the same everywhere
+        assert [autocast_dtype(device, p) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
+    assert isinstance(autocast(cpu, "fp32"), nullcontext)
+    assert (autocast(cpu, "fp16").device, autocast(cpu, "fp16").fast_dtype) == ("cpu", torch.float16)
+
+
+def test_fp16_scales_the_loss_skips_a_step_whose_gradients_overflowed_and_resumes_with_its_scale(tmp_path,
+                                                                                                 monkeypatch):
+    """With precision fp16 the model trains and validates under fp16 autocast. The gradients clipping sees are the
+    true ones (unscaled: fp32's, to fp16's rounding); a step whose gradients hold an inf is skipped, by AdamW's own
+    step count, and halves the scale, which the checkpoint keeps for a resume."""
+    import train
+    from vqa.config import load_config
+
+    seen, clipped, build, clip = [], [], train.build_model, torch.nn.utils.clip_grad_norm_
+
+    def building(*args, **kwargs):  # records, at each forward, whether it trains and autocast's dtype
+        model = build(*args, **kwargs)
+        model.backbone.patch_embed.register_forward_hook(lambda *_: seen[-1].add(
+            (torch.is_grad_enabled(), torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+        return model
+
+    def recording(params, *args, **kwargs):
+        clipped[-1].append([p.grad.clone() for p in params])
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(train, "build_model", building)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    for precision in ("fp32", "fp16"):
+        seen.append(set())
+        clipped.append([])
+        train.main(load_config(tiny_config(tmp_path / precision, epochs=1), [
+            "--precision", precision, "--vision_lora_dropout", "0", "--dropout", "0"]))
+    assert seen == [{(True, None), (False, None)}, {(True, torch.float16), (False, torch.float16)}]
+    full, half = (steps[0] for steps in clipped)  # the first step's, from the same weights
+    for a, b in zip(full, half):
+        torch.testing.assert_close(b, a, rtol=0.05, atol=1e-4)
+
+    unscale = torch.amp.GradScaler.unscale_
+    overflowed = []
+
+    def overflowing(self, optimizer):  # the first step's gradients overflow, before they are unscaled
+        if not overflowed:
+            overflowed.append(next(p for g in optimizer.param_groups for p in g["params"] if p.grad is not None))
+            overflowed[0].grad.view(-1)[0] = math.inf
+        return unscale(self, optimizer)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", overflowing)
+    run = tmp_path / "overflow" / "run"
+    train.main(load_config(tiny_config(tmp_path / "overflow", epochs=1, precision="fp16")))
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["scaler"]["scale"] == 2.0**15  # halved from 2**16, once
+    assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {1.0}  # one step of the two taken
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", unscale)
+    train.main(load_config(run / "config.yaml", ["--epochs", "2"]), resume=True)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 2.0**15  # not a new scaler's 2**16
+    assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {3.0}
+
+
+def test_the_tools_run_the_model_in_the_run_s_precision(trained, tmp_path, monkeypatch, capsys):
+    """vqa.evaluate and vqa.predict (an image, a CSV) run a run trained in fp16 under fp16 autocast, as its
+    validation ran; a run in auto precision in fp32 on the CPU."""
+    import vqa.evaluate
+    import vqa.predict
+    import vqa.run_files
+
+    seen, load = [], vqa.run_files.load_run
+
+    def loading(*args, **kwargs):
+        model, *rest = load(*args, **kwargs)
+        model.backbone.patch_embed.register_forward_hook(lambda *_: seen.append(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return model, *rest
+
+    monkeypatch.setattr(vqa.run_files, "load_run", loading)
+    data = trained[0] / "data"
+    for precision, dtype in (("fp16", torch.float16), ("auto", None)):
+        run = tmp_path / precision
+        shutil.copytree(trained[0] / "run", run)
+        edited_config(run, "train", "precision", precision)
+        seen.clear()
+        assert vqa.evaluate.main(["--run", str(run), "--csv", str(data / "val.csv")]) == 0
+        assert vqa.predict.main(["--run", str(run), "--image", str(data / "images" / "val_00000.png"),
+                                 "--question", "How many circles are there?"]) == 0
+        assert vqa.predict.main(["--run", str(run), "--csv", str(data / "val.csv"), "--out",
+                                 str(tmp_path / f"{precision}.csv")]) == 0
+        assert len(seen) >= 3 and set(seen) == {dtype}
+    capsys.readouterr()
 
 
 def test_predict_gives_the_answers_and_type_the_model_gives_the_question_in_a_batch(trained):

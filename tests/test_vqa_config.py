@@ -89,6 +89,7 @@ def test_flag_followed_by_a_flag_means_true():
         (["--lr_encoder", "0"], "'lr_encoder' must be > 0"),
         (["--checkpoint_every", "-1"], "'checkpoint_every' must be >= 0"),
         (["--early_stopping_patience", "-1"], "'early_stopping_patience' must be >= 0"),
+        (["--precision", "fp8"], "'precision' must be one of auto, bf16, fp16, fp32, got 'fp8'"),
         (["--num_workers", "-1"], "'num_workers' must be >= 0"),
         (["--question_layers", "-1"], "'question_layers' must be >= 0"),
         (["--epochs", "0"], "'epochs' must be > 0"),

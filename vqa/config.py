@@ -119,6 +119,7 @@ class TrainConfig:
     use_type_loss: bool = False  # add the question-type cross-entropy to the answer loss
     type_loss_weight: float = 0.5  # weight of the question-type loss
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1, ...
+    precision: str = "auto"  # auto: bf16 on GPUs from Ampere on, fp16 (loss-scaled) before, fp32 on CPU; bf16, fp16, fp32
     seed: int = 0  # seeds model init, data order, dropout
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
     num_workers: int = 0  # DataLoader worker processes
@@ -136,6 +137,8 @@ class TrainConfig:
                     "num_workers"):
             if getattr(self, key) < 0:
                 raise VQAError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
+        if self.precision not in PRECISIONS:
+            raise VQAError(f"config key 'precision' must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.seed < 2**31:  # numpy takes seeds below 2**32, and each process adds to the seed
             raise VQAError(f"config key 'seed' must be in [0, 2**31), got {self.seed}")
 
@@ -204,6 +207,8 @@ class RunConfig:
 
 # The names vision_lora_targets takes (vit.LORA_TARGETS; not imported, which would bring timm into every tool).
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+# The model's autocast dtypes (train.precision); vqa.evaluate.autocast_dtype says what each means on a device.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Text keys holding names separated by commas, which a YAML file may also give as a list.
 _NAME_LISTS = {"vision_lora_targets"}
 # timm.create_model arguments the run sets itself, which vision_kwargs may not set.

@@ -108,23 +108,37 @@ def pick_device(name: str, source: str = "--device") -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype a run's ``precision`` (a config key) runs the model in on ``device``; None: fp32, no autocast.
+    ``auto`` is bf16 on a GPU with bf16 tensor cores (compute capability 8.0, Ampere, and later), fp16 on an
+    older one (a V100 or T4 runs bf16 at fp32's speed or slower), and fp32 on the CPU (where bf16 is slower than
+    fp32 on most CPUs)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Autocast to ``autocast_dtype(device, precision)``, or nothing for fp32."""
+    dtype = autocast_dtype(device, precision)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
              predictions: list[tuple[torch.Tensor, torch.Tensor]] | None = None, losses: bool = False,
-             class_weights: torch.Tensor | None = None) -> dict:
+             class_weights: torch.Tensor | None = None, precision: str = "auto") -> dict:
     """Runs the model with its adapters merged (base-model speed) and returns per-type accuracy.
 
     ``reduce`` combines the hit and question counts of processes that each evaluated a share (a sum
     over ranks), so every process returns the accuracy over all of them. ``predictions``, where given, gets
     each batch's predicted classes and their probabilities (on the CPU), in the loader's order. With
     ``losses``, the result also has the training losses, each over all the questions as one batch:
-    ``answer_loss`` (with ``class_weights``; left out where no answer is a class) and ``type_loss``."""
+    ``answer_loss`` (with ``class_weights``; left out where no answer is a class) and ``type_loss``. The model
+    runs under ``autocast(device, precision)``, as the run trained."""
     was_training = model.training
     model.eval()
     meter = TypeAccuracy()
@@ -133,7 +147,7 @@ def evaluate(model: nn.Module, loader, device: torch.device,
     with lora.merged(model, keep_buffer=False):  # during training, hold no extra copy between evaluations
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device):
+            with autocast(device, precision):
                 out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_index"])
             predicted = out.logits.argmax(-1)
             if losses:
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = chunks(list(range(len(dataset))), args.batch_size)
         loader = make_loader(dataset, batches, args.num_workers, pin_memory=device.type == "cuda")
         collected = [] if args.predictions else None
-        metrics = evaluate(model, loader, device, predictions=collected)
+        metrics = evaluate(model, loader, device, predictions=collected, precision=cfg.train.precision)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,16 +26,16 @@ __all__ = ["predict"]
 
 @torch.no_grad()
 def predict(model, tokenizer, answers, transform, image: Path, question: str, top_k: int = 5,
-            type_head: bool = True):
+            type_head: bool = True, precision: str = "auto"):
     """Returns ``([(answer, probability), ...], question_type)``, most likely first. The type is the model's
     type head's guess, or with ``type_head=False`` (a run without the type loss, whose head never trained)
-    the one the wording gives (``infer_question_type``)."""
+    the one the wording gives (``infer_question_type``). ``precision``: the run's, as evaluation runs it."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     pixels = transform(load_image(image)).unsqueeze(0)  # (1, 3, H, W)
     ids = torch.tensor([tokenizer.encode(question)])  # (1, L)
     device = next(model.parameters()).device
-    with lora.merged(model), autocast(device):  # as evaluation runs the model (bf16 on CUDA), so the two agree
+    with lora.merged(model), autocast(device, precision):  # as evaluation runs the model, so the two agree
         out = model(pixels.to(device), ids.to(device), torch.ones_like(ids).to(device))
     probs = out.logits.float().softmax(-1)[0]
     top = probs.topk(min(top_k, probs.numel()))
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   checkpoint_path=args.checkpoint_path, tool=parser.prog)
         transform = build_transform(model.backbone, cfg.model.img_size)
         ranked, qtype = predict(model, tokenizer, answers, transform, args.image, args.question, args.top_k or 5,
-                                type_head=cfg.train.use_type_loss)
+                                type_head=cfg.train.use_type_loss, precision=cfg.train.precision)
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -116,7 +116,7 @@ def predict_csv(args: argparse.Namespace, tool: str) -> int:
     loader = make_loader(dataset, chunks(list(range(len(dataset))), args.batch_size or 32), args.num_workers or 0,
                          pin_memory=device.type == "cuda")
     collected: list = []
-    evaluate(model, loader, device, predictions=collected)
+    evaluate(model, loader, device, predictions=collected, precision=cfg.train.precision)
     write_predictions(args.out, predictions_table(data, dataset, collected, answers, with_answers=False), "--out")
     print(f"wrote the {len(data.rows)} predictions ({len(dataset)} images) to {args.out}")
     if data.skipped:
