@@ -174,6 +174,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if resume:  # first: no other check (one that counts the processes' batches, say) may hide this one
         check_same_processes(state, run, procs.world_size)
     history = read_history(run / "metrics.jsonl") if resume else []  # one record per epoch, rewritten after each
+    step_log = read_history(run / "steps.jsonl", "step") if resume else []  # a record per log_every steps, appended
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -324,6 +325,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 f"N > {start_epoch - best_epoch}, or 0 to train every epoch")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
+        if procs.is_main and (run / "steps.jsonl").exists():
+            # Lines of steps after the checkpoint's (a run killed between a line and its checkpoint) are logged again.
+            write_text(run / "steps.jsonl", "".join(json.dumps(r) + "\n" for r in step_log if r["step"] <= step))
         resolved = cfg.with_absolute_paths().with_paths_spelt_as(saved)
         if procs.is_main and resolved != saved:
             write_text(run / "config.yaml", resolved.to_yaml())  # the settings resumed with (--epochs, say) are its own
@@ -333,13 +337,16 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     clock: list = [0.0, None]
     # This process's sum of its steps' losses in the current epoch, and their number (those before a resume too).
     losses: list = [0.0, 0]
+    # This process's sum of its steps' losses since the step log's last line, and their number (checkpointed too;
+    # a checkpoint from before 2026-11-29 has none, so the first line after its resume covers the steps since).
+    window: list = list(state.get("log_window_per_process", [[0.0, 0]] * procs.world_size)[procs.rank])
 
     def epoch_seconds() -> float:
         return clock[0] + (time.perf_counter() - clock[1] if clock[1] is not None else 0.0)
 
     def checkpoint(epoch: int, batch: int) -> None:
-        # Every process's generators and epoch losses, in rank order.
-        rngs, tallies = zip(*distributed.gather((rng_state(), list(losses)), procs))
+        # Every process's generators, epoch losses and losses since the step log's last line, in rank order.
+        rngs, tallies, windows = zip(*distributed.gather((rng_state(), list(losses), list(window)), procs))
         if procs.is_main:
             save_checkpoint({
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
@@ -351,6 +358,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 # The epoch's training so far, for its log: seconds, and each process's loss tally.
                 "epoch_seconds": epoch_seconds() if batch else 0.0,
                 "epoch_losses_per_process": list(tallies) if batch else [[0.0, 0]] * procs.world_size,
+                "log_window_per_process": list(windows),
             }, run / "checkpoint.pt")
         distributed.barrier(procs)  # no process leaves (a stop) before the file is complete
 
@@ -385,6 +393,17 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
                            f"{kept}. Lower --lr{fp16_hint} or check the data")
         return signum
+
+    def log_steps(epoch: int, lr_factor: float) -> None:
+        """A line of steps.jsonl: the mean loss of every process's steps since the last line (their tallies summed, in
+        one small all-reduce that every process makes at the same step), and the learning rates the step took."""
+        total, count = distributed.sum_over_ranks(torch.tensor(window, dtype=torch.float64), procs, device).tolist()
+        window[:] = [0.0, 0]
+        if procs.is_main:  # appended; a resume cuts a line a kill cut short, and lines after its checkpoint
+            record = {"step": step, "epoch": epoch + 1, "loss": total / count, "lr": t.lr * lr_factor,
+                      "lr_encoder": t.lr_encoder * lr_factor}
+            with open(run / "steps.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     def stop_on(signum: int, epoch: int, batch: int) -> None:
         """Checkpoints and exits on ``signum`` (0: goes on), a value every process holds: all processes stop at
@@ -457,14 +476,19 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                lr_factor = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]  # the step's
                 scheduler.step()
                 step += 1
                 i += len(group)
                 losses[0] += step_loss
                 losses[1] += 1
+                window[0] += step_loss
+                window[1] += 1
                 rate = questions_per_second(seen, time.perf_counter() - tic, procs)
                 bar.set_postfix(loss=f"{step_loss:.3f}", q_per_s=f"{rate:.0f}", refresh=False)
                 bar.update()
+                if t.log_every and step % t.log_every == 0:
+                    log_steps(epoch, lr_factor)
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     checkpoint(epoch, i)
                 stop_on(signum, epoch, i)

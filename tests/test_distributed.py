@@ -232,7 +232,8 @@ def test_processes_agree_on_the_largest_value_any_of_them_holds(monkeypatch):
 # One torchrun run, checked as it ends and as the reference the stopped runs must end up equal to: gradient
 # checkpointing and no type loss (its head outside DDP), the options DDP is most particular about; dropout
 # 0.1, 2 loader workers a process, a checkpoint every step.
-RUN_OPTIONS = dict(checkpoint_every=1, epochs=3, batch_size=1, device="cpu", num_workers=2, use_type_loss=False)
+RUN_OPTIONS = dict(checkpoint_every=1, epochs=3, batch_size=1, device="cpu", num_workers=2, use_type_loss=False,
+                   log_every=3)
 RUN_OVERRIDES = ("--grad_checkpointing", "true")
 
 
@@ -478,6 +479,11 @@ def test_a_stopped_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(t
     logged = [[json.loads(line)["train_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
               for folder in (uninterrupted[0] / "run", run)]
     assert logged[1] == pytest.approx(logged[0], rel=1e-6, abs=0) and len(logged[0]) == 3
+    # So does the step log: every 3rd step's line, the mean of both processes' steps since the line before.
+    steps = [[json.loads(line) for line in (folder / "steps.jsonl").read_text().splitlines()]
+             for folder in (uninterrupted[0] / "run", run)]
+    assert [r["step"] for r in steps[0]] == [3, 6, 9, 12]
+    assert [{**r, "loss": pytest.approx(r["loss"], rel=1e-6, abs=0)} for r in steps[0]] == steps[1]
 
 
 if __name__ == "__main__":

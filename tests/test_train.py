@@ -2744,6 +2744,70 @@ def test_a_validation_loss_that_is_not_finite_is_left_out_of_the_metrics_file(tm
     assert "val_loss" not in logged and "train_loss" in logged
 
 
+def test_the_step_log_gives_every_log_every_steps_their_mean_loss_and_rates_and_a_resume_logs_as_one_run(
+        tmp_path, monkeypatch, one_block):
+    """steps.jsonl: at every 3rd step, the mean loss of the 3 steps (every process's: another one's simulated in the
+    sum) and the two learning rates the step took. A run stopped at step 5, whose log a kill left with a line beyond
+    that checkpoint and a line cut short, resumes to the log of an uninterrupted run: the checkpoint keeps the steps
+    since the last line."""
+    import train
+    from vqa.config import load_config
+
+    losses, isfinite, cross_entropy = [], math.isfinite, train.F.cross_entropy
+    sum_over_ranks = train.distributed.sum_over_ranks
+    monkeypatch.setattr(train.math, "isfinite", lambda x: (
+        losses.append(x) if sys._getframe(1).f_code.co_name == "batch_check" else None) or isfinite(x))
+
+    def with_another(t, procs, device):  # another process's 3 steps since the last line, of losses summing to 6
+        logging = sys._getframe(1).f_code.co_name == "log_steps"
+        return t + torch.tensor([6.0, 3]) if logging else sum_over_ranks(t, procs, device)
+
+    monkeypatch.setattr(train.distributed, "sum_over_ranks", with_another)
+    settings = ["--log_every", "3", "--lr_encoder", "5e-4", "--warmup_ratio", "0.25"]
+    config = tiny_config(tmp_path / "whole", batch_size=2, use_type_loss=False)  # 4 steps an epoch, 8 in all
+    train.main(load_config(config, settings))
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "run" / "steps.jsonl").read_text().splitlines()]
+    factor = train.warmup_cosine(8, 0.25)
+    assert whole == [
+        {"step": 3, "epoch": 1, "loss": pytest.approx((sum(losses[:3]) + 6) / 6, rel=1e-12),
+         "lr": pytest.approx(1e-3 * factor(2), rel=1e-12), "lr_encoder": pytest.approx(5e-4 * factor(2), rel=1e-12)},
+        {"step": 6, "epoch": 2, "loss": pytest.approx((sum(losses[3:6]) + 6) / 6, rel=1e-12),
+         "lr": pytest.approx(1e-3 * factor(5), rel=1e-12), "lr_encoder": pytest.approx(5e-4 * factor(5), rel=1e-12)}]
+
+    calls = []
+
+    def signalling(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        if calls.count(True) == 5 and calls[-1]:  # step 5, epoch 2's first
+            os.kill(os.getpid(), signal.SIGTERM)
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", signalling)
+    cfg = load_config(tiny_config(tmp_path / "stopped", batch_size=2, use_type_loss=False), settings)
+    assert run_until_stopped(train, cfg)["step"] == 5
+    monkeypatch.setattr(train.F, "cross_entropy", cross_entropy)
+    log = tmp_path / "stopped" / "run" / "steps.jsonl"
+    with log.open("a") as f:
+        f.write('{"step": 6, "epoch": 2, "loss": 9.0, "lr": 1.0, "lr_encoder": 1.0}\n{"step": 9, "epo')
+    train.main(load_config(log.parent / "config.yaml"), resume=True)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == whole
+
+
+def test_a_step_log_s_last_line_cut_short_is_left_out_and_a_damaged_line_named(tmp_path):
+    from vqa.errors import VQAError
+    from vqa.run_files import read_history
+
+    log = tmp_path / "steps.jsonl"
+    log.write_text('{"step": 3, "loss": 1.5}\n{"step": 6, "lo')
+    assert read_history(log, "step") == [{"step": 3, "loss": 1.5}]
+    log.write_text('{"step": 3, "loss": 1.5}\n{"step": 6, "lo\n')  # a whole line, damaged
+    with pytest.raises(VQAError, match=re.escape(f"{log}, line 2: '{{\"step\": 6, \"lo' is not a step's loss")):
+        read_history(log, "step")
+    log.write_text('{"step": 3, "loss": 1.5}\n{"epoch": 1}')  # whole, if without its newline: not a step's
+    with pytest.raises(VQAError, match="line 2"):
+        read_history(log, "step")
+
+
 def test_each_epoch_draws_another_order_of_the_images_and_the_same_again_on_resume():
     """The shuffled batches are a pure function of (seed, epoch): each epoch's order is its own, and repeatable."""
     import train

@@ -122,6 +122,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPUs from Ampere on, fp16 (loss-scaled) before, fp32 on CPU; bf16, fp16, fp32
     seed: int = 0  # seeds model init, data order, dropout
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
+    log_every: int = 50  # log the mean training loss and learning rates every N steps to steps.jsonl; 0 = no log
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # show a progress bar
 
@@ -134,7 +135,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise VQAError(f"config key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         for key in ("early_stopping_patience", "weight_decay", "grad_clip", "type_loss_weight", "checkpoint_every",
-                    "num_workers"):
+                    "log_every", "num_workers"):
             if getattr(self, key) < 0:
                 raise VQAError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
         if self.precision not in PRECISIONS:

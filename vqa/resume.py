@@ -47,7 +47,7 @@ RESUME_MAY_CHANGE = {
     "train_csv", "val_csv", "answer_weights", "synthetic", "synthetic_train_images", "synthetic_val_images",
     "skip_bad_rows", "allow_outside_paths", "checkpoint_path", "grad_checkpointing", "output_dir", "epochs",
     "early_stopping_patience", "grad_clip", "type_loss_weight", "device", "precision", "checkpoint_every",
-    "num_workers", "progress",
+    "log_every", "num_workers", "progress",
 }
 
 

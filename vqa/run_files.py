@@ -63,7 +63,7 @@ CHECKPOINT_HELP = ("a local copy of the weights the run started from, in place o
                    "(offline, say), or its checkpoint_path file, moved; checked against the SHA-256 the run recorded")
 
 # What a run has trained, resume state first: a new run will not start over these unless told to.
-TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "model_best.safetensors", "model_last.safetensors",
+TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "steps.jsonl", "model_best.safetensors", "model_last.safetensors",
                  "adapter_best.safetensors", "adapter_last.safetensors")
 # Every file a run writes, the trained ones first: a removal cut short leaves nothing trained or a folder refused.
 RUN_FILES = TRAINED_FILES + ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors")
@@ -184,32 +184,43 @@ def write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
-def read_history(path: Path) -> list[dict]:
-    """The epochs ``metrics.jsonl`` records, one dict per line (none where the file is missing); a line that is not
-    one, edited or damaged, is an error naming it, before any training time is spent."""
+# What each of a run's line-per-record logs is, by the integer key that orders its records: the file, what
+# train.py writes there, and what one line holds.
+_LOGS = {"epoch": ("metrics file", "each epoch's metrics", "an epoch's metrics"),
+         "step": ("step log", "the training loss every log_every steps", "a step's loss")}
+
+
+def read_history(path: Path, key: str = "epoch") -> list[dict]:
+    """The records ``metrics.jsonl`` (``key`` "epoch") or ``steps.jsonl`` ("step") holds, one dict per line (none where
+    the file is missing); a line that is not one, edited or damaged, is an error naming it, before any training time
+    is spent. The step log is appended to: a last line a kill cut short (no newline, no whole record) is left out."""
+    name, written, record_of = _LOGS[key]
     if not path.exists():
         return []
     if not path.is_file():  # a folder: read here, rather than found when the first epoch's metrics cannot replace it
-        raise VQAError(f"'{path}' is not a file, and train.py writes each epoch's metrics there; move it out of the "
+        raise VQAError(f"'{path}' is not a file, and train.py writes {written} there; move it out of the "
                        f"run folder to resume")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise unreadable("metrics file", path, e) from None
+        raise unreadable(name, path, e) from None
     except UnicodeDecodeError:
         raise VQAError(f"'{path}' is not UTF-8 text, as train.py writes it; delete it to resume without the earlier "
-                       f"epochs' metrics") from None
+                       f"{'epochs' if key == 'epoch' else 'steps'}' records") from None
+    lines = text.splitlines()
     history = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):
             record = None
-        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
-            raise VQAError(f"{path}, line {number}: {line[:60]!r} is not an epoch's metrics as train.py writes them "
-                           f"(a JSON object with an integer \"epoch\"); mend or delete that line")
+        if not isinstance(record, dict) or type(record.get(key)) is not int:
+            if key == "step" and record is None and number == len(lines) and not text.endswith("\n"):
+                break  # an append cut short
+            raise VQAError(f"{path}, line {number}: {line[:60]!r} is not {record_of} as train.py writes them "
+                           f"(a JSON object with an integer \"{key}\"); mend or delete that line")
         history.append(record)
     return history
 
