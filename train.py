@@ -55,6 +55,16 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> li
     return chunks(order, batch_size)
 
 
+def run_precision(device: torch.device, precision: str, procs: distributed.Processes) -> str:
+    """The precision every process runs, bf16, fp16 or fp32: a named one as named, ``auto`` as ``autocast_dtype``
+    resolves it on this process's device, but fp16 in all of them where any process's GPU takes fp16 (a V100 beside
+    an A100): a process that scales its loss and one that does not would average unlike gradients."""
+    dtype = autocast_dtype(device, precision)
+    if precision == "auto" and distributed.max_over_ranks([int(dtype == torch.float16)], procs, device)[0]:
+        dtype = torch.float16
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+
+
 def stalled(epochs_done: int, best_epoch: int, patience: int) -> bool:
     """Whether early stopping ends a run after ``epochs_done`` epochs: its validation accuracy, best at epoch
     ``best_epoch``, has not risen in the ``patience`` epochs since (0: never stops early)."""
@@ -260,8 +270,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     # fp16's 5 exponent bits underflow small gradients: the loss is scaled up for backward, and the gradients down
     # before clipping; a step whose gradients overflowed is skipped (the fused AdamW kernel reads the verdict) and
     # the scale lowered. Disabled (bf16, fp32), the scaler passes everything through unchanged.
-    amp_dtype = autocast_dtype(device, t.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    precision = run_precision(device, t.precision, procs)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     batches_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)  # the last step may have fewer batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.epochs * steps_per_epoch, t.warmup_ratio))
@@ -303,6 +313,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled() and state.get("scaler"):  # an fp16 run's scale (none from a run in another precision)
             scaler.load_state_dict(state["scaler"])
+        # Before 2026-11-29 a run trained in bf16 on any GPU.
+        trained_in = state.get("precision", "bf16" if device.type == "cuda" else "fp32")
+        if t.precision == "auto" and precision != trained_in:
+            log(f"note: precision auto is {precision} here, and the run trained in {trained_in} until now; "
+                f"--precision {trained_in} keeps that")
         # The optimizer kept the old schedule's last rate (0 once a run has finished); with --epochs the
         # schedule is another, so the next step takes the rate this one gives it.
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -320,9 +335,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")
         elif not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience):
-            log(f"{run} stopped early after epoch {start_epoch} (its best validation accuracy is epoch "
-                f"{best_epoch}'s), so there is nothing to train; to train on, add --early_stopping_patience N with "
-                f"N > {start_epoch - best_epoch}, or 0 to train every epoch")
+            log(f"{run}'s validation accuracy has not risen above epoch {best_epoch}'s in the {start_epoch - best_epoch} "
+                f"epochs since (early_stopping_patience {t.early_stopping_patience}), so there is nothing to train; to "
+                f"train on, add --early_stopping_patience N with N > {start_epoch - best_epoch}, or 0 to train every "
+                f"epoch")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
         if procs.is_main and (run / "steps.jsonl").exists():
@@ -350,7 +366,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if procs.is_main:
             save_checkpoint({
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_per_process": list(rngs),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "precision": precision,
+                "rng_per_process": list(rngs),
                 "epoch": epoch, "batch": batch, "step": step, "best": best, "best_epoch": best_epoch,
                 "base_sha256": base_sha256,
                 "base_weights_sha256": base_weights_sha256,
@@ -385,13 +402,19 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         not_finite_anywhere, signum = distributed.max_over_ranks([not finite, signal_got()], procs, device)
         if not_finite_anywhere:
             loss_text = "not finite in another process" if finite else loss_value
-            kept = "no checkpoint had been written yet"
+            fp16 = precision == "fp16"  # it holds no value above 65,504: activations beyond turn to inf, then NaN
             if (run / "checkpoint.pt").is_file():
                 kept = f"{run / 'checkpoint.pt'} still holds the last good state"
-            # fp16 holds no value above 65,504: activations beyond it turn to inf and then NaN in the loss.
-            fp16_hint = ", resume with --precision bf16 (on GPUs from Ampere on) or fp32," if scaler.is_enabled() else ""
+                advice = "check the data, or start over with a lower --lr (--overwrite)"
+                if fp16:
+                    advice = (f"resume with --precision bf16 (on GPUs from Ampere on) or fp32, fp16 overflowing above "
+                              f"65,504; or {advice}")
+            else:
+                kept = "no checkpoint had been written yet"
+                advice = "check the data, or start again with --overwrite and a lower --lr" + (
+                    " or --precision bf16 (on GPUs from Ampere on) or fp32" if fp16 else "")
             raise VQAError(f"loss is {loss_text} at epoch {epoch + 1}, step {step + 1}; stopped without saving, so "
-                           f"{kept}. Lower --lr{fp16_hint} or check the data")
+                           f"{kept}. To go on: {advice}")
         return signum
 
     def log_steps(epoch: int, lr_factor: float) -> None:
@@ -456,7 +479,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 step_loss = 0.0
                 for batch, (answer_share, type_share) in zip(group, loss_shares(group, cpu_weights)):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with autocast(device, t.precision):
+                    with autocast(device, precision):
                         out = net(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                   batch["image_index"])
                         loss = answer_share * answer_loss(out.logits, batch, class_weights)
@@ -482,8 +505,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                 i += len(group)
                 losses[0] += step_loss
                 losses[1] += 1
-                window[0] += step_loss
-                window[1] += 1
+                if t.log_every:  # a log turned on at a resume starts from there
+                    window[0] += step_loss
+                    window[1] += 1
                 rate = questions_per_second(seen, time.perf_counter() - tic, procs)
                 bar.set_postfix(loss=f"{step_loss:.3f}", q_per_s=f"{rate:.0f}", refresh=False)
                 bar.update()
@@ -503,7 +527,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             try:
                 metrics = evaluate(model, stoppable(val_loader), device,
                                    lambda n: distributed.sum_over_ranks(n, procs, device), losses=True,
-                                   class_weights=class_weights, precision=t.precision)
+                                   class_weights=class_weights, precision=precision)
             except _Stopped as stop:  # the epoch's training is saved; resume validates it again
                 stop_on(stop.signum, epoch, len(batches))
             total, count = distributed.sum_over_ranks(torch.tensor(losses, dtype=torch.float64), procs, device).tolist()

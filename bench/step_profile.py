@@ -49,7 +49,7 @@ def main() -> None:
     setups = {v: training_setup(base, v) for v in VARIANTS}
 
     def step(variant: str) -> None:
-        train_step(*setups[variant], x)  # bf16 autocast on CUDA around the forward, as train.py runs it
+        train_step(*setups[variant], x)  # autocast (precision auto) around the forward, as train.py runs it
 
     for v in VARIANTS:  # warm-up: allocator, kernels' first calls, optimizer state
         for _ in range(3):

@@ -34,7 +34,7 @@ from torch import nn
 import lora
 from vqa.cli import user_path
 from vqa.errors import VQAError
-from vqa.evaluate import at_least, autocast, pick_device  # bf16 autocast on CUDA, as the trainer runs
+from vqa.evaluate import at_least, autocast, pick_device  # precision auto, as the trainer runs (no loss scaling here)
 from vqa.run_files import write_text
 
 INFERENCE = ("base", "lora_unmerged", "lora_merged", "lora_removed")
@@ -97,7 +97,7 @@ def training_setup(base: nn.Module, variant: str, copy_base: bool = True):
 
 
 def train_step(model: nn.Module, optimizer, x: torch.Tensor) -> None:
-    with autocast(x.device):  # the forward and the loss, as train.py runs them; backward and step outside
+    with autocast(x.device):  # forward and loss in precision auto, as train.py runs them; backward and step outside
         loss = model(x).float().pow(2).mean()
     if optimizer is None:  # frozen_floor: the backward pass alone
         loss.backward()

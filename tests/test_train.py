@@ -569,7 +569,8 @@ def test_early_stopping_ends_a_run_whose_accuracy_has_not_risen_for_patience_epo
 
     before = run_bytes(run)
     assert train.cli(["--resume", str(run)]) == 0
-    assert "stopped early after epoch 4" in capsys.readouterr().out and run_bytes(run) == before
+    assert ("validation accuracy has not risen above epoch 2's in the 2 epochs since (early_stopping_patience 2), so "
+            "there is nothing to train") in capsys.readouterr().out and run_bytes(run) == before
     del state["best_epoch"]  # as a checkpoint from before 2026-11-29
     torch.save(state, run / "checkpoint.pt")
     before = run_bytes(run)
@@ -1004,7 +1005,7 @@ def test_overwrite_replaces_the_run_only_once_the_data_is_good(trained, tmp_path
 
 
 def test_a_new_run_keeps_nothing_of_a_run_that_never_checkpointed(trained, tmp_path):
-    """A run killed before its first checkpoint leaves only its vocabularies and random backbone: nothing
+    """A run killed before its first checkpoint leaves only its vocabularies, random backbone and step log: nothing
     trained, so a new run may start there, but predict would load that stale backbone if it stayed."""
     sys.path.insert(0, str(ROOT))
     import train
@@ -1014,10 +1015,12 @@ def test_a_new_run_keeps_nothing_of_a_run_that_never_checkpointed(trained, tmp_p
     run.mkdir()
     for name in ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors"):
         (run / name).write_bytes((tmp / "run" / name).read_bytes())
+    (run / "steps.jsonl").write_text('{"step": 50, "epoch": 1, "loss": 2.5, "lr": 0.001, "lr_encoder": 0.001}\n')
     (tmp_path / "given.safetensors").write_bytes((run / "backbone.safetensors").read_bytes())  # one's own backbone
     assert train.cli(["--config", str(tmp / "tiny.yaml"), "--output_dir", str(run), "--epochs", "1",
                       "--checkpoint_path", str(tmp_path / "given.safetensors")]) == 0
     assert (run / "checkpoint.pt").is_file() and not (run / "backbone.safetensors").exists()
+    assert not (run / "steps.jsonl").exists()  # the old run's 50 steps; this one logged none of its 2
 
 
 def test_a_new_run_keeps_its_own_input_found_in_its_folder(trained, tmp_path):
@@ -1203,16 +1206,26 @@ def test_a_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path, mon
     assert not (Path(cfg.train.output_dir) / "checkpoint.pt").exists()
 
 
-def test_a_nonfinite_loss_in_fp16_names_the_precisions_to_resume_with(tmp_path, monkeypatch):
-    """fp16 overflows above 65,504, so a loss that turns non-finite under it may be fp16's doing, not the rate's."""
+def test_a_nonfinite_loss_in_fp16_names_the_precisions_to_go_on_with(tmp_path, monkeypatch):
+    """fp16 overflows above 65,504, so a loss that turns non-finite under it may be fp16's doing, not the rate's:
+    after a checkpoint the advice is to resume in another precision, before one to start again in it."""
     import train
     from vqa.config import load_config
 
-    cfg = load_config(tiny_config(tmp_path, epochs=2, precision="fp16"))
-    monkeypatch.setattr(train.F, "cross_entropy", nan_after(train.F.cross_entropy, 2 * 2))
-    with pytest.raises(train.VQAError, match=r"still holds the last good state. Lower --lr, resume with --precision "
-                                             r"bf16 \(on GPUs from Ampere on\) or fp32, or check the data"):
-        train.main(cfg)
+    for precision, calls in (("fp16", 2 * 2), ("fp32", 2 * 2), ("fp16", 0), ("fp32", 0)):
+        cfg = load_config(tiny_config(tmp_path / f"{precision}{calls}", epochs=2, precision=precision))
+        monkeypatch.setattr(train.F, "cross_entropy", nan_after(train.F.cross_entropy, calls))
+        with pytest.raises(train.VQAError) as e:
+            train.main(cfg)
+        monkeypatch.undo()
+        advice = str(e.value).partition("To go on: ")[2]
+        if calls:
+            assert advice == ("resume with --precision bf16 (on GPUs from Ampere on) or fp32, fp16 overflowing above "
+                              "65,504; or " * (precision == "fp16") + "check the data, or start over with a lower --lr "
+                              "(--overwrite)")
+        else:
+            assert advice == "check the data, or start again with --overwrite and a lower --lr" + (
+                " or --precision bf16 (on GPUs from Ampere on) or fp32" * (precision == "fp16"))
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1572,6 +1585,47 @@ def test_auto_precision_is_bf16_on_gpus_from_ampere_on_fp16_before_and_fp32_on_t
         assert [autocast_dtype(device, p) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
     assert isinstance(autocast(cpu, "fp32"), nullcontext)
     assert (autocast(cpu, "fp16").device, autocast(cpu, "fp16").fast_dtype) == ("cpu", torch.float16)
+
+
+def test_auto_precision_is_fp16_in_every_process_where_any_process_takes_fp16(monkeypatch):
+    """Under torchrun auto is agreed on: a V100 beside an A100 makes every process fp16 (one process scaling its
+    loss and another not would average unlike gradients); a named precision asks no other process."""
+    import train
+    from vqa.distributed import Processes
+
+    asked, others = [], []
+
+    def max_over_ranks(values, procs, device):  # the other processes' flags, simulated
+        asked.append(values)
+        return [max([v, *others]) for v in values]
+
+    monkeypatch.setattr(train.distributed, "max_over_ranks", max_over_ranks)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    two, cpu, cuda = Processes(rank=0, world_size=2), torch.device("cpu"), torch.device("cuda")
+    assert [train.run_precision(d, "auto", two) for d in (cpu, cuda)] == ["fp32", "bf16"]
+    others.append(1)  # another process's GPU takes fp16
+    assert [train.run_precision(d, "auto", two) for d in (cpu, cuda)] == ["fp16", "fp16"]
+    asked.clear()
+    assert [train.run_precision(cuda, p, two) for p in ("bf16", "fp32")] == ["bf16", "fp32"] and asked == []
+
+
+def test_a_resume_in_auto_precision_says_where_it_differs_from_the_run_s_so_far(tmp_path, capsys):
+    """A run that trained in bf16 (on an A100, say) and resumes in auto precision where that is fp32 (or fp16, on a
+    V100) says so, and how to keep bf16; given the same precision, or named, nothing is said."""
+    import train
+
+    assert train.cli(["--config", str(tiny_config(tmp_path, epochs=1))]) == 0
+    run = tmp_path / "run"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["precision"] == "fp32"
+    for recorded, args, said in (("bf16", [], True), ("bf16", ["--precision", "fp32"], False),
+                                 ("fp32", [], False), (None, [], False)):  # None: a checkpoint from before the key
+        state = {k: v for k, v in state.items() if k != "precision"} | ({"precision": recorded} if recorded else {})
+        torch.save(state, run / "checkpoint.pt")
+        capsys.readouterr()
+        assert train.cli(["--resume", str(run), *args]) == 0
+        note = "note: precision auto is fp32 here, and the run trained in bf16 until now; --precision bf16 keeps that"
+        assert (note in capsys.readouterr().out) is said
 
 
 def test_fp16_scales_the_loss_skips_a_step_whose_gradients_overflowed_and_resumes_with_its_scale(tmp_path,

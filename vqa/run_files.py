@@ -63,10 +63,11 @@ CHECKPOINT_HELP = ("a local copy of the weights the run started from, in place o
                    "(offline, say), or its checkpoint_path file, moved; checked against the SHA-256 the run recorded")
 
 # What a run has trained, resume state first: a new run will not start over these unless told to.
-TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "steps.jsonl", "model_best.safetensors", "model_last.safetensors",
+TRAINED_FILES = ("checkpoint.pt", "metrics.jsonl", "model_best.safetensors", "model_last.safetensors",
                  "adapter_best.safetensors", "adapter_last.safetensors")
 # Every file a run writes, the trained ones first: a removal cut short leaves nothing trained or a folder refused.
-RUN_FILES = TRAINED_FILES + ("config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors")
+# The step log is not trained work: a run killed before its first checkpoint may have logged steps.
+RUN_FILES = TRAINED_FILES + ("steps.jsonl", "config.yaml", "tokenizer.json", "answers.json", "backbone.safetensors")
 
 
 def build_model(cfg: RunConfig, vocab_size: int, num_answers: int, checkpoint_path: str | None = None,
