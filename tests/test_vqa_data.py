@@ -16,7 +16,7 @@ from timm.data import create_transform, resolve_data_config
 
 from vqa.data import VQADataset, build_transform, check_images, chunks, collate, load_image, read_csv, read_split
 from vqa.errors import VQAError
-from vqa.evaluate import _worker_start_method, make_loader
+from vqa.evaluate import _Loader, _worker_start_method, make_loader
 from vqa.text import QUESTION_TYPES, AnswerVocab, Tokenizer, normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,6 +407,21 @@ def test_a_vqa_error_made_of_anything_but_one_worker_s_text_keeps_its_arguments(
     worker_text = "Caught VQAError in DataLoader worker process 0.\nTraceback\nvqa.errors.VQAError: the message\n"
     assert VQAError(worker_text).args == ("the message",)
     assert VQAError(worker_text, 2).args == (worker_text, 2)  # torch builds it from one text
+
+
+@pytest.mark.skipif(_worker_start_method() != "fork", reason="loader workers are forked only where fork is used")
+def test_a_loader_forks_its_workers_once_an_earlier_loader_s_queue_threads_have_ended(monkeypatch):
+    """Python before 3.12 can deadlock a child forked while another thread ends (CPython gh-112275), and an earlier
+    loader's queue threads end after its shutdown, unjoined: the next loader waits for them before it forks."""
+    import threading
+    import time
+
+    ending = threading.Thread(target=time.sleep, args=(0.3,), name="QueueFeederThread", daemon=True)
+    ending.start()  # as an earlier loader's feeder thread, still ending
+    alive_at_fork, fork = [], os.fork
+    monkeypatch.setattr(os, "fork", lambda: alive_at_fork.append(ending.is_alive()) or fork())
+    loader = _Loader(list(range(4)), batch_size=2, num_workers=2)
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]] and alive_at_fork == [False, False]
 
 
 LOADER_CHILD = """

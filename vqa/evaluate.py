@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -68,11 +69,24 @@ class _Loader(torch.utils.data.DataLoader):
     def __iter__(self):
         if self.num_workers == 0 or not _POSIX:
             return super().__iter__()
+        _join_ending_queue_threads()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             return super().__iter__()  # forks the workers, which inherit the blocked mask
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _join_ending_queue_threads(timeout: float = 1.0) -> None:
+    """Waits for the threads that fed an earlier loader's queues (multiprocessing's ``QueueFeederThread``), which a
+    loader's shutdown tells to end but does not join, before this process forks workers again. Python before 3.12
+    can deadlock a child forked while another thread is ending (CPython gh-112275: the child waits for the
+    interpreter's thread-list lock, which the ending thread held at the fork): a validation's loader worker, forked
+    just after the epoch's training loader shut down, hung so in one of this project's test runs, and the loader
+    waited on it for ever. Joined, such a thread has let go of the lock before this thread runs again."""
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread":  # only earlier loaders' here: a loader starts its own after its forks
+            thread.join(timeout)
 
 
 def _leave_process_group(worker_id: int) -> None:
