@@ -183,6 +183,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     state = load_checkpoint(run / "checkpoint.pt") if resume else {}
     if resume:  # first: no other check (one that counts the processes' batches, say) may hide this one
         check_same_processes(state, run, procs.world_size)
+        done, begun = state["epoch"], state["batch"]
+        if t.epochs < done + (begun > 0):  # a position inside an epoch: that epoch has begun; said before any work
+            inside = f" and {begun} batch(es) of epoch {done + 1}" if begun else ""
+            raise VQAError(f"{run} has trained {done} epoch{'s' * (done != 1)}{inside} already; --epochs cannot be "
+                           f"fewer than {done + (begun > 0)}")
     history = read_history(run / "metrics.jsonl") if resume else []  # one record per epoch, rewritten after each
     step_log = read_history(run / "steps.jsonl", "step") if resume else []  # a record per log_every steps, appended
     random.seed(t.seed)
@@ -271,6 +276,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     # before clipping; a step whose gradients overflowed is skipped (the fused AdamW kernel reads the verdict) and
     # the scale lowered. Disabled (bf16, fp32), the scaler passes everything through unchanged.
     precision = run_precision(device, t.precision, procs)
+    if device.type == "cpu" and precision != "fp32":
+        log(f"note: precision {precision} on the CPU runs far slower than fp32 where the CPU has no {precision} matrix "
+            f"units (AMX; AVX-512 FP16): 30 times slower on a 2-core test machine; precision auto is fp32 there")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     batches_per_epoch = len(distributed.shard(epoch_batches(len(train_set), t.batch_size, t.seed, 0), procs))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)  # the last step may have fewer batches
@@ -327,10 +335,6 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         # A checkpoint from before 2026-11-29 has no best_epoch: the first logged epoch that reached the best.
         best_epoch = state["best_epoch"] if "best_epoch" in state else next(
             (record["epoch"] for record in history if record.get("accuracy") == best), start_epoch)
-        if t.epochs < start_epoch + (start_batch > 0):  # a position inside an epoch: that epoch has begun
-            begun = f" and {start_batch} batch(es) of epoch {start_epoch + 1}" if start_batch else ""
-            raise VQAError(f"{run} has trained {start_epoch} epoch{'s' * (start_epoch != 1)}{begun} already; --epochs "
-                           f"cannot be fewer than {start_epoch + (start_batch > 0)}")
         if start_epoch == t.epochs:
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")
@@ -584,6 +588,10 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if skipped:
         log(f"skipped {skipped} bad row(s) (--skip_bad_rows)")
     if metrics:
+        # The last epoch's table; the tools load the best epoch's weights by default.
+        last = metrics["epoch"]
+        which = "the best" if best_epoch == last else f"the last; model_best holds epoch {best_epoch}'s, {100 * best:.2f}%"
+        log(f"\nvalidation accuracy of epoch {last} ({which}):")
         log(format_accuracy_table(metrics))
         log(next_steps(run, cfg.data.val_csv))
     return metrics

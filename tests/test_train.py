@@ -561,6 +561,7 @@ def test_early_stopping_ends_a_run_whose_accuracy_has_not_risen_for_patience_epo
     out = capsys.readouterr().out
     assert "epoch 4:" in out and "epoch 5:" not in out
     assert "not risen above epoch 2's 60.00% in 2 epochs (early_stopping_patience 2)" in out
+    assert "validation accuracy of epoch 4 (the last; model_best holds epoch 2's, 60.00%):" in out
     assert [r["accuracy"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [
         0.5, 0.6, 0.6, 0.55]
     state = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -657,7 +658,9 @@ def test_epochs_cannot_end_a_run_inside_an_epoch_it_has_begun(trained, tmp_path,
     state.update(epoch=1, batch=1)  # stopped after the first batch of epoch 2
     torch.save(state, run / "checkpoint.pt")
     assert train.cli(["--resume", str(run), "--epochs", "1"]) == 2
-    assert "has trained 1 epoch and 1 batch(es) of epoch 2 already; --epochs cannot be fewer than 2" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "has trained 1 epoch and 1 batch(es) of epoch 2 already; --epochs cannot be fewer than 2" in said.err
+    assert "[LoRA]" not in said.out  # said before the model is built
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, capsys):
@@ -1629,7 +1632,7 @@ def test_a_resume_in_auto_precision_says_where_it_differs_from_the_run_s_so_far(
 
 
 def test_fp16_scales_the_loss_skips_a_step_whose_gradients_overflowed_and_resumes_with_its_scale(tmp_path,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch, capsys):
     """With precision fp16 the model trains and validates under fp16 autocast. The gradients clipping sees are the
     true ones (unscaled: fp32's, to fp16's rounding); a step whose gradients hold an inf is skipped, by AdamW's own
     step count, and halves the scale, which the checkpoint keeps for a resume."""
@@ -1656,6 +1659,8 @@ def test_fp16_scales_the_loss_skips_a_step_whose_gradients_overflowed_and_resume
         train.main(load_config(tiny_config(tmp_path / precision, epochs=1), [
             "--precision", precision, "--vision_lora_dropout", "0", "--dropout", "0"]))
     assert seen == [{(True, None), (False, None)}, {(True, torch.float16), (False, torch.float16)}]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: precision")]
+    assert len(notes) == 1 and notes[0].startswith("note: precision fp16 on the CPU runs far slower than fp32")
     full, half = (steps[0] for steps in clipped)  # the first step's, from the same weights
     for a, b in zip(full, half):
         torch.testing.assert_close(b, a, rtol=0.05, atol=1e-4)

@@ -400,6 +400,8 @@ def test_vision_kwargs_come_from_the_file_or_the_command_line_as_a_mapping(tmp_p
     ("{num_classes: 10}", "'vision_kwargs' may not set 'num_classes': the image encoder has no classifier head"),
     ("{2: 3}", "'vision_kwargs' holds 2, which is no argument name"),
     ("{drop-path: 0.1}", "'vision_kwargs' holds 'drop-path', which is no argument name"),
+    ("{depth:2, embed_dim: 32}", "holds 'depth:2', which is no argument name (YAML reads a colon with no space after "
+                                 "it as part of a name: write 'depth: 2')"),
 ])
 def test_vision_kwargs_that_timm_could_not_take_or_the_run_sets_itself_are_refused(value, message):
     with pytest.raises(VQAError) as e:

@@ -1,5 +1,6 @@
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,19 @@ def test_a_quote_left_open_loses_no_row_silently(folder, csv_text):
     path = write(folder, "image,question,answer,question_type\n" + csv_text)
     with pytest.raises(VQAError, match="row 1 runs from line 2 to line [34]: a quote"):
         read_csv(path, skip_bad_rows=True)
+
+
+@pytest.mark.parametrize("ending", ["", "\n"])
+def test_a_quote_left_open_on_the_last_row_is_named_and_a_quote_inside_a_field_is_not(folder, ending):
+    """At the end of the file the reader closes an open quote itself: the row would read as one with a field short
+    ("What color,red" as the question, no answer), the quote never named."""
+    path = write(folder, HEADER + 'img/b.png,Which?,blue\nimg/a.png,"What color,red' + ending)
+    with pytest.raises(VQAError, match=re.escape(f'{path} row 2 (line 3): a quote (") opened on line 3 is not closed '
+                                                 f"before the file ends; close or remove it")):
+        read_csv(path)
+    assert [r.answer for r in read_csv(path, skip_bad_rows=True).rows] == ["blue"]
+    path = write(folder, HEADER + 'img/b.png,Which?,blue\nimg/a.png,Is it 5" tall?,yes' + ending)
+    assert [r.question for r in read_csv(path).rows] == ["Which?", 'Is it 5" tall?']
 
 
 def test_a_quote_left_open_in_a_large_file_is_our_error_naming_its_line(folder):

@@ -204,7 +204,8 @@ def test_results_answer_every_question_by_its_id_and_a_repeat_as_the_question_it
     assert results(["--questions", str(vqa2 / "q.json"), "--predictions", str(predictions), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "1 of the 4 questions of --questions have no prediction" in err and "question_id 91" in err
-    assert "(without --skip_bad_rows), a CSV made with neither --annotations nor --skip_missing_images" in err
+    assert ("(without --skip_bad_rows); such a CSV leaves out the questions about images --skip_missing_images left out, "
+            "and, made with --annotations, those with no answer left once normalised") in err
     assert "--subtype" not in err and not out.exists()
 
 

@@ -73,7 +73,9 @@ class ModelConfig:
         _expand_home(self, *_PATH_KEYS["model"])
         for name, value in self.vision_kwargs.items():
             if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-                raise VQAError(f"config key 'vision_kwargs' holds {name!r}, which is no argument name; give "
+                spacing = (f" (YAML reads a colon with no space after it as part of a name: write "
+                           f"{name.replace(':', ': ', 1)!r})") if isinstance(name, str) and ":" in name else ""
+                raise VQAError(f"config key 'vision_kwargs' holds {name!r}, which is no argument name{spacing}; give "
                                f"timm.create_model's keyword arguments, e.g. {{drop_path_rate: 0.1}}")
             if name in _OWN_KEYS:
                 raise VQAError(f"config key 'vision_kwargs' may not set '{name}': {_OWN_KEYS[name]}")

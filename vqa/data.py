@@ -164,6 +164,9 @@ def read_csv(
                 f"not closed on it, so the lines up to {end} are read as one row, the rows there inside one field; "
                 f"close or remove the quote (--skip_bad_rows cannot tell where the rows inside begin)")
         try:
+            if end == len(lines) and _open_at_end(lines[start - 1:end]):  # the reader ends such a field at the end
+                raise VQAError(f"{where}: a quote (\") opened on line {start} is not closed before the file ends; close "
+                               f"or remove it")
             row = _parse_row(record, where, number, root, answer_column, allow_outside_paths)
             key = (row.image, row.question, row.answer, row.answers, row.question_type)
             if key in seen and require_answer:  # it would count twice; a question asked twice harms no prediction
@@ -212,6 +215,16 @@ def _records(reader: csv.DictReader, path: Path, lines: list[str]):
                            f"by commas") from None
         raise VQAError(f"{path} line {start}: {e}; a quote (\") opened on line {start} and left open makes a field "
                        f"run on to the end of the file: close or remove it") from None
+
+
+def _open_at_end(last: list[str]) -> bool:
+    """Whether the file's last row leaves a quoted field open (``a.png,"What color,red``): the reader ends it
+    at the end of the file, where a quote inside an unquoted field (``What is 5" tall?``) is only a character."""
+    try:
+        list(csv.reader(last, strict=True))
+    except csv.Error as e:
+        return "end of data" in str(e)  # strict mode's word for it; its other errors are the lenient reader's to judge
+    return False
 
 
 # Suffixes that mark a line's image field as an image path, as a row of its own begins.

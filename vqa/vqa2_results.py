@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             raise VQAError(f"{len(unanswered)} of the {len(questions)} questions of --questions have no prediction in "
                            f"--predictions '{args.predictions}', e.g. question_id {qid} ({image}: {question!r}){hint}; "
                            f"predict every question of the CSV python -m vqa.vqa2 made from these questions (without "
-                           f"--skip_bad_rows), a CSV made with neither --annotations nor --skip_missing_images, which "
-                           f"leave questions out")
+                           f"--skip_bad_rows); such a CSV leaves out the questions about images --skip_missing_images "
+                           f"left out, and, made with --annotations, those with no answer left once normalised, and "
+                           f"those have no prediction either")
         write_out(args.out, json.dumps(results), "--out")
     except VQAError as e:
         print(f"error: {e}", file=sys.stderr)
