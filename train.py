@@ -339,8 +339,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")
         elif not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience):
-            log(f"{run}'s validation accuracy has not risen above epoch {best_epoch}'s in the {start_epoch - best_epoch} "
-                f"epochs since (early_stopping_patience {t.early_stopping_patience}), so there is nothing to train; to "
+            log(f"{run}'s validation accuracy has not risen above epoch {best_epoch}'s in the "
+                f"{start_epoch - best_epoch} epochs since (early_stopping_patience {t.early_stopping_patience}), so there is nothing to train; to "
                 f"train on, add --early_stopping_patience N with N > {start_epoch - best_epoch}, or 0 to train every "
                 f"epoch")
         else:
@@ -590,7 +590,8 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
     if metrics:
         # The last epoch's table; the tools load the best epoch's weights by default.
         last = metrics["epoch"]
-        which = "the best" if best_epoch == last else f"the last; model_best holds epoch {best_epoch}'s, {100 * best:.2f}%"
+        which = ("the best" if best_epoch == last
+                 else f"the last; model_best holds epoch {best_epoch}'s, {100 * best:.2f}%")
         log(f"\nvalidation accuracy of epoch {last} ({which}):")
         log(format_accuracy_table(metrics))
         log(next_steps(run, cfg.data.val_csv))

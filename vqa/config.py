@@ -121,7 +121,7 @@ class TrainConfig:
     use_type_loss: bool = False  # add the question-type cross-entropy to the answer loss
     type_loss_weight: float = 0.5  # weight of the question-type loss
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1, ...
-    precision: str = "auto"  # auto: bf16 on GPUs from Ampere on, fp16 (loss-scaled) before, fp32 on CPU; bf16, fp16, fp32
+    precision: str = "auto"  # auto: bf16 on GPUs from Ampere on, fp16 (loss-scaled) before, CPU fp32; bf16, fp16, fp32
     seed: int = 0  # seeds model init, data order, dropout
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
     log_every: int = 50  # log the mean training loss and learning rates every N steps to steps.jsonl; 0 = no log

@@ -21,7 +21,8 @@ from lora.layer import no_autocast
 
 from .text import QUESTION_TYPES
 
-__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention", "answer_loss", "answer_loss_sum", "answer_loss_total"]
+__all__ = ["DeterministicVQA", "VQAOutput", "GatedQuestionAttention", "answer_loss", "answer_loss_sum",
+           "answer_loss_total"]
 
 
 class VQAOutput(NamedTuple):
