@@ -310,6 +310,7 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                                   backbone_file)
     start_epoch, start_batch, best, step = 0, 0, -1.0, 0
     best_epoch = 0  # the epoch that reached ``best``
+    ended_early = False  # a resumed run that early stopping had ended: nothing to train
     if resume:
         copy_weights(model, state["model"], run / "checkpoint.pt")
         if base_sha256 is not None:
@@ -338,11 +339,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if start_epoch == t.epochs:
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")
-        elif not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience):
+        elif ended_early := not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience):
             log(f"{run}'s validation accuracy has not risen above epoch {best_epoch}'s in the "
-                f"{start_epoch - best_epoch} epochs since (early_stopping_patience {t.early_stopping_patience}), so there is nothing to train; to "
-                f"train on, add --early_stopping_patience N with N > {start_epoch - best_epoch}, or 0 to train every "
-                f"epoch")
+                f"{start_epoch - best_epoch} epochs since (early_stopping_patience {t.early_stopping_patience}), so "
+                f"there is nothing to train; to train on, add --early_stopping_patience N with N > "
+                f"{start_epoch - best_epoch}, or 0 to train every epoch")
         else:
             log(f"resuming {run} at epoch {start_epoch + 1}, batch {start_batch} (step {step})")
         if procs.is_main and (run / "steps.jsonl").exists():
@@ -460,7 +461,6 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = {}
-    ended_early = not start_batch and stalled(start_epoch, best_epoch, t.early_stopping_patience)
     try:
         for epoch in range(start_epoch, start_epoch if ended_early else t.epochs):
             model.train()
