@@ -814,3 +814,29 @@ def test_questions_with_several_answers_collate_to_each_answer_s_count(folder):
     one_answer = read_csv(write(folder, HEADER + "img/a.png,What?,red\n", "one.csv")).rows
     batch = collate([VQADataset(one_answer, lambda im: torch.zeros(3, 2, 2), Tokenizer.build(["What?"]), answers)[0]])
     assert "answer_ids" not in batch and batch["answer"].tolist() == [1]  # no counts to give: the answer says it all
+
+
+def test_the_data_tools_run_without_importing_timm(tmp_path):
+    """timm's import takes seconds (most of a tool's start on this project's CPU): the tools that only read and write
+    data, run here on a data set one of them makes, never import it, and the package gives the model on first use."""
+    child = f"""
+import sys
+from vqa import answer_weights, config, synth, vqa2, vqa2_results
+assert synth.main(["--out", {str(tmp_path)!r}, "--train-images", "2", "--val-images", "1"]) == 0
+assert answer_weights.main(["--train_csv", {str(tmp_path / "train.csv")!r}, "--out", {str(tmp_path / "w.json")!r}]) == 0
+print("timm before the model:", sorted(m for m in sys.modules if m.split(".")[0] == "timm"))
+import vqa
+print("model:", vqa.DeterministicVQA.__module__, "timm" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["timm before the model: []", "model: vqa.model True"]
+    assert (tmp_path / "w.json").is_file()
+
+
+def test_the_package_has_no_names_but_its_own():
+    import vqa
+    with pytest.raises(AttributeError, match="module 'vqa' has no attribute 'DeterministicVQa'"):
+        vqa.DeterministicVQa
+    assert {name: getattr(vqa, name).__module__ for name in ("DeterministicVQA", "VQAOutput")} == {
+        "DeterministicVQA": "vqa.model", "VQAOutput": "vqa.model"}

@@ -228,8 +228,8 @@ def test_bad_arguments_raise(tmp_path, kwargs, match):
 
 
 def test_cli_bad_arguments_exit_2_without_a_traceback(tmp_path):
-    # One real subprocess: `python -m vqa.synth` imports the whole vqa package (torch, timm), which
-    # takes seconds, so the other CLI cases below call main() in-process.
+    # One real subprocess: `python -m vqa.synth` imports torch, which takes seconds, so the other CLI
+    # cases below call main() in-process.
     result = subprocess.run(
         [sys.executable, "-m", "vqa.synth", "--out", str(tmp_path), "--image-size", "30"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from .cli import run_tool, user_path, write_out
+from .cli import at_least, run_tool, user_path, write_out
 from .errors import VQAError, unreadable
 from .text import normalize_answer
 
@@ -104,7 +104,6 @@ class _Pairs(list):
 
 def main(argv: list[str] | None = None) -> int:
     from .data import read_csv
-    from .evaluate import at_least
 
     parser = argparse.ArgumentParser(prog="python -m vqa.answer_weights",
                                      description="Per-answer loss weights that balance rare answers.")

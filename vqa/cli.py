@@ -1,4 +1,4 @@
-"""What the command-line tools share: their entry point, and their path arguments."""
+"""What the command-line tools share: their entry point, and their path and count arguments."""
 import argparse
 import os
 import sys
@@ -10,7 +10,7 @@ from lora import atomic_write
 from .config import expand_home
 from .errors import VQAError
 
-__all__ = ["run_tool", "user_path", "check_new_out", "first_line", "write_out"]
+__all__ = ["run_tool", "user_path", "at_least", "check_new_out", "first_line", "write_out"]
 
 
 def run_tool(main: Callable[[], int]) -> NoReturn:
@@ -30,6 +30,19 @@ def user_path(text: str) -> Path:
         return Path(expand_home(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, or argparse's usage error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def check_new_out(out: Path, overwrite: bool, inputs: dict[str, Path | None], example: str,

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
 from .errors import VQAError, unreadable
@@ -406,6 +405,8 @@ def chunks(indices: list[int], size: int) -> list[list[int]]:
 def build_transform(backbone: nn.Module, img_size: int):
     """timm's evaluation transform from the backbone's own pretrained config, at ``img_size``, the whole image
     resized to the square ("squash"): a crop would cut off what a question about the edges asks about."""
+    from timm.data import create_transform, resolve_data_config  # here: the data tools never build a transform,
+    # and start without timm's seconds of import
     config = resolve_data_config({"input_size": (3, img_size, img_size), "crop_pct": 1.0, "crop_mode": "squash"},
                                  model=backbone)
     return create_transform(**config, is_training=False)

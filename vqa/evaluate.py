@@ -19,7 +19,7 @@ from torch import nn
 
 import lora
 
-from .cli import run_tool, user_path
+from .cli import at_least, run_tool, user_path
 from .data import VQADataset, build_transform, chunks, collate, read_split
 from .errors import VQAError
 from .metrics import TypeAccuracy, format_accuracy_table
@@ -184,19 +184,6 @@ def evaluate(model: nn.Module, loader, device: torch.device,
             if count > 0:
                 metrics[name] = total / count
     return metrics
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, or argparse's usage error naming the option."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

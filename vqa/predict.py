@@ -14,10 +14,10 @@ import torch
 
 import lora
 
-from .cli import run_tool, user_path
+from .cli import at_least, run_tool, user_path
 from .data import VQADataset, build_transform, check_images, chunks, load_image, read_csv
 from .errors import VQAError
-from .evaluate import at_least, autocast, evaluate, make_loader, pick_device
+from .evaluate import autocast, evaluate, make_loader, pick_device
 from .predictions import check_out, predictions_table, write_predictions
 from .text import QUESTION_TYPES, infer_question_type
 
