@@ -230,8 +230,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True,
             layers = dict(lora_layers(model))
         return _load_checked(model, path, config, layers, tensors, strict)
     except BaseException:
-        for name, linear in originals.items():  # the very layers this call replaced
-            _replace(model, name, linear)
+        for name, linear in originals.items():  # the very layers this call replaced, and only those: a
+            if name and model.get_submodule(name) is not linear:  # model that is itself a layer ('') stays itself
+                _replace(model, name, linear)
         raise
 
 

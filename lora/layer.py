@@ -95,9 +95,18 @@ class LoRADropout(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
+        self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, p: float) -> None:
+        """Settable, as ``nn.Dropout.p`` is (a dropout schedule): the mask's threshold and scale follow it."""
         if not _is_number(p) or not 0.0 <= p < 1.0:
             raise ValueError(f"LoRADropout p must be a number in [0, 1), got {_shown(p)}")
-        self.p = p = float(p)
+        self._p = p = float(p)
         dropped = min(round(p * 65536), 65535)  # of 65,536 equally likely int16 values; one is always kept
         self.threshold = dropped - 32768  # keep where a uniform int16 is >= this
         self.keep_probability = (65536 - dropped) / 65536  # exact in float32
@@ -311,22 +320,50 @@ class LoRALinear(nn.Linear):
         return layer.train(linear.training)  # after the adapter: its dropout takes the mode too
 
     def _add_adapter(self, r: int, alpha: float, dropout: float, splits: int) -> None:
-        self.r, self.alpha, self.splits = int(r), float(alpha), int(splits)
+        self._r, self._splits = int(r), int(splits)
+        self.merged = False
+        self.alpha = alpha
         bound = min(self.in_features, self.out_features // self.splits)
         if self.r > bound:  # legal, and trains, but most likely an r meant for a wider layer
             warnings.warn(f"lora r={self.r} is more than this layer can use: each B A has rank at most "
                           f"min(in_features, out_features / splits) = {bound}, so the other {self.r - bound} add "
                           f"parameters and no capacity; r={bound} or less reaches the same updates", stacklevel=3)
-        self.scaling = self.alpha / self.r
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(self.splits * self.r, self.in_features, **factory))  # s stacked (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **factory))  # s stacked (out / s, r)
         # Disabled dropout is an Identity so forward has no branch on it.
         self.lora_dropout = LoRADropout(float(dropout)) if dropout > 0 else nn.Identity()
-        self.merged = False
         self._unmerged_weight: Tensor | None = None  # the pre-merge weight, kept for an exact unmerge
         self._merge_buffer: Tensor | None = None  # the last merged weight's memory, reused by the next merge
         self.reset_lora_parameters()
+
+    @property
+    def r(self) -> int:
+        """Each adapter's rank: fixed, as the shapes of ``lora_A`` and ``lora_B`` are."""
+        return self._r
+
+    @property
+    def splits(self) -> int:
+        """The adapters over the output's equal slices (3 on a fused qkv): fixed, as ``lora_B``'s shape is."""
+        return self._splits
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, alpha: float) -> None:
+        """Settable (an unmerged layer only): the scaling the forward uses follows it, as does an adapter file."""
+        if not _is_number(alpha) or not _finite(alpha) or alpha <= 0:
+            raise ValueError(f"lora alpha must be a finite number > 0, got {_shown(alpha)}")
+        self._refuse_if_merged("setting alpha")
+        self._alpha = float(alpha)
+        self._scaling = self._alpha / self._r
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, the factor of ``B A``; set ``alpha`` to change it."""
+        return self._scaling
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation of ``weight`` and ``bias``, and the adapter's (B = 0): the whole layer,

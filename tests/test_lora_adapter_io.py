@@ -429,6 +429,33 @@ def test_a_layer_that_does_not_fit_leaves_every_layer_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in lora.lora_state_dict(target).items())  # layer 0 too
 
 
+def test_a_failed_load_into_a_model_that_is_itself_one_layer_leaves_it_as_it_was(tmp_path):
+    """A single LoRALinear saves its adapter under the name ''; loading that into a plain nn.Linear is refused
+    (inject_lora adapts layers inside a model), and the undo must not put the model back into itself."""
+    path = tmp_path / "layer.safetensors"
+    lora.save_adapter(lora.LoRALinear(4, 4, r=2), path)
+    plain = nn.Linear(4, 4)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="this is a single Linear; use LoRALinear.from_linear"):
+            lora.load_adapter(plain, path, strict=strict)
+    assert list(plain.named_children()) == [] and repr(plain) == "Linear(in_features=4, out_features=4, bias=True)"
+    assert state.keys() == plain.state_dict().keys() and all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items())
+
+
+def test_an_alpha_set_after_injecting_is_the_one_the_file_keeps(tmp_path):
+    source = adapted()
+    for _, layer in lora.lora_layers(source):
+        layer.alpha = 3.0
+    lora.save_adapter(source, tmp_path / "a.safetensors")
+    target = tiny_vit()
+    target.load_state_dict(source.state_dict(), strict=False)  # the same base weights
+    lora.load_adapter(target, tmp_path / "a.safetensors")
+    assert {layer.alpha for _, layer in lora.lora_layers(target)} == {3.0}
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(target.eval()(x), source.eval()(x))
+
+
 @pytest.mark.parametrize("damage", ["a scalar A", "an r its tensors do not have", "int8 B", "complex A"])
 def test_a_damaged_adapter_is_a_clear_error_before_anything_is_built(tmp_path, damage):
     path = tmp_path / "adapter.safetensors"

@@ -148,6 +148,43 @@ def test_lora_dropout_near_one_still_keeps_something_and_stays_unbiased():
 def test_lora_dropout_refuses_a_probability_outside_zero_to_one(p):
     with pytest.raises(ValueError, match=r"LoRADropout p must be a number in \[0, 1\)"):
         LoRADropout(p)
+    drop = LoRADropout(0.1)
+    with pytest.raises(ValueError, match=r"LoRADropout p must be a number in \[0, 1\)"):
+        drop.p = p
+    assert drop.p == 0.1 and drop.scale == LoRADropout(0.1).scale
+
+
+def test_a_dropout_probability_set_later_is_the_one_the_mask_takes():
+    """As with nn.Dropout (a dropout schedule sets p): the mask's threshold and scale follow the new p."""
+    drop = LoRADropout(0.1).train()
+    drop.p = 0.5
+    y = drop(torch.ones(400_000))
+    assert repr(drop) == "LoRADropout(p=0.5)" and abs((y == 0).float().mean().item() - 0.5) < 0.005
+    assert set(y.unique().tolist()) == {0.0, 2.0}
+    drop.p = 0
+    assert torch.equal(drop(torch.ones(1000)), torch.ones(1000))
+
+
+def test_an_alpha_set_later_is_the_one_the_forward_uses_and_rank_and_splits_stay_fixed():
+    layer = make_layer(3)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 12)
+    layer.alpha = 2.0
+    assert layer.scaling == 2.0 / 4 and "alpha=2," in repr(layer)
+    blocks = [layer.lora_B[i * 12:(i + 1) * 12] @ layer.lora_A[i * 4:(i + 1) * 4] for i in range(3)]
+    want = F.linear(x, layer.weight, layer.bias) + 2.0 / 4 * x @ torch.cat(blocks).t()  # alpha 2 / r 4, written out
+    torch.testing.assert_close(layer(x), want)
+    for bad in (0, -1.0, float("inf"), "2"):
+        with pytest.raises(ValueError, match="lora alpha must be a finite number > 0"):
+            layer.alpha = bad
+    assert layer.alpha == 2.0
+    for name in ("r", "splits", "scaling"):
+        with pytest.raises(AttributeError, match="has no setter"):
+            setattr(layer, name, 1)
+    layer.merge(keep_unmerged=False)  # the weight holds alpha 2's update, which unmerge takes out again
+    with pytest.raises(RuntimeError, match="setting alpha on a merged LoRA layer would leave the old adapter"):
+        layer.alpha = 8.0
+    assert layer.alpha == 2.0
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (0, 6), (6,), (2, 12, 1)])
