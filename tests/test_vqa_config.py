@@ -1,4 +1,5 @@
 import dataclasses
+import faulthandler
 from pathlib import Path
 
 import pytest
@@ -262,11 +263,33 @@ def test_yes_no_words_set_a_yes_no_key(word, value):
     assert load_config(None, [f"--progress={word}"]).train.progress is value
 
 
-def test_a_number_for_a_text_key_is_that_text(tmp_path):
+@pytest.mark.parametrize("text", ["2024", "0001", "010", "1.10", "12:30", "0x10", "1e3", ".5", "-0"])
+def test_a_number_for_a_text_key_is_that_text_as_written(tmp_path, text):
+    """YAML reads 010 as 8, 1.10 as 1.1 and 12:30 as 750: a run called 010 would train into runs/8."""
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  output_dir: 2024\n  device: 0\n")
+    path.write_text(f"data:\n  train_csv: {text}\ntrain:\n  output_dir: runs/{text}\n  device: {text}\n"
+                    f"  lr: {'0x10' if text == '0x10' else 0.001}\n")
     cfg = load_config(path)
-    assert (cfg.train.output_dir, cfg.train.device) == ("2024", "0")
+    assert (cfg.data.train_csv, cfg.train.device) == (text, text)
+    assert cfg.train.lr == (16 if text == "0x10" else 0.001)  # a number where the key takes one
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml())  # as a run writes its config.yaml, and a resume reads it
+    assert load_config(again).data.train_csv == text
+
+
+def test_a_billion_laughs_of_aliases_in_vision_kwargs_is_read_at_once(tmp_path):
+    """Nine levels of aliases, each a list of ten of the one below: about 10**9 numbers, each list looked at once."""
+    lines = ["model:", "  vision_kwargs:", "    a0: &a0 [" + ", ".join(["0.1"] * 10) + "]"]
+    lines += [f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines + ["    a9: [" + ", ".join(["*a8"] * 9 + [".nan"]) + "]"]) + "\n")
+    faulthandler.dump_traceback_later(60, exit=True)  # a walk over every number would not end: fail, not hang
+    try:
+        with pytest.raises(VQAError, match=r"'a9' must hold finite numbers, got \[\[\[\.\.\.\], \[\.\.\.\], "
+                                           r"\[\.\.\.\], \[\.\.\.\], \.\.\.\], "):
+            load_config(path)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def test_the_last_of_a_repeated_override_wins():
@@ -395,6 +418,9 @@ def test_vision_kwargs_come_from_the_file_or_the_command_line_as_a_mapping(tmp_p
     ("[" * 5000, "key 'vision_kwargs' must be a YAML mapping such as \"{drop_path_rate: 0.1}\", got '[[[["),
     ("{drop_path_rate: .nan}", "'vision_kwargs': 'drop_path_rate' must hold finite numbers, got nan"),
     ("{sizes: [1, .inf]}", "'vision_kwargs': 'sizes' must hold finite numbers, got [1, inf]"),
+    ("{x: &a [*a]}", "'vision_kwargs': 'x' holds itself (a YAML alias inside its own anchor); give timm's argument"),
+    ("{x: &a {y: [1, *a]}}", "'vision_kwargs': 'x' holds itself"),
+    ("{x: [[[[[[.nan]]]]]]}", "'x' must hold finite numbers, got [[[...]]]"),
     ("{class: 1}", "'vision_kwargs' holds 'class', which is no argument name"),
     ("{img_size: 98}", "'vision_kwargs' may not set 'img_size': it is a config key of its own (--img_size)"),
     ("{num_classes: 10}", "'vision_kwargs' may not set 'num_classes': the image encoder has no classifier head"),

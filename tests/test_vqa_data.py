@@ -77,7 +77,14 @@ def test_explicit_question_type_is_kept_and_checked(folder):
         (HEADER + "img/a.png,What?,red\nimg/b.png,What?, \n", r"row 2 \(line 3\) has an empty 'answer'"),
         (HEADER + ",What?,red\n", "empty 'image'"),
         (HEADER + "img/a.png,What?,red\nimg/a.png,What?,red\n", "row 2 .* repeats row 1"),
-        (HEADER + "img/a.png,What?,red,extra\n", "more fields than the header"),
+        (HEADER + "img/a.png,What?,red,extra\n", "more fields than the header has columns; quote fields"),
+        (HEADER + "img/a.png,What,then?,\n", r"row 1 \(line 2\) ends with 1 empty field more than the header has "
+                                             r"columns: remove the comma at its end, or quote a field"),
+        (HEADER + "img/a.png,What?,red,,\n", "ends with 2 empty fields more than the header has columns: remove the "
+                                             "commas at its end"),
+        ("image,answer,question,answer\nimg/a.png,red,What?,blue\n", r"has the column 'answer' 2 times in its header "
+                                                                     r"\(line 1\); keep one, or rename the others"),
+        ("\n,,\nimage,image,question,answer\n", r"column 'image' 2 times in its header \(line 3\)"),
         (HEADER + "../outside.png,What?,red\n", "outside the CSV's folder"),
         (HEADER + "img/a.png,Which?,?!\n", r"row 1 \(line 2\) has the answer '\?!', which is empty once normalised"),
     ],
@@ -101,6 +108,17 @@ def test_a_header_missing_a_column_says_what_it_most_likely_got_wrong(folder, he
     """Another separator, capitals, a typo, a file without a header: each has its own fix, which the error names."""
     with pytest.raises(VQAError, match=f"has no '.*' column .*; the header must name image, question, answer.*{hint}"):
         read_csv(write(folder, header + "\nimg/a.png,What?,red\n"))
+
+
+@pytest.mark.parametrize("above", ["\n", "\n\n", ",,\n", " , ,\r\n", "sep=,\n", "sep=,\n,,\n"])
+def test_empty_lines_above_the_header_are_no_header(folder, above):
+    """A spreadsheet's empty first rows, and the "sep=," line some write: the header is the first line with names,
+    and rows keep their line numbers in the file."""
+    data = read_csv(write(folder, above + HEADER + "img/a.png,What?,red\nimg/b.png,What?,\n"), skip_bad_rows=True)
+    line = above.count("\n") + 3
+    assert [r.answer for r in data.rows] == ["red"]
+    assert data.skipped == [f"{folder / 'data.csv'} row 2 (line {line}) has an empty 'answer'; fill it in or delete the "
+                            f"row"]
 
 
 def test_missing_file(tmp_path):
@@ -235,7 +253,13 @@ def truncated(path, fmt):
     [
         (lambda d: d / "img" / "missing.png", "does not exist"),
         (lambda d: d / "img", "is a folder, not an image file"),
-        (lambda d: (d / "img" / "junk.png").write_bytes(b"not an image") and d / "img" / "junk.png", "cannot be decoded"),
+        (lambda d: (d / "img" / "junk.png").write_bytes(b"not an image") and d / "img" / "junk.png",
+         r"is no image Pillow can decode: it is corrupt, or in a format Pillow does not read \(SVG, HEIC, PDF...\); "
+         r"convert it to PNG or JPEG"),
+        (lambda d: (d / "img" / "pic.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>')
+         and d / "img" / "pic.svg", "is no image Pillow can decode"),
+        (lambda d: os.mkfifo(d / "img" / "pipe.png") or d / "img" / "pipe.png",
+         "is not a file but a pipe, socket or device; give an image file"),
         (lambda d: truncated(d / "img" / "cut.png", "PNG"), "cannot be decoded"),
         (lambda d: truncated(d / "img" / "cut.jpg", "JPEG"), "cannot be decoded"),
     ],

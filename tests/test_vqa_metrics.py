@@ -127,14 +127,16 @@ def test_answer_weights_cli_round_trip(tmp_path):
     assert load_answer_weights(out) == {"yes": 1.0}  # the one class given twice: of average frequency among them
 
 
-@pytest.mark.parametrize("target", ["the CSV", "a run's answers.json", "a path under a file"])
+@pytest.mark.parametrize("target", ["the CSV", "a run's answers.json", "a run's steps.jsonl of one line",
+                                    "a path under a file"])
 def test_answer_weights_out_never_writes_over_another_file(tmp_path, capsys, target):
     (tmp_path / "a.png").write_bytes(b"")
     csv = tmp_path / "train.csv"
     csv.write_text("image,question,answer\na.png,Is it?,yes\n")
     (tmp_path / "answers.json").write_text('{"answers": ["yes"]}')
+    (tmp_path / "steps.jsonl").write_text('{"step": 50, "epoch": 1, "loss": 2.31, "lr": 0.001, "lr_encoder": 0.001}\n')
     out = {"the CSV": csv, "a run's answers.json": tmp_path / "answers.json",
-           "a path under a file": csv / "w.json"}[target]
+           "a run's steps.jsonl of one line": tmp_path / "steps.jsonl", "a path under a file": csv / "w.json"}[target]
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
     assert answer_weights_main(["--train_csv", str(csv), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -121,15 +121,38 @@ def test_subtype_names_the_images_and_an_image_linked_from_outside_is_named_by_i
         str(vqa2 / "train2014" / "COCO_val2014_000000000025.jpg")]
 
 
+def test_an_image_linked_from_another_folder_to_one_in_the_csv_s_folder_is_named_as_the_reader_finds_it(vqa2):
+    """--images holds links to files under the CSV's folder: the CSV gives the link's path relative to that folder,
+    which the CSV reader follows back into it, keeping the COCO name the results tool reads the image id from."""
+    out = vqa2 / "csv" / "train.csv"
+    (vqa2 / "csv" / "files").mkdir(parents=True)
+    links = vqa2 / "links"
+    links.mkdir()
+    for image in (vqa2 / "train2014").iterdir():
+        image.rename(vqa2 / "csv" / "files" / image.name)
+        os.symlink(vqa2 / "csv" / "files" / image.name, links / image.name)
+    assert main(["--questions", str(vqa2 / "q.json"), "--annotations", str(vqa2 / "a.json"), "--images", str(links),
+                 "--out", str(out)]) == 0
+    rows = read_csv(out).rows  # no --allow_outside_paths needed
+    assert [r.given_image for r in rows] == ["../links/COCO_train2014_000000000009.jpg"] * 2 + [
+        "../links/COCO_train2014_000000000025.jpg"]
+    assert rows[2].image == (vqa2 / "csv" / "files" / "COCO_train2014_000000000025.jpg").resolve()
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "a.json").write_text('{"annotations": [}'), "--annotations '.*a.json' is not a JSON file"),
     (lambda f: (f / "q.json").write_text('{"images": []}'), "holds no list 'questions', as VQA v2's questions file"),
-    (lambda f: (f / "a.json").write_text(json.dumps({"annotations": []})),
+    (lambda f: (f / "a.json").write_text(json.dumps({"annotations": [{"question_id": 250, "answers": []}]})),
      "question 0 \\(question_id 90\\) has no annotation in .*a.json; give the annotations of the same split"),
+    (lambda f: (f / "a.json").write_text(json.dumps({"annotations": []})),
+     "--annotations '.*a.json' holds no annotations: its list 'annotations' is empty; give the split's whole file"),
+    (lambda f: (f / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": []})),
+     "--questions '.*q.json' holds no questions: its list 'questions' is empty"),
     (lambda f: (f / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": [
         {"image_id": 9, "question": "Is it red?", "question_id": 90}]})),
      "annotates 2 question\\(s\\) that .*q.json does not ask"),
-    (lambda f: (f / "q.json").write_text(json.dumps({"questions": []})), "names no data_subtype; give the images'"),
+    (lambda f: (f / "q.json").write_text(json.dumps({"questions": json.loads((f / "q.json").read_text())["questions"]})),
+     "names no data_subtype; give the images'"),
     (lambda f: (f / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": [
         {"image_id": 9, "question": "Is it red?", "question_id": 90}] * 2})), "question 1 asks question_id 90 a second"),
     (lambda f: (f / "a.json").write_text(json.dumps({"annotations": [{"question_id": 90, "answers": "yes"}]})),

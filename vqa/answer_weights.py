@@ -87,7 +87,10 @@ def load_answer_weights(path: str | Path) -> dict[str, float]:
 
 def _weights_like(path: Path) -> bool:
     """Whether ``path`` holds a JSON object of numbers: an earlier weights file, perhaps one this module now
-    refuses (two keys for one answer), which a new one may replace."""
+    refuses (two keys for one answer), which a new one may replace. Not a JSON Lines file: a run's steps.jsonl
+    of one line is such an object too."""
+    if path.suffix.lower() == ".jsonl":
+        return False
     try:
         raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError, RecursionError):  # ValueError: JSON's and the decoder's errors

@@ -17,6 +17,7 @@ import io
 import keyword
 import math
 import os
+import reprlib
 import textwrap
 import tokenize
 import typing
@@ -79,8 +80,12 @@ class ModelConfig:
                                f"timm.create_model's keyword arguments, e.g. {{drop_path_rate: 0.1}}")
             if name in _OWN_KEYS:
                 raise VQAError(f"config key 'vision_kwargs' may not set '{name}': {_OWN_KEYS[name]}")
+            if _holds_itself(value):  # x: &a [*a], which no argument is, and which a walk over it never leaves
+                raise VQAError(f"config key 'vision_kwargs': '{name}' holds itself (a YAML alias inside its own "
+                               f"anchor); give timm's argument as a value")
             if not _finite(value):  # nan passes timm's range checks (drop_path_rate: nan drops nothing)
-                raise VQAError(f"config key 'vision_kwargs': '{name}' must hold finite numbers, got {value!r}")
+                raise VQAError(f"config key 'vision_kwargs': '{name}' must hold finite numbers, got "
+                               f"{_BRIEF.repr(value)}")
         if self.question_layers < 0:
             raise VQAError(f"config key 'question_layers' must be >= 0, got {self.question_layers}")
         if not self.vision_lora_alpha > 0 or not math.isfinite(self.vision_lora_alpha):
@@ -305,15 +310,41 @@ def _unknown_key(key: str, section: str | None, flag: bool) -> str:
     return f"{hint}; the keys are, in " + "; in ".join(f"{s}: {', '.join(names[s])}" for s in sections)
 
 
-def _finite(value) -> bool:
-    """Whether every float in ``value`` (a YAML value: nested lists and mappings too) is finite."""
+_BRIEF = reprlib.Repr()  # a value's first items and levels, however many it holds
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict = 2, 4, 4
+
+
+def _parts(value) -> list:
+    """The values inside a YAML list or mapping (none inside any other value)."""
+    return list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else []
+
+
+def _holds_itself(value, inside: set | None = None, done: set | None = None) -> bool:
+    """Whether a YAML value (nested lists and mappings) holds a list or mapping inside itself, as an alias within its
+    own anchor makes it. Each is looked at once, however many aliases repeat it: nested aliases that repeat a list
+    ten times at each of nine levels (a "billion laughs") would otherwise take for ever."""
+    inside, done = set() if inside is None else inside, set() if done is None else done
+    if id(value) in inside:
+        return True
+    if id(value) in done or not isinstance(value, (dict, list)):
+        return False
+    inside.add(id(value))
+    found = any(_holds_itself(v, inside, done) for v in _parts(value))
+    inside.discard(id(value))
+    done.add(id(value))
+    return found
+
+
+def _finite(value, done: set | None = None) -> bool:
+    """Whether every float in ``value`` (a YAML value: nested lists and mappings too, none inside itself) is finite;
+    each list or mapping is looked at once, as in ``_holds_itself``."""
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return True
+    done = set() if done is None else done
+    if id(value) in done or not isinstance(value, (dict, list)):
+        return True
+    done.add(id(value))
+    return all(_finite(v, done) for v in _parts(value))
 
 
 def _positive(cfg, *keys: str) -> None:
@@ -481,6 +512,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_TEXT_KEYS = {name for name, hint in _KEY_TYPE.items() if str in (hint, *typing.get_args(hint))}
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+class _ConfigLoader(_UniqueKeyLoader):
+    """A config file's loader: a text key's value is the text as written where YAML would read a number, whose text
+    may differ (``output_dir: 010`` is 8 to YAML, 1.10 is 1.1, 12:30 is 750, 0x10 is 16)."""
+
+    def construct_document(self, node):
+        sections = node.value if isinstance(node, yaml.MappingNode) else []
+        for _, section in sections:
+            for key, value in section.value if isinstance(section, yaml.MappingNode) else []:
+                if (isinstance(key, yaml.ScalarNode) and key.value in _TEXT_KEYS and isinstance(value, yaml.ScalarNode)
+                        and value.tag in _NUMBER_TAGS):
+                    value.tag = "tag:yaml.org,2002:str"
+        return super().construct_document(node)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Reads a YAML config (or the defaults when ``path`` is None) and applies command-line overrides."""
     raw: dict = {}
@@ -491,7 +540,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise VQAError(f"config file '{path}' does not exist")
         try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
         except OSError as e:
             raise unreadable("config file", path, e) from None
         except _DuplicateKey as e:

@@ -17,6 +17,7 @@ import csv
 import difflib
 import io
 import os
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -126,8 +127,15 @@ def read_csv(
         raise VQAError(f"{path} is empty; it needs a header row '{','.join(REQUIRED_COLUMNS)}' and one row per question")
     lines = io.StringIO(text, newline="").readlines()  # read by the csv reader, numbered by the quote check
     reader = csv.DictReader(lines)
-    columns = [c.strip() for c in reader.fieldnames or []]
+    # The header is the first line with a name in it: empty lines above it (a spreadsheet's empty first rows, ",,")
+    # are no header, as they are no row below it, and neither is the line "sep=," some spreadsheets write first.
+    header = next((row for row in reader.reader if any(f.strip() for f in row) and row != ["sep=", ""]), [])
+    columns = [c.strip() for c in header]
     reader.fieldnames = columns
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:  # the reader would keep the last such column's fields, silently
+        raise VQAError(f"{path} has the column '{repeated[0]}' {columns.count(repeated[0])} times in its header "
+                       f"(line {reader.reader.line_num}); keep one, or rename the others")
     # The column the answers are read from: none for questions to predict.
     answer_column = None if not require_answer else ANSWERS_COLUMN if ANSWERS_COLUMN in columns else "answer"
     if answer_column == ANSWERS_COLUMN and "answer" in columns:
@@ -146,7 +154,7 @@ def read_csv(
     seen: dict[tuple, str] = {}
     image_at = columns.index("image")
     need = max(columns.index(c) for c in required) + 1  # fields a row gives (trailing optional ones may be left out)
-    end = reader.line_num  # the line the header ends on
+    end = reader.reader.line_num  # the line the header ends on
     number = 0
     for record in _records(reader, path, lines):
         start, end = _first_line(lines, end + 1, reader.line_num), reader.line_num
@@ -201,7 +209,7 @@ def _first_line(lines: list[str], line: int, last: int) -> int:
 def _records(reader: csv.DictReader, path: Path, lines: list[str]):
     """The reader's rows; the csv module's own error (a field over its size limit: a quote left open in a
     large file) as ours, naming the line the failed row began on."""
-    end = reader.line_num
+    end = reader.reader.line_num  # the header's last line (the dict reader counts from its first row)
     try:
         for record in reader:
             yield record
@@ -247,6 +255,11 @@ def _holds_rows(swallowed: list[str], image_at: int, need: int, root: Path) -> b
 def _parse_row(record: dict, where: str, number: int, root: Path, answer_column: str | None,
                allow_outside: bool) -> Row:
     if None in record:  # more fields than header columns: a stray comma or an unquoted field
+        extra = record[None]
+        if not any(f.strip() for f in extra):
+            raise VQAError(f"{where} ends with {len(extra)} empty field{'s' if len(extra) > 1 else ''} more than the "
+                           f"header has columns: remove the comma{'s' if len(extra) > 1 else ''} at its end, or quote a field "
+                           f"that contains a comma")
         raise VQAError(f"{where} has more fields than the header has columns; quote fields that contain commas")
     image = (record.get("image") or "").strip()
     question = " ".join((record.get("question") or "").split())
@@ -305,6 +318,12 @@ def load_image(path: Path) -> Image.Image:
     Pillow's decompression-bomb limit stays on, and reaching it is an error rather than a warning.
     """
     try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # opening it says why
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # reading a pipe would block for ever
+        raise VQAError(f"image '{path}' is not a file but a pipe, socket or device; give an image file")
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
@@ -327,6 +346,9 @@ def load_image(path: Path) -> Image.Image:
         # An errno: the system refused the read (permissions...), which says nothing of the file's bytes.
         if isinstance(e, OSError) and e.errno is not None:
             raise unreadable("image", path, e) from None
+        if isinstance(e, UnidentifiedImageError):  # no format Pillow decodes begins this way
+            raise VQAError(f"image '{path}' is no image Pillow can decode: it is corrupt, or in a format Pillow does "
+                           f"not read (SVG, HEIC, PDF...); convert it to PNG or JPEG") from None
         raise VQAError(f"image '{path}' cannot be decoded ({type(e).__name__}: {e}); it is corrupt or truncated") from None
 
 

@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -50,6 +51,8 @@ def read_vqa2_file(path: Path, option: str, key: str) -> tuple[dict, list]:
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise VQAError(f"{option} '{path}' holds no list '{key}', as VQA v2's {option[2:]} file does; check that "
                        f"this is that file")
+    if not data[key]:
+        raise VQAError(f"{option} '{path}' holds no {key}: its list '{key}' is empty; give the split's whole file")
     return data, data[key]
 
 
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:  # relative to the CSV's folder, as the CSV reader takes them, where it will find them there
             image = Path(row["image"])
             if image.resolve().is_relative_to(folder):  # not a link to a file elsewhere
-                row["image"] = image.relative_to(folder).as_posix()
+                # relpath, not relative_to: the name may be a link from another folder to a file in this one
+                row["image"] = Path(os.path.relpath(image, folder)).as_posix()
             else:
                 outside.add(image)
         text = io.StringIO()
