@@ -34,7 +34,7 @@ from vqa.answer_weights import load_answer_weights
 from vqa.cli import run_tool, user_path
 from vqa.config import RunConfig, key_help, load_config
 from vqa.data import VQADataset, build_transform, chunks
-from vqa.errors import VQAError, preview
+from vqa.errors import VQAError, preview, unreachable
 from vqa.evaluate import autocast, autocast_dtype, evaluate, make_loader, pick_device
 from vqa.metrics import format_accuracy_table
 from vqa.model import answer_loss, answer_loss_total
@@ -318,7 +318,11 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         if base_weights_sha256 is not None:
             check_base_weights(base_weights_sha256, state.get("base_weights_sha256"), run / "checkpoint.pt",
                                "resume with --checkpoint_path PATH")
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # lr set equal to lr_encoder in config.yaml merges their groups, say
+            raise VQAError(f"{run / 'checkpoint.pt'}: its optimizer state does not fit the parameter groups the run's "
+                           f"config.yaml gives ({e}); was config.yaml edited? put its settings back") from None
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled() and state.get("scaler"):  # an fp16 run's scale (none from a run in another precision)
             scaler.load_state_dict(state["scaler"])
@@ -723,12 +727,13 @@ def cli(argv: list[str] | None = None) -> int:
               f"(torchrun's report lists the processes that failed)", file=sys.stderr)
         return 2
     except OSError as e:
-        if not e.filename or cfg is None:
-            raise  # no file named, or the config itself: not the folders below
-        name = Path(e.filename).resolve()
-        folders = [Path(cfg.train.output_dir)] + ([Path(cfg.data.train_csv).parent] if cfg.data.synthetic else [])
-        if not any(name.is_relative_to(folder.resolve()) for folder in folders):
-            raise  # a file read elsewhere: its own error says what it is
+        folders = [] if cfg is None else [Path(cfg.train.output_dir)] + (
+            [Path(cfg.data.train_csv).parent] if cfg.data.synthetic else [])
+        if not e.filename or not any(Path(e.filename).resolve().is_relative_to(f.resolve()) for f in folders):
+            if unreachable(e) is None:
+                raise  # no file named, or one read elsewhere: its own error says what it is
+            print(f"error: {unreachable(e)}", file=sys.stderr)  # a path given, inside a folder closed to the user
+            return 2
         # A folder the run writes that cannot be made or written to (read-only, under a file), a full disk. The
         # files read there raise their own errors; one that exists may still be a read this did not foresee.
         verb = "read or write" if os.path.exists(e.filename) else "write"

@@ -18,6 +18,7 @@ import yaml
 from safetensors import safe_open
 from conftest import offline_hub, serving_hub
 from safetensors.torch import load_file
+from vqa.errors import VQAError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py
@@ -627,7 +628,8 @@ def test_a_run_checkpointed_inside_its_first_epoch_is_to_be_resumed_for_weights(
 
     run = tmp_path / "my run"
     subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
-    for name in ("model_best.safetensors", "model_last.safetensors"):
+    for name in ("model_best.safetensors", "model_last.safetensors", "adapter_best.safetensors",
+                 "adapter_last.safetensors", "metrics.jsonl"):  # what the end of an epoch writes
         (run / name).unlink()
     image = next((trained[0] / "data" / "images").iterdir())
     assert vqa.predict.main(["--run", str(run), "--image", str(image), "--question", "Is it red?"]) == 2
@@ -3072,8 +3074,8 @@ def test_a_collective_another_process_left_is_one_line_under_torchrun_and_other_
 
 def test_a_failed_write_in_the_run_folder_names_the_file_and_other_os_errors_pass_through(tmp_path, monkeypatch,
                                                                                          capsys):
-    """A file of the run that exists but cannot be written is named as one to read or write; an OSError naming no
-    file (a full disk, say) or a file outside the run's folders keeps its own traceback."""
+    """A file of the run that exists but cannot be written is named as one to read or write, a file outside the run's
+    folders that may not be opened as such; an OSError naming no file (a full disk, say) keeps its own traceback."""
     import errno
 
     import train
@@ -3091,8 +3093,12 @@ def test_a_failed_write_in_the_run_folder_names_the_file_and_other_os_errors_pas
     raised.append(PermissionError(errno.EACCES, "Permission denied", str(history)))
     assert train.cli(["--config", str(config)]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot read or write '{history}': Permission denied; ")
+    raised.append(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "elsewhere.txt")))
+    assert train.cli(["--config", str(config)]) == 2
+    assert capsys.readouterr().err == (f"error: cannot get at '{tmp_path / 'elsewhere.txt'}' (Permission denied); "
+                                       f"check the path, and the permissions of the file and of the folders on it\n")
     for error in (OSError(errno.ENOSPC, "No space left on device"),
-                  PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "elsewhere.txt"))):
+                  OSError(errno.EIO, "Input/output error", str(tmp_path / "elsewhere.txt"))):
         raised.append(error)
         with pytest.raises(OSError) as e:
             train.cli(["--config", str(config)])
@@ -3599,3 +3605,97 @@ def test_a_fork_after_a_run_released_its_lock_runs_the_fork_hook_cleanly(tmp_pat
         assert not errors and held.fd is not None  # the parent keeps its lock
     finally:
         held.release()
+
+
+@pytest.mark.parametrize("key, value, names", [("question_layers", 2, "question_encoder."),
+                                               ("unfreeze_encoder_layers", 1, "backbone.blocks.1.")])
+def test_a_run_whose_config_yaml_was_edited_since_it_trained_is_refused_by_the_tools_and_by_resume(
+        trained, tmp_path, capsys, key, value, names):
+    """Before, the tools ran the layers the edit added with their random initialisation, silently, and a resume
+    failed in the optimizer's load_state_dict with a traceback."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.run_files import load_run
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    message = (rf"'{re.escape(str(run))}/model_best\.safetensors' holds no weights for '{re.escape(names)}[^']*', "
+               rf"which the model built from the run's config\.yaml trains: the config's model settings differ "
+               rf"from the ones the run trained with \(was config\.yaml edited\?\); put them back")
+    with pytest.raises(VQAError, match=message):
+        load_run(run)
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+    assert re.search(message.replace("model_best\\.safetensors", "checkpoint\\.pt"), capsys.readouterr().err)
+
+
+def test_a_resume_whose_config_yaml_splits_a_learning_rate_is_an_error_not_a_traceback(trained, tmp_path, capsys):
+    """The run trained with lr = lr_encoder, one optimizer group for both: lr_encoder edited apart makes two."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["lr_encoder"] == config["train"]["lr"]
+    config["train"]["lr_encoder"] = 2 * config["train"]["lr"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert train.cli(["--resume", str(run), "--epochs", "3"]) == 2
+    assert re.match(rf"error: {re.escape(str(run))}/checkpoint\.pt: its optimizer state does not fit the parameter "
+                    rf"groups the run's config\.yaml gives \(.*\); was config\.yaml edited\? put its settings back\n$",
+                    capsys.readouterr().err)
+
+
+def test_weights_for_a_layer_the_model_keeps_frozen_are_refused_and_nothing_is_copied():
+    from vqa.run_files import copy_weights
+
+    class Model(torch.nn.Linear):
+        def trainable_state_dict(self):
+            return {"weight": self.weight}
+
+    model = Model(2, 2)
+    before = model.bias.detach().clone()
+    with pytest.raises(VQAError, match=r"'w\.safetensors' holds trained weights for 'bias', which the model built from "
+                                       r"the run's config\.yaml keeps frozen"):
+        copy_weights(model, {"weight": torch.zeros(2, 2), "bias": torch.ones(2)}, Path("w.safetensors"))
+    assert torch.equal(model.bias, before) and not torch.equal(model.weight, torch.zeros(2, 2))
+    copy_weights(model, {"weight": torch.zeros(2, 2)}, Path("w.safetensors"))
+    assert torch.equal(model.weight, torch.zeros(2, 2))
+
+
+def test_a_weights_file_that_may_not_be_read_says_so_and_a_missing_one_names_the_other(trained, tmp_path,
+                                                                                        monkeypatch):
+    import vqa.run_files
+    from vqa.run_files import load_weights, weights_file
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained[0] / "run"), str(run)], check=True)
+    real = os.access
+    monkeypatch.setattr(vqa.run_files.os, "access", lambda path, mode: path != run / "model_best.safetensors"
+                        and real(path, mode))  # as a file of another user's, mode 600 (root may read anything)
+    with pytest.raises(VQAError, match=r"cannot read weights file '.*model_best\.safetensors' \(permission denied\); "
+                                       r"check its permissions"):
+        load_weights(None, run / "model_best.safetensors")
+    (run / "model_last.safetensors").unlink()
+    with pytest.raises(VQAError, match=r"has no model_last\.safetensors, which train\.py wrote at the end of each "
+                                       r"epoch: it was moved or deleted; model_best\.safetensors is there "
+                                       r"\(--which best\)"):
+        weights_file(run, "last")
+
+
+def test_a_path_the_system_will_not_look_at_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    """Python 3.11's Path.exists() raises for a name too long, as for a path in a folder the user may not enter."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from vqa.cli import run_tool
+    from vqa.answer_weights import main as answer_weights_main
+
+    long = tmp_path / ("a" * 300)
+    said = f"error: cannot get at '{long}' (File name too long); check the path, and the permissions of the file " \
+           f"and of the folders on it\n"
+    with pytest.raises(SystemExit) as end:
+        run_tool(lambda: answer_weights_main(["--train_csv", str(long), "--out", str(tmp_path / "w.json")]))
+    assert end.value.code == 2 and capsys.readouterr().err == said
+    assert train.cli(["--config", str(long)]) == 2 and capsys.readouterr().err == said

@@ -8,7 +8,7 @@ from typing import Callable, NoReturn
 from lora import atomic_write
 
 from .config import expand_home
-from .errors import VQAError
+from .errors import VQAError, unreachable
 
 __all__ = ["run_tool", "user_path", "at_least", "check_new_out", "first_line", "write_out"]
 
@@ -19,7 +19,14 @@ def run_tool(main: Callable[[], int]) -> NoReturn:
     does on stderr, instead of ending the tool in a UnicodeEncodeError after its work."""
     if hasattr(sys.stdout, "reconfigure"):  # a TextIOWrapper; not None (no console) or a replaced stream
         sys.stdout.reconfigure(errors="backslashreplace")
-    sys.exit(main())
+    try:
+        code = main()
+    except OSError as e:  # the checks on a path met one the system would not look at
+        if unreachable(e) is None:
+            raise
+        print(f"error: {unreachable(e)}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 def user_path(text: str) -> Path:

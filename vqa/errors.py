@@ -1,6 +1,10 @@
 """The error type for user mistakes (bad data, bad config): command-line tools print it without a traceback."""
+import errno
 
-__all__ = ["VQAError", "unreadable", "preview"]
+__all__ = ["VQAError", "unreadable", "unreachable", "preview"]
+
+# What the system says of a path it will not look at: a folder on it the user may not enter, a name too long.
+_UNREACHABLE = (errno.EACCES, errno.EPERM, errno.ENAMETOOLONG)
 
 
 class VQAError(ValueError):
@@ -20,6 +24,16 @@ class VQAError(ValueError):
 def unreadable(kind: str, path, error: OSError, advice: str = "check its permissions") -> VQAError:
     """The error for a file of ``kind`` the OS would not let us read (permissions, a name too long, ...)."""
     return VQAError(f"cannot read {kind} '{path}' ({error.strerror or error}); {advice}")
+
+
+def unreachable(error: OSError) -> str | None:
+    """The message for an ``error`` that a path cannot be looked at or opened, as Python's ``Path.exists()`` and
+    ``is_file()`` raise it (on Python 3.11) for a path inside a folder the user may not enter or a name too long;
+    None for another error."""
+    if not error.filename or error.errno not in _UNREACHABLE:
+        return None
+    return (f"cannot get at '{error.filename}' ({error.strerror or error}); check the path, and the permissions of "
+            f"the file and of the folders on it")
 
 
 def preview(items, limit: int = 3) -> str:

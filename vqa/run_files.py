@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -228,7 +229,9 @@ def read_history(path: Path, key: str = "epoch") -> list[dict]:
 
 @torch.no_grad()
 def copy_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Copies named parameters into ``model``; a name or shape that does not fit is an error naming it."""
+    """Copies named parameters into ``model``; a name or shape that does not fit is an error naming it. A model with
+    a ``trainable_state_dict`` (the VQA model) must get every weight it trains and none it does not: a run's own
+    file always fits the model its config.yaml builds, so a difference means the config was edited since."""
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
     for key, value in tensors.items():
@@ -236,6 +239,14 @@ def copy_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: 
             raise VQAError(f"'{source}' has weights for '{key}', which the model does not have; wrong run config?")
         if value.shape != params[key].shape:
             raise VQAError(f"'{source}': '{key}' has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}")
+    trains = set(model.trainable_state_dict()) if hasattr(model, "trainable_state_dict") else set(tensors)
+    for key in sorted(trains ^ set(tensors)):
+        what = "holds no weights for" if key in trains else "holds trained weights for"
+        does = "trains" if key in trains else "keeps frozen"
+        raise VQAError(f"'{source}' {what} '{key}', which the model built from the run's config.yaml {does}: the "
+                       f"config's model settings differ from the ones the run trained with (was config.yaml edited?); "
+                       f"put them back")
+    for key, value in tensors.items():
         params[key].copy_(value)
 
 
@@ -243,6 +254,8 @@ def load_weights(model: nn.Module | None, path: Path) -> dict[str, str]:
     """Copies a weights file into ``model`` (``None``: reads nothing but the metadata); returns the file's metadata."""
     if not path.is_file():
         raise VQAError(f"weights file '{path}' does not exist")
+    if not os.access(path, os.R_OK):  # safe_open says "No such file or directory" for a file it may not read
+        raise VQAError(f"cannot read weights file '{path}' (permission denied); check its permissions")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             if model is not None:
@@ -291,6 +304,11 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
     if not (run_dir / "checkpoint.pt").is_file():
         raise VQAError(never_checkpointed(run_dir, overwrite=bool(trained_files(run_dir)))
                        + " (under torchrun, if that is how it was started)")
+    if (run_dir / "metrics.jsonl").is_file():  # an epoch ended, and its model file is gone from the folder
+        others = [name for name in ("model_best.safetensors", "model_last.safetensors") if (run_dir / name).is_file()]
+        there = f"; {others[0]} is there (--which {others[0][6:-12]})" if others else ""
+        raise VQAError(f"run folder '{run_dir}' has no model_{which}.safetensors, which train.py wrote at the end of "
+                       f"each epoch: it was moved or deleted{there}")
     raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
                    f"the end of each epoch; continue the run with {train_command('--resume', str(run_dir))}")
 
@@ -380,5 +398,10 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", which: str
     if record.get("base_weights_sha256") is not None:  # none for random weights or older runs: nothing to hash
         # Before the trained weights go in: unfrozen blocks were base weights once.
         check_base_weights(weights_sha256(model.backbone), record["base_weights_sha256"], weights, option)
+    try:  # what the run trained, as it trained it: the weights file must hold exactly that (copy_weights)
+        model.freeze_pretrained(unfreeze_encoder_layers=cfg.model.unfreeze_encoder_layers)
+    except ValueError as e:  # more blocks than the backbone has: train.py would have refused it
+        raise VQAError(f"{run / 'config.yaml'}: unfreeze_encoder_layers {cfg.model.unfreeze_encoder_layers} ({e}); "
+                       f"was config.yaml edited? put its model settings back") from None
     load_weights(model, weights)
     return model.to(device).eval(), tokenizer, answers, cfg
