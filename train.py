@@ -43,7 +43,7 @@ from vqa.resume import (check_answers_known, check_inputs_found, check_resumable
 from vqa.run_data import prepare_data
 from vqa.run_files import (build_model, check_base_file, check_base_weights, copy_weights, file_sha256,
                            load_checkpoint, load_vocabularies, missing_backbone, never_checkpointed, random_backbone,
-                           read_history, remove_run, save_checkpoint, train_command, trained_files,
+                           read_history, remove_run, restore_best, save_checkpoint, train_command, trained_files,
                            vision_kwargs_record, weights_sha256, write_text)
 from vqa.run_lock import RunLock
 from vqa.text import AnswerVocab, Tokenizer
@@ -340,6 +340,9 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
         # A checkpoint from before 2026-11-29 has no best_epoch: the first logged epoch that reached the best.
         best_epoch = state["best_epoch"] if "best_epoch" in state else next(
             (record["epoch"] for record in history if record.get("accuracy") == best), start_epoch)
+        if procs.is_main and best_epoch == start_epoch and restore_best(run, best_epoch):
+            log(f"note: model_best.safetensors did not hold epoch {best_epoch}, the run's best (it was stopped before "
+                f"writing it), so it is copied from model_last.safetensors, which does")
         if start_epoch == t.epochs:
             log(f"{run} has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}, so there is nothing to train; to "
                 f"train longer, add --epochs N with N > {t.epochs}")
@@ -560,14 +563,21 @@ def run_training(cfg: RunConfig, procs: distributed.Processes, device: torch.dev
                         **({"base_sha256": base_sha256} if base_sha256 else {}),
                         **({"base_weights_sha256": base_weights_sha256} if base_weights_sha256 else {})}
                 weights = model.trainable_state_dict()
-                for tag in ("last", "best") if is_best else ("last",):
+
+                def save_weights(tag: str) -> None:
                     lora.save_safetensors(weights, run / f"model_{tag}.safetensors", meta)
                     if has_lora:
                         # Keyed as the timm backbone, so that lora.load_adapter fits it to timm.create_model(...).
                         lora.save_adapter(model.backbone, run / f"adapter_{tag}.safetensors",
                                           {**meta, "model": cfg.model.vision_model, "img_size": str(cfg.model.img_size),
                                            "vision_kwargs": vision_kwargs_record(cfg.model.vision_kwargs)})
+                save_weights("last")
             checkpoint(epoch + 1, 0)
+            if procs.is_main and is_best:
+                # After the checkpoint that makes this epoch the best: written before it, a kill between the two left
+                # model_best holding an epoch the resume trains again, perhaps to another accuracy. A kill here leaves
+                # model_last holding it, which the resume copies (restore_best).
+                save_weights("best")
             if procs.is_main:  # said once saved: a stdout that is gone (`| head`, a closed terminal) loses nothing
                 said = "".join(f"{name.replace('_', ' ')} {logged[name]:.4f}, " for name in ("train_loss", "val_loss")
                                if name in logged)

@@ -3699,3 +3699,31 @@ def test_a_path_the_system_will_not_look_at_is_an_error_line_not_a_traceback(tmp
         run_tool(lambda: answer_weights_main(["--train_csv", str(long), "--out", str(tmp_path / "w.json")]))
     assert end.value.code == 2 and capsys.readouterr().err == said
     assert train.cli(["--config", str(long)]) == 2 and capsys.readouterr().err == said
+
+
+def test_the_best_weights_are_written_after_the_checkpoint_and_a_resume_copies_those_a_stop_left_out(tmp_path,
+                                                                                                     monkeypatch):
+    """Written before the checkpoint, a kill between the two left model_best holding an epoch the resume trained
+    again; written after it, a kill leaves the epoch in model_last, which the resume copies to model_best."""
+    sys.path.insert(0, str(ROOT))
+    import lora
+    import train
+
+    config = tiny_config(tmp_path, epochs=2)
+    run = tmp_path / "run"
+    save = lora.save_safetensors
+
+    def stopped_at_the_best(tensors, path, metadata=None):
+        if Path(path).name == "model_best.safetensors":
+            assert torch.load(run / "checkpoint.pt", weights_only=True)["best_epoch"] == 1  # the checkpoint came first
+            raise KeyboardInterrupt
+        return save(tensors, path, metadata)
+
+    monkeypatch.setattr(lora, "save_safetensors", stopped_at_the_best)
+    assert train.cli(["--config", str(config)]) == 128 + signal.SIGINT
+    assert not (run / "model_best.safetensors").exists() and (run / "model_last.safetensors").is_file()
+    monkeypatch.setattr(lora, "save_safetensors", save)
+    assert train.cli(["--resume", str(run), "--epochs", "1"]) == 0  # finished: nothing to train, the copy made
+    for kind in ("model", "adapter"):
+        assert (run / f"{kind}_best.safetensors").read_bytes() == (run / f"{kind}_last.safetensors").read_bytes()
+        assert safe_open(str(run / f"{kind}_best.safetensors"), "pt").metadata()["epoch"] == "1"

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_weights",
     "copy_weights",
     "save_checkpoint",
+    "restore_best",
     "load_checkpoint",
     "write_text",
     "read_history",
@@ -263,6 +265,23 @@ def load_weights(model: nn.Module | None, path: Path) -> dict[str, str]:
             return f.metadata() or {}
     except SafetensorError as e:
         raise VQAError(f"'{path}' is not a readable safetensors file ({e})") from None
+
+
+def restore_best(run: Path, epoch: int) -> bool:
+    """Copies ``model_last`` (and ``adapter_last``) over ``model_best`` (``adapter_best``) where the last holds
+    ``epoch``, the run's best, and the best does not: a run stopped after the checkpoint that made the epoch its
+    best and before the copy. Returns whether it copied."""
+    def epoch_of(kind: str, tag: str) -> str | None:
+        path = run / f"{kind}_{tag}.safetensors"
+        return load_weights(None, path).get("epoch") if path.is_file() else None
+
+    kinds = [kind for kind in ("model", "adapter") if epoch_of(kind, "last") == str(epoch)]
+    if "model" not in kinds or all(epoch_of(kind, "best") == str(epoch) for kind in kinds):
+        return False
+    for kind in kinds:
+        with atomic_path(run / f"{kind}_best.safetensors") as tmp:
+            shutil.copyfile(run / f"{kind}_last.safetensors", tmp)
+    return True
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
