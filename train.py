@@ -740,9 +740,9 @@ def cli(argv: list[str] | None = None) -> int:
         folders = [] if cfg is None else [Path(cfg.train.output_dir)] + (
             [Path(cfg.data.train_csv).parent] if cfg.data.synthetic else [])
         if not e.filename or not any(Path(e.filename).resolve().is_relative_to(f.resolve()) for f in folders):
-            if unreachable(e) is None:
+            if (message := unreachable(e)) is None:
                 raise  # no file named, or one read elsewhere: its own error says what it is
-            print(f"error: {unreachable(e)}", file=sys.stderr)  # a path given, inside a folder closed to the user
+            print(f"error: {message}", file=sys.stderr)  # a path given, inside a folder closed to the user
             return 2
         # A folder the run writes that cannot be made or written to (read-only, under a file), a full disk. The
         # files read there raise their own errors; one that exists may still be a read this did not foresee.

@@ -22,9 +22,9 @@ def run_tool(main: Callable[[], int]) -> NoReturn:
     try:
         code = main()
     except OSError as e:  # the checks on a path met one the system would not look at
-        if unreachable(e) is None:
+        if (message := unreachable(e)) is None:
             raise
-        print(f"error: {unreachable(e)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         code = 2
     sys.exit(code)
 

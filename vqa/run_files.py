@@ -242,7 +242,8 @@ def copy_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: 
         if value.shape != params[key].shape:
             raise VQAError(f"'{source}': '{key}' has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}")
     trains = set(model.trainable_state_dict()) if hasattr(model, "trainable_state_dict") else set(tensors)
-    for key in sorted(trains ^ set(tensors)):
+    if differ := sorted(trains ^ set(tensors)):
+        key = differ[0]
         what = "holds no weights for" if key in trains else "holds trained weights for"
         does = "trains" if key in trains else "keeps frozen"
         raise VQAError(f"'{source}' {what} '{key}', which the model built from the run's config.yaml {does}: the "
@@ -324,8 +325,9 @@ def weights_file(run_dir: Path, which: str = "best") -> Path:
         raise VQAError(never_checkpointed(run_dir, overwrite=bool(trained_files(run_dir)))
                        + " (under torchrun, if that is how it was started)")
     if (run_dir / "metrics.jsonl").is_file():  # an epoch ended, and its model file is gone from the folder
-        others = [name for name in ("model_best.safetensors", "model_last.safetensors") if (run_dir / name).is_file()]
-        there = f"; {others[0]} is there (--which {others[0][6:-12]})" if others else ""
+        # Only model_last can be missing beside a model_best: a best asked for falls back to the last above.
+        best = (run_dir / "model_best.safetensors").is_file()
+        there = "; model_best.safetensors is there (--which best)" if best else ""
         raise VQAError(f"run folder '{run_dir}' has no model_{which}.safetensors, which train.py wrote at the end of "
                        f"each epoch: it was moved or deleted{there}")
     raise VQAError(f"run folder '{run_dir}' has no trained weights yet: model_{which}.safetensors is written at "
